@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""Launch a neox_llama script on every rank.
+
+    python deepy.py train.py CONFIG.yml [CONFIG.yml ...] [key=value ...] [--dry-run]
+
+Config files merge left to right, then ``key=value`` overrides (dotted for nested keys, e.g.
+``optimizer.params.lr=1e-4``). The merged config is validated for the world it will run in before
+any process starts; it is then written to ``{log_dir}/config.yml`` and every rank reads that file.
+One rank runs the script directly; more go through DeepSpeed's launcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+USAGE = "usage: python deepy.py SCRIPT.py CONFIG.yml [CONFIG.yml ...] [key=value ...] [--dry-run]"
+
+
+def parse_args(argv: list[str]) -> tuple[str, list[str], list[str], bool]:
+    """Split the command line into the script, config files, overrides and the dry-run flag."""
+    dry_run = False
+    positional: list[str] = []
+    for arg in argv:
+        if arg == "--dry-run":
+            dry_run = True
+        elif arg in ("-h", "--help"):
+            print(__doc__.strip())
+            sys.exit(0)
+        elif arg.startswith("--"):
+            raise SystemExit(f"deepy.py: error: unknown option {arg}\n{USAGE}")
+        else:
+            positional.append(arg)
+    if not positional or not positional[0].endswith(".py"):
+        raise SystemExit(f"deepy.py: error: the first argument must be the script to run (e.g. train.py)\n{USAGE}")
+    script, rest = positional[0], positional[1:]
+    if not Path(script).is_file():
+        raise SystemExit(f"deepy.py: error: script {script} not found")
+    files = [a for a in rest if "=" not in a]
+    overrides = [a for a in rest if "=" in a]
+    if not files:
+        raise SystemExit(f"deepy.py: error: no config file given\n{USAGE}")
+    return script, files, overrides, dry_run
+
+
+def main(argv: list[str]) -> int:
+    script, files, overrides, dry_run = parse_args(argv)
+    from neox_llama.launcher import detect_accelerator
+
+    accelerator = detect_accelerator()
+    if accelerator == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported: no probing, no warning
+
+    from neox_llama.config import ConfigError, dump_raw, resolve
+    from neox_llama.config.loading import build_config, load_raw
+    from neox_llama.launcher import build_launch_command, plan_resources
+    from neox_llama.utils.logging_setup import setup_logging
+
+    setup_logging("info", rank=0)
+    try:
+        raw, sources = load_raw(files, overrides)
+        cfg = build_config(raw, sources)
+        plan = plan_resources(cfg, accelerator)
+        resolve(cfg, plan.world_size, accelerator)
+    except ConfigError as err:
+        for line in err.problems:
+            print(f"deepy.py: error: {line}", file=sys.stderr)
+        print(f"deepy.py: {len(err.problems)} problem(s) in the config; nothing was started", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level, rank=0)
+
+    if cfg.log_dir is None:  # resolved here once, so that every rank agrees on it
+        cfg.log_dir = str(Path(cfg.save) / "logs") if cfg.save else f"runs/{time.strftime('%Y%m%d-%H%M%S')}/logs"
+        raw["log_dir"] = cfg.log_dir
+    config_file = str(Path(cfg.log_dir) / "config.yml")
+    command = build_launch_command(cfg, plan, script, config_file)
+
+    if dry_run:
+        from neox_llama.plan_report import dry_run_text
+
+        print(dry_run_text(cfg, plan, command, config_file))
+        return 0
+
+    header = f"# merged by deepy.py from: {' '.join(files + overrides)}"
+    dump_raw(raw, config_file, header=header)
+    logging.getLogger("deepy").info("starting %d rank(s): %s", plan.world_size, command.shell())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Replace this process, so signals (Ctrl-C, SIGTERM from a scheduler) reach the launcher or the rank directly.
+    os.execve(command.argv[0], command.argv, {**os.environ, **command.env})
+    return 1  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,70 @@
+"""The DeepSpeed engine configuration, derived from the one validated Config (never written by hand)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from neox_llama.config.schema import Config
+
+
+def deepspeed_config(cfg: Config, accelerator: str = "cpu") -> dict[str, Any]:
+    """The ``config`` dict for ``deepspeed.initialize``. ``cfg`` must have been resolved.
+
+    On CPU the optimizer is torch's (``torch_adam``), so nothing has to be compiled at start-up.
+    """
+    d = cfg.derived
+    zero = cfg.zero_optimization
+    params = cfg.optimizer.params
+    ds: dict[str, Any] = {
+        "train_batch_size": d.train_batch_size,
+        "train_micro_batch_size_per_gpu": d.train_micro_batch_size_per_gpu,
+        "gradient_accumulation_steps": d.gradient_accumulation_steps,
+        "gradient_clipping": cfg.gradient_clipping,
+        "steps_per_print": 1 << 30,  # neox_llama logs metrics itself
+        "wall_clock_breakdown": cfg.wall_clock_breakdown,
+        "optimizer": {
+            "type": cfg.optimizer.type,
+            "params": {
+                "lr": params.lr,
+                "betas": list(params.betas),
+                "eps": params.eps,
+                "weight_decay": params.weight_decay,
+                "adam_w_mode": cfg.optimizer.type == "AdamW",  # DeepSpeed's "Adam" means AdamW unless told
+                **({"torch_adam": True} if accelerator != "cuda" else {}),
+            },
+        },
+        "zero_optimization": {
+            "stage": zero.stage,
+            "allgather_partitions": zero.allgather_partitions,
+            "allgather_bucket_size": zero.allgather_bucket_size,
+            "reduce_scatter": zero.reduce_scatter,
+            "reduce_bucket_size": zero.reduce_bucket_size,
+            "overlap_comm": zero.overlap_comm,
+            "contiguous_gradients": zero.contiguous_gradients,
+        },
+        "zero_allow_untested_optimizer": True,
+        "activation_checkpointing": {
+            "partition_activations": False,
+            "contiguous_memory_optimization": False,
+            "cpu_checkpointing": False,
+            "number_checkpoints": None,
+            "synchronize_checkpoint_boundary": False,
+            "profile": False,
+        },
+    }
+    if zero.offload_optimizer != "none":
+        ds["zero_optimization"]["offload_optimizer"] = {"device": zero.offload_optimizer, "pin_memory": accelerator == "cuda"}
+    if zero.offload_param != "none":
+        ds["zero_optimization"]["offload_param"] = {"device": zero.offload_param, "pin_memory": accelerator == "cuda"}
+    if cfg.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif cfg.precision == "fp16":
+        ds["fp16"] = {
+            "enabled": True,
+            "loss_scale": cfg.loss_scale,
+            "initial_scale_power": cfg.initial_scale_power,
+            "loss_scale_window": cfg.loss_scale_window,
+            "hysteresis": cfg.hysteresis,
+            "min_loss_scale": cfg.min_loss_scale,
+        }
+    return ds

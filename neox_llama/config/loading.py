@@ -1,0 +1,217 @@
+"""Reading YAML files and ``key=value`` overrides, merging them left to right with provenance."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import yaml
+
+from neox_llama.config import presets
+from neox_llama.config.schema import Config
+from neox_llama.config.typecheck import build_dataclass, did_you_mean, user_fields
+from neox_llama.utils.files import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+COMMAND_LINE = "command line"
+
+
+class ConfigError(Exception):
+    """One or more problems with the configuration; each is a one-line message naming file and key."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key written twice in one mapping (safe_load keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice (first on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 reads `1e-5` (no dot) as a string; read it as the float everyone means, in files and overrides.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml_text(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """The mapping in one YAML file; ConfigError names the file (and line) when it cannot be read."""
+    label = str(path)
+    if not Path(path).is_file():
+        raise ConfigError([f"{label}: config file not found"])
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = _load_yaml_text(handle.read())
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{label}:{mark.line + 1}:{mark.column + 1}" if mark else label
+        raise ConfigError([f"{where}: YAML error: {err.problem or err.context}"]) from None
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError([f"{label}: cannot read YAML: {err}"]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{label}: expected a mapping of keys to values at the top, got {type(data).__name__}"])
+    return data
+
+
+def parse_override(arg: str) -> dict:
+    """``a.b.c=value`` -> ``{'a': {'b': {'c': value}}}``, the value read as YAML (so ``true``, ``[1, 2]`` work)."""
+    key, sep, text = arg.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError([f"{COMMAND_LINE}: '{arg}' is neither a config file (.yml) nor key=value"])
+    try:
+        value = _load_yaml_text(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text  # a plain string YAML cannot parse, e.g. a path with ': '
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def _leaves(mapping: dict, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, dotted + ".")
+        else:
+            yield dotted, value
+
+
+def merge_layers(layers: Sequence[tuple[str, dict]]) -> tuple[dict, dict[str, str]]:
+    """Merge (label, mapping) layers left to right; nested mappings merge key by key.
+
+    Returns the merged mapping and, for every dotted key, the label of the layer that set it last.
+    Every value a later layer changes is logged as ``key: old (label A) -> new (label B)``.
+    """
+    merged: dict = {}
+    sources: dict[str, str] = {}
+
+    def merge(dst: dict, src: dict, label: str, prefix: str) -> None:
+        for key, value in src.items():
+            dotted = f"{prefix}{key}"
+            old = dst.get(key)
+            if isinstance(value, dict) and isinstance(old, dict):
+                merge(old, value, label, dotted + ".")
+                continue
+            if key in dst and old != value:
+                logger.info("%s: %r (%s) -> %r (%s)", dotted, old, sources.get(dotted, "?"), value, label)
+            dst[key] = _copy(value)
+            for sub in [k for k in sources if k == dotted or k.startswith(dotted + ".")]:
+                del sources[sub]
+            sources[dotted] = label
+            if isinstance(value, dict):
+                for leaf, _ in _leaves(value, dotted + "."):
+                    sources[leaf] = label
+
+    for label, mapping in layers:
+        merge(merged, mapping, label, "")
+    return merged, sources
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
+
+
+def _with_preset(layers: list[tuple[str, dict]], file_paths: list[Path]) -> list[tuple[str, dict]]:
+    """Put the preset chosen by ``model_name`` first, unless its file is already listed."""
+    name, name_label = None, None
+    for label, mapping in layers:
+        if "model_name" in mapping and mapping["model_name"] is not None:
+            name, name_label = mapping["model_name"], label
+    if name is None:
+        return layers
+    if not isinstance(name, str):
+        raise ConfigError([f"{name_label}: model_name: expected str, got {name!r}"])
+    path = presets.preset_path(name)
+    if path is None:
+        hint = did_you_mean(name, presets.known_names())
+        raise ConfigError([f"{name_label}: model_name '{name}' is not a known model{hint}; "
+                           f"known: {', '.join(presets.known_names())}"])
+    listed = {p.resolve() for p in file_paths}
+    if path.resolve() in listed:
+        return layers
+    preset_files = {(presets.CONFIG_DIR / rel).resolve() for rel in presets.PRESETS.values()}
+    clash = [str(p) for p in file_paths if p.resolve() in preset_files]
+    if clash:
+        raise ConfigError([f"{name_label}: model_name '{name}' selects {path.name} of {path.parent.name}, "
+                           f"but the preset {clash[0]} is listed too; list one or the other"])
+    label = f"{os.path.relpath(path)} (model_name {name})"
+    return [(label, read_yaml(path)), *layers]
+
+
+def load_raw(files: Sequence[str | os.PathLike], overrides: Sequence[str] = (), *,
+             apply_presets: bool = True) -> tuple[dict, dict[str, str]]:
+    """Read, check and merge config files and overrides; returns the merged mapping and its provenance.
+
+    ``apply_presets=False`` reads an already merged file (a launched run's or a checkpoint's config.yml)
+    as it is, without putting the preset named by its model_name underneath again.
+    """
+    problems: list[str] = []
+    layers: list[tuple[str, dict]] = []
+    for path in files:
+        try:
+            layers.append((str(path), read_yaml(path)))
+        except ConfigError as err:
+            problems.extend(err.problems)
+    for arg in overrides:
+        try:
+            layers.append((COMMAND_LINE, parse_override(arg)))
+        except ConfigError as err:
+            problems.extend(err.problems)
+    if problems:
+        raise ConfigError(problems)
+    if apply_presets:
+        layers = _with_preset(layers, [Path(p) for p in files])
+    return merge_layers(layers)
+
+
+def build_config(raw: dict, sources: dict[str, str]) -> Config:
+    """Type-check a merged mapping into a Config; every unknown or mistyped key is reported at once."""
+    problems: list[str] = []
+
+    def report(dotted: str, message: str) -> None:
+        top = dotted.split(".")[0].split("[")[0]
+        origin = sources.get(dotted) or sources.get(top) or next(
+            (v for k, v in sources.items() if k.startswith(dotted + ".")), "?")
+        problems.append(f"{origin}: {message}")
+
+    cfg = build_dataclass(Config, raw, report)
+    if problems:
+        raise ConfigError(problems)
+    cfg.raw, cfg.sources = raw, sources
+    return cfg
+
+
+def dump_raw(raw: dict, path: str | os.PathLike, header: str = "") -> Path:
+    """Write a merged mapping as YAML, atomically; loading it back gives the same Config."""
+    known = {f.name for f in user_fields(Config)}
+    ordered = {k: raw[k] for k in [f.name for f in user_fields(Config)] if k in raw}
+    ordered.update({k: v for k, v in raw.items() if k not in known})
+    text = (header + "\n" if header else "") + yaml.safe_dump(ordered, sort_keys=False, default_flow_style=None)
+    return atomic_write_text(path, text)

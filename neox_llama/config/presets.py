@@ -1,0 +1,66 @@
+"""Model presets by name, for users who pick a model the LitGPT way (``model_name: Meta-Llama-3-8B``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+"""The repository's configs/ folder."""
+
+PRESETS: dict[str, str] = {
+    "Llama-2-7b-hf": "llama2/7B.yml",
+    "Llama-2-13b-hf": "llama2/13B.yml",
+    "Llama-2-70b-hf": "llama2/70B.yml",
+    "Meta-Llama-3-8B": "llama3/8B.yml",
+    "Meta-Llama-3-70B": "llama3/70B.yml",
+    "Llama-3.1-8B": "llama3.1/8B.yml",
+    "Llama-3.1-70B": "llama3.1/70B.yml",
+    "Llama-3.1-405B": "llama3.1/405B.yml",
+    "Llama-3.2-1B": "llama3.2/1B.yml",
+    "Llama-3.2-3B": "llama3.2/3B.yml",
+    "tiny-llama2": "llama2/tiny.yml",
+    "tiny-llama3": "llama3/tiny.yml",
+    "tiny-llama3.1": "llama3.1/tiny.yml",
+    "tiny-llama3.2": "llama3.2/tiny.yml",
+}
+"""Canonical name (the Hugging Face repository name) -> preset file under configs/."""
+
+ALIASES: dict[str, str] = {
+    "Llama-2-7b-chat-hf": "Llama-2-7b-hf",
+    "Llama-2-13b-chat-hf": "Llama-2-13b-hf",
+    "Llama-2-70b-chat-hf": "Llama-2-70b-hf",
+    "Meta-Llama-3-8B-Instruct": "Meta-Llama-3-8B",
+    "Meta-Llama-3-70B-Instruct": "Meta-Llama-3-70B",
+    "Meta-Llama-3.1-8B": "Llama-3.1-8B",
+    "Meta-Llama-3.1-70B": "Llama-3.1-70B",
+    "Meta-Llama-3.1-405B": "Llama-3.1-405B",
+    "Llama-3.1-8B-Instruct": "Llama-3.1-8B",
+    "Llama-3.1-70B-Instruct": "Llama-3.1-70B",
+    "Llama-3.1-405B-Instruct": "Llama-3.1-405B",
+    "Llama-3.2-1B-Instruct": "Llama-3.2-1B",
+    "Llama-3.2-3B-Instruct": "Llama-3.2-3B",
+}
+"""Chat/instruct variants share their base model's architecture."""
+
+
+def canonical_name(name: str) -> str | None:
+    """The preset name for ``name`` (an ``org/`` prefix and letter case are ignored), or None."""
+    short = name.split("/")[-1].lower()
+    for known in PRESETS:
+        if known.lower() == short:
+            return known
+    for alias, target in ALIASES.items():
+        if alias.lower() == short:
+            return target
+    return None
+
+
+def preset_path(name: str) -> Path | None:
+    """Path of the preset file selected by ``name``, or None for an unknown name."""
+    known = canonical_name(name)
+    return CONFIG_DIR / PRESETS[known] if known else None
+
+
+def known_names() -> list[str]:
+    """Every accepted name, canonical ones first."""
+    return list(PRESETS) + list(ALIASES)

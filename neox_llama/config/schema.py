@@ -1,0 +1,279 @@
+"""The configuration schema: every key a YAML file may set, grouped by concern.
+
+Keys are flat, as in GPT-NeoX: a YAML file says ``hidden_size: 4096``, not ``model: {hidden_size: 4096}``.
+The groups below only organise the code and the generated reference (``docs/config.md``); the
+final :class:`Config` inherits every group, so ``cfg.hidden_size`` and ``cfg.optimizer.params.lr`` work.
+A few keys hold a small mapping of their own (``optimizer``, ``zero_optimization``, ``rope_scaling``);
+those are typed dataclasses too, and a command line reaches inside them with dots
+(``optimizer.params.lr=1e-4``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from neox_llama.config.fields import doc_field
+
+NormType = Literal["rmsnorm", "layernorm"]
+PosEmbType = Literal["rotary", "learned", "none"]
+ActivationType = Literal["swiglu", "gelu"]
+PrecisionType = Literal["bf16", "fp16", "fp32"]
+TokenizerType = Literal["SPMTokenizer", "Llama3Tokenizer", "HFTokenizer"]
+LRDecayStyle = Literal["cosine", "linear", "constant", "inverse_sqrt"]
+PromptStyle = Literal["alpaca", "llama2-chat", "llama3-chat", "plain"]
+LoraTarget = Literal["query", "key", "value", "output", "mlp", "head"]
+LauncherType = Literal["pdsh", "openmpi", "mvapich", "slurm", "impi"]
+OffloadDevice = Literal["none", "cpu"]
+
+
+# --------------------------------------------------------------------------- nested mappings
+@dataclass
+class RopeScaling:
+    """Llama-3.1 frequency-dependent rotary scaling, as in Hugging Face ``config.json``."""
+
+    rope_type: Literal["llama3"] = doc_field("llama3", "Scaling rule; only the Llama-3.1 rule `llama3` is supported.")
+    factor: float = doc_field(8.0, "Wavelength stretch applied to low frequencies.", minimum=1.0)
+    low_freq_factor: float = doc_field(1.0, "Wavelengths above original_max_position_embeddings / this are fully scaled.", minimum=0.0)
+    high_freq_factor: float = doc_field(4.0, "Wavelengths below original_max_position_embeddings / this are left alone.", minimum=0.0)
+    original_max_position_embeddings: int = doc_field(8192, "Context length the rotary base was trained for.", minimum=1)
+
+
+@dataclass
+class OptimizerParams:
+    """Hyper-parameters of the optimizer."""
+
+    lr: float = doc_field(3.0e-4, "Peak learning rate reached after warmup.", minimum=0.0)
+    betas: list[float] = doc_field([0.9, 0.95], "Adam beta1 and beta2.")
+    eps: float = doc_field(1.0e-8, "Adam epsilon.", minimum=0.0)
+    weight_decay: float = doc_field(0.1, "Decoupled weight decay, applied to matrices only (see weight_decay_embeddings).", minimum=0.0)
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizer choice, written like GPT-NeoX: ``optimizer: {type: AdamW, params: {lr: 3.0e-4}}``."""
+
+    type: Literal["AdamW", "Adam"] = doc_field("AdamW", "AdamW (decoupled decay) or Adam (L2 decay).")
+    params: OptimizerParams = doc_field(OptimizerParams(), "See the optimizer.params keys.")
+
+
+@dataclass
+class ZeroConfig:
+    """DeepSpeed ZeRO settings, passed to the engine's ``zero_optimization`` section."""
+
+    stage: int = doc_field(1, "ZeRO stage: 0 off, 1 optimizer states, 2 + gradients, 3 + weights sharded over data parallel.", minimum=0, maximum=3)
+    allgather_partitions: bool = doc_field(True, "Gather updated partitions with allgather (else broadcasts).")
+    allgather_bucket_size: int = doc_field(500_000_000, "Elements gathered at once.", minimum=1)
+    reduce_scatter: bool = doc_field(True, "Average gradients with reduce-scatter (else all-reduce).")
+    reduce_bucket_size: int = doc_field(500_000_000, "Elements reduced at once.", minimum=1)
+    overlap_comm: bool = doc_field(False, "Overlap gradient reduction with the backward pass.")
+    contiguous_gradients: bool = doc_field(True, "Copy gradients into one buffer as they are produced.")
+    offload_optimizer: OffloadDevice = doc_field("none", "Keep optimizer states in host memory (ZeRO >= 1; needs DeepSpeedCPUAdam).")
+    offload_param: OffloadDevice = doc_field("none", "Keep weights in host memory (ZeRO 3 only).")
+
+
+# --------------------------------------------------------------------------- groups
+@dataclass
+class ModelArgs:
+    """Model architecture."""
+
+    model_name: Optional[str] = doc_field(None, "Pick a preset by name (e.g. Llama-2-7b-hf, Meta-Llama-3-8B, Llama-3.2-1B) instead of listing its file.")
+    num_layers: Optional[int] = doc_field(None, "Number of transformer blocks (required).", minimum=1)
+    hidden_size: Optional[int] = doc_field(None, "Model width (required).", minimum=1)
+    num_attention_heads: Optional[int] = doc_field(None, "Query heads (required).", minimum=1)
+    num_kv_heads: Optional[int] = doc_field(None, "Key/value heads for grouped-query attention; unset = num_attention_heads (MHA), 1 = MQA.", minimum=1)
+    intermediate_size: Optional[int] = doc_field(None, "MLP hidden width exactly as Hugging Face (11008 for Llama-2-7B); unset = 4 x hidden_size for gelu, required for swiglu.", minimum=1)
+    seq_length: Optional[int] = doc_field(None, "Training sequence length in tokens (required).", minimum=1)
+    max_position_embeddings: Optional[int] = doc_field(None, "Longest sequence the model supports; unset = seq_length.", minimum=1)
+    vocab_size: Optional[int] = doc_field(None, "Tokenizer vocabulary size before padding; unset = taken from the tokenizer.", minimum=1)
+    make_vocab_size_divisible_by: int = doc_field(128, "Embedding rows are padded up to a multiple of this (padded rows are trimmed on export).", minimum=1)
+    norm: NormType = doc_field("rmsnorm", "Normalisation layer.")
+    rms_norm_epsilon: float = doc_field(1.0e-5, "Epsilon of RMSNorm.", minimum=0.0)
+    layernorm_epsilon: float = doc_field(1.0e-5, "Epsilon of LayerNorm.", minimum=0.0)
+    pos_emb: PosEmbType = doc_field("rotary", "Positional encoding: rotary (RoPE), learned absolute, or none.")
+    rotary_emb_base: float = doc_field(10000.0, "RoPE base theta (10000 for Llama-2, 500000 for Llama-3).", minimum=1.0)
+    rotary_pct: float = doc_field(1.0, "Fraction of each head's dimensions that rotary embeddings rotate.", minimum=0.0, maximum=1.0)
+    rope_scaling: Optional[RopeScaling] = doc_field(None, "Llama-3.1 rope scaling mapping (rope_type: llama3, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings).")
+    activation: ActivationType = doc_field("swiglu", "MLP activation: swiglu (gated, three matrices) or gelu (two matrices).")
+    use_bias_in_attn_linear: bool = doc_field(False, "Biases on the query/key/value/output projections.")
+    use_bias_in_mlp: bool = doc_field(False, "Biases on the MLP projections.")
+    no_weight_tying: bool = doc_field(True, "True: separate output head (Llama-2/3); false: head shares the embedding matrix (Llama-3.2).")
+    init_method_std: float = doc_field(0.02, "Standard deviation of the normal initialisation.", minimum=0.0)
+    attention_dropout: float = doc_field(0.0, "Dropout on attention probabilities.", minimum=0.0, maximum=1.0)
+    hidden_dropout: float = doc_field(0.0, "Dropout on each block's residual branches.", minimum=0.0, maximum=1.0)
+
+
+@dataclass
+class ParallelArgs:
+    """Parallel layout: world size = pipe_parallel_size x model_parallel_size x data parallel (derived)."""
+
+    pipe_parallel_size: int = doc_field(1, "Pipeline stages; 1 = no pipeline (ZeRO 2/3 become available).", minimum=1)
+    model_parallel_size: int = doc_field(1, "Tensor-parallel degree (heads and MLP columns split across ranks).", minimum=1)
+    pipe_partition_method: str = doc_field("type:TransformerBlock", "How layers are split over stages (DeepSpeed: type:REGEX, parameters, uniform).")
+
+
+@dataclass
+class PrecisionArgs:
+    """Numeric precision and ZeRO."""
+
+    precision: PrecisionType = doc_field("bf16", "Training precision; fp16 uses dynamic loss scaling and needs a GPU.")
+    loss_scale: float = doc_field(0.0, "fp16 only: 0 = dynamic loss scaling, else a fixed scale.", minimum=0.0)
+    initial_scale_power: int = doc_field(16, "fp16 only: dynamic loss scale starts at 2**this.", minimum=0)
+    loss_scale_window: int = doc_field(1000, "fp16 only: steps without overflow before the scale grows.", minimum=1)
+    hysteresis: int = doc_field(2, "fp16 only: overflows tolerated before the scale shrinks.", minimum=1)
+    min_loss_scale: float = doc_field(1.0, "fp16 only: lower bound of the dynamic loss scale.", minimum=0.0)
+    zero_optimization: ZeroConfig = doc_field(ZeroConfig(), "See the zero_optimization keys.")
+
+
+@dataclass
+class OptimizerArgs:
+    """Optimizer, clipping and learning-rate schedule."""
+
+    optimizer: OptimizerConfig = doc_field(OptimizerConfig(), "See the optimizer keys.")
+    weight_decay_embeddings: bool = doc_field(False, "Also decay embedding and head matrices (norms and biases never decay).")
+    gradient_clipping: float = doc_field(1.0, "Clip the global gradient norm to this; 0 = off.", minimum=0.0)
+    min_lr: float = doc_field(0.0, "Learning rate at the end of decay.", minimum=0.0)
+    lr_decay_style: LRDecayStyle = doc_field("cosine", "Decay after warmup.")
+    lr_decay_iters: Optional[int] = doc_field(None, "Steps over which the rate decays to min_lr; unset = train_iters.", minimum=1)
+    warmup: float = doc_field(0.01, "Linear warmup as a fraction of lr_decay_iters (ignored when warmup_iters is set).", minimum=0.0, maximum=1.0)
+    warmup_iters: Optional[int] = doc_field(None, "Linear warmup in steps; overrides warmup.", minimum=0)
+
+
+@dataclass
+class TrainingArgs:
+    """Batch sizes and the training loop."""
+
+    train_micro_batch_size_per_gpu: Optional[int] = doc_field(None, "Sequences per rank per forward pass; any two of the three batch keys determine the third.", minimum=1)
+    gradient_accumulation_steps: Optional[int] = doc_field(None, "Micro-batches accumulated per optimizer step.", minimum=1)
+    train_batch_size: Optional[int] = doc_field(None, "Sequences per optimizer step over all data-parallel ranks.", minimum=1)
+    train_iters: int = doc_field(1000, "Optimizer steps to train for.", minimum=0)
+    eval_interval: int = doc_field(1000, "Evaluate on the validation split every this many steps.", minimum=1)
+    eval_iters: int = doc_field(10, "Validation batches per evaluation.", minimum=0)
+    log_interval: int = doc_field(10, "Log training metrics every this many steps.", minimum=1)
+    seed: int = doc_field(1234, "Seed for initialisation, data order and dropout.", minimum=0)
+    checkpoint_activations: bool = doc_field(False, "Recompute activations in backward to save memory.")
+    checkpoint_num_layers: int = doc_field(1, "Transformer blocks per activation-checkpoint segment.", minimum=1)
+    peak_tflops: Optional[float] = doc_field(None, "Per-rank peak TFLOP/s for MFU; unset = measured at start-up on CPU.", minimum=0.0)
+    wall_clock_breakdown: bool = doc_field(False, "Ask DeepSpeed to time forward, backward and optimizer step.")
+
+
+@dataclass
+class DataArgs:
+    """Pretraining data (memory-mapped .bin/.idx datasets made by tools/preprocess_data.py)."""
+
+    data_path: Optional[str] = doc_field(None, "One dataset prefix (without .bin/.idx), split into train/valid/test by `split`.")
+    train_data_paths: list[str] = doc_field([], "Dataset prefixes for training (instead of data_path).")
+    valid_data_paths: list[str] = doc_field([], "Dataset prefixes for validation.")
+    test_data_paths: list[str] = doc_field([], "Dataset prefixes for testing.")
+    train_data_weights: list[float] = doc_field([], "Blend weights of train_data_paths; empty = proportional to size.")
+    valid_data_weights: list[float] = doc_field([], "Blend weights of valid_data_paths.")
+    test_data_weights: list[float] = doc_field([], "Blend weights of test_data_paths.")
+    split: str = doc_field("969,30,1", "Train,valid,test proportions of data_path.")
+    num_workers: int = doc_field(2, "Data loader worker processes per rank.", minimum=0)
+    reset_position_ids: bool = doc_field(False, "Restart position ids after each end-of-document token.")
+    reset_attention_mask: bool = doc_field(False, "Stop attention across end-of-document tokens.")
+    eod_mask_loss: bool = doc_field(False, "Do not train on predicting the end-of-document token.")
+
+
+@dataclass
+class FinetuneArgs:
+    """Fine-tuning on instruction data."""
+
+    finetune: bool = doc_field(False, "Load weights only from `load` (fresh optimizer, step 0, new data).")
+    sft_data_path: Optional[str] = doc_field(None, "Instruction data (JSON list or JSONL of instruction/input/output records).")
+    sft_valid_data_path: Optional[str] = doc_field(None, "Validation instruction data; unset = split off sft_data_path.")
+    val_split_fraction: float = doc_field(0.05, "Fraction of sft_data_path held out for validation.", minimum=0.0, maximum=1.0)
+    prompt_style: PromptStyle = doc_field("alpaca", "Template that turns a record into a prompt.")
+    mask_prompt: bool = doc_field(True, "Train on the response tokens only.")
+
+
+@dataclass
+class TokenizerArgs:
+    """Tokenizer."""
+
+    tokenizer_type: Optional[TokenizerType] = doc_field(None, "SPMTokenizer (sentencepiece .model), Llama3Tokenizer (tiktoken tokenizer.model) or HFTokenizer (tokenizer.json).")
+    vocab_file: Optional[str] = doc_field(None, "Path of the tokenizer file.")
+
+
+@dataclass
+class CheckpointArgs:
+    """Saving and loading checkpoints."""
+
+    save: Optional[str] = doc_field(None, "Directory for checkpoints (global_stepN/ and latest); unset = never save.")
+    load: Optional[str] = doc_field(None, "Checkpoint directory to resume or fine-tune from.")
+    checkpoint_factor: int = doc_field(1000, "Save every this many steps (and at the end).", minimum=1)
+    keep_last_n_checkpoints: Optional[int] = doc_field(None, "Delete older checkpoints beyond this many; unset = keep all.", minimum=1)
+    save_best: bool = doc_field(False, "Also keep the checkpoint with the lowest validation loss as best/.")
+    early_stopping_patience: Optional[int] = doc_field(None, "Stop after this many evaluations without improvement; unset = never.", minimum=1)
+
+
+@dataclass
+class LoggingArgs:
+    """Metrics and logs."""
+
+    log_dir: Optional[str] = doc_field(None, "Where metrics.jsonl and the launched config go; unset = {save}/logs, or runs/<time>/logs without save.")
+    tensorboard_dir: Optional[str] = doc_field(None, "Write TensorBoard events here; unset = off.")
+    use_wandb: bool = doc_field(False, "Log to Weights & Biases (WANDB_MODE=offline works without network).")
+    wandb_project: str = doc_field("neox_llama", "W&B project.")
+    wandb_group: Optional[str] = doc_field(None, "W&B run group.")
+    log_level: Literal["debug", "info", "warning", "error"] = doc_field("info", "Verbosity of rank 0's console log.")
+
+
+@dataclass
+class LauncherArgs:
+    """How deepy.py starts the ranks (DeepSpeed's launcher)."""
+
+    num_gpus: Optional[int] = doc_field(None, "Ranks per node (GPUs; CPU processes on a machine without CUDA); unset = all GPUs, or pp x tp on CPU.", minimum=1)
+    num_nodes: Optional[int] = doc_field(None, "Nodes to use from the hostfile; unset = all of them (1 without a hostfile).", minimum=1)
+    hostfile: Optional[str] = doc_field(None, "DeepSpeed hostfile (`host slots=N` per line) for multi-node runs.")
+    include: Optional[str] = doc_field(None, "DeepSpeed --include filter, e.g. `worker-0:0,1@worker-1`.")
+    exclude: Optional[str] = doc_field(None, "DeepSpeed --exclude filter.")
+    master_addr: Optional[str] = doc_field(None, "Address of rank 0; unset = the launcher's choice (127.0.0.1 on one node).")
+    master_port: int = doc_field(29500, "TCP port of rank 0.", minimum=1, maximum=65535)
+    launcher: LauncherType = doc_field("pdsh", "Multi-node launcher backend.")
+    omp_num_threads: Optional[int] = doc_field(None, "Threads per rank; unset = CPU cores / ranks on the node.", minimum=1)
+
+
+@dataclass
+class LoraArgs:
+    """Low-rank adaptation for fine-tuning."""
+
+    lora_r: int = doc_field(0, "LoRA rank; 0 = off.", minimum=0)
+    lora_alpha: float = doc_field(16.0, "LoRA scaling numerator (update scaled by alpha / r).", minimum=0.0)
+    lora_dropout: float = doc_field(0.05, "Dropout on the LoRA input.", minimum=0.0, maximum=1.0)
+    lora_targets: list[LoraTarget] = doc_field(["query", "value"], "Layers that get adapters.")
+
+
+GROUPS: tuple[type, ...] = (
+    ModelArgs, ParallelArgs, PrecisionArgs, OptimizerArgs, TrainingArgs, DataArgs,
+    FinetuneArgs, TokenizerArgs, CheckpointArgs, LoggingArgs, LauncherArgs, LoraArgs,
+)
+"""Groups in the order the reference documents them."""
+
+
+@dataclass
+class Derived:
+    """Values computed from the config and the world size, never set by users."""
+
+    world_size: int = 1
+    data_parallel_size: int = 1
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    intermediate_size: int = 0
+    max_position_embeddings: int = 0
+    padded_vocab_size: Optional[int] = None
+    train_micro_batch_size_per_gpu: int = 1
+    gradient_accumulation_steps: int = 1
+    train_batch_size: int = 1
+    lr_decay_iters: int = 1
+    warmup_iters: int = 0
+
+
+@dataclass
+class Config(LoraArgs, LauncherArgs, LoggingArgs, CheckpointArgs, TokenizerArgs, FinetuneArgs, DataArgs,
+             TrainingArgs, OptimizerArgs, PrecisionArgs, ParallelArgs, ModelArgs):
+    """The merged, validated configuration every part of neox_llama reads."""
+
+    derived: Derived = field(default_factory=Derived, metadata={"derived": True})
+    sources: dict[str, str] = field(default_factory=dict, metadata={"derived": True})
+    raw: dict = field(default_factory=dict, metadata={"derived": True})

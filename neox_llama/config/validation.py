@@ -1,0 +1,179 @@
+"""Cross-checks between keys and the values derived from them (layout, batch sizes, padded vocabulary)."""
+
+from __future__ import annotations
+
+import math
+
+from neox_llama.config.loading import ConfigError
+from neox_llama.config.schema import Config, Derived
+
+
+class _Problems:
+    """Collects one-line problems, each prefixed with the file that set the first key it names."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.lines: list[str] = []
+
+    def add(self, keys: str | tuple[str, ...], message: str) -> None:
+        keys = (keys,) if isinstance(keys, str) else keys
+        origins = [self.cfg.sources.get(k, "default") for k in keys]
+        origin = next((o for o in origins if o != "default"), "default")
+        self.lines.append(f"{origin}: {message}")
+
+
+def _resolve_batch(cfg: Config, dp: int, problems: _Problems, d: Derived) -> None:
+    micro, gas, total = cfg.train_micro_batch_size_per_gpu, cfg.gradient_accumulation_steps, cfg.train_batch_size
+    keys = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+    if total is not None and micro is not None and gas is not None:
+        if micro * gas * dp != total:
+            problems.add(keys, f"train_batch_size {total} != train_micro_batch_size_per_gpu {micro} x "
+                               f"gradient_accumulation_steps {gas} x data parallel size {dp} (= {micro * gas * dp}); "
+                               "set two of the three")
+            return
+    elif total is not None and micro is not None:
+        if total % (micro * dp):
+            problems.add(keys[:2], f"train_batch_size {total} is not divisible by train_micro_batch_size_per_gpu "
+                                   f"{micro} x data parallel size {dp}")
+            return
+        gas = total // (micro * dp)
+    elif total is not None and gas is not None:
+        if total % (gas * dp):
+            problems.add((keys[0], keys[2]), f"train_batch_size {total} is not divisible by "
+                                             f"gradient_accumulation_steps {gas} x data parallel size {dp}")
+            return
+        micro = total // (gas * dp)
+    elif total is not None:
+        if total % dp:
+            problems.add(keys[0], f"train_batch_size {total} is not divisible by data parallel size {dp}")
+            return
+        micro, gas = total // dp, 1
+    else:
+        micro, gas = micro or 1, gas or 1
+    d.train_micro_batch_size_per_gpu, d.gradient_accumulation_steps = micro, gas
+    d.train_batch_size = micro * gas * dp
+
+
+def _check_model(cfg: Config, tp: int, problems: _Problems, d: Derived) -> None:
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+        if getattr(cfg, key) is None:
+            problems.add(key, f"{key} is not set; list a model preset (e.g. configs/llama3/tiny.yml) or set model_name")
+    heads, hidden = cfg.num_attention_heads, cfg.hidden_size
+    d.num_kv_heads = cfg.num_kv_heads or heads or 0
+    if hidden and heads:
+        if hidden % heads:
+            problems.add(("hidden_size", "num_attention_heads"),
+                         f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+        d.head_dim = hidden // heads
+        if heads % d.num_kv_heads:
+            problems.add(("num_kv_heads", "num_attention_heads"),
+                         f"num_attention_heads {heads} is not divisible by num_kv_heads {d.num_kv_heads}")
+        if heads % tp:
+            problems.add(("model_parallel_size", "num_attention_heads"),
+                         f"num_attention_heads {heads} is not divisible by model_parallel_size {tp}")
+        if d.num_kv_heads % tp:
+            problems.add(("model_parallel_size", "num_kv_heads"),
+                         f"num_kv_heads {d.num_kv_heads} is not divisible by model_parallel_size {tp}; "
+                         f"use a model_parallel_size that divides {d.num_kv_heads}")
+    if cfg.intermediate_size is not None:
+        d.intermediate_size = cfg.intermediate_size
+    elif cfg.activation == "gelu" and hidden:
+        d.intermediate_size = 4 * hidden
+    elif hidden:
+        problems.add("intermediate_size", "intermediate_size is required with activation swiglu "
+                                          "(the Hugging Face value, e.g. 11008 for Llama-2-7B)")
+    if d.intermediate_size and d.intermediate_size % tp:
+        problems.add(("model_parallel_size", "intermediate_size"),
+                     f"intermediate_size {d.intermediate_size} is not divisible by model_parallel_size {tp}")
+    if cfg.num_layers and cfg.num_layers < cfg.pipe_parallel_size:
+        problems.add(("pipe_parallel_size", "num_layers"),
+                     f"num_layers {cfg.num_layers} is smaller than pipe_parallel_size {cfg.pipe_parallel_size}; "
+                     "every pipeline stage needs at least one transformer block")
+    d.max_position_embeddings = cfg.max_position_embeddings or cfg.seq_length or 0
+    if cfg.seq_length and cfg.seq_length > d.max_position_embeddings:
+        problems.add(("seq_length", "max_position_embeddings"),
+                     f"seq_length {cfg.seq_length} exceeds max_position_embeddings {d.max_position_embeddings}")
+    if cfg.rope_scaling is not None and cfg.pos_emb != "rotary":
+        problems.add(("rope_scaling", "pos_emb"), f"rope_scaling needs pos_emb rotary, not {cfg.pos_emb}")
+    if cfg.pos_emb == "rotary" and d.head_dim:
+        rot = int(d.head_dim * cfg.rotary_pct)
+        if rot == 0 or rot % 2:
+            problems.add("rotary_pct", f"rotary_pct {cfg.rotary_pct} x head dim {d.head_dim} = {rot} "
+                                       "rotary dimensions; it must be a positive even number")
+    if cfg.vocab_size is not None:
+        multiple = cfg.make_vocab_size_divisible_by
+        d.padded_vocab_size = math.ceil(cfg.vocab_size / multiple) * multiple
+        if d.padded_vocab_size % tp:
+            problems.add(("make_vocab_size_divisible_by", "model_parallel_size"),
+                         f"padded vocabulary {d.padded_vocab_size} (vocab_size {cfg.vocab_size} rounded up to "
+                         f"make_vocab_size_divisible_by {multiple}) is not divisible by model_parallel_size {tp}; "
+                         f"set make_vocab_size_divisible_by to a multiple of {tp}")
+    elif cfg.vocab_file is None:
+        problems.add("vocab_size", "vocab_size is not set and there is no tokenizer (vocab_file) to take it from")
+
+
+def _check_training(cfg: Config, problems: _Problems, d: Derived) -> None:
+    pp, zero = cfg.pipe_parallel_size, cfg.zero_optimization.stage
+    if pp > 1 and zero > 1:
+        problems.add(("zero_optimization.stage", "pipe_parallel_size"),
+                     f"zero_optimization.stage {zero} with pipe_parallel_size {pp}: DeepSpeed supports only "
+                     "ZeRO 0-1 with pipeline parallelism (gradients are reduced per stage); use stage 1, "
+                     "or pipe_parallel_size 1 for ZeRO 2/3")
+    if cfg.zero_optimization.offload_param != "none" and zero != 3:
+        problems.add("zero_optimization.offload_param", "zero_optimization.offload_param needs ZeRO stage 3")
+    if cfg.zero_optimization.offload_optimizer != "none" and zero == 0:
+        problems.add("zero_optimization.offload_optimizer", "zero_optimization.offload_optimizer needs ZeRO stage >= 1")
+    betas = cfg.optimizer.params.betas
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        problems.add("optimizer.params.betas", f"optimizer.params.betas {betas} must be two numbers in [0, 1)")
+    if cfg.min_lr > cfg.optimizer.params.lr:
+        problems.add(("min_lr", "optimizer.params.lr"),
+                     f"min_lr {cfg.min_lr} is above the peak rate optimizer.params.lr {cfg.optimizer.params.lr}")
+    d.lr_decay_iters = cfg.lr_decay_iters or max(cfg.train_iters, 1)
+    d.warmup_iters = cfg.warmup_iters if cfg.warmup_iters is not None else int(cfg.warmup * d.lr_decay_iters)
+    if cfg.finetune and not cfg.load:
+        problems.add("finetune", "finetune is true but load (the checkpoint to start from) is not set")
+    for kind in ("train", "valid", "test"):
+        paths, weights = getattr(cfg, f"{kind}_data_paths"), getattr(cfg, f"{kind}_data_weights")
+        if weights and len(weights) != len(paths):
+            problems.add(f"{kind}_data_weights", f"{kind}_data_weights has {len(weights)} entries but "
+                                                 f"{kind}_data_paths has {len(paths)}")
+    if cfg.data_path and cfg.train_data_paths:
+        problems.add(("data_path", "train_data_paths"), "set data_path (split by `split`) or train_data_paths, not both")
+    parts = cfg.split.replace("/", ",").split(",")
+    try:
+        numbers = [float(p) for p in parts]
+        if len(numbers) > 3 or any(n < 0 for n in numbers) or sum(numbers) <= 0:
+            raise ValueError
+    except ValueError:
+        problems.add("split", f"split '{cfg.split}' must be up to three non-negative numbers like '969,30,1'")
+    if cfg.vocab_file is not None and cfg.tokenizer_type is None:
+        problems.add(("tokenizer_type", "vocab_file"),
+                     "vocab_file is set but tokenizer_type is not (SPMTokenizer, Llama3Tokenizer or HFTokenizer)")
+
+
+def resolve(cfg: Config, world_size: int, accelerator: str = "cpu") -> Config:
+    """Check ``cfg`` against itself and the world it will run in; fill ``cfg.derived``.
+
+    ``accelerator`` is ``"cuda"`` or ``"cpu"``. Raises ConfigError listing every problem found.
+    """
+    problems = _Problems(cfg)
+    d = Derived(world_size=world_size)
+    pp, tp = cfg.pipe_parallel_size, cfg.model_parallel_size
+    if world_size % (pp * tp):
+        problems.add(("pipe_parallel_size", "model_parallel_size", "num_gpus"),
+                     f"world size {world_size} is not divisible by pipe_parallel_size {pp} x "
+                     f"model_parallel_size {tp}; use a multiple of {pp * tp} ranks (num_gpus)")
+        d.data_parallel_size = 1
+    else:
+        d.data_parallel_size = world_size // (pp * tp)
+    _check_model(cfg, tp, problems, d)
+    _resolve_batch(cfg, d.data_parallel_size, problems, d)
+    _check_training(cfg, problems, d)
+    if cfg.precision == "fp16" and accelerator != "cuda":
+        problems.add("precision", "precision fp16 needs a GPU (DeepSpeed has no fp16 kernels on CPU); "
+                                  "use bf16 or fp32 here")
+    if problems.lines:
+        raise ConfigError(problems.lines)
+    cfg.derived = d
+    return cfg

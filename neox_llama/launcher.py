@@ -1,0 +1,132 @@
+"""Planning a launch: how many ranks on which nodes, and the exact command that starts them.
+
+Multi-rank runs go through DeepSpeed's own launcher (``python -m deepspeed.launcher.runner``); the
+resource arithmetic below reuses its hostfile and include/exclude parsers so that the world size we
+validate against is the one DeepSpeed will start. A single rank needs no launcher: the script is
+started directly with the environment variables torch.distributed expects.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from neox_llama.config.loading import ConfigError
+from neox_llama.config.schema import Config
+
+
+def detect_accelerator() -> str:
+    """``"cuda"`` when a CUDA device is usable, else ``"cpu"``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class LaunchPlan:
+    """Where the ranks run."""
+
+    hosts: dict[str, list[int]]
+    """Host name -> local slot (GPU) indices used on it."""
+    multi_node: bool
+    accelerator: str
+
+    @property
+    def world_size(self) -> int:
+        return sum(len(slots) for slots in self.hosts.values())
+
+    @property
+    def ranks_per_node(self) -> int:
+        return max((len(slots) for slots in self.hosts.values()), default=1)
+
+
+@dataclass
+class LaunchCommand:
+    """A command line and the environment variables it needs on top of the current ones."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+    def shell(self) -> str:
+        """The command as one copy-pasteable shell line."""
+        prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
+        return (prefix + " " if prefix else "") + shlex.join(self.argv)
+
+
+def plan_resources(cfg: Config, accelerator: str) -> LaunchPlan:
+    """Resolve num_nodes/num_gpus/hostfile/include/exclude the way DeepSpeed's launcher does."""
+    from deepspeed.launcher import runner
+
+    if (cfg.include or cfg.exclude) and (cfg.num_gpus is not None or cfg.num_nodes is not None):
+        raise ConfigError([f"{cfg.sources.get('include') or cfg.sources.get('exclude')}: include/exclude cannot be "
+                           "combined with num_gpus/num_nodes (DeepSpeed launcher rule)"])
+    pool = None
+    if cfg.hostfile:
+        if not Path(cfg.hostfile).is_file():
+            raise ConfigError([f"{cfg.sources.get('hostfile', '?')}: hostfile {cfg.hostfile} does not exist"])
+        try:
+            pool = runner.fetch_hostfile(cfg.hostfile)
+        except ValueError as err:
+            raise ConfigError([f"{cfg.hostfile}: {err} (expected lines like 'worker-0 slots=8')"]) from None
+    multi_node = pool is not None
+    if pool is None:
+        if cfg.num_nodes not in (None, 1):
+            raise ConfigError([f"{cfg.sources.get('num_nodes', '?')}: num_nodes {cfg.num_nodes} needs a hostfile "
+                               "listing the nodes"])
+        if accelerator == "cuda":
+            import torch
+
+            local = torch.cuda.device_count()
+        else:
+            local = cfg.num_gpus or cfg.pipe_parallel_size * cfg.model_parallel_size
+        pool = {"localhost": max(local, cfg.num_gpus or 0)}
+    try:
+        active = runner.parse_inclusion_exclusion(pool, cfg.include or "", cfg.exclude or "")
+    except ValueError as err:
+        raise ConfigError([f"include/exclude: {err}"]) from None
+    active = runner.apply_num_nodes_and_gpus(active, cfg.num_nodes or -1, cfg.num_gpus or -1)
+    return LaunchPlan(hosts=dict(active), multi_node=multi_node, accelerator=accelerator)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def threads_per_rank(cfg: Config, plan: LaunchPlan) -> int:
+    """OMP threads per rank: the configured number, or the node's cores shared among its ranks."""
+    if cfg.omp_num_threads:
+        return cfg.omp_num_threads
+    return max(1, (os.cpu_count() or 1) // plan.ranks_per_node)
+
+
+def build_launch_command(cfg: Config, plan: LaunchPlan, script: str, config_file: str) -> LaunchCommand:
+    """The command that starts ``script --config config_file`` on every rank of ``plan``."""
+    env = {"OMP_NUM_THREADS": str(threads_per_rank(cfg, plan))}
+    if plan.accelerator == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    script_args = [script, "--config", config_file]
+    if plan.world_size == 1 and not plan.multi_node:
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                   MASTER_ADDR=cfg.master_addr or "127.0.0.1", MASTER_PORT=str(cfg.master_port))
+        return LaunchCommand([sys.executable, *script_args], env)
+    argv = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(cfg.master_port), "--no_local_rank"]
+    if cfg.hostfile:
+        argv += ["--hostfile", cfg.hostfile, "--launcher", cfg.launcher]
+    if cfg.master_addr:
+        argv += ["--master_addr", cfg.master_addr]
+    if cfg.include:
+        argv += ["--include", cfg.include]
+    elif cfg.exclude:
+        argv += ["--exclude", cfg.exclude]
+    else:
+        argv += ["--num_gpus", str(plan.ranks_per_node)]
+        if cfg.num_nodes:
+            argv += ["--num_nodes", str(cfg.num_nodes)]
+    return LaunchCommand(argv + script_args, env)
