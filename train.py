@@ -39,9 +39,13 @@ def main(argv: list[str]) -> int:
     import torch
     import torch.distributed as dist
 
-    from neox_llama.distributed import init_distributed, shutdown_distributed
+    from neox_llama.distributed import LaunchError, init_distributed, shutdown_distributed
 
-    info = init_distributed(accelerator)
+    try:
+        info = init_distributed(accelerator)
+    except LaunchError as err:
+        logger.error("%s", err)
+        return 2
     try:
         # Every rank must have read the same config: compare a digest of the file across ranks.
         with open(args.config, "rb") as handle:

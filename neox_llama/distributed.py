@@ -12,6 +12,10 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 
+class LaunchError(RuntimeError):
+    """The process was not started the way a run must be (e.g. train.py without deepy.py)."""
+
+
 @dataclass
 class RankInfo:
     """Who this process is in the run."""
@@ -28,7 +32,7 @@ def init_distributed(accelerator: str) -> RankInfo:
 
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
-        raise RuntimeError(f"{', '.join(missing)} not set: start training through deepy.py "
+        raise LaunchError(f"{', '.join(missing)} not set: start training through deepy.py "
                            "(python deepy.py train.py CONFIG.yml ...), not train.py directly")
     threads = os.environ.get("OMP_NUM_THREADS")
     if threads:

@@ -9,7 +9,7 @@ Typical use::
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from neox_llama.config.deepspeed_json import deepspeed_config
 from neox_llama.config.loading import ConfigError, build_config, dump_raw, load_raw

@@ -11,7 +11,7 @@ those are typed dataclasses too, and a command line reaches inside them with dot
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 from neox_llama.config.fields import doc_field
 
@@ -77,15 +77,15 @@ class ZeroConfig:
 class ModelArgs:
     """Model architecture."""
 
-    model_name: Optional[str] = doc_field(None, "Pick a preset by name (e.g. Llama-2-7b-hf, Meta-Llama-3-8B, Llama-3.2-1B) instead of listing its file.")
-    num_layers: Optional[int] = doc_field(None, "Number of transformer blocks (required).", minimum=1)
-    hidden_size: Optional[int] = doc_field(None, "Model width (required).", minimum=1)
-    num_attention_heads: Optional[int] = doc_field(None, "Query heads (required).", minimum=1)
-    num_kv_heads: Optional[int] = doc_field(None, "Key/value heads for grouped-query attention; unset = num_attention_heads (MHA), 1 = MQA.", minimum=1)
-    intermediate_size: Optional[int] = doc_field(None, "MLP hidden width exactly as Hugging Face (11008 for Llama-2-7B); unset = 4 x hidden_size for gelu, required for swiglu.", minimum=1)
-    seq_length: Optional[int] = doc_field(None, "Training sequence length in tokens (required).", minimum=1)
-    max_position_embeddings: Optional[int] = doc_field(None, "Longest sequence the model supports; unset = seq_length.", minimum=1)
-    vocab_size: Optional[int] = doc_field(None, "Tokenizer vocabulary size before padding; unset = taken from the tokenizer.", minimum=1)
+    model_name: str | None = doc_field(None, "Pick a preset by name (e.g. Llama-2-7b-hf, Meta-Llama-3-8B, Llama-3.2-1B) instead of listing its file.")
+    num_layers: int | None = doc_field(None, "Number of transformer blocks (required).", minimum=1)
+    hidden_size: int | None = doc_field(None, "Model width (required).", minimum=1)
+    num_attention_heads: int | None = doc_field(None, "Query heads (required).", minimum=1)
+    num_kv_heads: int | None = doc_field(None, "Key/value heads for grouped-query attention; unset = num_attention_heads (MHA), 1 = MQA.", minimum=1)
+    intermediate_size: int | None = doc_field(None, "MLP hidden width exactly as Hugging Face (11008 for Llama-2-7B); unset = 4 x hidden_size for gelu, required for swiglu.", minimum=1)
+    seq_length: int | None = doc_field(None, "Training sequence length in tokens (required).", minimum=1)
+    max_position_embeddings: int | None = doc_field(None, "Longest sequence the model supports; unset = seq_length.", minimum=1)
+    vocab_size: int | None = doc_field(None, "Tokenizer vocabulary size before padding; unset = taken from the tokenizer.", minimum=1)
     make_vocab_size_divisible_by: int = doc_field(128, "Embedding rows are padded up to a multiple of this (padded rows are trimmed on export).", minimum=1)
     norm: NormType = doc_field("rmsnorm", "Normalisation layer.")
     rms_norm_epsilon: float = doc_field(1.0e-5, "Epsilon of RMSNorm.", minimum=0.0)
@@ -93,7 +93,7 @@ class ModelArgs:
     pos_emb: PosEmbType = doc_field("rotary", "Positional encoding: rotary (RoPE), learned absolute, or none.")
     rotary_emb_base: float = doc_field(10000.0, "RoPE base theta (10000 for Llama-2, 500000 for Llama-3).", minimum=1.0)
     rotary_pct: float = doc_field(1.0, "Fraction of each head's dimensions that rotary embeddings rotate.", minimum=0.0, maximum=1.0)
-    rope_scaling: Optional[RopeScaling] = doc_field(None, "Llama-3.1 rope scaling mapping (rope_type: llama3, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings).")
+    rope_scaling: RopeScaling | None = doc_field(None, "Llama-3.1 rope scaling mapping (rope_type: llama3, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings).")
     activation: ActivationType = doc_field("swiglu", "MLP activation: swiglu (gated, three matrices) or gelu (two matrices).")
     use_bias_in_attn_linear: bool = doc_field(False, "Biases on the query/key/value/output projections.")
     use_bias_in_mlp: bool = doc_field(False, "Biases on the MLP projections.")
@@ -134,18 +134,18 @@ class OptimizerArgs:
     gradient_clipping: float = doc_field(1.0, "Clip the global gradient norm to this; 0 = off.", minimum=0.0)
     min_lr: float = doc_field(0.0, "Learning rate at the end of decay.", minimum=0.0)
     lr_decay_style: LRDecayStyle = doc_field("cosine", "Decay after warmup.")
-    lr_decay_iters: Optional[int] = doc_field(None, "Steps over which the rate decays to min_lr; unset = train_iters.", minimum=1)
+    lr_decay_iters: int | None = doc_field(None, "Steps over which the rate decays to min_lr; unset = train_iters.", minimum=1)
     warmup: float = doc_field(0.01, "Linear warmup as a fraction of lr_decay_iters (ignored when warmup_iters is set).", minimum=0.0, maximum=1.0)
-    warmup_iters: Optional[int] = doc_field(None, "Linear warmup in steps; overrides warmup.", minimum=0)
+    warmup_iters: int | None = doc_field(None, "Linear warmup in steps; overrides warmup.", minimum=0)
 
 
 @dataclass
 class TrainingArgs:
     """Batch sizes and the training loop."""
 
-    train_micro_batch_size_per_gpu: Optional[int] = doc_field(None, "Sequences per rank per forward pass; any two of the three batch keys determine the third.", minimum=1)
-    gradient_accumulation_steps: Optional[int] = doc_field(None, "Micro-batches accumulated per optimizer step.", minimum=1)
-    train_batch_size: Optional[int] = doc_field(None, "Sequences per optimizer step over all data-parallel ranks.", minimum=1)
+    train_micro_batch_size_per_gpu: int | None = doc_field(None, "Sequences per rank per forward pass; any two of the three batch keys determine the third.", minimum=1)
+    gradient_accumulation_steps: int | None = doc_field(None, "Micro-batches accumulated per optimizer step.", minimum=1)
+    train_batch_size: int | None = doc_field(None, "Sequences per optimizer step over all data-parallel ranks.", minimum=1)
     train_iters: int = doc_field(1000, "Optimizer steps to train for.", minimum=0)
     eval_interval: int = doc_field(1000, "Evaluate on the validation split every this many steps.", minimum=1)
     eval_iters: int = doc_field(10, "Validation batches per evaluation.", minimum=0)
@@ -153,7 +153,7 @@ class TrainingArgs:
     seed: int = doc_field(1234, "Seed for initialisation, data order and dropout.", minimum=0)
     checkpoint_activations: bool = doc_field(False, "Recompute activations in backward to save memory.")
     checkpoint_num_layers: int = doc_field(1, "Transformer blocks per activation-checkpoint segment.", minimum=1)
-    peak_tflops: Optional[float] = doc_field(None, "Per-rank peak TFLOP/s for MFU; unset = measured at start-up on CPU.", minimum=0.0)
+    peak_tflops: float | None = doc_field(None, "Per-rank peak TFLOP/s for MFU; unset = measured at start-up on CPU.", minimum=0.0)
     wall_clock_breakdown: bool = doc_field(False, "Ask DeepSpeed to time forward, backward and optimizer step.")
 
 
@@ -161,7 +161,7 @@ class TrainingArgs:
 class DataArgs:
     """Pretraining data (memory-mapped .bin/.idx datasets made by tools/preprocess_data.py)."""
 
-    data_path: Optional[str] = doc_field(None, "One dataset prefix (without .bin/.idx), split into train/valid/test by `split`.")
+    data_path: str | None = doc_field(None, "One dataset prefix (without .bin/.idx), split into train/valid/test by `split`.")
     train_data_paths: list[str] = doc_field([], "Dataset prefixes for training (instead of data_path).")
     valid_data_paths: list[str] = doc_field([], "Dataset prefixes for validation.")
     test_data_paths: list[str] = doc_field([], "Dataset prefixes for testing.")
@@ -180,8 +180,8 @@ class FinetuneArgs:
     """Fine-tuning on instruction data."""
 
     finetune: bool = doc_field(False, "Load weights only from `load` (fresh optimizer, step 0, new data).")
-    sft_data_path: Optional[str] = doc_field(None, "Instruction data (JSON list or JSONL of instruction/input/output records).")
-    sft_valid_data_path: Optional[str] = doc_field(None, "Validation instruction data; unset = split off sft_data_path.")
+    sft_data_path: str | None = doc_field(None, "Instruction data (JSON list or JSONL of instruction/input/output records).")
+    sft_valid_data_path: str | None = doc_field(None, "Validation instruction data; unset = split off sft_data_path.")
     val_split_fraction: float = doc_field(0.05, "Fraction of sft_data_path held out for validation.", minimum=0.0, maximum=1.0)
     prompt_style: PromptStyle = doc_field("alpaca", "Template that turns a record into a prompt.")
     mask_prompt: bool = doc_field(True, "Train on the response tokens only.")
@@ -191,31 +191,31 @@ class FinetuneArgs:
 class TokenizerArgs:
     """Tokenizer."""
 
-    tokenizer_type: Optional[TokenizerType] = doc_field(None, "SPMTokenizer (sentencepiece .model), Llama3Tokenizer (tiktoken tokenizer.model) or HFTokenizer (tokenizer.json).")
-    vocab_file: Optional[str] = doc_field(None, "Path of the tokenizer file.")
+    tokenizer_type: TokenizerType | None = doc_field(None, "SPMTokenizer (sentencepiece .model), Llama3Tokenizer (tiktoken tokenizer.model) or HFTokenizer (tokenizer.json).")
+    vocab_file: str | None = doc_field(None, "Path of the tokenizer file.")
 
 
 @dataclass
 class CheckpointArgs:
     """Saving and loading checkpoints."""
 
-    save: Optional[str] = doc_field(None, "Directory for checkpoints (global_stepN/ and latest); unset = never save.")
-    load: Optional[str] = doc_field(None, "Checkpoint directory to resume or fine-tune from.")
+    save: str | None = doc_field(None, "Directory for checkpoints (global_stepN/ and latest); unset = never save.")
+    load: str | None = doc_field(None, "Checkpoint directory to resume or fine-tune from.")
     checkpoint_factor: int = doc_field(1000, "Save every this many steps (and at the end).", minimum=1)
-    keep_last_n_checkpoints: Optional[int] = doc_field(None, "Delete older checkpoints beyond this many; unset = keep all.", minimum=1)
+    keep_last_n_checkpoints: int | None = doc_field(None, "Delete older checkpoints beyond this many; unset = keep all.", minimum=1)
     save_best: bool = doc_field(False, "Also keep the checkpoint with the lowest validation loss as best/.")
-    early_stopping_patience: Optional[int] = doc_field(None, "Stop after this many evaluations without improvement; unset = never.", minimum=1)
+    early_stopping_patience: int | None = doc_field(None, "Stop after this many evaluations without improvement; unset = never.", minimum=1)
 
 
 @dataclass
 class LoggingArgs:
     """Metrics and logs."""
 
-    log_dir: Optional[str] = doc_field(None, "Where metrics.jsonl and the launched config go; unset = {save}/logs, or runs/<time>/logs without save.")
-    tensorboard_dir: Optional[str] = doc_field(None, "Write TensorBoard events here; unset = off.")
+    log_dir: str | None = doc_field(None, "Where metrics.jsonl and the launched config go; unset = {save}/logs, or runs/<time>/logs without save.")
+    tensorboard_dir: str | None = doc_field(None, "Write TensorBoard events here; unset = off.")
     use_wandb: bool = doc_field(False, "Log to Weights & Biases (WANDB_MODE=offline works without network).")
     wandb_project: str = doc_field("neox_llama", "W&B project.")
-    wandb_group: Optional[str] = doc_field(None, "W&B run group.")
+    wandb_group: str | None = doc_field(None, "W&B run group.")
     log_level: Literal["debug", "info", "warning", "error"] = doc_field("info", "Verbosity of rank 0's console log.")
 
 
@@ -223,15 +223,15 @@ class LoggingArgs:
 class LauncherArgs:
     """How deepy.py starts the ranks (DeepSpeed's launcher)."""
 
-    num_gpus: Optional[int] = doc_field(None, "Ranks per node (GPUs; CPU processes on a machine without CUDA); unset = all GPUs, or pp x tp on CPU.", minimum=1)
-    num_nodes: Optional[int] = doc_field(None, "Nodes to use from the hostfile; unset = all of them (1 without a hostfile).", minimum=1)
-    hostfile: Optional[str] = doc_field(None, "DeepSpeed hostfile (`host slots=N` per line) for multi-node runs.")
-    include: Optional[str] = doc_field(None, "DeepSpeed --include filter, e.g. `worker-0:0,1@worker-1`.")
-    exclude: Optional[str] = doc_field(None, "DeepSpeed --exclude filter.")
-    master_addr: Optional[str] = doc_field(None, "Address of rank 0; unset = the launcher's choice (127.0.0.1 on one node).")
+    num_gpus: int | None = doc_field(None, "Ranks per node (GPUs; CPU processes on a machine without CUDA); unset = all GPUs, or pp x tp on CPU.", minimum=1)
+    num_nodes: int | None = doc_field(None, "Nodes to use from the hostfile; unset = all of them (1 without a hostfile).", minimum=1)
+    hostfile: str | None = doc_field(None, "DeepSpeed hostfile (`host slots=N` per line) for multi-node runs.")
+    include: str | None = doc_field(None, "DeepSpeed --include filter, e.g. `worker-0:0,1@worker-1`.")
+    exclude: str | None = doc_field(None, "DeepSpeed --exclude filter.")
+    master_addr: str | None = doc_field(None, "Address of rank 0; unset = the launcher's choice (127.0.0.1 on one node).")
     master_port: int = doc_field(29500, "TCP port of rank 0.", minimum=1, maximum=65535)
     launcher: LauncherType = doc_field("pdsh", "Multi-node launcher backend.")
-    omp_num_threads: Optional[int] = doc_field(None, "Threads per rank; unset = CPU cores / ranks on the node.", minimum=1)
+    omp_num_threads: int | None = doc_field(None, "Threads per rank; unset = CPU cores / ranks on the node.", minimum=1)
 
 
 @dataclass
@@ -255,18 +255,18 @@ GROUPS: tuple[type, ...] = (
 class Derived:
     """Values computed from the config and the world size, never set by users."""
 
-    world_size: int = 1
-    data_parallel_size: int = 1
-    num_kv_heads: int = 0
-    head_dim: int = 0
-    intermediate_size: int = 0
-    max_position_embeddings: int = 0
-    padded_vocab_size: Optional[int] = None
-    train_micro_batch_size_per_gpu: int = 1
-    gradient_accumulation_steps: int = 1
-    train_batch_size: int = 1
-    lr_decay_iters: int = 1
-    warmup_iters: int = 0
+    world_size: int = doc_field(1, "Ranks in the run.")
+    data_parallel_size: int = doc_field(1, "world_size / (pipe_parallel_size x model_parallel_size).")
+    num_kv_heads: int = doc_field(0, "num_kv_heads, or num_attention_heads when unset.")
+    head_dim: int = doc_field(0, "hidden_size / num_attention_heads.")
+    intermediate_size: int = doc_field(0, "intermediate_size, or 4 x hidden_size for gelu when unset.")
+    max_position_embeddings: int = doc_field(0, "max_position_embeddings, or seq_length when unset.")
+    padded_vocab_size: int | None = doc_field(None, "vocab_size rounded up to make_vocab_size_divisible_by (None until the vocabulary is known).")
+    train_micro_batch_size_per_gpu: int = doc_field(1, "Resolved micro batch (1 when no batch key is set).")
+    gradient_accumulation_steps: int = doc_field(1, "Resolved accumulation steps.")
+    train_batch_size: int = doc_field(1, "micro batch x accumulation x data parallel size.")
+    lr_decay_iters: int = doc_field(1, "lr_decay_iters, or train_iters when unset.")
+    warmup_iters: int = doc_field(0, "warmup_iters, or warmup x lr_decay_iters.")
 
 
 @dataclass

@@ -7,13 +7,21 @@ import difflib
 import math
 import types
 import typing
-from typing import Any, Callable, Literal, Union
+from collections.abc import Callable
+from typing import Any, Literal, Union
 
 _MISSING = object()
 
 
 class Mismatch(Exception):
-    """A value does not fit its declared type; the message says what was expected."""
+    """A value does not fit its declared type; the message says what was expected.
+
+    ``where`` and ``value`` name the offending element when it is inside a list.
+    """
+
+    def __init__(self, expected: str, where: str | None = None, value: Any = _MISSING):
+        super().__init__(expected)
+        self.where, self.value = where, value
 
 
 def user_fields(cls: type) -> list[dataclasses.Field]:
@@ -94,7 +102,13 @@ def coerce(value: Any, tp: Any, key: str, report: Callable[[str, str], None]) ->
         (inner,) = typing.get_args(tp)
         if not isinstance(value, list):
             raise Mismatch(describe_type(tp))
-        return [coerce(v, inner, f"{key}[{i}]", report) for i, v in enumerate(value)]
+        items = []
+        for i, item in enumerate(value):
+            try:
+                items.append(coerce(item, inner, f"{key}[{i}]", report))
+            except Mismatch as err:
+                raise Mismatch(str(err), err.where or f"{key}[{i}]", item if err.value is _MISSING else err.value) from None
+        return items
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise Mismatch(describe_type(tp))
@@ -144,7 +158,8 @@ def build_dataclass(cls: type, mapping: dict, report: Callable[[str, str], None]
         try:
             converted = coerce(value, hints[name], dotted, report)
         except Mismatch as err:
-            report(dotted, f"{dotted}: expected {err}, got {value!r} ({type(value).__name__})")
+            where, bad = err.where or dotted, value if err.value is _MISSING else err.value
+            report(dotted, f"{where}: expected {err}, got {bad!r} ({type(bad).__name__})")
             continue
         problem = _check_bounds(converted, f)
         if problem:

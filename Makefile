@@ -1,0 +1,33 @@
+# neox_llama: the two commands of the README, and helpers.
+#   make demo   set up .venv and run the main job on the embedded default
+#   make test   set up .venv and run lint + the test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint docs clean
+
+$(STAMP): requirements.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "neox_llama needs Python 3.11 (the pinned torch 2.13.0 CPU wheel); set PYTHON=python3.11")'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	DS_ACCELERATOR=cpu $(PY) deepy.py train.py configs/llama3/tiny.yml configs/local.yml num_gpus=2
+
+test: setup
+	$(PY) -m ruff check .
+	DS_ACCELERATOR=cpu WANDB_MODE=offline HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check .
+
+docs: setup
+	$(PY) -m neox_llama.config.docs
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

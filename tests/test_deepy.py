@@ -1,0 +1,94 @@
+"""deepy.py as users run it: dry runs, refusing bad configs before anything starts, and real launches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import ROOT, free_port, run_deepy
+
+
+def test_dry_run_of_llama2_7b_prints_a_sane_plan(tmp_path):
+    log_dir = tmp_path / "logs"
+    proc = run_deepy("train.py", "configs/llama2/7B.yml", "configs/local.yml", f"log_dir={log_dir}",
+                     "num_gpus=8", "model_parallel_size=2", "pipe_parallel_size=2", "train_batch_size=64", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "parameters: 6,738,415,616 total" in out
+    assert "world size 8 = pipe_parallel_size 2 x model_parallel_size 2 x data parallel 2" in out
+    assert "train_batch_size 64 = micro 32 x accumulation 1 x data parallel 2" in out
+    assert "hidden_size: 4096" in out and "configs/llama2/7B.yml" in out
+    assert '"train_batch_size": 64' in out  # the derived DeepSpeed config
+    assert "-m deepspeed.launcher.runner" in out and "--num_gpus 8" in out and "OMP_NUM_THREADS=" in out
+    assert not log_dir.exists()  # a dry run writes nothing
+
+
+def test_model_name_on_the_command_line_is_enough(tmp_path):
+    proc = run_deepy("train.py", "configs/local.yml", "model_name=Llama-3.2-1B", f"log_dir={tmp_path}", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "parameters: 1,235,814,400 total" in proc.stdout and "head tied to embedding" in proc.stdout
+
+
+def test_bad_config_exits_non_zero_before_anything_starts(tmp_path):
+    typo = tmp_path / "typo.yml"
+    typo.write_text("hiden_size: 1\n")
+    log_dir = tmp_path / "logs"
+    proc = run_deepy("train.py", "configs/llama3/tiny.yml", str(typo), "num_gpus=2", "model_parallel_size=4",
+                     f"log_dir={log_dir}")
+    assert proc.returncode == 2
+    assert f"{typo}: unknown key 'hiden_size' (did you mean 'hidden_size'?)" in proc.stderr
+    assert "nothing was started" in proc.stderr
+    assert "deepspeed.launcher" not in proc.stderr + proc.stdout and not log_dir.exists()
+
+
+def test_cross_check_errors_exit_before_spawning(tmp_path):
+    log_dir = tmp_path / "logs"
+    proc = run_deepy("train.py", "configs/llama3/tiny.yml", "num_gpus=2", "model_parallel_size=4", f"log_dir={log_dir}")
+    assert proc.returncode == 2
+    assert "num_kv_heads 2 is not divisible by model_parallel_size 4" in proc.stderr
+    assert "world size 2 is not divisible by pipe_parallel_size 1 x model_parallel_size 4" in proc.stderr
+    assert not log_dir.exists()
+
+
+def test_usage_errors():
+    assert run_deepy().returncode != 0
+    proc = run_deepy("nope.py", "configs/local.yml")
+    assert proc.returncode != 0 and "script nope.py not found" in proc.stderr
+    proc = run_deepy("train.py", "configs/local.yml", "--fast")
+    assert proc.returncode != 0 and "unknown option --fast" in proc.stderr
+
+
+def _launch(tmp_path: Path, *extra: str):
+    log_dir = tmp_path / "logs"
+    proc = run_deepy("train.py", "configs/llama3/tiny.yml", f"log_dir={log_dir}", f"master_port={free_port()}",
+                     "vocab_size=256", *extra)
+    return proc, log_dir
+
+
+def test_two_ranks_through_the_deepspeed_launcher(tmp_path):
+    proc, log_dir = _launch(tmp_path, "num_gpus=2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "deepspeed.launcher.runner" in output
+    assert "2 rank(s) up (pp 1 x tp 1 x dp 2)" in output and "all_reduce ok (3)" in output
+    written = (log_dir / "config.yml").read_text()
+    assert written.startswith("# merged by deepy.py from: configs/llama3/tiny.yml")
+    assert "num_gpus: 2" in written and "hidden_size: 64" in written
+
+
+def test_one_rank_runs_without_the_launcher(tmp_path):
+    proc, log_dir = _launch(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "deepspeed.launcher" not in proc.stdout + proc.stderr.replace("starting 1 rank(s)", "")
+    assert "1 rank(s) up (pp 1 x tp 1 x dp 1)" in proc.stderr and (log_dir / "config.yml").is_file()
+
+
+def test_train_py_refuses_to_start_without_deepy(tmp_path):
+    import subprocess
+    import sys
+
+    config = tmp_path / "c.yml"
+    config.write_text((ROOT / "configs/llama3/tiny.yml").read_text() + "vocab_size: 256\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(config)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "start training through deepy.py" in proc.stderr

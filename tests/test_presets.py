@@ -1,0 +1,72 @@
+"""Model presets: official numbers, selection by model_name, and the errors around it."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from neox_llama.config import ConfigError, load_config
+from neox_llama.config.presets import ALIASES, CONFIG_DIR, PRESETS
+from neox_llama.model.flops import count_parameters
+
+OFFICIAL_TOTALS = {
+    "Llama-2-7b-hf": 6_738_415_616,
+    "Llama-2-13b-hf": 13_015_864_320,
+    "Llama-2-70b-hf": 68_976_648_192,
+    "Meta-Llama-3-8B": 8_030_261_248,
+    "Meta-Llama-3-70B": 70_553_706_496,
+    "Llama-3.1-8B": 8_030_261_248,
+    "Llama-3.1-70B": 70_553_706_496,
+    "Llama-3.1-405B": 405_853_388_800,
+    "Llama-3.2-1B": 1_235_814_400,
+    "Llama-3.2-3B": 3_212_749_824,
+}
+
+
+@pytest.mark.parametrize("name", list(OFFICIAL_TOTALS))
+def test_preset_parameter_count_equals_the_official_total(name):
+    cfg = load_config([CONFIG_DIR / PRESETS[name]])
+    assert count_parameters(cfg).total == OFFICIAL_TOTALS[name]
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_file_names_itself_and_validates(name):
+    path = CONFIG_DIR / PRESETS[name]
+    assert yaml.safe_load(path.read_text())["model_name"] == name
+    cfg = load_config([path], ["vocab_size=512"])
+    assert cfg.model_name == name
+
+
+def test_rope_scaling_presets_carry_the_llama31_dict():
+    cfg = load_config([CONFIG_DIR / "llama3.2/1B.yml"])
+    assert cfg.rope_scaling.rope_type == "llama3" and cfg.rope_scaling.factor == 32.0
+    assert cfg.rope_scaling.original_max_position_embeddings == 8192 and cfg.no_weight_tying is False
+
+
+def test_model_name_selects_the_preset_underneath_the_listed_files(write_yaml):
+    local = write_yaml("local.yml", "model_name: Meta-Llama-3-8B\nseq_length: 2048\n")
+    cfg = load_config([local])
+    assert cfg.hidden_size == 4096 and cfg.num_kv_heads == 8 and cfg.rotary_emb_base == 500000.0
+    assert cfg.seq_length == 2048  # the user's file wins over the preset
+    assert cfg.sources["hidden_size"].startswith("configs/llama3/8B.yml") or "llama3/8B.yml" in cfg.sources["hidden_size"]
+    assert cfg.sources["seq_length"] == str(local)
+
+
+def test_model_name_from_the_command_line_and_aliases(write_yaml):
+    local = write_yaml("local.yml", "seed: 3\n")
+    assert load_config([local], ["model_name=meta-llama/Llama-2-7b-chat-hf"]).num_layers == 32
+    assert set(ALIASES.values()) <= set(PRESETS)
+
+
+def test_unknown_model_name_lists_the_known_ones(write_yaml):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config([write_yaml("local.yml", "model_name: Llama-4-1T\n")])
+    (line,) = excinfo.value.problems
+    assert "model_name 'Llama-4-1T' is not a known model" in line
+    for name in PRESETS:
+        assert name in line
+
+
+def test_model_name_contradicting_a_listed_preset_is_an_error():
+    with pytest.raises(ConfigError, match="list one or the other"):
+        load_config([CONFIG_DIR / "llama2/7B.yml"], ["model_name=Meta-Llama-3-8B"])
