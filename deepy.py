@@ -60,15 +60,18 @@ def main(argv: list[str]) -> int:
     from neox_llama.utils.logging_setup import setup_logging
 
     setup_logging("info", rank=0)
+    problems: list[str] = []
     try:
         raw, sources = load_raw(files, overrides)
-        cfg = build_config(raw, sources)
+        cfg = build_config(raw, sources, problems=problems)
         plan = plan_resources(cfg, accelerator)
         resolve(cfg, plan.world_size, accelerator)
     except ConfigError as err:
-        for line in err.problems:
+        problems.extend(err.problems)
+    if problems:
+        for line in problems:
             print(f"deepy.py: error: {line}", file=sys.stderr)
-        print(f"deepy.py: {len(err.problems)} problem(s) in the config; nothing was started", file=sys.stderr)
+        print(f"deepy.py: {len(problems)} problem(s) in the config; nothing was started", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level, rank=0)
 

@@ -110,3 +110,13 @@ def test_several_cross_check_problems_are_reported_together(write_yaml):
                                                          "max_position_embeddings=64"],
                     world_size=8)
     assert len(excinfo.value.problems) == 3
+
+
+def test_type_errors_and_cross_checks_are_reported_together_without_noise(write_yaml):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config([write_yaml("a.yml", TINY)], ["num_layers=four", "pipe_parallel_size=2",
+                                                  "zero_optimization.stage=3"], world_size=2)
+    lines = excinfo.value.problems
+    assert len(lines) == 2, lines  # no "num_layers is not set" echo of the bad value
+    assert "num_layers: expected int, got 'four'" in lines[0]
+    assert "zero_optimization.stage 3 with pipe_parallel_size 2" in lines[1]

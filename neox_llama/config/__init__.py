@@ -26,4 +26,12 @@ def load_config(files: Sequence[str | os.PathLike], overrides: Sequence[str] = (
     ``apply_presets=False`` for a file that is already merged (see :func:`load_raw`).
     """
     raw, sources = load_raw(files, overrides, apply_presets=apply_presets)
-    return resolve(build_config(raw, sources), world_size, accelerator)
+    problems: list[str] = []
+    cfg = build_config(raw, sources, problems=problems)
+    try:
+        resolve(cfg, world_size, accelerator)
+    except ConfigError as err:
+        problems.extend(err.problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg

@@ -192,20 +192,29 @@ def load_raw(files: Sequence[str | os.PathLike], overrides: Sequence[str] = (), 
     return merge_layers(layers)
 
 
-def build_config(raw: dict, sources: dict[str, str]) -> Config:
-    """Type-check a merged mapping into a Config; every unknown or mistyped key is reported at once."""
-    problems: list[str] = []
+def build_config(raw: dict, sources: dict[str, str], *, problems: list[str] | None = None) -> Config:
+    """Type-check a merged mapping into a Config; every unknown or mistyped key is reported at once.
+
+    Without ``problems`` any problem raises ConfigError. With a ``problems`` list they are appended
+    to it instead and the Config comes back with defaults in place of the bad entries (named in
+    ``cfg.invalid_keys``), so that the cross-checks can run and be reported in the same go.
+    """
+    found: list[str] = []
+    invalid: set[str] = set()
 
     def report(dotted: str, message: str) -> None:
         top = dotted.split(".")[0].split("[")[0]
+        invalid.add(top)
         origin = sources.get(dotted) or sources.get(top) or next(
             (v for k, v in sources.items() if k.startswith(dotted + ".")), "?")
-        problems.append(f"{origin}: {message}")
+        found.append(f"{origin}: {message}")
 
     cfg = build_dataclass(Config, raw, report)
-    if problems:
-        raise ConfigError(problems)
-    cfg.raw, cfg.sources = raw, sources
+    if found and problems is None:
+        raise ConfigError(found)
+    if problems is not None:
+        problems.extend(found)
+    cfg.raw, cfg.sources, cfg.invalid_keys = raw, sources, invalid
     return cfg
 
 

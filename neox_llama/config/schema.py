@@ -277,3 +277,4 @@ class Config(LoraArgs, LauncherArgs, LoggingArgs, CheckpointArgs, TokenizerArgs,
     derived: Derived = field(default_factory=Derived, metadata={"derived": True})
     sources: dict[str, str] = field(default_factory=dict, metadata={"derived": True})
     raw: dict = field(default_factory=dict, metadata={"derived": True})
+    invalid_keys: set[str] = field(default_factory=set, metadata={"derived": True})

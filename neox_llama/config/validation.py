@@ -17,6 +17,8 @@ class _Problems:
 
     def add(self, keys: str | tuple[str, ...], message: str) -> None:
         keys = (keys,) if isinstance(keys, str) else keys
+        if any(k.split(".")[0] in self.cfg.invalid_keys for k in keys):
+            return  # already reported as a bad value; a cross-check on its default would only confuse
         origins = [self.cfg.sources.get(k, "default") for k in keys]
         origin = next((o for o in origins if o != "default"), "default")
         self.lines.append(f"{origin}: {message}")
