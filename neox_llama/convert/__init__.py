@@ -1,0 +1,1 @@
+"""Hugging Face <-> neox_llama weight names and configs."""

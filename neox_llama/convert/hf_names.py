@@ -1,0 +1,65 @@
+"""The weight-name table between Hugging Face ``LlamaForCausalLM`` and neox_llama's layer list.
+
+One row per tensor kind; ``{i}`` is the Hugging Face block index, whose neox_llama layer index is i + 1.
+"""
+
+from __future__ import annotations
+
+from neox_llama.model.args import LlamaArgs
+
+BLOCK_TABLE: tuple[tuple[str, str], ...] = (
+    ("model.layers.{i}.input_layernorm.weight", "input_norm.weight"),
+    ("model.layers.{i}.self_attn.q_proj.weight", "attention.query.weight"),
+    ("model.layers.{i}.self_attn.q_proj.bias", "attention.query.bias"),
+    ("model.layers.{i}.self_attn.k_proj.weight", "attention.key.weight"),
+    ("model.layers.{i}.self_attn.k_proj.bias", "attention.key.bias"),
+    ("model.layers.{i}.self_attn.v_proj.weight", "attention.value.weight"),
+    ("model.layers.{i}.self_attn.v_proj.bias", "attention.value.bias"),
+    ("model.layers.{i}.self_attn.o_proj.weight", "attention.dense.weight"),
+    ("model.layers.{i}.self_attn.o_proj.bias", "attention.dense.bias"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "post_attention_norm.weight"),
+    ("model.layers.{i}.mlp.gate_proj.weight", "mlp.gate.weight"),
+    ("model.layers.{i}.mlp.gate_proj.bias", "mlp.gate.bias"),
+    ("model.layers.{i}.mlp.up_proj.weight", "mlp.up.weight"),
+    ("model.layers.{i}.mlp.up_proj.bias", "mlp.up.bias"),
+    ("model.layers.{i}.mlp.down_proj.weight", "mlp.down.weight"),
+    ("model.layers.{i}.mlp.down_proj.bias", "mlp.down.bias"),
+)
+"""(Hugging Face name, neox_llama name inside a block)."""
+
+
+def hf_to_ours(args: LlamaArgs) -> dict[str, str]:
+    """Every Hugging Face tensor name of a model with ``args`` -> our parameter name."""
+    n = args.num_layers
+    table = {"model.embed_tokens.weight": "0.word_embeddings.weight", "model.norm.weight": f"{n + 1}.norm.weight"}
+    if not args.tie_embeddings:
+        table["lm_head.weight"] = f"{n + 2}.head.weight"
+    for i in range(n):
+        for hf, ours in BLOCK_TABLE:
+            table[hf.format(i=i)] = f"{i + 1}.{ours}"
+    return table
+
+
+def hf_config_dict(args: LlamaArgs, true_vocab_size: int | None = None) -> dict:
+    """``LlamaConfig`` keyword arguments describing the same model (vocabulary trimmed to ``true_vocab_size``)."""
+    if args.norm != "rmsnorm" or args.pos_emb != "rotary" or args.activation != "swiglu" or args.rotary_pct != 1.0:
+        raise ValueError("only Llama models (rmsnorm, rotary on every dimension, swiglu) have a Hugging Face Llama form")
+    rope: dict = {"rope_type": "default", "rope_theta": args.rotary_emb_base}
+    if args.rope_scaling:
+        rope = {"rope_type": "llama3", "rope_theta": args.rotary_emb_base, **dict(args.rope_scaling)}
+    return {
+        "vocab_size": true_vocab_size or args.vocab_size,
+        "hidden_size": args.hidden_size,
+        "intermediate_size": args.intermediate_size,
+        "num_hidden_layers": args.num_layers,
+        "num_attention_heads": args.num_attention_heads,
+        "num_key_value_heads": args.num_kv_heads,
+        "head_dim": args.head_dim,
+        "max_position_embeddings": args.max_position_embeddings,
+        "rms_norm_eps": args.norm_epsilon,
+        "rope_parameters": rope,
+        "tie_word_embeddings": args.tie_embeddings,
+        "attention_bias": args.use_bias_in_attn_linear,
+        "mlp_bias": args.use_bias_in_mlp,
+        "hidden_act": "silu",
+    }

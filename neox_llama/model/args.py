@@ -1,0 +1,62 @@
+"""The architecture numbers the layers need, taken from the validated config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from neox_llama.config.schema import Config
+
+
+@dataclass(frozen=True)
+class LlamaArgs:
+    """Shape and numerics of a Llama model (a resolved view of the config's model keys)."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    """Rows of the embedding: the padded vocabulary."""
+    max_position_embeddings: int
+    norm: str = "rmsnorm"
+    norm_epsilon: float = 1e-5
+    pos_emb: str = "rotary"
+    rotary_emb_base: float = 10000.0
+    rotary_pct: float = 1.0
+    rope_scaling: tuple[tuple[str, float], ...] | None = None
+    """Llama-3.1 scaling as sorted (key, value) pairs (hashable), or None."""
+    activation: str = "swiglu"
+    use_bias_in_attn_linear: bool = False
+    use_bias_in_mlp: bool = False
+    tie_embeddings: bool = False
+    init_method_std: float = 0.02
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    seed: int = 1234
+
+    @classmethod
+    def from_config(cls, cfg: Config, vocab_size: int | None = None) -> LlamaArgs:
+        """Arguments of the model described by a resolved ``cfg``; ``vocab_size`` overrides the padded vocabulary."""
+        d = cfg.derived
+        vocab = vocab_size or d.padded_vocab_size
+        if vocab is None:
+            raise ValueError("the vocabulary size is unknown: set vocab_size or load the tokenizer first")
+        scaling = None
+        if cfg.rope_scaling is not None:
+            rs = cfg.rope_scaling
+            scaling = (("factor", rs.factor), ("high_freq_factor", rs.high_freq_factor),
+                       ("low_freq_factor", rs.low_freq_factor),
+                       ("original_max_position_embeddings", rs.original_max_position_embeddings))
+        return cls(
+            num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
+            num_kv_heads=d.num_kv_heads, head_dim=d.head_dim, intermediate_size=d.intermediate_size,
+            vocab_size=vocab, max_position_embeddings=d.max_position_embeddings, norm=cfg.norm,
+            norm_epsilon=cfg.rms_norm_epsilon if cfg.norm == "rmsnorm" else cfg.layernorm_epsilon,
+            pos_emb=cfg.pos_emb, rotary_emb_base=cfg.rotary_emb_base, rotary_pct=cfg.rotary_pct,
+            rope_scaling=scaling, activation=cfg.activation, use_bias_in_attn_linear=cfg.use_bias_in_attn_linear,
+            use_bias_in_mlp=cfg.use_bias_in_mlp, tie_embeddings=not cfg.no_weight_tying,
+            init_method_std=cfg.init_method_std, attention_dropout=cfg.attention_dropout,
+            hidden_dropout=cfg.hidden_dropout, seed=cfg.seed,
+        )

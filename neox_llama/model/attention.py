@@ -1,0 +1,49 @@
+"""Causal self-attention with grouped-query heads, through torch's scaled_dot_product_attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neox_llama.model.args import LlamaArgs
+from neox_llama.model.factory import LayerFactory
+from neox_llama.model.rotary import RotaryEmbedding, apply_rotary
+
+
+class Attention(nn.Module):
+    """Multi-head (num_kv_heads == heads), grouped-query or multi-query attention.
+
+    Parameters: ``query`` [heads*head_dim, hidden], ``key``/``value`` [kv_heads*head_dim, hidden],
+    ``dense`` [hidden, heads*head_dim] (Hugging Face q_proj, k_proj, v_proj, o_proj).
+    """
+
+    def __init__(self, args: LlamaArgs, factory: LayerFactory):
+        super().__init__()
+        tp = factory.tp_size
+        self.head_dim = args.head_dim
+        self.local_heads = args.num_attention_heads // tp
+        self.local_kv_heads = args.num_kv_heads // tp
+        bias = args.use_bias_in_attn_linear
+        self.query = factory.column(args.hidden_size, args.num_attention_heads * args.head_dim, bias)
+        self.key = factory.column(args.hidden_size, args.num_kv_heads * args.head_dim, bias)
+        self.value = factory.column(args.hidden_size, args.num_kv_heads * args.head_dim, bias)
+        self.dense = factory.row(args.num_attention_heads * args.head_dim, args.hidden_size, bias)
+        self.dropout = args.attention_dropout
+        self.rotary = None
+        if args.pos_emb == "rotary":
+            scaling = dict(args.rope_scaling) if args.rope_scaling else None
+            self.rotary = RotaryEmbedding(args.head_dim, args.rotary_emb_base, args.rotary_pct, scaling)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.query(x).view(batch, seq, self.local_heads, self.head_dim).transpose(1, 2)
+        k = self.key(x).view(batch, seq, self.local_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.value(x).view(batch, seq, self.local_kv_heads, self.head_dim).transpose(1, 2)
+        if self.rotary is not None:
+            cos, sin = self.rotary(position_ids, q.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.local_kv_heads != self.local_heads)
+        return self.dense(out.transpose(1, 2).reshape(batch, seq, self.local_heads * self.head_dim))

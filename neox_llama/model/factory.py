@@ -1,0 +1,62 @@
+"""Where the model gets its linear and embedding layers.
+
+The model asks a factory for a *column* layer (output features may be split across tensor-parallel
+ranks), a *row* layer (input features split, results summed) or a *vocab* embedding (rows split).
+On one device these are plain ``nn.Linear`` / ``nn.Embedding``; neox_llama.parallel supplies a
+factory whose layers hold one rank's shard. The model code is the same either way.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def mark_partition(param: nn.Parameter, dim: int | None, tp_size: int, tp_rank: int) -> nn.Parameter:
+    """Record how ``param`` is sharded (``dim`` None = replicated), for initialisation and checkpoints."""
+    param.partition_dim = dim
+    param.tp_size = tp_size
+    param.tp_rank = tp_rank
+    return param
+
+
+class LayerFactory:
+    """Single-device layers. Subclasses shard them over a tensor-parallel group."""
+
+    tp_size: int = 1
+    tp_rank: int = 0
+
+    def column(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
+        """A linear layer whose output features may be split across ranks."""
+        layer = nn.Linear(in_features, out_features, bias=bias)
+        mark_partition(layer.weight, None, 1, 0)
+        if bias:
+            mark_partition(layer.bias, None, 1, 0)
+        return layer
+
+    def row(self, in_features: int, out_features: int, bias: bool) -> nn.Module:
+        """A linear layer whose input features may be split across ranks (outputs summed)."""
+        return self.column(in_features, out_features, bias)
+
+    def vocab_embedding(self, num_embeddings: int, dim: int) -> nn.Module:
+        """The token embedding; its rows (the vocabulary) may be split across ranks."""
+        layer = nn.Embedding(num_embeddings, dim)
+        mark_partition(layer.weight, None, 1, 0)
+        return layer
+
+    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Prepare the hidden state for a (possibly vocab-split) output projection."""
+        return hidden
+
+    def token_cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy in float32 (logits may be one rank's vocabulary shard)."""
+        flat = logits.float().reshape(-1, logits.shape[-1])
+        return F.cross_entropy(flat, labels.reshape(-1), reduction="none").view(labels.shape)
+
+    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits (a no-op on one device)."""
+        return logits
+
+
+SINGLE_DEVICE = LayerFactory()
