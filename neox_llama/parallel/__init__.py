@@ -1,0 +1,1 @@
+"""Parallel wrappers around the single-device model: topology, tensor parallelism, pipeline."""

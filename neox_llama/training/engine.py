@@ -1,0 +1,61 @@
+"""Building the DeepSpeed engine from the config: model for this rank, optimizer groups, engine config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from neox_llama.config import Config, deepspeed_config
+from neox_llama.model.args import LlamaArgs
+from neox_llama.model.factory import LayerFactory
+from neox_llama.parallel.pipeline import build_module, layer_factory
+from neox_llama.parallel.topology import ParallelState
+
+EMBEDDING_NAMES = ("word_embeddings.weight", "position_embeddings.weight", "head.weight")
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
+    """AdamW groups: matrices decay; norms, biases (and embeddings/head unless asked) do not."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_embedding = name.endswith(EMBEDDING_NAMES)
+        if param.ndim < 2 or (is_embedding and not decay_embeddings):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+@dataclass
+class Engine:
+    """The engine and what the training loop needs next to it."""
+
+    engine: object
+    """deepspeed.DeepSpeedEngine, or PipelineEngine when pipelined."""
+    state: ParallelState
+    factory: LayerFactory
+    args: LlamaArgs
+
+    @property
+    def pipelined(self) -> bool:
+        return self.state.pp_size > 1
+
+
+def setup_engine(cfg: Config, args: LlamaArgs, state: ParallelState, accelerator: str = "cpu") -> Engine:
+    """``deepspeed.initialize`` on this rank's model with the engine config derived from ``cfg``."""
+    import deepspeed
+
+    torch.manual_seed(cfg.seed)  # the same default stream on every rank (dropout on replicated activations)
+    module = build_module(args, state, checkpoint_every=cfg.checkpoint_num_layers if cfg.checkpoint_activations else 0,
+                          partition_method=cfg.pipe_partition_method)
+    groups = parameter_groups(module, cfg.optimizer.params.weight_decay, cfg.weight_decay_embeddings)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, model_parameters=groups, config=deepspeed_config(cfg, accelerator),
+        mpu=None if state.pp_size > 1 else state,
+    )
+    return Engine(engine, state, layer_factory(state), args)

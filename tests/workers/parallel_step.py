@@ -1,0 +1,88 @@
+"""Worker run on every rank by tests/test_parallel_parity.py through DeepSpeed's launcher.
+
+Builds the tiny model at the layout given by the overrides, evaluates the loss on a fixed batch,
+takes one optimizer step, and writes this rank's full (tensor-parallel gathered) weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from neox_llama.config import load_config
+from neox_llama.distributed import init_distributed, shutdown_distributed
+from neox_llama.model.args import LlamaArgs
+from neox_llama.model.loss import CausalLMLoss, token_weights
+from neox_llama.parallel.pipeline import stage_layers
+from neox_llama.parallel.topology import ParallelState
+from neox_llama.training.engine import setup_engine
+
+
+def fixed_batch(vocab: int, batch: int, seq: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq + 1), generator=gen)
+    mask = torch.ones(batch, seq)
+    mask[0, seq // 2:] = 0  # some padding, so valid-token normalisation matters
+    return ids, mask
+
+
+def full_weights(model: torch.nn.Module, state: ParallelState) -> dict[str, torch.Tensor]:
+    layers = stage_layers(model) if state.pp_size > 1 else {int(i): m for i, m in model.named_children()}
+    out = {}
+    for index, layer in layers.items():
+        for name, param in layer.named_parameters():
+            tensor = param.detach().float()
+            dim = getattr(param, "partition_dim", None)
+            if dim is not None and state.tp_size > 1:
+                parts = [torch.empty_like(tensor) for _ in range(state.tp_size)]
+                dist.all_gather(parts, tensor.contiguous(), group=state.tp_group)
+                tensor = torch.cat(parts, dim=dim)
+            out[f"{index}.{name}"] = tensor
+    return out
+
+
+def main() -> None:
+    out_dir, config_file, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    cfg = load_config([config_file], overrides, world_size=int(os.environ["WORLD_SIZE"]))
+    info = init_distributed("cpu")
+    state = ParallelState(cfg.pipe_parallel_size, cfg.model_parallel_size)
+    args = LlamaArgs.from_config(cfg)
+    runner = setup_engine(cfg, args, state)
+    engine = runner.engine
+    d = cfg.derived
+    ids, mask = fixed_batch(args.vocab_size, d.train_batch_size, cfg.seq_length)
+    micro = d.train_micro_batch_size_per_gpu
+    scale = d.gradient_accumulation_steps * d.data_parallel_size
+    valid = mask.sum().item()
+    # This data-parallel rank's micro-batches of the global batch.
+    mine = [(ids[s:s + micro], mask[s:s + micro]) for s in range(0, len(ids), micro)][state.dp_rank::d.data_parallel_size]
+    batches = [((x[:, :-1], torch.arange(cfg.seq_length).expand(len(x), -1)), (x[:, 1:], token_weights(m, valid, scale)))
+               for x, m in mine]
+    if runner.pipelined:
+        before = engine.eval_batch(iter(batches), reduce_output="avg").item()  # mean over micro-batches and dp
+        engine.train_batch(iter(batches))
+    else:
+        loss_fn = CausalLMLoss(runner.factory)
+        with torch.no_grad():
+            local = sum(loss_fn(engine(*inputs), targets) for inputs, targets in batches)
+        local = local.detach().clone()
+        dist.all_reduce(local, group=state.dp_group)
+        before = local.item() / scale
+        for inputs, targets in batches:
+            engine.backward(loss_fn(engine(*inputs), targets))
+            engine.step()
+    weights = full_weights(engine.module, state)
+    torch.save({"loss": before, "weights": weights}, out_dir / f"rank{info.rank}.pt")
+    (out_dir / f"rank{info.rank}.json").write_text(json.dumps({"loss": before}))
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
