@@ -11,6 +11,7 @@ from neox_llama.config import Config, deepspeed_config
 from neox_llama.config.typecheck import user_fields
 from neox_llama.launcher import LaunchCommand, LaunchPlan
 from neox_llama.model.flops import count_parameters, flops_per_token
+from neox_llama.model.memory import estimate_memory
 
 
 def _plain(value: object) -> object:
@@ -55,7 +56,8 @@ def model_text(cfg: Config) -> str:
     vocab = f"vocab {cfg.vocab_size} padded to {d.padded_vocab_size}"
     return (f"{arch}, {vocab}\n"
             f"parameters: {count.total:,} total, {count.non_embedding:,} non-embedding (head included)\n"
-            f"training FLOPs per token: {flops_per_token(cfg):,} (6N + 12 x layers x heads x head_dim x seq_length)")
+            f"training FLOPs per token: {flops_per_token(cfg):,} (6N + 12 x layers x heads x head_dim x seq_length)\n"
+            f"{estimate_memory(cfg).text()}")
 
 
 def dry_run_text(cfg: Config, plan: LaunchPlan, command: LaunchCommand, config_file: str) -> str:

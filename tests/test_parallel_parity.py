@@ -35,18 +35,19 @@ def reference(preset: str, overrides: list[str]):
     return loss.item(), {n: t.detach() for n, t in model.named_parameters()}
 
 
-@pytest.mark.parametrize(("preset", "layout"), [
-    ("configs/llama3/tiny.yml", ["pipe_parallel_size=2"]),
-    ("configs/llama3/tiny.yml", ["model_parallel_size=2"]),
-    ("configs/llama3.2/tiny.yml", ["pipe_parallel_size=2"]),
-    ("configs/llama3.2/tiny.yml", ["model_parallel_size=2"]),
-], ids=["pp2", "tp2", "pp2-tied", "tp2-tied"])
-def test_two_ranks_match_one_device(tmp_path, preset, layout):
-    proc = launch(2, WORKER, str(tmp_path), str(ROOT / preset), *COMMON, *layout)
+@pytest.mark.parametrize(("ranks", "preset", "layout"), [
+    (2, "configs/llama3/tiny.yml", ["pipe_parallel_size=2"]),
+    (2, "configs/llama3/tiny.yml", ["model_parallel_size=2"]),
+    (2, "configs/llama3.2/tiny.yml", ["pipe_parallel_size=2"]),
+    (2, "configs/llama3.2/tiny.yml", ["model_parallel_size=2"]),
+    (4, "configs/llama3.2/tiny.yml", ["pipe_parallel_size=2", "model_parallel_size=2"]),
+], ids=["pp2", "tp2", "pp2-tied", "tp2-tied", "pp2xtp2-tied"])
+def test_parallel_layouts_match_one_device(tmp_path, ranks, preset, layout):
+    proc = launch(ranks, WORKER, str(tmp_path), str(ROOT / preset), *COMMON, *layout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     ref_loss, ref_weights = reference(preset, [])
     merged: dict[str, torch.Tensor] = {}
-    for rank in range(2):
+    for rank in range(ranks):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert abs(result["loss"] - ref_loss) <= 1e-5, (rank, result["loss"], ref_loss)
         for name, tensor in result["weights"].items():

@@ -1,0 +1,87 @@
+"""Per-rank memory estimate for ``deepy.py --dry-run``: model states under ZeRO, and activations.
+
+An estimate, not a measurement: it counts the largest pipeline stage, ignores allocator slack,
+communication buffers and temporary workspaces.
+
+Model states per parameter (ZeRO paper): fp32 training keeps weights 4 + gradients 4 + Adam 8 bytes;
+mixed precision keeps 16-bit weights 2 + 16-bit gradients 2 + fp32 master weights and Adam 12 bytes.
+ZeRO stage 1 shards the optimizer part over data-parallel ranks, stage 2 also gradients, stage 3 also weights.
+
+Activations stored for backward per transformer block and micro-batch, in elements (s = seq, b = micro
+batch, h = hidden, I = intermediate, kv = key/value width, t = tensor-parallel size), assuming a fused
+attention kernel (no s x s matrix): the block input, both norm inputs and outputs (4sbh), the query,
+key, value and rotated query/key (sb(2h + 3kv)/t), attention output (sbh/t), and the MLP's gate, up,
+activation and product (4sbI/t). Checkpointing keeps only the block input (sbh) per block, plus one
+block's full set during recomputation. The float32 logits and their gradient add 8sbV/t bytes. With a
+pipeline, the first stage holds up to min(pp, accumulation steps) micro-batches in flight (1F1B).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from neox_llama.config.schema import Config
+from neox_llama.model.flops import count_parameters
+
+GIB = 1024**3
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per rank on the most loaded pipeline stage."""
+
+    parameters: int
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    activations_checkpointed: float
+    checkpointing: bool
+
+    @property
+    def total(self) -> float:
+        acts = self.activations_checkpointed if self.checkpointing else self.activations
+        return self.weights + self.gradients + self.optimizer + acts
+
+    def text(self) -> str:
+        chosen = "with" if self.checkpointing else "without"
+        return (f"per-rank memory estimate ({self.parameters:,} parameters on the largest stage): "
+                f"weights {self.weights / GIB:.2f} GiB, gradients {self.gradients / GIB:.2f} GiB, "
+                f"optimizer {self.optimizer / GIB:.2f} GiB, activations {self.activations / GIB:.2f} GiB "
+                f"without checkpointing / {self.activations_checkpointed / GIB:.2f} GiB with; "
+                f"total {self.total / GIB:.2f} GiB ({chosen} activation checkpointing)")
+
+
+def estimate_memory(cfg: Config) -> MemoryEstimate:
+    """Estimate for a resolved config whose vocabulary size is known."""
+    d = cfg.derived
+    count = count_parameters(cfg)
+    tp, pp, dp = cfg.model_parallel_size, cfg.pipe_parallel_size, d.data_parallel_size
+    blocks_per_stage = math.ceil(cfg.num_layers / pp)
+    norm = count.final_norm
+    sharded_block = count.per_layer - 2 * norm
+    block = sharded_block / tp + 2 * norm
+    if pp > 1:  # the last stage holds the head, or its own copy of a tied embedding
+        first = count.embedding / tp + blocks_per_stage * block
+        last = blocks_per_stage * block + norm + count.head_compute / tp
+        params = int(max(first, last))
+    else:
+        params = int(count.embedding / tp + cfg.num_layers * block + norm + count.head / tp)
+
+    mixed = cfg.precision != "fp32"
+    weight_bytes, grad_bytes, optim_bytes = (2, 2, 12) if mixed else (4, 4, 8)
+    stage = cfg.zero_optimization.stage
+    weights = params * weight_bytes / (dp if stage >= 3 else 1)
+    gradients = params * grad_bytes / (dp if stage >= 2 else 1)
+    optimizer = params * optim_bytes / (dp if stage >= 1 else 1)
+
+    s, b, h = cfg.seq_length, d.train_micro_batch_size_per_gpu, cfg.hidden_size
+    kv = d.num_kv_heads * d.head_dim
+    act_bytes = 2 if mixed else 4
+    per_block = s * b * (4 * h + (3 * h + 3 * kv + 4 * d.intermediate_size) / tp) * act_bytes
+    logits = 8 * s * b * (d.padded_vocab_size or 0) / tp
+    in_flight = min(pp, d.gradient_accumulation_steps) if pp > 1 else 1
+    full = (blocks_per_stage * per_block) * in_flight + logits
+    checkpointed = (blocks_per_stage * s * b * h * act_bytes) * in_flight + per_block + logits
+    return MemoryEstimate(params, weights, gradients, optimizer, full, checkpointed, cfg.checkpoint_activations)

@@ -1,0 +1,82 @@
+"""Parameter counts on the meta device, FLOPs by hand, memory estimate arithmetic, names and init."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_presets import OFFICIAL_TOTALS
+
+from neox_llama.config import ConfigError, load_config
+from neox_llama.config.presets import CONFIG_DIR, PRESETS
+from neox_llama.model.args import LlamaArgs
+from neox_llama.model.flops import count_parameters, flops_per_token
+from neox_llama.model.llama import build_model
+from neox_llama.model.memory import estimate_memory
+
+TINY = ["num_layers=2", "hidden_size=64", "num_attention_heads=4", "num_kv_heads=2", "intermediate_size=192",
+        "seq_length=16", "vocab_size=256", "make_vocab_size_divisible_by=1"]
+
+
+@pytest.mark.parametrize("name", list(OFFICIAL_TOTALS))
+def test_model_built_on_the_meta_device_has_the_official_parameter_count(name):
+    cfg = load_config([CONFIG_DIR / PRESETS[name]])
+    model = build_model(LlamaArgs.from_config(cfg), device="meta")
+    assert sum(p.numel() for p in model.parameters()) == OFFICIAL_TOTALS[name] == count_parameters(cfg).total
+
+
+def test_flops_per_token_by_hand(write_yaml):
+    cfg = load_config([write_yaml("a.yml", "precision: fp32\n")], TINY)
+    # per block: norms 2*64, q 64*64, k and v 64*32 each, o 64*64, SwiGLU 3*64*192 = 49,280; two blocks,
+    # final norm 64, head 256*64 -> non-embedding 115,008; attention term 12 * 2 layers * 4 heads * 16 * 16.
+    assert count_parameters(cfg).non_embedding == 115_008
+    assert flops_per_token(cfg) == 6 * 115_008 + 12 * 2 * 4 * 16 * 16
+
+
+def test_memory_estimate_follows_zero_stages_and_checkpointing(write_yaml):
+    base = [*TINY, "precision=bf16", "train_micro_batch_size_per_gpu=2"]
+    one = estimate_memory(load_config([write_yaml("a.yml", "")], [*base, "zero_optimization.stage=0"]))
+    n = sum(p.numel() for p in build_model(LlamaArgs.from_config(load_config([write_yaml("a.yml", "")], base))).parameters())
+    assert one.parameters == n and (one.weights, one.gradients, one.optimizer) == (2 * n, 2 * n, 12 * n)
+    for stage, expected in ((1, (2 * n, 2 * n, 3 * n)), (2, (2 * n, n / 2, 3 * n)), (3, (n / 2, n / 2, 3 * n))):
+        est = estimate_memory(load_config([write_yaml("a.yml", "")], [*base, f"zero_optimization.stage={stage}"],
+                                          world_size=4))
+        assert (est.weights, est.gradients, est.optimizer) == expected, stage
+    assert one.activations_checkpointed < one.activations
+    tp = estimate_memory(load_config([write_yaml("a.yml", "")], [*base, "model_parallel_size=2"], world_size=2))
+    assert tp.parameters < n and tp.activations < one.activations
+
+
+def test_same_seed_same_weights_and_names_are_stable(write_yaml):
+    cfg = load_config([write_yaml("a.yml", "precision: fp32\n")], TINY)
+    a, b = build_model(LlamaArgs.from_config(cfg)), build_model(LlamaArgs.from_config(cfg))
+    names = [n for n, _ in a.named_parameters()]
+    assert names[:3] == ["0.word_embeddings.weight", "1.input_norm.weight", "1.attention.query.weight"]
+    assert names[-2:] == ["3.norm.weight", "4.head.weight"]
+    for (_, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    std = a.get_parameter("1.attention.query.weight").std().item()
+    down = a.get_parameter("1.mlp.down.weight").std().item()
+    assert 0.015 < std < 0.025 and down < std / 1.5  # output projections scaled by 1/sqrt(2 x layers)
+    other = build_model(LlamaArgs.from_config(load_config([write_yaml("b.yml", "seed: 99\n")], TINY)))
+    assert not torch.equal(other.get_parameter("0.word_embeddings.weight"), a.get_parameter("0.word_embeddings.weight"))
+
+
+def test_activation_checkpointing_gives_the_same_gradients(write_yaml):
+    cfg = load_config([write_yaml("a.yml", "precision: fp32\n")], TINY)
+    args = LlamaArgs.from_config(cfg)
+    ids = torch.randint(0, 256, (2, 16))
+    grads = []
+    for every in (0, 1, 2):
+        model = build_model(args, checkpoint_every=every).train()
+        model(ids).float().pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for other in grads[1:]:
+        for name, grad in grads[0].items():
+            assert torch.allclose(grad, other[name], atol=1e-7), name
+
+
+@pytest.mark.parametrize("bad", [["hidden_size=66"], ["num_kv_heads=3"], ["seq_length=4096", "max_position_embeddings=64"]])
+def test_bad_shapes_never_reach_the_model(write_yaml, bad):
+    with pytest.raises(ConfigError):
+        cfg = load_config([write_yaml("a.yml", "")], [*TINY, *bad])
+        build_model(LlamaArgs.from_config(cfg))  # not reached
