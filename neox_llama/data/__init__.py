@@ -1,0 +1,1 @@
+"""Data: memory-mapped token datasets, packed samples, splits, blending, loaders, sample assets."""

@@ -1,0 +1,70 @@
+"""The one interface every tokenizer implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+
+class TokenizerError(Exception):
+    """A tokenizer file is missing or unreadable; the message names the file and what was expected."""
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids, with the ids of the tokens training needs.
+
+    ``eod_id`` is the token appended after each document when data is preprocessed with
+    ``--append-eod``: the end-of-sequence token of the family (``</s>`` = 2 for Llama-2,
+    ``<|end_of_text|>`` = 128001 for Llama-3).
+    """
+
+    name: str
+    files: list[Path]
+    """The files that define this tokenizer (copied into checkpoints)."""
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included."""
+
+    @property
+    @abstractmethod
+    def bos_id(self) -> int | None: ...
+
+    @property
+    @abstractmethod
+    def eos_id(self) -> int | None: ...
+
+    @property
+    def eod_id(self) -> int:
+        """End-of-document id appended by preprocessing."""
+        if self.eos_id is None:
+            raise TokenizerError(f"{self.name} has no end-of-sequence token to mark document ends")
+        return self.eos_id
+
+    @property
+    def pad_id(self) -> int | None:
+        """Padding id, if the tokenizer defines one (padding is masked out of the loss anyway)."""
+        return None
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Special token text -> id."""
+        return {}
+
+    @abstractmethod
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+        """Ids of ``text`` without bos/eos. ``allow_special`` parses special-token text (e.g. chat
+        headers) as the special token; otherwise it is encoded as ordinary text."""
+
+    def encode_batch(self, texts: list[str], *, allow_special: bool = False) -> list[list[int]]:
+        """Ids of several texts (implementations use the library's batched, multi-threaded call)."""
+        return [self.encode(t, allow_special=allow_special) for t in texts]
+
+    @abstractmethod
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids``."""
+
+    def token_to_id(self, token: str) -> int | None:
+        """Id of a special token or a single piece, or None."""
+        return self.special_tokens.get(token)

@@ -1,0 +1,105 @@
+"""Our tokenizers give exactly the ids of the reference libraries called directly."""
+
+from __future__ import annotations
+
+import re
+import zipfile
+
+import pytest
+import sentencepiece as spm
+import tiktoken
+from assets import CACHE, asset
+from tiktoken.load import load_tiktoken_bpe
+
+from neox_llama.tokenizers import TokenizerError, build_tokenizer
+
+TEXTS = [
+    "Hello world",
+    " leading space",
+    "trailing space ",
+    "  two leading spaces and\ttabs\t",
+    "line one\nline two\n\n\nthree newlines",
+    "\n starts with a newline",
+    "digits 1234567890 and 3.14159, 1,000,000",
+    "unicode: café naïve 東京 😀 Ελληνικά ﬁ",
+    "code: def f(x):\n    return x**2  # comment",
+    "special tokens as text: <|begin_of_text|> <s> </s> <|eot_id|>",
+    "",
+    " ",
+    "'s 're I'M shouting",
+]
+
+
+def llama3_reference() -> tiktoken.Encoding:
+    """Meta's encoding built from the wheel's own tokenizer.py (pattern and special names parsed from source)."""
+    path = asset("llama3-tokenizer")
+    wheel = next((CACHE / "downloads").glob("llama_models-*.whl"))
+    source = zipfile.ZipFile(wheel).read("llama_models/llama3/tokenizer.py").decode()
+    pattern = re.search(r'pat_str = r"(.+?)"  #', source).group(1)
+    named = re.findall(r'^\s+"(<\|[a-z_0-9]+\|>)",', source[source.index("special_tokens = ["):], re.M)
+    ranks = load_tiktoken_bpe(str(path))
+    names = named + [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - len(named))]
+    specials = {name: len(ranks) + i for i, name in enumerate(names)}
+    return tiktoken.Encoding(name="ref", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+
+
+def test_llama3_ids_equal_tiktoken_with_metas_pattern():
+    ours = build_tokenizer("Llama3Tokenizer", asset("llama3-tokenizer"))
+    ref = llama3_reference()
+    for text in TEXTS:
+        assert ours.encode(text) == ref.encode(text, allowed_special=set(), disallowed_special=()), text
+        assert ours.decode(ours.encode(text)) == text
+    assert ours.encode_batch(TEXTS) == [ref.encode(t, disallowed_special=()) for t in TEXTS]
+    chat = "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+    assert ours.encode(chat, allow_special=True) == ref.encode(chat, allowed_special="all")
+    assert ours.vocab_size == 128_256 and ours.special_tokens["<|reserved_special_token_245|>"] == 128_255
+    assert (ours.bos_id, ours.eos_id, ours.eod_id, ours.eot_id) == (128_000, 128_001, 128_001, 128_009)
+    assert ours.token_to_id("<|start_header_id|>") == 128_006
+
+
+def test_sentencepiece_ids_equal_the_library():
+    path = asset("spm-32k")
+    ours = build_tokenizer("SPMTokenizer", path)
+    ref = spm.SentencePieceProcessor(model_file=str(path))
+    for text in TEXTS:
+        assert ours.encode(text) == ref.encode(text), text
+    assert ours.encode_batch(TEXTS) == ref.encode(TEXTS)
+    assert (ours.bos_id, ours.eos_id, ours.eod_id, ours.vocab_size) == (1, 2, 2, 32_000)
+    assert ours.decode(ours.encode(" leading space")) == ref.decode(ref.encode(" leading space"))
+    assert ours.encode("a</s>b", allow_special=True) == [*ref.encode("a"), 2, *ref.encode("b")]
+
+
+def test_hf_tokenizer_json_equals_tokenizers_and_matches_tiktoken(tmp_path):
+    from tokenizers import Tokenizer as RefTokenizer
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ref3 = llama3_reference()
+    specials = sorted(ref3._special_tokens, key=ref3._special_tokens.get)
+    converter = TikTokenConverter(vocab_file=str(asset("llama3-tokenizer")), pattern=ref3._pat_str,
+                                  extra_special_tokens=specials)
+    converter.converted().save(str(tmp_path / "tokenizer.json"))
+    ours = build_tokenizer("HFTokenizer", tmp_path / "tokenizer.json")
+    ref = RefTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    plain = [t for t in TEXTS if "<|" not in t]
+    for text in TEXTS:
+        assert ours.encode(text) == ref.encode(text, add_special_tokens=False).ids, text
+    for text in plain:  # and the converted file tokenizes exactly like Meta's tiktoken encoding
+        assert ours.encode(text) == ref3.encode(text), text
+    assert (ours.bos_id, ours.eos_id) == (128_000, 128_001)
+
+
+@pytest.mark.parametrize("kind", ["SPMTokenizer", "Llama3Tokenizer", "HFTokenizer"])
+def test_missing_or_wrong_file_is_a_clear_error(tmp_path, kind):
+    with pytest.raises(TokenizerError, match="tokenizer file not found"):
+        build_tokenizer(kind, tmp_path / "nope.model")
+    bad = tmp_path / "bad.model"
+    bad.write_text("this is not a tokenizer\n")
+    with pytest.raises(TokenizerError) as excinfo:
+        build_tokenizer(kind, bad)
+    assert str(bad) in str(excinfo.value)
+
+
+def test_unknown_tokenizer_type(tmp_path):
+    (tmp_path / "t").write_text("x")
+    with pytest.raises(TokenizerError, match="use one of SPMTokenizer, Llama3Tokenizer, HFTokenizer"):
+        build_tokenizer("GPT2Tokenizer", tmp_path / "t")
