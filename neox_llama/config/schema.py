@@ -171,8 +171,8 @@ class DataArgs:
     split: str = doc_field("969,30,1", "Train,valid,test proportions of data_path.")
     num_workers: int = doc_field(2, "Data loader worker processes per rank.", minimum=0)
     reset_position_ids: bool = doc_field(False, "Restart position ids after each end-of-document token.")
-    reset_attention_mask: bool = doc_field(False, "Stop attention across end-of-document tokens.")
-    eod_mask_loss: bool = doc_field(False, "Do not train on predicting the end-of-document token.")
+    reset_attention_mask: bool = doc_field(False, "Tokens attend only within their own document (needs reset_position_ids).")
+    eod_mask_loss: bool = doc_field(False, "No loss at end-of-document positions (no prediction across a document boundary).")
 
 
 @dataclass

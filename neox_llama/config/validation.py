@@ -140,6 +140,9 @@ def _check_training(cfg: Config, problems: _Problems, d: Derived) -> None:
         if weights and len(weights) != len(paths):
             problems.add(f"{kind}_data_weights", f"{kind}_data_weights has {len(weights)} entries but "
                                                  f"{kind}_data_paths has {len(paths)}")
+    if cfg.reset_attention_mask and not cfg.reset_position_ids:
+        problems.add("reset_attention_mask", "reset_attention_mask needs reset_position_ids: true (document "
+                                             "boundaries reach the attention as position resets)")
     if cfg.data_path and cfg.train_data_paths:
         problems.add(("data_path", "train_data_paths"), "set data_path (split by `split`) or train_data_paths, not both")
     parts = cfg.split.replace("/", ",").split(",")

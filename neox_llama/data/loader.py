@@ -1,0 +1,111 @@
+"""From a config to per-rank data loaders of training batches (packed samples, splits, blending, resume)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from neox_llama.config.schema import Config
+from neox_llama.data.gpt_dataset import BlendedDataset, GPTDataset, blend_sizes, split_ranges
+from neox_llama.data.indexed import IndexedDataset
+
+SPLITS = ("train", "valid", "test")
+
+
+class PretrainingSampler:
+    """Micro-batches of sample indices for one data-parallel rank, starting at ``consumed_samples``.
+
+    Global step g uses samples [consumed + g*B, consumed + (g+1)*B) of the dataset (B = micro x dp per
+    micro-step); rank r takes its contiguous slice. Resuming needs only the consumed count: nothing is skipped
+    through or re-read.
+    """
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+        if consumed_samples > total_samples:
+            raise ValueError(f"consumed_samples {consumed_samples} exceeds the dataset's {total_samples} samples")
+        self.total, self.consumed = total_samples, consumed_samples
+        self.micro, self.rank, self.size = micro_batch_size, dp_rank, dp_size
+
+    def __len__(self) -> int:
+        return (self.total - self.consumed) // (self.micro * self.size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.micro * self.size
+        for start in range(self.consumed, self.total - step + 1, step):
+            first = start + self.rank * self.micro
+            yield list(range(first, first + self.micro))
+
+
+@dataclass
+class BatchMaker:
+    """Turns ``seq_length + 1`` token samples into a training batch (inputs, labels, loss mask, positions)."""
+
+    eod_id: int | None = None
+    reset_position_ids: bool = False
+    eod_mask_loss: bool = False
+
+    def __call__(self, samples: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        tokens = torch.from_numpy(np.stack(samples))
+        inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        batch, seq = inputs.shape
+        loss_mask = torch.ones(batch, seq, dtype=torch.float32)
+        position_ids = torch.arange(seq).expand(batch, seq).contiguous()
+        if self.eod_id is not None and (self.reset_position_ids or self.eod_mask_loss):
+            is_eod = inputs == self.eod_id
+            if self.eod_mask_loss:
+                loss_mask[is_eod] = 0.0
+            if self.reset_position_ids:
+                # position = distance to the most recent token after an end-of-document (vectorised)
+                after_eod = torch.zeros_like(is_eod)
+                after_eod[:, 1:] = is_eod[:, :-1]
+                starts = torch.where(after_eod, position_ids, torch.zeros_like(position_ids))
+                position_ids = position_ids - torch.cummax(starts, dim=1).values
+        return {"input_ids": inputs, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+
+
+def split_sample_counts(cfg: Config) -> dict[str, int]:
+    """Samples each split must provide for the whole run."""
+    batch = cfg.derived.train_batch_size
+    evals = cfg.train_iters // cfg.eval_interval + 1
+    return {"train": cfg.train_iters * batch, "valid": evals * cfg.eval_iters * batch, "test": cfg.eval_iters * batch}
+
+
+def _blend(name: str, prefixes: list[str], weights: list[float], size: int, cfg: Config):
+    datasets_raw = [IndexedDataset(p) for p in prefixes]
+    weights = weights or [float(ds.num_tokens) for ds in datasets_raw]
+    if len(prefixes) == 1:
+        return GPTDataset(name, prefixes[0], (0, len(datasets_raw[0])), cfg.seq_length, size, cfg.seed, datasets_raw[0])
+    parts = [GPTDataset(name, p, (0, len(ds)), cfg.seq_length, n, cfg.seed + i, ds)
+             for i, (p, ds, n) in enumerate(zip(prefixes, datasets_raw, blend_sizes(weights, size), strict=True))]
+    return BlendedDataset(parts, weights, size)
+
+
+def build_datasets(cfg: Config) -> dict[str, object]:
+    """train/valid/test datasets from ``data_path`` + ``split``, or from the ``*_data_paths`` lists."""
+    counts = split_sample_counts(cfg)
+    out: dict[str, object] = {}
+    if cfg.data_path:
+        data = IndexedDataset(cfg.data_path)
+        for name, docs in zip(SPLITS, split_ranges(cfg.split, len(data)), strict=True):
+            if docs[1] > docs[0] and counts[name] > 0:
+                out[name] = GPTDataset(name, cfg.data_path, docs, cfg.seq_length, counts[name], cfg.seed, data)
+        return out
+    for name in SPLITS:
+        paths, weights = getattr(cfg, f"{name}_data_paths"), getattr(cfg, f"{name}_data_weights")
+        if paths and counts[name] > 0:
+            out[name] = _blend(name, paths, weights, counts[name], cfg)
+    return out
+
+
+def build_loader(dataset, cfg: Config, dp_rank: int, dp_size: int, consumed_samples: int = 0,
+                 eod_id: int | None = None) -> DataLoader:
+    """A loader of this rank's micro-batches, resuming after ``consumed_samples`` (global count)."""
+    sampler = PretrainingSampler(len(dataset), consumed_samples, cfg.derived.train_micro_batch_size_per_gpu,
+                                 dp_rank, dp_size)
+    maker = BatchMaker(eod_id, cfg.reset_position_ids, cfg.eod_mask_loss)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=maker, num_workers=cfg.num_workers,
+                      persistent_workers=False, pin_memory=torch.cuda.is_available())
