@@ -39,11 +39,34 @@ def parse_args(argv: list[str]) -> tuple[str, list[str], list[str], bool]:
     script, rest = positional[0], positional[1:]
     if not Path(script).is_file():
         raise SystemExit(f"deepy.py: error: script {script} not found")
-    files = [a for a in rest if "=" not in a]
-    overrides = [a for a in rest if "=" in a]
+    files = [a for a in rest if _is_config_file(a)]
+    overrides = [a for a in rest if not _is_config_file(a)]
     if not files:
         raise SystemExit(f"deepy.py: error: no config file given\n{USAGE}")
     return script, files, overrides, dry_run
+
+
+def _is_config_file(arg: str) -> bool:
+    return arg.endswith((".yml", ".yaml")) or "=" not in arg or Path(arg).is_file()
+
+
+def _cuda_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_bf16_supported()
+
+
+def tokenizer_vocab_size(cfg, problems: list[str]) -> int | None:
+    """The vocabulary of ``vocab_file`` (so the padded vocabulary can be checked before launch)."""
+    if not cfg.vocab_file or not cfg.tokenizer_type or "vocab_file" in cfg.invalid_keys:
+        return None
+    from neox_llama.tokenizers import TokenizerError, build_tokenizer
+
+    try:
+        return build_tokenizer(cfg.tokenizer_type, cfg.vocab_file).vocab_size
+    except TokenizerError as err:
+        problems.append(f"{cfg.sources.get('vocab_file', 'default')}: {err}")
+        return None
 
 
 def main(argv: list[str]) -> int:
@@ -63,11 +86,21 @@ def main(argv: list[str]) -> int:
     problems: list[str] = []
     try:
         raw, sources = load_raw(files, overrides)
-        cfg = build_config(raw, sources, problems=problems)
-        plan = plan_resources(cfg, accelerator)
-        resolve(cfg, plan.world_size, accelerator)
     except ConfigError as err:
         problems.extend(err.problems)
+    else:
+        cfg = build_config(raw, sources, problems=problems)
+        try:
+            plan = plan_resources(cfg, accelerator)
+            world_size = plan.world_size
+        except ConfigError as err:
+            problems.extend(err.problems)
+            world_size = (cfg.num_gpus or 1) * (cfg.num_nodes or 1)
+        try:
+            resolve(cfg, world_size, accelerator, tokenizer_vocab=tokenizer_vocab_size(cfg, problems),
+                    bf16_supported=accelerator != "cuda" or _cuda_bf16())
+        except ConfigError as err:
+            problems.extend(err.problems)
     if problems:
         for line in problems:
             print(f"deepy.py: error: {line}", file=sys.stderr)

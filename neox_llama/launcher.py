@@ -34,6 +34,8 @@ class LaunchPlan:
     """Host name -> local slot (GPU) indices used on it."""
     multi_node: bool
     accelerator: str
+    include: str | None = None
+    """The include filter passed to DeepSpeed (the user's, or one made from CUDA_VISIBLE_DEVICES)."""
 
     @property
     def world_size(self) -> int:
@@ -73,6 +75,7 @@ def plan_resources(cfg: Config, accelerator: str) -> LaunchPlan:
         except ValueError as err:
             raise ConfigError([f"{cfg.hostfile}: {err} (expected lines like 'worker-0 slots=8')"]) from None
     multi_node = pool is not None
+    include = cfg.include or ""
     if pool is None:
         if cfg.num_nodes not in (None, 1):
             raise ConfigError([f"{cfg.sources.get('num_nodes', '?')}: num_nodes {cfg.num_nodes} needs a hostfile "
@@ -80,16 +83,24 @@ def plan_resources(cfg: Config, accelerator: str) -> LaunchPlan:
         if accelerator == "cuda":
             import torch
 
-            local = torch.cuda.device_count()
+            devices = torch.cuda.device_count()
+            if cfg.num_gpus and cfg.num_gpus > devices:
+                raise ConfigError([f"{cfg.sources.get('num_gpus', '?')}: num_gpus {cfg.num_gpus} but this machine "
+                                   f"has {devices} GPU(s)"])
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+            if visible and not (cfg.include or cfg.exclude or cfg.num_gpus):
+                # DeepSpeed's runner drops CUDA_VISIBLE_DEVICES; express it as an include filter instead.
+                include = f"localhost:{visible}"
+                devices = max(devices, max(int(x) for x in visible.split(",")) + 1)
+            pool = {"localhost": devices}
         else:
-            local = cfg.num_gpus or cfg.pipe_parallel_size * cfg.model_parallel_size
-        pool = {"localhost": max(local, cfg.num_gpus or 0)}
+            pool = {"localhost": cfg.num_gpus or cfg.pipe_parallel_size * cfg.model_parallel_size}
     try:
-        active = runner.parse_inclusion_exclusion(pool, cfg.include or "", cfg.exclude or "")
+        active = runner.parse_inclusion_exclusion(pool, include, cfg.exclude or "")
     except ValueError as err:
         raise ConfigError([f"include/exclude: {err}"]) from None
     active = runner.apply_num_nodes_and_gpus(active, cfg.num_nodes or -1, cfg.num_gpus or -1)
-    return LaunchPlan(hosts=dict(active), multi_node=multi_node, accelerator=accelerator)
+    return LaunchPlan(hosts=dict(active), multi_node=multi_node, accelerator=accelerator, include=include or None)
 
 
 def free_port() -> int:
@@ -113,20 +124,26 @@ def build_launch_command(cfg: Config, plan: LaunchPlan, script: str, config_file
         env["DS_ACCELERATOR"] = "cpu"
     script_args = [script, "--config", config_file]
     if plan.world_size == 1 and not plan.multi_node:
+        # Nobody else joins: an unset master_port gets a free one, so concurrent single-rank runs never collide.
+        port = cfg.master_port if "master_port" in cfg.sources else free_port()
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                   MASTER_ADDR=cfg.master_addr or "127.0.0.1", MASTER_PORT=str(cfg.master_port))
+                   MASTER_ADDR=cfg.master_addr or "127.0.0.1", MASTER_PORT=str(port))
+        if plan.include and plan.accelerator == "cuda":
+            env["CUDA_VISIBLE_DEVICES"] = plan.include.split(":", 1)[1]
         return LaunchCommand([sys.executable, *script_args], env)
     argv = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(cfg.master_port), "--no_local_rank"]
     if cfg.hostfile:
         argv += ["--hostfile", cfg.hostfile, "--launcher", cfg.launcher]
     if cfg.master_addr:
         argv += ["--master_addr", cfg.master_addr]
-    if cfg.include:
-        argv += ["--include", cfg.include]
+    if plan.include:
+        argv += ["--include", plan.include]
     elif cfg.exclude:
         argv += ["--exclude", cfg.exclude]
     else:
-        argv += ["--num_gpus", str(plan.ranks_per_node)]
+        # With a hostfile and no num_gpus, DeepSpeed uses each host's slots (which may differ per host).
+        if cfg.num_gpus or not cfg.hostfile:
+            argv += ["--num_gpus", str(cfg.num_gpus or plan.ranks_per_node)]
         if cfg.num_nodes:
             argv += ["--num_nodes", str(cfg.num_nodes)]
     return LaunchCommand(argv + script_args, env)

@@ -96,8 +96,8 @@ def test_wrong_type_names_key_value_and_expected_type(write_yaml, text, key, exp
     (line,) = errors_of(excinfo)
     assert line.startswith(f"{bad}: {key}:"), line
     assert expected in line
-    value = text.split(":", 1)[1].strip()
-    assert value.strip("[]").split(",")[-1].strip() in line  # the offending value is shown
+    value = text.split(":", 1)[1].strip().strip("[]").split(",")[-1].strip()
+    assert line.rstrip().endswith(")") and ("got " + value in line or f"got '{value}'" in line)  # the value is shown
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -164,3 +164,35 @@ def test_dumped_merged_config_reloads_to_the_same_config(write_yaml, tmp_path):
     for name in ("optimizer", "rope_scaling", "lora_targets", "min_lr", "hidden_size", "num_kv_heads"):
         assert getattr(again, name) == getattr(cfg, name), name
     assert not list(out.parent.glob(".*.tmp"))  # the temporary file was renamed away
+
+
+def test_yaml_merge_key_inside_a_mapping(write_yaml):
+    text = TINY + "zero_optimization:\n  <<: {stage: 2, overlap_comm: true}\n  contiguous_gradients: false\n"
+    cfg = load_config([write_yaml("a.yml", text)])
+    z = cfg.zero_optimization
+    assert (z.stage, z.overlap_comm, z.contiguous_gradients) == (2, True, False)
+
+
+def test_non_finite_numbers_and_quoted_numbers_are_rejected(write_yaml):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config([write_yaml("a.yml", TINY + "gradient_clipping: .inf\nmin_lr: .nan\nseed: '3'\n")])
+    text = "\n".join(excinfo.value.problems)
+    assert "gradient_clipping: expected a finite float" in text and "min_lr: expected a finite float" in text
+    assert "seed: expected int, got '3' (str)" in text
+
+
+def test_text_overrides_are_taken_literally_and_round_trip(write_yaml, tmp_path):
+    a = write_yaml("a.yml", TINY)
+    raw, sources = load_raw([a], ["wandb_group=run #2", "data_path=a: b", "split=98,2,0", "wandb_project=1e5"])
+    cfg = build_config(raw, sources)
+    assert (cfg.wandb_group, cfg.data_path, cfg.split, cfg.wandb_project) == ("run #2", "a: b", "98,2,0", "1e5")
+    again = load_config([dump_raw(raw, tmp_path / "c.yml")], apply_presets=False)
+    assert (again.wandb_group, again.data_path, again.wandb_project) == ("run #2", "a: b", "1e5")
+
+
+def test_nested_source_names_the_last_file_that_touched_it(write_yaml):
+    a = write_yaml("a.yml", TINY + "rope_scaling: {factor: 8.0}\n")
+    b = write_yaml("b.yml", "rope_scaling: {low_freq_factor: 2.0}\npos_emb: learned\n")
+    with pytest.raises(ConfigError) as excinfo:
+        load_config([a, b])
+    assert excinfo.value.problems[0].startswith(f"{b}: rope_scaling needs pos_emb rotary")

@@ -32,7 +32,7 @@ def problem(write_yaml, overrides, world_size=1, accelerator="cpu") -> str:
     (["pipe_parallel_size=8"], 8, "num_layers 4 is smaller than pipe_parallel_size 8"),
     (["seq_length=64", "max_position_embeddings=48"], 1, "seq_length 64 exceeds max_position_embeddings 48"),
     (["model_parallel_size=2", "make_vocab_size_divisible_by=5", "vocab_size=501"], 2,
-     "padded vocabulary 505 (vocab_size 501 rounded up to make_vocab_size_divisible_by 5) is not divisible by model_parallel_size 2"),
+     "padded vocabulary 505 (vocabulary 501 rounded up to make_vocab_size_divisible_by 5) is not divisible by model_parallel_size 2"),
     (["pipe_parallel_size=2", "zero_optimization.stage=2"], 2,
      "zero_optimization.stage 2 with pipe_parallel_size 2: DeepSpeed supports only ZeRO 0-1 with pipeline parallelism"),
     (["pipe_parallel_size=2"], 3, "world size 3 is not divisible by pipe_parallel_size 2 x model_parallel_size 1"),

@@ -60,7 +60,7 @@ def test_usage_errors():
 def _launch(tmp_path: Path, *extra: str):
     log_dir = tmp_path / "logs"
     proc = run_deepy("train.py", "configs/llama3/tiny.yml", f"log_dir={log_dir}", f"master_port={free_port()}",
-                     "vocab_size=256", *extra)
+                     "vocab_size=256", "tokenizer_type=null", "vocab_file=null", *extra)
     return proc, log_dir
 
 

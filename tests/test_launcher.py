@@ -51,8 +51,27 @@ def test_hostfile_nodes_and_slots(write_yaml, tmp_path):
     assert plan.world_size == 8 and list(plan.hosts) == ["worker-0", "worker-1"] and plan.multi_node
     cmd = build_launch_command(cfg, plan, "train.py", "c.yml")
     for flag, value in (("--hostfile", str(hostfile)), ("--launcher", "slurm"), ("--num_nodes", "2"),
-                        ("--num_gpus", "4"), ("--master_addr", "10.0.0.1")):
+                        ("--master_addr", "10.0.0.1")):
         assert cmd.argv[cmd.argv.index(flag) + 1] == value
+    assert "--num_gpus" not in cmd.argv  # each host's own slots
+
+
+def test_uneven_hostfile_keeps_each_hosts_slots(write_yaml, tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("worker-0 slots=4\nworker-1 slots=2\n")
+    cfg = config(write_yaml, f"hostfile={hostfile}")
+    plan = plan_resources(cfg, "cpu")
+    assert plan.world_size == 6
+    assert "--num_gpus" not in build_launch_command(cfg, plan, "train.py", "c.yml").argv
+    cfg = config(write_yaml, f"hostfile={hostfile}", "num_gpus=2")
+    plan = plan_resources(cfg, "cpu")
+    assert plan.world_size == 4 and "--num_gpus" in build_launch_command(cfg, plan, "train.py", "c.yml").argv
+
+
+def test_single_rank_without_a_configured_port_picks_a_free_one(write_yaml):
+    cfg = config(write_yaml)
+    ports = {build_launch_command(cfg, plan_resources(cfg, "cpu"), "t.py", "c.yml").env["MASTER_PORT"] for _ in range(3)}
+    assert "29500" not in ports and len(ports) >= 2
 
 
 def test_include_filter_is_resolved_like_deepspeed(write_yaml, tmp_path):

@@ -43,7 +43,8 @@ def reference(preset: str, overrides: list[str]):
     (4, "configs/llama3.2/tiny.yml", ["pipe_parallel_size=2", "model_parallel_size=2"]),
     (2, "configs/llama3/tiny.yml", ["pipe_parallel_size=2", "checkpoint_activations=true"]),
     (2, "configs/llama3/tiny.yml", ["model_parallel_size=2", "checkpoint_activations=true"]),
-], ids=["pp2", "tp2", "pp2-tied", "tp2-tied", "pp2xtp2-tied", "pp2-checkpointed", "tp2-checkpointed"])
+    (2, "configs/llama3/tiny.yml", ["num_gpus=2"]),
+], ids=["pp2", "tp2", "pp2-tied", "tp2-tied", "pp2xtp2-tied", "pp2-checkpointed", "tp2-checkpointed", "dp2"])
 def test_parallel_layouts_match_one_device(tmp_path, ranks, preset, layout):
     proc = launch(ranks, WORKER, str(tmp_path), str(ROOT / preset), *COMMON, *layout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

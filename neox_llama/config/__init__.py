@@ -20,7 +20,8 @@ __all__ = ["Config", "ConfigError", "Derived", "deepspeed_config", "dump_raw", "
 
 
 def load_config(files: Sequence[str | os.PathLike], overrides: Sequence[str] = (), *,
-                world_size: int = 1, accelerator: str = "cpu", apply_presets: bool = True) -> Config:
+                world_size: int = 1, accelerator: str = "cpu", apply_presets: bool = True,
+                tokenizer_vocab: int | None = None) -> Config:
     """Merge ``files`` and ``key=value`` ``overrides``, type-check, and validate for ``world_size`` ranks.
 
     ``apply_presets=False`` for a file that is already merged (see :func:`load_raw`).
@@ -29,7 +30,7 @@ def load_config(files: Sequence[str | os.PathLike], overrides: Sequence[str] = (
     problems: list[str] = []
     cfg = build_config(raw, sources, problems=problems)
     try:
-        resolve(cfg, world_size, accelerator)
+        resolve(cfg, world_size, accelerator, tokenizer_vocab=tokenizer_vocab)
     except ConfigError as err:
         problems.extend(err.problems)
     if problems:

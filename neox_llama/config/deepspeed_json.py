@@ -58,6 +58,8 @@ def deepspeed_config(cfg: Config, accelerator: str = "cpu") -> dict[str, Any]:
         ds["zero_optimization"]["offload_param"] = {"device": zero.offload_param, "pin_memory": accelerator == "cuda"}
     if cfg.precision == "bf16":
         ds["bf16"] = {"enabled": True}
+        # Accumulate micro-batch gradients in fp32: summing them in bf16 loses precision with every step.
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
     elif cfg.precision == "fp16":
         ds["fp16"] = {
             "enabled": True,

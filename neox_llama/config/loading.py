@@ -13,7 +13,7 @@ import yaml
 
 from neox_llama.config import presets
 from neox_llama.config.schema import Config
-from neox_llama.config.typecheck import build_dataclass, did_you_mean, user_fields
+from neox_llama.config.typecheck import build_dataclass, did_you_mean, is_text_key, user_fields
 from neox_llama.utils.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -33,22 +33,30 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses a key written twice in one mapping (safe_load keeps the last silently)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        self.flatten_mapping(node)  # resolve `<<: *anchor` merge keys first, as SafeLoader does
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            try:
+                first = seen.get(key)
+            except TypeError:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key '{key}' appears twice (first on line {seen[key] + 1})", key_node.start_mark)
+                    None, None, f"a key must be a plain value, not {type(key).__name__}", key_node.start_mark) from None
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice (first on line {first + 1})", key_node.start_mark)
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
 
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that quotes strings our loader would read as floats (e.g. '1e5'), so files round-trip."""
+
+
 # YAML 1.1 reads `1e-5` (no dot) as a string; read it as the float everyone means, in files and overrides.
-_UniqueKeyLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+_FLOAT_WITHOUT_DOT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+for _cls in (_UniqueKeyLoader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_WITHOUT_DOT, list("-+0123456789"))
 
 
 def _load_yaml_text(text: str) -> Any:
@@ -67,7 +75,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
         mark = err.problem_mark or err.context_mark
         where = f"{label}:{mark.line + 1}:{mark.column + 1}" if mark else label
         raise ConfigError([f"{where}: YAML error: {err.problem or err.context}"]) from None
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
+    except (yaml.YAMLError, UnicodeDecodeError, TypeError) as err:
         raise ConfigError([f"{label}: cannot read YAML: {err}"]) from None
     if data is None:
         return {}
@@ -77,15 +85,24 @@ def read_yaml(path: str | os.PathLike) -> dict:
 
 
 def parse_override(arg: str) -> dict:
-    """``a.b.c=value`` -> ``{'a': {'b': {'c': value}}}``, the value read as YAML (so ``true``, ``[1, 2]`` work)."""
+    """``a.b.c=value`` -> ``{'a': {'b': {'c': value}}}``.
+
+    The value is read as YAML (``true``, ``1e-4``, ``[1, 2]``), except for keys the schema types as text:
+    those take the text as written (so ``wandb_group=run #2`` or ``data_path=a: b`` survive intact).
+    """
     key, sep, text = arg.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError([f"{COMMAND_LINE}: '{arg}' is neither a config file (.yml) nor key=value"])
-    try:
-        value = _load_yaml_text(text) if text.strip() else None
-    except yaml.YAMLError:
-        value = text  # a plain string YAML cannot parse, e.g. a path with ': '
+    if not text.strip() or text.strip() in ("null", "~"):
+        value = None
+    elif is_text_key(key):
+        value = text
+    else:
+        try:
+            value = _load_yaml_text(text)
+        except yaml.YAMLError:
+            raise ConfigError([f"{COMMAND_LINE}: {key}: cannot read value {text!r} as YAML"]) from None
     for part in reversed(key.split(".")):
         value = {part: value}
     return value
@@ -115,6 +132,7 @@ def merge_layers(layers: Sequence[tuple[str, dict]]) -> tuple[dict, dict[str, st
             old = dst.get(key)
             if isinstance(value, dict) and isinstance(old, dict):
                 merge(old, value, label, dotted + ".")
+                sources[dotted] = label  # the mapping as a whole was last touched here
                 continue
             if key in dst and old != value:
                 logger.info("%s: %r (%s) -> %r (%s)", dotted, old, sources.get(dotted, "?"), value, label)
@@ -223,5 +241,6 @@ def dump_raw(raw: dict, path: str | os.PathLike, header: str = "") -> Path:
     known = {f.name for f in user_fields(Config)}
     ordered = {k: raw[k] for k in [f.name for f in user_fields(Config)] if k in raw}
     ordered.update({k: v for k, v in raw.items() if k not in known})
-    text = (header + "\n" if header else "") + yaml.safe_dump(ordered, sort_keys=False, default_flow_style=None)
+    text = (header + "\n" if header else "") + yaml.dump(ordered, Dumper=_Dumper, sort_keys=False,
+                                                          default_flow_style=None, allow_unicode=True)
     return atomic_write_text(path, text)

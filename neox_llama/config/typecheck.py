@@ -52,31 +52,50 @@ def describe_type(tp: Any) -> str:
 
 
 def _as_float(value: Any) -> float:
-    # YAML 1.1 reads `1e-5` (no dot) as a string; accept any spelling float() understands.
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise Mismatch("float")
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    raise Mismatch("float")
+    if not math.isfinite(value):
+        raise Mismatch("a finite float")
+    return float(value)
 
 
 def _as_int(value: Any) -> int:
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise Mismatch("int")
     if isinstance(value, int):
         return value
-    try:
-        number = _as_float(value)  # 5e5 and 1.0e3 are fine when they are whole numbers
-    except Mismatch:
-        raise Mismatch("int") from None
-    if math.isfinite(number) and number == int(number):
-        return int(number)
+    if math.isfinite(value) and value == int(value):  # 5e5 is read as a float; it is a whole number
+        return int(value)
     raise Mismatch("int")
+
+
+def _leaf_type(tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _leaf_type(args[0]) if len(args) == 1 else tp
+    return tp
+
+
+def field_type(cls: type, dotted: str) -> Any:
+    """The annotation of a dotted key (``optimizer.params.lr``) in schema class ``cls``, or None if unknown."""
+    tp: Any = cls
+    for part in dotted.split("."):
+        tp = _leaf_type(tp)
+        if not dataclasses.is_dataclass(tp):
+            return None
+        hints = typing.get_type_hints(tp)
+        if part not in hints or part not in {f.name for f in user_fields(tp)}:
+            return None
+        tp = hints[part]
+    return tp
+
+
+def is_text_key(dotted: str) -> bool:
+    """True when the key holds free text (a str field), whose command-line value is taken literally."""
+    from neox_llama.config.schema import Config
+
+    return _leaf_type(field_type(Config, dotted)) is str
 
 
 def coerce(value: Any, tp: Any, key: str, report: Callable[[str, str], None]) -> Any:

@@ -56,7 +56,7 @@ def _resolve_batch(cfg: Config, dp: int, problems: _Problems, d: Derived) -> Non
     d.train_batch_size = micro * gas * dp
 
 
-def _check_model(cfg: Config, tp: int, problems: _Problems, d: Derived) -> None:
+def _check_model(cfg: Config, tp: int, problems: _Problems, d: Derived, tokenizer_vocab: int | None) -> None:
     for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
         if getattr(cfg, key) is None:
             problems.add(key, f"{key} is not set; list a model preset (e.g. configs/llama3/tiny.yml) or set model_name")
@@ -102,12 +102,16 @@ def _check_model(cfg: Config, tp: int, problems: _Problems, d: Derived) -> None:
         if rot == 0 or rot % 2:
             problems.add("rotary_pct", f"rotary_pct {cfg.rotary_pct} x head dim {d.head_dim} = {rot} "
                                        "rotary dimensions; it must be a positive even number")
-    if cfg.vocab_size is not None:
+    vocab = cfg.vocab_size or tokenizer_vocab
+    if cfg.vocab_size is not None and tokenizer_vocab is not None and tokenizer_vocab > cfg.vocab_size:
+        problems.add(("vocab_size", "vocab_file"), f"vocab_size {cfg.vocab_size} is smaller than the tokenizer's "
+                                                   f"{tokenizer_vocab} ids ({cfg.vocab_file}); unset vocab_size to take it from the tokenizer")
+    if vocab is not None:
         multiple = cfg.make_vocab_size_divisible_by
-        d.padded_vocab_size = math.ceil(cfg.vocab_size / multiple) * multiple
+        d.padded_vocab_size = math.ceil(vocab / multiple) * multiple
         if d.padded_vocab_size % tp:
             problems.add(("make_vocab_size_divisible_by", "model_parallel_size"),
-                         f"padded vocabulary {d.padded_vocab_size} (vocab_size {cfg.vocab_size} rounded up to "
+                         f"padded vocabulary {d.padded_vocab_size} (vocabulary {vocab} rounded up to "
                          f"make_vocab_size_divisible_by {multiple}) is not divisible by model_parallel_size {tp}; "
                          f"set make_vocab_size_divisible_by to a multiple of {tp}")
     elif cfg.vocab_file is None:
@@ -140,6 +144,10 @@ def _check_training(cfg: Config, problems: _Problems, d: Derived) -> None:
         if weights and len(weights) != len(paths):
             problems.add(f"{kind}_data_weights", f"{kind}_data_weights has {len(weights)} entries but "
                                                  f"{kind}_data_paths has {len(paths)}")
+    method = cfg.pipe_partition_method
+    if not (method in ("parameters", "uniform") or (method.startswith("type:") and len(method) > 5)):
+        problems.add("pipe_partition_method", f"pipe_partition_method '{method}' must be parameters, uniform or "
+                                              "type:REGEX (e.g. type:TransformerBlock)")
     if cfg.reset_attention_mask and not cfg.reset_position_ids:
         problems.add("reset_attention_mask", "reset_attention_mask needs reset_position_ids: true (document "
                                              "boundaries reach the attention as position resets)")
@@ -157,10 +165,13 @@ def _check_training(cfg: Config, problems: _Problems, d: Derived) -> None:
                      "vocab_file is set but tokenizer_type is not (SPMTokenizer, Llama3Tokenizer or HFTokenizer)")
 
 
-def resolve(cfg: Config, world_size: int, accelerator: str = "cpu") -> Config:
+def resolve(cfg: Config, world_size: int, accelerator: str = "cpu", *, tokenizer_vocab: int | None = None,
+            bf16_supported: bool = True) -> Config:
     """Check ``cfg`` against itself and the world it will run in; fill ``cfg.derived``.
 
-    ``accelerator`` is ``"cuda"`` or ``"cpu"``. Raises ConfigError listing every problem found.
+    ``accelerator`` is ``"cuda"`` or ``"cpu"``; ``tokenizer_vocab`` is the size of the tokenizer in
+    ``vocab_file`` when it was read; ``bf16_supported`` is False on GPUs without bf16 (V100, T4).
+    Raises ConfigError listing every problem found.
     """
     problems = _Problems(cfg)
     d = Derived(world_size=world_size)
@@ -172,12 +183,14 @@ def resolve(cfg: Config, world_size: int, accelerator: str = "cpu") -> Config:
         d.data_parallel_size = 1
     else:
         d.data_parallel_size = world_size // (pp * tp)
-    _check_model(cfg, tp, problems, d)
+    _check_model(cfg, tp, problems, d, tokenizer_vocab)
     _resolve_batch(cfg, d.data_parallel_size, problems, d)
     _check_training(cfg, problems, d)
     if cfg.precision == "fp16" and accelerator != "cuda":
         problems.add("precision", "precision fp16 needs a GPU (DeepSpeed has no fp16 kernels on CPU); "
                                   "use bf16 or fp32 here")
+    if cfg.precision == "bf16" and not bf16_supported:
+        problems.add("precision", "precision bf16 is not supported by this GPU; use fp16 (or fp32)")
     if problems.lines:
         raise ConfigError(problems.lines)
     cfg.derived = d

@@ -35,6 +35,8 @@ class LlamaArgs:
     attention_dropout: float = 0.0
     hidden_dropout: float = 0.0
     seed: int = 1234
+    document_attention: bool = False
+    """Attend only within the document: documents start where position_ids restart at 0."""
 
     @classmethod
     def from_config(cls, cfg: Config, vocab_size: int | None = None) -> LlamaArgs:
@@ -58,5 +60,5 @@ class LlamaArgs:
             rope_scaling=scaling, activation=cfg.activation, use_bias_in_attn_linear=cfg.use_bias_in_attn_linear,
             use_bias_in_mlp=cfg.use_bias_in_mlp, tie_embeddings=not cfg.no_weight_tying,
             init_method_std=cfg.init_method_std, attention_dropout=cfg.attention_dropout,
-            hidden_dropout=cfg.hidden_dropout, seed=cfg.seed,
+            hidden_dropout=cfg.hidden_dropout, seed=cfg.seed, document_attention=cfg.reset_attention_mask,
         )

@@ -30,6 +30,7 @@ class Attention(nn.Module):
         self.value = factory.column(args.hidden_size, args.num_kv_heads * args.head_dim, bias)
         self.dense = factory.row(args.num_attention_heads * args.head_dim, args.hidden_size, bias)
         self.dropout = args.attention_dropout
+        self.document_attention = args.document_attention
         self.rotary = None
         if args.pos_emb == "rotary":
             scaling = dict(args.rope_scaling) if args.rope_scaling else None
@@ -43,7 +44,17 @@ class Attention(nn.Module):
         if self.rotary is not None:
             cos, sin = self.rotary(position_ids, q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        mask = document_causal_mask(position_ids) if self.document_attention else None
         out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.local_kv_heads != self.local_heads)
         return self.dense(out.transpose(1, 2).reshape(batch, seq, self.local_heads * self.head_dim))
+
+
+def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """[batch, 1, seq, seq] boolean mask: causal, and only within the document (a new one starts at position 0)."""
+    document = (position_ids == 0).cumsum(dim=-1)
+    same = document[:, :, None] == document[:, None, :]
+    seq = position_ids.shape[-1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=position_ids.device).tril()
+    return (same & causal)[:, None]

@@ -62,6 +62,12 @@ class _GatherLastDim(torch.autograd.Function):
         return grad.chunk(ctx.size, dim=-1)[ctx.rank].contiguous(), None
 
 
+def _split(total: int, size: int, what: str) -> int:
+    if total % size:
+        raise ValueError(f"{what} {total} is not divisible by the tensor-parallel size {size}")
+    return total // size
+
+
 def _sharded(param: nn.Parameter, dim: int | None, size: int, rank: int) -> nn.Parameter:
     mark_partition(param, dim, size, rank)
     # DeepSpeed counts a parameter's gradient norm once per tensor-parallel group only when this is set.
@@ -77,8 +83,9 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         self.group = group
-        self.weight = _sharded(nn.Parameter(torch.empty(out_features // size, in_features)), 0, size, rank)
-        self.bias = _sharded(nn.Parameter(torch.zeros(out_features // size)), 0, size, rank) if bias else None
+        out_local = _split(out_features, size, "output features")
+        self.weight = _sharded(nn.Parameter(torch.empty(out_local, in_features)), 0, size, rank)
+        self.bias = _sharded(nn.Parameter(torch.zeros(out_local)), 0, size, rank) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(_CopyToGroup.apply(x, self.group), self.weight, self.bias)
@@ -91,7 +98,8 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         self.group = group
-        self.weight = _sharded(nn.Parameter(torch.empty(out_features, in_features // size)), 1, size, rank)
+        in_local = _split(in_features, size, "input features")
+        self.weight = _sharded(nn.Parameter(torch.empty(out_features, in_local)), 1, size, rank)
         self.bias = _sharded(nn.Parameter(torch.zeros(out_features)), None, size, rank) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +113,7 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, dim: int, group: dist.ProcessGroup):
         super().__init__()
         size, rank = dist.get_world_size(group), dist.get_rank(group)
-        per_rank = num_embeddings // size
+        per_rank = _split(num_embeddings, size, "vocabulary rows")
         self.group, self.start, self.end = group, rank * per_rank, (rank + 1) * per_rank
         self.weight = _sharded(nn.Parameter(torch.empty(per_rank, dim)), 0, size, rank)
 

@@ -50,7 +50,9 @@ def setup_engine(cfg: Config, args: LlamaArgs, state: ParallelState, accelerator
     """``deepspeed.initialize`` on this rank's model with the engine config derived from ``cfg``."""
     import deepspeed
 
-    torch.manual_seed(cfg.seed)  # the same default stream on every rank (dropout on replicated activations)
+    # Dropout: tensor-parallel ranks share a stream (their activations are replicated); data-parallel ranks and
+    # pipeline stages draw different masks. Initialisation does not use this stream (see model/init.py).
+    torch.manual_seed(cfg.seed + 100_003 * state.dp_rank + 10_007 * state.pp_rank)
     module = build_module(args, state, checkpoint_every=cfg.checkpoint_num_layers if cfg.checkpoint_activations else 0,
                           partition_method=cfg.pipe_partition_method)
     groups = parameter_groups(module, cfg.optimizer.params.weight_decay, cfg.weight_decay_embeddings)
