@@ -1,0 +1,134 @@
+"""tools/preprocess_data.py: outputs, worker equivalence, inputs of every kind, malformed lines, interruption."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+from conftest import ROOT
+
+from neox_llama.data import preprocess as pre
+from neox_llama.data.indexed import IndexedDataset
+from neox_llama.tokenizers.train import train_sentencepiece
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jovial kings".split()
+
+
+def make_docs(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.RandomState(seed)
+    return [" ".join(rng.choice(WORDS, size=rng.randint(3, 60))) + f" {i}." for i in range(n)]
+
+
+@pytest.fixture(scope="session")
+def spm_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tok")
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(make_docs(400)))
+    return train_sentencepiece([corpus], folder / "tiny", 300)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), *args, "--no-progress"],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_jsonl_to_dataset_holds_exactly_the_tokens(tmp_path, spm_model):
+    docs = make_docs(50)
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": d, "meta": i}) + "\n" for i, d in enumerate(docs)))
+    proc = run_cli("--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "out"),
+                   "--tokenizer-type", "SPMTokenizer", "--vocab-file", str(spm_model), "--append-eod")
+    assert proc.returncode == 0, proc.stderr
+    assert "50 documents" in proc.stderr and "0 malformed record(s) skipped" in proc.stderr
+    ds = IndexedDataset(tmp_path / "out_text_document")
+    sp = spm.SentencePieceProcessor(model_file=str(spm_model))
+    assert ds.dtype == np.uint16 and len(ds) == 50
+    for i, doc in enumerate(docs):
+        assert ds[i].tolist() == [*sp.encode(doc), 2]
+
+
+def test_two_workers_write_identical_files(tmp_path, spm_model):
+    docs = make_docs(700, seed=3)
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    for workers in (1, 2):
+        pre.preprocess([tmp_path / "in.jsonl"], str(tmp_path / f"w{workers}"), "SPMTokenizer", str(spm_model),
+                       append_eod=True, workers=workers, progress=False)
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"w1_text_document.{ext}").read_bytes() == (tmp_path / f"w2_text_document.{ext}").read_bytes()
+
+
+def test_json_list_txt_gz_and_several_keys(tmp_path, spm_model):
+    sp = spm.SentencePieceProcessor(model_file=str(spm_model))
+    records = [{"instruction": "say hi", "output": "hi there"}, {"instruction": "count", "output": "one two"}]
+    (tmp_path / "a.json").write_text(json.dumps(records))
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"instruction": "more", "output": "text"}) + "\n")
+    pre.preprocess([tmp_path / "a.json", tmp_path / "b.jsonl.gz"], str(tmp_path / "multi"), "SPMTokenizer",
+                   str(spm_model), keys=("instruction", "output"), progress=False)
+    for key in ("instruction", "output"):
+        ds = IndexedDataset(tmp_path / f"multi_{key}_document")
+        expected = [r[key] for r in records] + [{"instruction": "more", "output": "text"}[key]]
+        assert [ds[i].tolist() for i in range(3)] == [sp.encode(t) for t in expected]
+    (tmp_path / "c.txt").write_text("first paragraph\nstill first\n\nsecond paragraph\n\n\n")
+    summary = pre.preprocess([tmp_path / "c.txt"], str(tmp_path / "para"), "SPMTokenizer", str(spm_model),
+                             txt_split="paragraph", progress=False)
+    ds = IndexedDataset(tmp_path / "para_text_document")
+    assert summary.documents == 2 and ds[1].tolist() == sp.encode("second paragraph")
+    pre.preprocess([tmp_path / "c.txt"], str(tmp_path / "whole"), "SPMTokenizer", str(spm_model), progress=False)
+    assert len(IndexedDataset(tmp_path / "whole_text_document")) == 1
+
+
+def test_malformed_lines_are_reported_with_their_line_and_skipped(tmp_path, spm_model):
+    lines = [json.dumps({"text": "good one"}), "{not json", json.dumps({"body": "wrong key"}), "", json.dumps([1]),
+             json.dumps({"text": "good two"})]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    proc = run_cli("--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "out"),
+                   "--tokenizer-type", "SPMTokenizer", "--vocab-file", str(spm_model))
+    assert proc.returncode == 0, proc.stderr
+    assert f"{tmp_path / 'in.jsonl'}:2: not valid JSON" in proc.stderr
+    assert f"{tmp_path / 'in.jsonl'}:3: no string value for key(s) text" in proc.stderr
+    assert f"{tmp_path / 'in.jsonl'}:5: expected a JSON object" in proc.stderr
+    assert "2 documents" in proc.stderr and "3 malformed record(s) skipped" in proc.stderr
+    assert len(IndexedDataset(tmp_path / "out_text_document")) == 2
+
+    proc = run_cli("--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "strict"),
+                   "--tokenizer-type", "SPMTokenizer", "--vocab-file", str(spm_model), "--strict")
+    assert proc.returncode == 2 and "in.jsonl:2: not valid JSON" in proc.stderr and "(--strict)" in proc.stderr
+    assert not list(tmp_path.glob("strict*"))
+
+
+def test_interrupted_run_leaves_no_final_named_file(tmp_path, spm_model, monkeypatch):
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in make_docs(600)))
+    calls = {"n": 0}
+    real = pre._encode_batch
+
+    def interrupted(batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(batch)
+
+    monkeypatch.setattr(pre, "_encode_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pre.preprocess([tmp_path / "in.jsonl"], str(tmp_path / "out"), "SPMTokenizer", str(spm_model), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--input", "/no/such.jsonl"], "/no/such.jsonl: input file not found"),
+    (["--input", "{tmp}/x.csv"], "unsupported input type; use .jsonl, .json or .txt"),
+    (["--vocab-file", "/no/tok.model"], "/no/tok.model: tokenizer file not found"),
+])
+def test_bad_inputs_fail_clearly(tmp_path, spm_model, args, message):
+    (tmp_path / "x.csv").write_text("a,b\n")
+    (tmp_path / "ok.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
+    base = {"--input": str(tmp_path / "ok.jsonl"), "--vocab-file": str(spm_model)}
+    base.update({args[0]: args[1].format(tmp=tmp_path)})
+    proc = run_cli(*[x for kv in base.items() for x in kv], "--output-prefix", str(tmp_path / "o"),
+                   "--tokenizer-type", "SPMTokenizer")
+    assert proc.returncode == 2 and message in proc.stderr
+    assert not list(tmp_path.glob("o_*"))
