@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from neox_llama.data.indexed import IndexedDatasetWriter, token_dtype
@@ -25,18 +26,11 @@ from neox_llama.tokenizers import Tokenizer, build_tokenizer
 
 logger = logging.getLogger(__name__)
 
-BATCH_DOCS = 128
+BATCH_DOCS = 256
 
 
 class PreprocessError(Exception):
     """Bad input (with --strict) or an unreadable file; the message names file and line."""
-
-
-@dataclass
-class Document:
-    source: str
-    """``file:line`` (or ``file:item N`` for a .json list)."""
-    texts: dict[str, str]
 
 
 @dataclass
@@ -72,8 +66,8 @@ def _kind(path: Path) -> str:
     return kind
 
 
-def read_documents(paths: list[Path], keys: list[str], txt_split: str, report) -> Iterator[Document]:
-    """Documents of every input in order; malformed records go to ``report(location, reason)``."""
+def read_records(paths: list[Path], txt_split: str) -> Iterator[tuple[str, object]]:
+    """(location, raw record) for every input in order: a JSON line, a parsed .json item, or a text document."""
     for path in paths:
         if not path.is_file():
             raise PreprocessError(f"{path}: input file not found")
@@ -82,17 +76,14 @@ def read_documents(paths: list[Path], keys: list[str], txt_split: str, report) -
             if kind == ".txt":
                 text = handle.read()
                 if txt_split == "file":
-                    yield Document(f"{path}", {"text": text})
+                    yield f"{path}", {"text": text}
                 else:
                     for n, block in enumerate(b for b in text.split("\n\n") if b.strip()):
-                        yield Document(f"{path}:paragraph {n + 1}", {"text": block})
+                        yield f"{path}:paragraph {n + 1}", {"text": block}
             elif kind == ".jsonl":
                 for number, line in enumerate(handle, 1):
-                    if not line.strip():
-                        continue
-                    doc = _from_json(line, f"{path}:{number}", keys, report)
-                    if doc:
-                        yield doc
+                    if line.strip():
+                        yield f"{path}:{number}", line
             else:
                 try:
                     items = json.load(handle)
@@ -101,26 +92,22 @@ def read_documents(paths: list[Path], keys: list[str], txt_split: str, report) -
                 if not isinstance(items, list):
                     raise PreprocessError(f"{path}: a .json input must hold a list of objects")
                 for n, item in enumerate(items):
-                    doc = _from_json(item, f"{path}:item {n}", keys, report)
-                    if doc:
-                        yield doc
+                    yield f"{path}:item {n}", item
 
 
-def _from_json(record, where: str, keys: list[str], report) -> Document | None:
+def _parse(record: object, keys: list[str]) -> dict[str, str] | str:
+    """The texts of a record, or the reason it is malformed."""
     if isinstance(record, str):
         try:
             record = json.loads(record)
         except json.JSONDecodeError as err:
-            report(where, f"not valid JSON ({err.msg})")
-            return None
+            return f"not valid JSON ({err.msg})"
     if not isinstance(record, dict):
-        report(where, f"expected a JSON object, got {type(record).__name__}")
-        return None
+        return f"expected a JSON object, got {type(record).__name__}"
     missing = [k for k in keys if not isinstance(record.get(k), str)]
     if missing:
-        report(where, f"no string value for key(s) {', '.join(missing)}")
-        return None
-    return Document(where, {k: record[k] for k in keys})
+        return f"no string value for key(s) {', '.join(missing)}"
+    return {k: record[k] for k in keys}
 
 
 _WORKER: dict = {}
@@ -130,30 +117,49 @@ def _init_worker(tokenizer_type: str, vocab_file: str) -> None:
     _WORKER["tok"] = build_tokenizer(tokenizer_type, vocab_file)
 
 
-def _encode_batch(batch: tuple[list[str], list[list[str]], bool]) -> list[list[list[int]]]:
-    keys, texts_per_key, append_eod = batch
+@dataclass
+class _Encoded:
+    arrays: list[list[np.ndarray]]
+    """Per key, the token arrays of the batch's good documents."""
+    errors: list[tuple[str, str]]
+    empty: int
+    chars: int
+
+
+def _encode_batch(batch: tuple[list[tuple[str, object]], list[str], bool, str]) -> _Encoded:
+    """Parse and tokenize a batch of raw records (runs in a worker process)."""
+    records, keys, append_eod, dtype = batch
     tok: Tokenizer = _WORKER["tok"]
-    per_key = [tok.encode_batch(texts) for texts in texts_per_key]
-    if append_eod:
-        for ids_list in per_key:
-            for ids in ids_list:
-                ids.append(tok.eod_id)
-    return per_key
+    good, errors, empty, chars = [], [], 0, 0
+    for where, record in records:
+        parsed = _parse(record, keys)
+        if isinstance(parsed, str):
+            errors.append((where, parsed))
+        elif not any(parsed[k].strip() for k in keys):
+            empty += 1
+        else:
+            good.append(parsed)
+            chars += sum(len(t) for t in parsed.values())
+    arrays = []
+    for key in keys:
+        encoded = tok.encode_batch([doc[key] for doc in good])
+        if append_eod:
+            eod = tok.eod_id
+            arrays.append([np.array([*ids, eod], dtype=dtype) for ids in encoded])
+        else:
+            arrays.append([np.array(ids, dtype=dtype) for ids in encoded])
+    return _Encoded(arrays, errors, empty, chars)
 
 
-def _batches(docs: Iterator[Document], keys: list[str], append_eod: bool, summary: Summary):
-    batch: list[Document] = []
-    for doc in docs:
-        summary.bytes_read += sum(len(t) for t in doc.texts.values())
-        if not any(doc.texts[k].strip() for k in keys):
-            summary.empty += 1
-            continue
-        batch.append(doc)
+def _batches(records: Iterator[tuple[str, object]], keys: list[str], append_eod: bool, dtype: str):
+    batch: list[tuple[str, object]] = []
+    for record in records:
+        batch.append(record)
         if len(batch) == BATCH_DOCS:
-            yield keys, [[d.texts[k] for d in batch] for k in keys], append_eod
+            yield batch, keys, append_eod, dtype
             batch = []
     if batch:
-        yield keys, [[d.texts[k] for d in batch] for k in keys], append_eod
+        yield batch, keys, append_eod, dtype
 
 
 def output_prefix_for(output_prefix: str, key: str) -> str:
@@ -175,29 +181,36 @@ def preprocess(inputs: list[Path], output_prefix: str, tokenizer_type: str, voca
         summary.skipped.append(f"{where}: {reason}")
         logger.warning("skipping %s: %s", where, reason)
 
-    dtype = token_dtype(tokenizer.vocab_size)
+    dtype = np.dtype(token_dtype(tokenizer.vocab_size))
     writers = {k: IndexedDatasetWriter(output_prefix_for(output_prefix, k), dtype) for k in keys}
     start = time.perf_counter()
-    docs = read_documents(inputs, keys, txt_split, report)
     bar = tqdm(disable=not progress, unit=" docs", desc="preprocess", dynamic_ncols=True)
     pool = None
     try:
-        batches = _batches(docs, keys, append_eod, summary)
+        batches = _batches(read_records(inputs, txt_split), keys, append_eod, dtype.str)
+        _WORKER["tok"] = tokenizer
         if workers > 1:
-            ctx = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_type, str(vocab_file)))
+            if os.name == "posix":  # forked workers inherit the loaded tokenizer
+                pool = multiprocessing.get_context("fork").Pool(workers)
+            else:
+                pool = multiprocessing.get_context("spawn").Pool(
+                    workers, initializer=_init_worker, initargs=(tokenizer_type, str(vocab_file)))
             results = pool.imap(_encode_batch, batches, chunksize=1)
         else:
-            _WORKER["tok"] = tokenizer
             results = map(_encode_batch, batches)
-        for per_key in results:
-            for key, ids_list in zip(keys, per_key, strict=True):
-                for ids in ids_list:
-                    writers[key].add_document(ids)
-                    summary.tokens += len(ids)
-            summary.documents += len(per_key[0])
+        for done in results:
+            for where, reason in done.errors:
+                report(where, reason)
+            for key, arrays in zip(keys, done.arrays, strict=True):
+                for array in arrays:
+                    writers[key].add_document(array)
+                    summary.tokens += array.size
+            count = len(done.arrays[0])
+            summary.documents += count
+            summary.empty += done.empty
+            summary.bytes_read += done.chars
             elapsed = time.perf_counter() - start
-            bar.update(len(per_key[0]))
+            bar.update(count)
             bar.set_postfix_str(f"{summary.tokens / elapsed:,.0f} tok/s, {summary.bytes_read / elapsed / 1e6:.2f} MB/s")
         for writer in writers.values():
             writer.finalize()
