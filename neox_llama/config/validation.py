@@ -125,6 +125,10 @@ def _check_training(cfg: Config, problems: _Problems, d: Derived) -> None:
                      f"zero_optimization.stage {zero} with pipe_parallel_size {pp}: DeepSpeed supports only "
                      "ZeRO 0-1 with pipeline parallelism (gradients are reduced per stage); use stage 1, "
                      "or pipe_parallel_size 1 for ZeRO 2/3")
+    if pp > 1 and zero == 0:
+        problems.add(("zero_optimization.stage", "pipe_parallel_size"),
+                     f"zero_optimization.stage 0 with pipe_parallel_size {pp}: use stage 1 with a pipeline (DeepSpeed "
+                     "0.19 miscomputes the clipping norm of fp32 pipelines at stage 0 and cannot reload bf16 ones)")
     if cfg.zero_optimization.offload_param != "none" and zero != 3:
         problems.add("zero_optimization.offload_param", "zero_optimization.offload_param needs ZeRO stage 3")
     if cfg.zero_optimization.offload_optimizer != "none" and zero == 0:

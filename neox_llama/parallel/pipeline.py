@@ -68,3 +68,10 @@ def build_module(args: LlamaArgs, state: ParallelState, *, checkpoint_every: int
     if state.pp_size > 1:
         return build_pipeline_module(args, state, partition_method=partition_method, checkpoint_every=checkpoint_every)
     return build_model(args, layer_factory(state), checkpoint_every=checkpoint_every)
+
+
+def rank_layers(module: nn.Module, state: ParallelState) -> dict[int, nn.Module]:
+    """Global layer index -> module for every layer this rank holds (pipeline stage or whole model)."""
+    if state.pp_size > 1:
+        return stage_layers(module)
+    return {int(index): layer for index, layer in module.named_children()}

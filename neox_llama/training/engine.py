@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +16,8 @@ from neox_llama.model.args import LlamaArgs
 from neox_llama.model.factory import LayerFactory
 from neox_llama.parallel.pipeline import build_module, layer_factory
 from neox_llama.parallel.topology import ParallelState
+
+logger = logging.getLogger(__name__)
 
 EMBEDDING_NAMES = ("word_embeddings.weight", "position_embeddings.weight", "head.weight")
 
@@ -46,18 +52,31 @@ class Engine:
         return self.state.pp_size > 1
 
 
-def setup_engine(cfg: Config, args: LlamaArgs, state: ParallelState, accelerator: str = "cpu") -> Engine:
-    """``deepspeed.initialize`` on this rank's model with the engine config derived from ``cfg``."""
+def setup_engine(cfg: Config, args: LlamaArgs, state: ParallelState, accelerator: str = "cpu", *,
+                 prepare_module: Callable[[nn.Module], None] | None = None, with_schedule: bool = False) -> Engine:
+    """``deepspeed.initialize`` on this rank's model with the engine config derived from ``cfg``.
+
+    ``prepare_module`` runs on the module before the engine exists (e.g. to load weights, so that the
+    optimizer's master copies start from them); ``with_schedule`` attaches the LR schedule.
+    """
     import deepspeed
+
+    from neox_llama.training.schedule import LRSchedule
 
     # Dropout: tensor-parallel ranks share a stream (their activations are replicated); data-parallel ranks and
     # pipeline stages draw different masks. Initialisation does not use this stream (see model/init.py).
     torch.manual_seed(cfg.seed + 100_003 * state.dp_rank + 10_007 * state.pp_rank)
     module = build_module(args, state, checkpoint_every=cfg.checkpoint_num_layers if cfg.checkpoint_activations else 0,
                           partition_method=cfg.pipe_partition_method)
+    if prepare_module is not None:
+        prepare_module(module)
     groups = parameter_groups(module, cfg.optimizer.params.weight_decay, cfg.weight_decay_embeddings)
-    engine, _, _, _ = deepspeed.initialize(
-        model=module, model_parameters=groups, config=deepspeed_config(cfg, accelerator),
-        mpu=None if state.pp_size > 1 else state,
-    )
+    with contextlib.redirect_stdout(io.StringIO()) as chatter:  # DeepSpeed prints memory reports on rank 0
+        engine, _, _, _ = deepspeed.initialize(
+            model=module, model_parameters=groups, config=deepspeed_config(cfg, accelerator),
+            mpu=None if state.pp_size > 1 else state,
+            lr_scheduler=(lambda optimizer: LRSchedule(optimizer, cfg)) if with_schedule else None,
+        )
+    if chatter.getvalue().strip():
+        logger.debug("deepspeed.initialize printed:\n%s", chatter.getvalue().rstrip())
     return Engine(engine, state, layer_factory(state), args)

@@ -1,0 +1,91 @@
+"""Training metrics to the console, ``{log_dir}/metrics.jsonl``, TensorBoard and Weights & Biases (rank 0 only).
+
+metrics.jsonl keys are a contract (ARCHITECTURE.md): training records carry ``step, loss, lr, grad_norm,
+tokens_per_sec, mfu``; evaluation records ``step, valid_loss, valid_ppl``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+from neox_llama.config.schema import Config
+
+logger = logging.getLogger("train")
+
+
+class MetricsWriter:
+    """Writes one record per call to every configured sink; a no-op on ranks other than 0."""
+
+    def __init__(self, cfg: Config, rank: int, resume_step: int = 0):
+        self.enabled = rank == 0
+        self.path = Path(cfg.log_dir) / "metrics.jsonl" if cfg.log_dir else None
+        self.tb = None
+        self.wandb = None
+        if not self.enabled:
+            return
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _truncate_after(self.path, resume_step)
+        if cfg.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=cfg.tensorboard_dir)
+        if cfg.use_wandb:
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = wandb.init(project=cfg.wandb_project, group=cfg.wandb_group, config=cfg.raw,
+                                    dir=cfg.log_dir or None, resume="allow")
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(clean) + "\n")
+        step = record["step"]
+        numbers = {k: v for k, v in clean.items() if isinstance(v, (int, float)) and v is not None and k != "step"}
+        if self.tb:
+            for key, value in numbers.items():
+                self.tb.add_scalar(key, value, step)
+        if self.wandb:
+            self.wandb.log(numbers, step=step)
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """On resume, drop records of steps after the checkpoint (they will be logged again)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def format_train(record: dict) -> str:
+    """The console line of a training record."""
+    parts = [f"step {record['step']:>6}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.3e}",
+             f"grad_norm {record['grad_norm']:.3f}" if record.get("grad_norm") is not None else "grad_norm n/a",
+             f"{record['tokens_per_sec']:,.0f} tok/s", f"{record['tflops_per_rank']:.2f} TFLOP/s/rank",
+             f"MFU {record['mfu']:.1%}"]
+    if record.get("loss_scale") is not None:
+        parts.append(f"loss_scale {record['loss_scale']:g}")
+    parts.append(f"step {record['step_time']:.2f}s (data {record['time_data']:.2f}s)")
+    return " | ".join(parts)

@@ -1,0 +1,265 @@
+"""The training loop: steps, evaluation, metrics, checkpoints, signals, NaN and early stopping."""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from neox_llama.config.schema import Config
+from neox_llama.data.loader import build_datasets, build_loader
+from neox_llama.distributed import RankInfo
+from neox_llama.model.args import LlamaArgs
+from neox_llama.model.flops import flops_per_token
+from neox_llama.model.loss import CausalLMLoss, token_weights
+from neox_llama.parallel.topology import ParallelState
+from neox_llama.tokenizers import Tokenizer
+from neox_llama.training import checkpoint as ckpt
+from neox_llama.training.engine import setup_engine
+from neox_llama.training.metrics import MetricsWriter, format_train
+from neox_llama.utils.peak import measure_matmul_tflops
+
+logger = logging.getLogger("train")
+
+EXIT_NAN = 3
+
+
+class TrainingError(Exception):
+    """Training cannot go on (non-finite loss, data exhausted, bad checkpoint); the message says what to do."""
+
+    exit_code = 1
+
+
+class Trainer:
+    """One rank's part of a run, from a resolved config (``cfg.derived`` filled, vocabulary known)."""
+
+    def __init__(self, cfg: Config, info: RankInfo, accelerator: str, tokenizer: Tokenizer | None):
+        self.cfg, self.info, self.accelerator, self.tokenizer = cfg, info, accelerator, tokenizer
+        self.state = ParallelState(cfg.pipe_parallel_size, cfg.model_parallel_size)
+        self.args = LlamaArgs.from_config(cfg)
+        self.train_state = ckpt.TrainingState()
+        self.stop_requested = False
+        self.last_saved: Path | None = None
+
+        load_folder, meta = self._find_checkpoint()
+        weights_only = load_folder is not None and (cfg.finetune or not ckpt.same_layout(meta, cfg))
+
+        def prepare(module):
+            if weights_only:
+                ckpt.load_layer_weights(module, self.state, load_folder)
+
+        self.runner = setup_engine(cfg, self.args, self.state, accelerator, prepare_module=prepare, with_schedule=True)
+        self.engine = self.runner.engine
+        if load_folder is not None and not cfg.finetune:
+            self._resume(load_folder, meta, weights_only)
+        elif load_folder is not None:
+            logger.info("fine-tuning from the weights of %s (fresh optimizer, step 0)", load_folder)
+        self.loss_fn = CausalLMLoss(self.runner.factory)
+        self.metrics = MetricsWriter(cfg, info.rank, resume_step=self.train_state.step)
+        self.flops_per_token = flops_per_token(cfg)
+        self.peak_tflops = cfg.peak_tflops or self._measure_peak()
+
+    # ------------------------------------------------------------------ setup
+    def _find_checkpoint(self) -> tuple[Path | None, dict]:
+        cfg = self.cfg
+        if not cfg.load:
+            return None, {}
+        try:
+            folder = ckpt.resolve_checkpoint(cfg.load)
+        except ckpt.CheckpointError as err:
+            if cfg.finetune or Path(cfg.load).joinpath(ckpt.LATEST).exists() or Path(cfg.load, ckpt.METADATA).exists():
+                raise TrainingError(str(err)) from None
+            logger.info("no checkpoint in %s yet: starting from scratch", cfg.load)
+            return None, {}
+        return folder, ckpt.read_metadata(folder)
+
+    def _resume(self, folder: Path, meta: dict, weights_only: bool) -> None:
+        self.train_state = ckpt.training_state(meta)
+        layout = meta["layout"]
+        if weights_only:
+            self.engine.lr_scheduler.load_state_dict({"num_steps": self.train_state.step})
+            logger.warning("resuming %s saved at pp %d x tp %d x dp %d (ZeRO %d) under pp %d x tp %d x dp %d (ZeRO %d): "
+                           "weights, step %d, data position and LR schedule restored; optimizer state NOT restored "
+                           "(it is sharded by layout), the optimizer starts fresh",
+                           folder, layout["pipe_parallel_size"], layout["model_parallel_size"],
+                           layout["data_parallel_size"], layout["zero_stage"], self.cfg.pipe_parallel_size,
+                           self.cfg.model_parallel_size, self.cfg.derived.data_parallel_size,
+                           self.cfg.zero_optimization.stage, self.train_state.step)
+        else:
+            ckpt.restore_engine_state(self.engine, folder)
+            logger.info("resumed from %s at step %d (%d samples consumed)", folder, self.train_state.step,
+                        self.train_state.consumed_samples)
+        if layout["world_size"] == self.cfg.derived.world_size:
+            ckpt.restore_rng(folder, self.info.rank)
+
+    def _measure_peak(self) -> float:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.cfg.precision]
+        device = "cuda" if self.accelerator == "cuda" else "cpu"
+        peak = measure_matmul_tflops(dtype, device=device)
+        logger.info("peak_tflops not set: measured %.3f TFLOP/s per rank (%s matmul) for MFU", peak, self.cfg.precision)
+        return peak
+
+    # ------------------------------------------------------------------ batches
+    def _global_batches(self, iterator) -> tuple[list, float]:
+        """One optimizer step's micro-batches for this rank, with loss weights normalised over the whole step."""
+        d = self.cfg.derived
+        try:
+            micro = [next(iterator) for _ in range(d.gradient_accumulation_steps)]
+        except StopIteration:
+            raise TrainingError("the training data ran out before train_iters; add data or lower train_iters") from None
+        valid = torch.tensor([float(sum(m["loss_mask"].sum() for m in micro))])
+        dist.all_reduce(valid, group=self.state.dp_group)
+        scale = d.gradient_accumulation_steps * d.data_parallel_size
+        device = self.info.device
+        return [((m["input_ids"].to(device), m["position_ids"].to(device)),
+                 (m["labels"].to(device), token_weights(m["loss_mask"], valid.item(), scale).to(device)))
+                for m in micro], valid.item()
+
+    def _step(self, batches: list) -> float:
+        d = self.cfg.derived
+        if self.runner.pipelined:
+            return float(self.engine.train_batch(iter(batches)))
+        total = torch.zeros(1, device=self.info.device)
+        for inputs, targets in batches:
+            loss = self.loss_fn(self.engine(*inputs), targets)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach().float()
+        dist.all_reduce(total, group=self.state.dp_group)
+        return total.item() / (d.gradient_accumulation_steps * d.data_parallel_size)
+
+    @torch.no_grad()
+    def evaluate(self, loader) -> float:
+        """Mean loss per valid token over the first ``eval_iters`` global batches of the validation split."""
+        self.engine.eval()
+        iterator = iter(loader)
+        loss_sum, tokens = 0.0, 0.0
+        for _ in range(self.cfg.eval_iters):
+            batches, valid = self._global_batches(iterator)
+            if self.runner.pipelined:
+                mean = float(self.engine.eval_batch(iter(batches)))
+            else:
+                total = torch.zeros(1, device=self.info.device)
+                for inputs, targets in batches:
+                    total += self.loss_fn(self.engine(*inputs), targets).float()
+                dist.all_reduce(total, group=self.state.dp_group)
+                d = self.cfg.derived
+                mean = total.item() / (d.gradient_accumulation_steps * d.data_parallel_size)
+            loss_sum += mean * valid
+            tokens += valid
+        self.engine.train()
+        return loss_sum / max(tokens, 1.0)
+
+    # ------------------------------------------------------------------ loop
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, frame):
+            self.stop_requested = True
+            logger.warning("received %s: saving a checkpoint at the next step boundary, then exiting",
+                           signal.Signals(signum).name)
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+
+    def _stop_agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+    def _save(self, tag: str | None = None) -> None:
+        if not self.cfg.save:
+            return
+        files = self.tokenizer.files if self.tokenizer else []
+        folder = ckpt.save_checkpoint(self.engine, self.state, self.cfg, self.train_state, files, tag=tag)
+        if tag is None:
+            self.last_saved = folder
+
+    def train(self) -> int:
+        """Run to ``train_iters`` (or a stop); returns the process exit code."""
+        cfg, d, ts = self.cfg, self.cfg.derived, self.train_state
+        datasets = build_datasets(cfg)
+        if "train" not in datasets:
+            raise TrainingError("no training data: set data_path (split by `split`) or train_data_paths")
+        eod = self.tokenizer.eod_id if self.tokenizer else None
+        dp_rank, dp = self.state.dp_rank, d.data_parallel_size
+        train_iter = iter(build_loader(datasets["train"], cfg, dp_rank, dp, ts.consumed_samples, eod))
+        valid_loader = build_loader(datasets["valid"], cfg, dp_rank, dp, 0, eod) if "valid" in datasets else None
+        self._install_signal_handlers()
+        tokens_per_step = d.train_batch_size * cfg.seq_length
+        logger.info("training %d steps from step %d: %d sequences x %d tokens per step (%s, pp %d x tp %d x dp %d)",
+                    cfg.train_iters, ts.step, d.train_batch_size, cfg.seq_length, cfg.precision,
+                    cfg.pipe_parallel_size, cfg.model_parallel_size, dp)
+        while ts.step < cfg.train_iters:
+            start = time.perf_counter()
+            lr = self.engine.lr_scheduler.current()
+            batches, _ = self._global_batches(train_iter)
+            data_time = time.perf_counter() - start
+            loss = self._step(batches)
+            ts.step += 1
+            ts.consumed_samples += d.train_batch_size
+            step_time = time.perf_counter() - start
+            if not math.isfinite(loss):
+                where = f"the last good checkpoint is {self.last_saved}" if self.last_saved else "no checkpoint was saved"
+                logger.error("loss is %s at step %d; stopping (%s). Lower the learning rate or check the data.",
+                             loss, ts.step, where)
+                return EXIT_NAN
+            if ts.step % cfg.log_interval == 0 or ts.step == cfg.train_iters:
+                self._log(ts.step, loss, lr, step_time, data_time, tokens_per_step)
+            stop = self._stop_agreed()
+            if valid_loader is not None and cfg.eval_iters and (ts.step % cfg.eval_interval == 0 or
+                                                                 ts.step == cfg.train_iters):
+                if self._evaluate_and_track(valid_loader):
+                    logger.info("early stopping: no improvement for %d evaluations", cfg.early_stopping_patience)
+                    stop = True
+            if stop or ts.step % cfg.checkpoint_factor == 0 or ts.step == cfg.train_iters:
+                self._save()
+            if stop:
+                logger.info("stopped at step %d", ts.step)
+                break
+        self.metrics.close()
+        return 0
+
+    def _evaluate_and_track(self, loader) -> bool:
+        """Evaluate, log, keep the best; True when early stopping should end the run."""
+        cfg, ts = self.cfg, self.train_state
+        valid_loss = self.evaluate(loader)
+        record = {"step": ts.step, "valid_loss": valid_loss, "valid_ppl": math.exp(min(valid_loss, 50.0))}
+        self.metrics.write(record)
+        logger.info("step %6d | valid_loss %.4f | valid_ppl %.2f", ts.step, valid_loss, record["valid_ppl"])
+        if ts.best_valid_loss is None or valid_loss < ts.best_valid_loss:
+            ts.best_valid_loss, ts.evaluations_without_improvement = valid_loss, 0
+            if cfg.save_best:
+                self._save(tag="best")
+            return False
+        ts.evaluations_without_improvement += 1
+        return bool(cfg.early_stopping_patience and ts.evaluations_without_improvement >= cfg.early_stopping_patience)
+
+    def _log(self, step: int, loss: float, lr: float, step_time: float, data_time: float, tokens: int) -> None:
+        tokens_per_sec = tokens / step_time
+        world = self.cfg.derived.world_size
+        tflops = self.flops_per_token * tokens_per_sec / world / 1e12
+        grad_norm = self.engine.get_global_grad_norm()
+        scale = None
+        if self.cfg.precision == "fp16":
+            scale = float(getattr(self.engine.optimizer, "cur_scale", 0.0) or 0.0)
+        if self.accelerator == "cuda":
+            peak_mem = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        record = {
+            "step": step, "loss": loss, "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_sec": tokens_per_sec, "samples_per_sec": self.cfg.derived.train_batch_size / step_time,
+            "tflops_per_rank": tflops, "mfu": tflops / self.peak_tflops if self.peak_tflops else 0.0,
+            "loss_scale": scale, "skipped_steps": int(getattr(self.engine, "skipped_steps", 0)),
+            "step_time": step_time, "time_data": data_time, "time_compute": step_time - data_time,
+            "peak_memory_mb": peak_mem, "consumed_samples": self.train_state.consumed_samples,
+        }
+        self.metrics.write(record)
+        if self.info.rank == 0:
+            logger.info("%s", format_train(record))
