@@ -1,0 +1,61 @@
+"""Running real training jobs through deepy.py on a small synthetic corpus."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from conftest import ROOT, free_port
+from dist_helpers import ABORT_AT_EXIT
+
+from neox_llama.data.indexed import IndexedDatasetWriter
+
+VOCAB = 256
+
+
+def write_corpus(prefix: Path, docs: int = 300, seed: int = 0) -> Path:
+    """Documents from a noisy deterministic chain (next = 3 x token + 1 mod 256): learnable, so loss falls."""
+    rng = np.random.RandomState(seed)
+    with IndexedDatasetWriter(prefix, np.uint16) as writer:
+        for _ in range(docs):
+            length = rng.randint(20, 200)
+            tokens = [rng.randint(3, VOCAB)]
+            for _ in range(length - 1):
+                tokens.append((3 * tokens[-1] + 1) % VOCAB if rng.rand() < 0.9 else rng.randint(3, VOCAB))
+            writer.add_document(tokens + [2])
+    return prefix
+
+
+BASE = ["tokenizer_type=null", "vocab_file=null", f"vocab_size={VOCAB}", "make_vocab_size_divisible_by=64",
+        "seq_length=32", "tensorboard_dir=null", "log_interval=1", "num_workers=0", "precision=fp32",
+        "warmup_iters=2", "eval_iters=2", "eval_interval=1000", "checkpoint_factor=1000"]
+
+
+def deepy_train(run: Path, corpus: Path, *overrides: str, preset: str = "configs/llama3/tiny.yml",
+                timeout: float = 400, wait: bool = True):
+    """Train through ``python deepy.py train.py``; returns the finished (or, without wait, running) process."""
+    args = [sys.executable, str(ROOT / "deepy.py"), "train.py", preset, *BASE, f"data_path={corpus}",
+            f"save={run / 'ck'}", f"load={run / 'ck'}", f"log_dir={run / 'logs'}", f"master_port={free_port()}",
+            *overrides]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if not wait:
+        return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    for attempt in range(2):
+        proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode == 0 or ABORT_AT_EXIT not in proc.stdout + proc.stderr or attempt:
+            return proc
+    return proc
+
+
+def records(run: Path, key: str = "loss") -> list[dict]:
+    path = run / "logs" / "metrics.jsonl"
+    return [r for r in map(json.loads, path.read_text().splitlines()) if key in r]
+
+
+def losses(run: Path) -> list[float]:
+    return [r["loss"] for r in records(run)]
