@@ -96,6 +96,13 @@ def main(argv: list[str]) -> int:
         except ConfigError as err:
             problems.extend(err.problems)
             world_size = (cfg.num_gpus or 1) * (cfg.num_nodes or 1)
+        if cfg.finetune and cfg.load and "load" not in cfg.invalid_keys:
+            from neox_llama.training.checkpoint import CheckpointError, resolve_checkpoint
+
+            try:
+                resolve_checkpoint(cfg.load)
+            except CheckpointError as err:
+                problems.append(f"{cfg.sources.get('load', 'default')}: load: {err} (finetune needs a checkpoint)")
         try:
             resolve(cfg, world_size, accelerator, tokenizer_vocab=tokenizer_vocab_size(cfg, problems),
                     bf16_supported=accelerator != "cuda" or _cuda_bf16())

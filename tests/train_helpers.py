@@ -26,7 +26,7 @@ def write_corpus(prefix: Path, docs: int = 300, seed: int = 0) -> Path:
             tokens = [rng.randint(3, VOCAB)]
             for _ in range(length - 1):
                 tokens.append((3 * tokens[-1] + 1) % VOCAB if rng.rand() < 0.9 else rng.randint(3, VOCAB))
-            writer.add_document(tokens + [2])
+            writer.add_document([*tokens, 2])
     return prefix
 
 

@@ -33,7 +33,7 @@ EXIT_NAN = 3
 class TrainingError(Exception):
     """Training cannot go on (non-finite loss, data exhausted, bad checkpoint); the message says what to do."""
 
-    exit_code = 1
+    exit_code = 2
 
 
 class Trainer:
@@ -191,6 +191,12 @@ class Trainer:
         valid_loader = build_loader(datasets["valid"], cfg, dp_rank, dp, 0, eod) if "valid" in datasets else None
         self._install_signal_handlers()
         tokens_per_step = d.train_batch_size * cfg.seq_length
+        if ts.step >= cfg.train_iters:
+            logger.info("the checkpoint is at step %d >= train_iters %d: nothing to train", ts.step, cfg.train_iters)
+            if valid_loader is not None and cfg.eval_iters:
+                self._evaluate_and_track(valid_loader, track=False)
+            self.metrics.close()
+            return 0
         logger.info("training %d steps from step %d: %d sequences x %d tokens per step (%s, pp %d x tp %d x dp %d)",
                     cfg.train_iters, ts.step, d.train_batch_size, cfg.seq_length, cfg.precision,
                     cfg.pipe_parallel_size, cfg.model_parallel_size, dp)
@@ -224,13 +230,15 @@ class Trainer:
         self.metrics.close()
         return 0
 
-    def _evaluate_and_track(self, loader) -> bool:
+    def _evaluate_and_track(self, loader, track: bool = True) -> bool:
         """Evaluate, log, keep the best; True when early stopping should end the run."""
         cfg, ts = self.cfg, self.train_state
         valid_loss = self.evaluate(loader)
         record = {"step": ts.step, "valid_loss": valid_loss, "valid_ppl": math.exp(min(valid_loss, 50.0))}
         self.metrics.write(record)
         logger.info("step %6d | valid_loss %.4f | valid_ppl %.2f", ts.step, valid_loss, record["valid_ppl"])
+        if not track:
+            return False
         if ts.best_valid_loss is None or valid_loss < ts.best_valid_loss:
             ts.best_valid_loss, ts.evaluations_without_improvement = valid_loss, 0
             if cfg.save_best:

@@ -1,0 +1,114 @@
+"""Checkpoints: exact resume after kill -9, layout changes, SIGTERM, atomic `latest`, fine-tuning, NaN stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+from train_helpers import deepy_train, losses, records, write_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "chain")
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def wait_for(predicate, proc, timeout=300):
+    start = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early ({proc.returncode}): {proc.stdout.read()[-3000:]}")
+        if time.time() - start > timeout:
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("layout", [[], ["pipe_parallel_size=2"]], ids=["1rank", "pp2"])
+def test_kill_9_and_resume_gives_the_same_losses(tmp_path, corpus, layout):
+    common = ["train_iters=8", "checkpoint_factor=4", *layout]
+    straight = tmp_path / "straight"
+    ok(deepy_train(straight, corpus, *common))
+    broken = tmp_path / "broken"
+    proc = deepy_train(broken, corpus, *common, wait=False)
+    latest = broken / "ck" / "latest"
+    wait_for(latest.exists, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert latest.read_text() == "global_step4"
+    resumed = ok(deepy_train(broken, corpus, *common))
+    assert "resumed from" in resumed.stderr and "at step 4" in resumed.stderr
+    assert [r["step"] for r in records(broken)] == list(range(1, 9))
+    assert losses(broken) == losses(straight)  # exactly equal
+
+
+@pytest.mark.parametrize(("saved", "loaded"), [(["pipe_parallel_size=2"], []), (["model_parallel_size=2"], [])],
+                         ids=["pp2-to-pp1", "tp2-to-tp1"])
+def test_layout_change_loads_the_weights(tmp_path, corpus, saved, loaded):
+    first = tmp_path / "first"
+    ok(deepy_train(first, corpus, "train_iters=2", "eval_interval=2", *saved))
+    second = tmp_path / "second"
+    proc = ok(deepy_train(second, corpus, "train_iters=2", "eval_interval=2", f"load={first / 'ck'}", *loaded))
+    assert "optimizer state NOT restored" in proc.stderr and "nothing to train" in proc.stderr
+    before, after = records(first, "valid_loss")[-1], records(second, "valid_loss")[-1]
+    assert before["step"] == after["step"] == 2
+    assert abs(before["valid_loss"] - after["valid_loss"]) <= 1e-5, (before, after)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, corpus):
+    run = tmp_path / "run"
+    proc = deepy_train(run, corpus, "train_iters=100000", wait=False)
+    metrics = run / "logs" / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    step = int((run / "ck" / "latest").read_text().removeprefix("global_step"))
+    assert step >= 3 and "received SIGTERM" in out
+    assert json.loads((run / "ck" / f"global_step{step}" / "metadata.json").read_text())["step"] == step
+
+
+def test_latest_only_names_complete_checkpoints(tmp_path, corpus):
+    run = tmp_path / "run"
+    for delay in (0.4, 1.3):
+        proc = deepy_train(run, corpus, "train_iters=100000", "checkpoint_factor=1", wait=False)
+        metrics = run / "logs" / "metrics.jsonl"
+        before = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+        wait_for(lambda b=before: metrics.exists() and len(metrics.read_text().splitlines()) > b + 1, proc)
+        time.sleep(delay)  # somewhere inside a save, most likely (one every step)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        tag = (run / "ck" / "latest").read_text()
+        meta = json.loads((run / "ck" / tag / "metadata.json").read_text())
+        assert meta["tag"] == tag and all((run / "ck" / tag / "weights").iterdir())
+    ok(deepy_train(run, corpus, f"train_iters={meta['step'] + 1}", "checkpoint_factor=1"))
+
+
+def test_finetune_loads_weights_only(tmp_path, corpus):
+    base = tmp_path / "base"
+    ok(deepy_train(base, corpus, "train_iters=30", "optimizer.params.lr=3e-3"))
+    tuned = tmp_path / "tuned"
+    proc = ok(deepy_train(tuned, corpus, "train_iters=2", "finetune=true", f"load={base / 'ck'}"))
+    assert "fine-tuning from the weights of" in proc.stderr
+    assert [r["step"] for r in records(tuned)] == [1, 2]  # a fresh run: step 0, new optimizer
+    assert losses(tuned)[0] < losses(base)[0] - 1.0  # it starts from the trained weights
+
+
+def test_finetune_from_a_missing_checkpoint_is_an_error(tmp_path, corpus):
+    proc = deepy_train(tmp_path / "t", corpus, "train_iters=2", "finetune=true", f"load={tmp_path / 'nothing'}")
+    assert proc.returncode == 2 and "checkpoint directory not found (finetune needs a checkpoint)" in proc.stderr
+    assert "nothing was started" in proc.stderr
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path, corpus):
+    proc = deepy_train(tmp_path / "nan", corpus, "train_iters=50", "optimizer.params.lr=1e30", "warmup_iters=0",
+                       "gradient_clipping=0")
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "stopping (no checkpoint was saved)" in proc.stderr and "at step" in proc.stderr
