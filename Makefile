@@ -17,7 +17,9 @@ $(STAMP): requirements.txt
 setup: $(STAMP)
 
 demo: setup
-	DS_ACCELERATOR=cpu $(PY) deepy.py train.py configs/llama3/tiny.yml configs/local.yml num_gpus=2
+	$(PY) tools/prepare_data.py
+	DS_ACCELERATOR=cpu $(PY) deepy.py train.py configs/llama3/tiny.yml configs/local.yml
+	$(PY) tools/plot_metrics.py runs/local/logs/metrics.jsonl
 
 test: setup
 	$(PY) -m ruff check .

@@ -81,7 +81,7 @@ def test_latest_only_names_complete_checkpoints(tmp_path, corpus):
     for delay in (0.4, 1.3):
         proc = deepy_train(run, corpus, "train_iters=100000", "checkpoint_factor=1", wait=False)
         before = len(metrics.read_text().splitlines()) if metrics.exists() else 0
-        wait_for(lambda b=before: metrics.exists() and len(metrics.read_text().splitlines()) > b + 1, proc)  # noqa: B023
+        wait_for(lambda b=before: metrics.exists() and len(metrics.read_text().splitlines()) > b + 1, proc)
         time.sleep(delay)  # somewhere inside a save, most likely (one every step)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
