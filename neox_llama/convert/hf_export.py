@@ -1,0 +1,152 @@
+"""A neox_llama checkpoint -> a Hugging Face Llama directory (config, generation config, safetensors, tokenizer)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from neox_llama.config import Config, ConfigError, load_config
+from neox_llama.convert.hf_names import hf_config_dict, hf_to_ours
+from neox_llama.convert.hf_tokenizer_export import write_tokenizer_files
+from neox_llama.model.args import LlamaArgs
+from neox_llama.tokenizers import Tokenizer, build_tokenizer
+from neox_llama.training.checkpoint import CheckpointError, read_metadata, resolve_checkpoint
+
+logger = logging.getLogger(__name__)
+
+SHARD_BYTES = 5 * 1024**3
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint folder's config, tokenizer and model arguments: everything but the tensors."""
+
+    folder: Path
+    cfg: Config
+    tokenizer: Tokenizer | None
+    args: LlamaArgs
+    true_vocab: int
+
+
+def open_checkpoint(path: str | Path) -> LoadedCheckpoint:
+    """Read a self-describing checkpoint (a save dir through ``latest``, or one ``global_stepN``)."""
+    folder = resolve_checkpoint(path)
+    meta = read_metadata(folder)
+    overrides = []
+    tokenizer = None
+    if meta.get("tokenizer_files"):
+        local = folder / meta["tokenizer_files"][0]
+        overrides.append(f"vocab_file={local}")
+    try:
+        world = meta["layout"]["world_size"]
+        cfg = load_config([folder / "config.yml"], overrides, world_size=world, apply_presets=False)
+        if cfg.vocab_file and cfg.tokenizer_type:
+            tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.vocab_file)
+            cfg = load_config([folder / "config.yml"], overrides, world_size=world, apply_presets=False,
+                              tokenizer_vocab=tokenizer.vocab_size)
+    except ConfigError as err:
+        raise CheckpointError(f"{folder / 'config.yml'}: {err}") from None
+    args = LlamaArgs.from_config(cfg)
+    true_vocab = cfg.vocab_size or (tokenizer.vocab_size if tokenizer else args.vocab_size)
+    return LoadedCheckpoint(folder, cfg, tokenizer, args, true_vocab)
+
+
+def load_full_state(ckpt: LoadedCheckpoint) -> dict[str, torch.Tensor]:
+    """Every parameter under its neox_llama name (``{layer}.{name}``), from the layout-free weight files."""
+    state: dict[str, torch.Tensor] = {}
+    weights = ckpt.folder / "weights"
+    if not weights.is_dir():
+        raise CheckpointError(f"{weights}: missing (not a neox_llama checkpoint, or an incomplete one)")
+    for path in sorted(weights.glob("layer_*.safetensors")):
+        index = int(path.stem.split("_")[1])
+        for name, tensor in load_file(str(path)).items():
+            state[f"{index}.{name}"] = tensor
+    return state
+
+
+def hf_state_dict(ckpt: LoadedCheckpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Hugging Face tensors, vocabulary padding trimmed."""
+    ours = load_full_state(ckpt)
+    out = {}
+    for hf_name, our_name in hf_to_ours(ckpt.args).items():
+        if our_name not in ours:
+            if hf_name.endswith(".bias") and our_name.endswith(".bias"):
+                continue  # the model has no biases
+            raise CheckpointError(f"{ckpt.folder}: tensor {our_name} (for {hf_name}) is missing")
+        tensor = ours.pop(our_name)
+        if hf_name in ("model.embed_tokens.weight", "lm_head.weight"):
+            tensor = tensor[: ckpt.true_vocab]
+        out[hf_name] = tensor.to(dtype).contiguous()
+    if ours:
+        raise CheckpointError(f"{ckpt.folder}: tensors with no Hugging Face name: {', '.join(sorted(ours)[:5])}")
+    return out
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], output: Path) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(output / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(output / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (output / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def export_to_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bf16", force: bool = False) -> Path:
+    """Write the Hugging Face directory ``output`` (through a temporary directory renamed at the end)."""
+    from transformers import GenerationConfig, LlamaConfig
+
+    output = Path(output)
+    if output.exists() and any(output.iterdir()) and not force:
+        raise CheckpointError(f"{output}: exists and is not empty; choose another --output or pass --force")
+    ckpt = open_checkpoint(checkpoint)
+    if ckpt.cfg.lora_r:
+        raise CheckpointError(f"{ckpt.folder}: LoRA checkpoints are not supported by this exporter yet")
+    try:
+        config_kwargs = hf_config_dict(ckpt.args, ckpt.true_vocab)
+    except ValueError as err:
+        raise CheckpointError(f"{ckpt.folder}: {err}") from None
+    tensors = hf_state_dict(ckpt, DTYPES[dtype])
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        ids = write_tokenizer_files(ckpt.tokenizer, tmp) if ckpt.tokenizer else {}
+        config = LlamaConfig(**config_kwargs, **ids, dtype=dtype_name(dtype), architectures=["LlamaForCausalLM"])
+        config.save_pretrained(tmp)
+        stops = [i for i in (ids.get("eos_token_id"), getattr(ckpt.tokenizer, "eot_id", None)) if i is not None]
+        GenerationConfig(bos_token_id=ids.get("bos_token_id"), eos_token_id=stops or None).save_pretrained(tmp)
+        _write_safetensors(tensors, tmp)
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("exported %s to %s (%s)", ckpt.folder, output, dtype)
+    return output
+
+
+def dtype_name(dtype: str) -> str:
+    return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]

@@ -1,0 +1,73 @@
+"""Tokenizer files for a Hugging Face export that encode exactly like our tokenizer.
+
+- sentencepiece (Llama-2 style): a ``tokenizer.json`` BPE with sentencepiece's vocabulary and merges and a
+  ``Prepend("▁")`` + ``Replace(" ", "▁")`` normalizer, loaded as ``PreTrainedTokenizerFast``. (transformers'
+  own conversion of ``tokenizer.model`` disagrees with sentencepiece on text that starts with a space.)
+  ``tokenizer.model`` is copied too.
+- Llama-3 tiktoken: ``tokenizer.json`` from transformers' ``TikTokenConverter`` with Meta's split pattern.
+- ``tokenizer.json`` tokenizers are copied as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from neox_llama.tokenizers import Tokenizer
+
+
+def _spm_tokenizer_json(model_file: Path, tokenizer: Tokenizer):
+    from tokenizers import AddedToken, decoders, normalizers
+    from tokenizers import Tokenizer as FastTokenizer
+    from tokenizers.models import BPE
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor
+
+    extracted = SentencePieceExtractor(str(model_file)).extract(None)  # None: BPE or Unigram, from the model
+    if "merges" not in extracted:
+        raise ValueError(f"{model_file}: a sentencepiece Unigram model; only BPE models (Llama's) can be exported")
+    vocab, merges = extracted["vocab"], extracted["merges"]
+    sp = tokenizer.sp
+    unk = sp.id_to_piece(sp.unk_id())
+    fast = FastTokenizer(BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    fast.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    fast.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                      decoders.Strip(content=" ", left=1, right=0)])
+    specials = [sp.id_to_piece(i) for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)]
+    fast.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return fast
+
+
+def _llama3_tokenizer_json(model_file: Path, tokenizer: Tokenizer):
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from neox_llama.tokenizers.llama3_tokenizer import PATTERN
+
+    specials = sorted(tokenizer.special_tokens, key=tokenizer.special_tokens.get)
+    return TikTokenConverter(vocab_file=str(model_file), pattern=PATTERN, extra_special_tokens=specials).converted()
+
+
+def write_tokenizer_files(tokenizer: Tokenizer, output: Path) -> dict:
+    """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json (+ tokenizer.model); returns the
+    bos/eos ids for the model config."""
+    source = tokenizer.files[0]
+    if tokenizer.name == "SPMTokenizer":
+        _spm_tokenizer_json(source, tokenizer).save(str(output / "tokenizer.json"))
+        shutil.copyfile(source, output / "tokenizer.model")
+    elif tokenizer.name == "Llama3Tokenizer":
+        _llama3_tokenizer_json(source, tokenizer).save(str(output / "tokenizer.json"))
+    else:
+        shutil.copyfile(source, output / "tokenizer.json")
+    id_to_token = {i: t for t, i in tokenizer.special_tokens.items()}
+    bos = id_to_token.get(tokenizer.bos_id) if tokenizer.bos_id is not None else None
+    eos = id_to_token.get(tokenizer.eos_id) if tokenizer.eos_id is not None else None
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos, "eos_token": eos,
+        "add_bos_token": False, "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1_000_000_000,
+    }
+    (output / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (output / "special_tokens_map.json").write_text(json.dumps({"bos_token": bos, "eos_token": eos}, indent=2))
+    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
