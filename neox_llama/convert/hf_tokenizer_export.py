@@ -22,11 +22,14 @@ def _spm_tokenizer_json(model_file: Path, tokenizer: Tokenizer):
     from tokenizers import Tokenizer as FastTokenizer
     from tokenizers.models import BPE
     from transformers.convert_slow_tokenizer import SentencePieceExtractor
+    from transformers.tokenization_utils_base import generate_merges
 
-    extracted = SentencePieceExtractor(str(model_file)).extract(None)  # None: BPE or Unigram, from the model
-    if "merges" not in extracted:
-        raise ValueError(f"{model_file}: a sentencepiece Unigram model; only BPE models (Llama's) can be exported")
-    vocab, merges = extracted["vocab"], extracted["merges"]
+    proto = SentencePieceExtractor(str(model_file)).proto
+    if proto.trainer_spec.model_type != 2:
+        raise ValueError(f"{model_file}: not a sentencepiece BPE model; only BPE models (Llama's) can be exported")
+    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    # Merge priority follows the piece scores, as in sentencepiece (whitespace-only pieces come last).
+    merges = generate_merges(vocab, {piece.piece: piece.score for piece in proto.pieces})
     sp = tokenizer.sp
     unk = sp.id_to_piece(sp.unk_id())
     fast = FastTokenizer(BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))

@@ -1,0 +1,106 @@
+"""Export to Hugging Face: transformers loads it offline, logits and tokenizer ids equal ours, bad inputs fail clearly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from assets import asset
+from conftest import ROOT
+from test_preprocess import make_docs
+from test_tokenizers import TEXTS
+from train_helpers import deepy_train
+
+from neox_llama.convert.hf_export import load_full_state, open_checkpoint
+from neox_llama.convert.hf_tokenizer_export import write_tokenizer_files
+from neox_llama.data.preprocess import preprocess
+from neox_llama.model.llama import build_model
+from neox_llama.tokenizers import build_tokenizer
+from neox_llama.tokenizers.train import train_sentencepiece
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained 3 steps as a 2-stage pipeline, with its own sentencepiece tokenizer."""
+    work = tmp_path_factory.mktemp("export")
+    (work / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in make_docs(400)))
+    (work / "corpus.txt").write_text("\n".join(make_docs(400)) + "\nunicode é 東京 digits 0123456789\n")
+    model = train_sentencepiece([work / "corpus.txt"], work / "tok", 320)
+    preprocess([work / "corpus.jsonl"], str(work / "data"), "SPMTokenizer", str(model), append_eod=True, progress=False)
+    proc = deepy_train(work / "run", work / "data_text_document", "tokenizer_type=SPMTokenizer", f"vocab_file={model}",
+                       "vocab_size=null", "pipe_parallel_size=2", "train_iters=3", "checkpoint_factor=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work
+
+
+def export(checkpoint, output, *extra):
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "convert_to_hf.py"), "--checkpoint", str(checkpoint),
+                           "--output", str(output), *extra], capture_output=True, text=True, timeout=300)
+
+
+def ours_from(checkpoint):
+    ck = open_checkpoint(checkpoint)
+    model = build_model(ck.args).eval()
+    state = load_full_state(ck)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(state[name])
+    return ck, model
+
+
+def test_export_loads_in_transformers_with_equal_logits_and_ids(trained, tmp_path):
+    proc = export(trained / "run" / "ck", tmp_path / "hf", "--dtype", "fp32")
+    assert proc.returncode == 0, proc.stderr
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ck, ours = ours_from(trained / "run" / "ck")
+    assert ck.true_vocab == 320 and ck.args.vocab_size == 320 + (64 - 320 % 64) % 64
+    assert hf.config.vocab_size == 320 and hf.config.num_key_value_heads == 2
+    assert hf.config.rope_parameters["rope_theta"] == 500000.0 and hf.config.tie_word_embeddings is False
+    ids = torch.tensor([ck.tokenizer.encode("the quick brown fox jumps over the lazy dog 12")])
+    with torch.no_grad():
+        assert (ours(ids)[..., :320] - hf(ids).logits).abs().max().item() <= 1e-5
+    for text in TEXTS:
+        assert tok(text, add_special_tokens=False).input_ids == ck.tokenizer.encode(text, allow_special=True), text
+    assert (hf.config.bos_token_id, hf.config.eos_token_id) == (1, 2)
+
+
+@pytest.mark.parametrize("kind", ["spm-32k", "llama3-tokenizer"])
+def test_exported_tokenizers_match_ours_on_real_files(tmp_path, kind):
+    tokenizer = build_tokenizer("SPMTokenizer" if kind == "spm-32k" else "Llama3Tokenizer", asset(kind))
+    write_tokenizer_files(tokenizer, tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in TEXTS:
+        assert hf(text, add_special_tokens=False).input_ids == tokenizer.encode(text, allow_special=True), text
+        assert hf.decode(tokenizer.encode(text)) == tokenizer.decode(tokenizer.encode(text))
+
+
+def test_existing_output_is_refused_unless_forced(trained, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = export(trained / "run" / "ck", out)
+    assert proc.returncode == 2 and "exists and is not empty" in proc.stderr and (out / "keep.txt").exists()
+    assert export(trained / "run" / "ck", out, "--force").returncode == 0 and (out / "config.json").exists()
+
+
+def test_bad_checkpoints_fail_clearly_and_write_nothing(trained, tmp_path):
+    proc = export(tmp_path, tmp_path / "out1")
+    assert proc.returncode == 2 and "not a checkpoint" in proc.stderr
+    broken = tmp_path / "broken"
+    shutil.copytree(trained / "run" / "ck" / "global_step3", broken)
+    (broken / "weights" / "layer_001.safetensors").unlink()
+    proc = export(broken, tmp_path / "out2")
+    assert proc.returncode == 2 and "tensor 1.input_norm.weight (for model.layers.0.input_layernorm.weight) is missing" in proc.stderr
+    wrong = tmp_path / "wrong"
+    shutil.copytree(trained / "run" / "ck" / "global_step3", wrong)
+    (wrong / "config.yml").write_text((wrong / "config.yml").read_text() + "hidden_size: 128\n")
+    proc = export(wrong, tmp_path / "out3")
+    assert proc.returncode == 2 and "appears twice" in proc.stderr
+    assert not any(p.name.startswith(("out", ".out")) for p in tmp_path.iterdir())
