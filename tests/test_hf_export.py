@@ -104,3 +104,32 @@ def test_bad_checkpoints_fail_clearly_and_write_nothing(trained, tmp_path):
     proc = export(wrong, tmp_path / "out3")
     assert proc.returncode == 2 and "appears twice" in proc.stderr
     assert not any(p.name.startswith(("out", ".out")) for p in tmp_path.iterdir())
+
+
+def test_greedy_generation_equals_transformers_and_the_cache_equals_recomputing(trained, tmp_path):
+    from neox_llama.generation.generator import GenerationSettings, Generator
+
+    assert export(trained / "run" / "ck", tmp_path / "hf", "--dtype", "fp32").returncode == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    gen = Generator.from_checkpoint(str(trained / "run" / "ck"), device="cpu")
+    prompt = [1, *gen.tokenizer.encode("the quick brown fox")]
+    settings = GenerationSettings(max_new_tokens=32, stop_ids={-1})  # no early stop: compare all 32 tokens
+    ours = gen.generate_ids(prompt, settings)
+    assert ours == gen.generate_ids(prompt, settings, use_cache=False)
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)
+    assert out[0, len(prompt):].tolist() == ours and len(ours) == 32
+    sampled = GenerationSettings(max_new_tokens=16, temperature=0.9, top_k=50, top_p=0.9, seed=5, stop_ids={-1})
+    assert gen.generate_ids(prompt, sampled) == gen.generate_ids(prompt, sampled, use_cache=False)
+    top1 = GenerationSettings(max_new_tokens=16, temperature=1.0, top_k=1, seed=3, stop_ids={-1})
+    assert gen.generate_ids(prompt, top1) == ours[:16]
+
+
+def test_generate_cli_streams_a_continuation(trained):
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), "--checkpoint", str(trained / "run" / "ck"),
+                           "--prompt", "the quick", "--max-new-tokens", "8"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("the quick") and len(proc.stdout.strip()) > len("the quick")
+    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), "--checkpoint", "/nonexistent",
+                          "--prompt", "x"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "/nonexistent: checkpoint directory not found" in bad.stderr

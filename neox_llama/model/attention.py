@@ -8,6 +8,7 @@ from torch import nn
 
 from neox_llama.model.args import LlamaArgs
 from neox_llama.model.factory import LayerFactory
+from neox_llama.model.kv_cache import KVCache
 from neox_llama.model.rotary import RotaryEmbedding, apply_rotary
 
 
@@ -36,7 +37,7 @@ class Attention(nn.Module):
             scaling = dict(args.rope_scaling) if args.rope_scaling else None
             self.rotary = RotaryEmbedding(args.head_dim, args.rotary_emb_base, args.rotary_pct, scaling)
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.query(x).view(batch, seq, self.local_heads, self.head_dim).transpose(1, 2)
         k = self.key(x).view(batch, seq, self.local_kv_heads, self.head_dim).transpose(1, 2)
@@ -44,7 +45,10 @@ class Attention(nn.Module):
         if self.rotary is not None:
             cos, sin = self.rotary(position_ids, q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        mask = document_causal_mask(position_ids) if self.document_attention else None
+        if cache is not None:
+            k, v, mask = cache.append(k, v)
+        else:
+            mask = document_causal_mask(position_ids) if self.document_attention else None
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.local_kv_heads != self.local_heads)

@@ -14,6 +14,7 @@ from torch import nn
 from neox_llama.model.args import LlamaArgs
 from neox_llama.model.attention import Attention
 from neox_llama.model.factory import LayerFactory
+from neox_llama.model.kv_cache import KVCache
 from neox_llama.model.mlp import MLP
 from neox_llama.model.norms import make_norm
 
@@ -60,9 +61,9 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(args, factory)
         self.dropout = nn.Dropout(args.hidden_dropout)
 
-    def forward(self, inputs: Activation) -> Activation:
+    def forward(self, inputs: Activation, cache: KVCache | None = None) -> Activation:
         hidden, position_ids = inputs
-        hidden = hidden + self.dropout(self.attention(self.input_norm(hidden), position_ids))
+        hidden = hidden + self.dropout(self.attention(self.input_norm(hidden), position_ids, cache))
         hidden = hidden + self.dropout(self.mlp(self.post_attention_norm(hidden)))
         return hidden, position_ids
 

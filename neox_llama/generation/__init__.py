@@ -1,0 +1,1 @@
+"""Text generation from a checkpoint: KV cache, sampling, chat prompt styles."""
