@@ -1,0 +1,197 @@
+"""A local Hugging Face Llama directory -> a neox_llama checkpoint that ``finetune: true`` loads at any layout.
+
+Tensors are streamed one layer at a time (safetensors, or ``.bin`` read with ``weights_only=True``), so
+memory stays near one layer plus the output. The checkpoint holds ``global_step0/weights/``, a generated
+``config.yml``, the tokenizer file and ``metadata.json``; ``{output}/model.yml`` is a config to list when
+fine-tuning (``python deepy.py train.py OUTPUT/model.yml configs/local.yml``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from neox_llama.config import load_config
+from neox_llama.convert.hf_names import hf_to_ours
+from neox_llama.model.args import LlamaArgs
+from neox_llama.training.checkpoint import FORMAT_VERSION, METADATA, CheckpointError
+from neox_llama.utils.files import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+def _model_settings(hf: dict, path: Path, pp: int, tp: int) -> dict:
+    if hf.get("model_type") != "llama":
+        raise CheckpointError(f"{path}: model_type {hf.get('model_type')!r} is not a Llama model "
+                              "(only LlamaForCausalLM directories can be imported)")
+    rope = hf.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type") == "llama3" else None)
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default", None):
+        raise CheckpointError(f"{path}: rope scaling {scaling.get('rope_type')!r} is not supported (only llama3)")
+    heads = hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
+        raise CheckpointError(f"{path}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{path}: hidden_act {hf.get('hidden_act')!r}; Llama uses silu (SwiGLU)")
+    max_pos = hf.get("max_position_embeddings", 4096)
+    settings = {
+        "num_layers": hf["num_hidden_layers"], "hidden_size": hf["hidden_size"], "num_attention_heads": heads,
+        "num_kv_heads": hf.get("num_key_value_heads") or heads, "intermediate_size": hf["intermediate_size"],
+        "vocab_size": hf["vocab_size"], "make_vocab_size_divisible_by": tp,
+        "max_position_embeddings": max_pos, "seq_length": min(max_pos, 4096),
+        "norm": "rmsnorm", "rms_norm_epsilon": float(hf.get("rms_norm_eps", 1e-6)), "pos_emb": "rotary",
+        "rotary_emb_base": float(theta), "activation": "swiglu",
+        "no_weight_tying": not hf.get("tie_word_embeddings", False),
+        "use_bias_in_attn_linear": bool(hf.get("attention_bias", False)), "use_bias_in_mlp": bool(hf.get("mlp_bias", False)),
+        "pipe_parallel_size": pp, "model_parallel_size": tp,
+        "precision": "fp32" if str(hf.get("dtype", hf.get("torch_dtype"))) == "float32" else "bf16",
+    }
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
+        settings["rope_scaling"] = {"rope_type": "llama3", "factor": float(scaling["factor"]),
+                                    "low_freq_factor": float(scaling["low_freq_factor"]),
+                                    "high_freq_factor": float(scaling["high_freq_factor"]),
+                                    "original_max_position_embeddings": int(scaling["original_max_position_embeddings"])}
+    return settings
+
+
+def _tokenizer_settings(hf_dir: Path) -> tuple[dict, Path | None]:
+    model = hf_dir / "tokenizer.model"
+    if model.is_file():
+        import sentencepiece as spm
+
+        try:
+            spm.SentencePieceProcessor(model_file=str(model))
+            return {"tokenizer_type": "SPMTokenizer"}, model
+        except (RuntimeError, OSError):
+            return {"tokenizer_type": "Llama3Tokenizer"}, model
+    if (hf_dir / "tokenizer.json").is_file():
+        return {"tokenizer_type": "HFTokenizer"}, hf_dir / "tokenizer.json"
+    return {}, None
+
+
+class _TensorSource:
+    """Reads single tensors by name from the directory's safetensors or .bin shards."""
+
+    def __init__(self, hf_dir: Path):
+        files = sorted(hf_dir.glob("*.safetensors"))
+        self.where: dict[str, Path] = {}
+        self._bin_cache: dict[Path, dict] = {}
+        if files:
+            for file in files:
+                with safe_open(str(file), framework="pt") as handle:
+                    self.where.update(dict.fromkeys(handle.keys(), file))
+        else:
+            for file in sorted(hf_dir.glob("pytorch_model*.bin")):
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                self._bin_cache[file] = state
+                self.where.update(dict.fromkeys(state, file))
+        if not self.where:
+            raise CheckpointError(f"{hf_dir}: no *.safetensors or pytorch_model*.bin weight files")
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self.where[name]
+        if file in self._bin_cache:
+            return self._bin_cache[file][name]
+        with safe_open(str(file), framework="pt") as handle:
+            return handle.get_tensor(name)
+
+
+def import_from_hf(hf_dir: str | Path, output: str | Path, pipe_parallel_size: int = 1,
+                   model_parallel_size: int = 1, force: bool = False) -> Path:
+    """Convert; returns the checkpoint folder (``output/global_step0``)."""
+    hf_dir, output = Path(hf_dir), Path(output)
+    config_path = hf_dir / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
+    if output.exists() and any(output.iterdir()) and not force:
+        raise CheckpointError(f"{output}: exists and is not empty; choose another --output or pass --force")
+    hf = json.loads(config_path.read_text())
+    settings = _model_settings(hf, config_path, pipe_parallel_size, model_parallel_size)
+    tok_settings, tok_file = _tokenizer_settings(hf_dir)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        folder = tmp / "global_step0"
+        (folder / "weights").mkdir(parents=True)
+        raw = {**settings, **tok_settings}
+        if tok_file is not None:
+            shutil.copyfile(tok_file, folder / tok_file.name)
+            raw["vocab_file"] = tok_file.name
+        cfg_file = folder / "config.yml"
+        cfg_file.write_text("# generated by tools/convert_from_hf.py from " + str(hf_dir) + "\n" + yaml.safe_dump(raw, sort_keys=False))
+        world = pipe_parallel_size * model_parallel_size
+        cfg = load_config([cfg_file], ["vocab_file=null", "tokenizer_type=null"], world_size=world, apply_presets=False)
+        args = LlamaArgs.from_config(cfg)
+        _convert_weights(_TensorSource(hf_dir), args, hf["vocab_size"], folder / "weights", hf_dir)
+        meta = {"format": FORMAT_VERSION, "tag": "global_step0", "step": 0, "consumed_samples": 0,
+                "layout": {"pipe_parallel_size": pipe_parallel_size, "model_parallel_size": model_parallel_size,
+                           "data_parallel_size": 1, "zero_stage": -1, "world_size": world},
+                "tokenizer_files": [tok_file.name] if tok_file else [], "precision": settings["precision"],
+                "lora": False, "converted_from": str(hf_dir)}
+        atomic_write_text(folder / METADATA, json.dumps(meta, indent=2))
+        atomic_write_text(tmp / "latest", "global_step0")
+        model_yml = {k: v for k, v in raw.items() if k != "vocab_file"}
+        if tok_file is not None:
+            model_yml["vocab_file"] = str((output / "global_step0" / tok_file.name).resolve())
+        model_yml.update(finetune=True, load=str(output.resolve()))
+        atomic_write_text(tmp / "model.yml", "# fine-tune this model: python deepy.py train.py THIS.yml configs/local.yml\n"
+                          + yaml.safe_dump(model_yml, sort_keys=False))
+        if output.exists():
+            shutil.rmtree(output)
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("converted %s to %s", hf_dir, output)
+    return output / "global_step0"
+
+
+def _convert_weights(source: _TensorSource, args: LlamaArgs, true_vocab: int, weights: Path, hf_dir: Path) -> None:
+    table = hf_to_ours(args)
+    by_layer: dict[int, list[tuple[str, str]]] = defaultdict(list)
+    for hf_name, ours in table.items():
+        if hf_name.endswith(".bias"):  # biases exist only when config.json asks for them
+            wanted = args.use_bias_in_mlp if ".mlp." in hf_name else args.use_bias_in_attn_linear
+            if not wanted:
+                continue
+        index, name = ours.split(".", 1)
+        by_layer[int(index)].append((hf_name, name))
+    for index in sorted(by_layer):
+        tensors = {}
+        for hf_name, name in by_layer[index]:
+            if hf_name not in source.where:
+                raise CheckpointError(f"{hf_dir}: tensor {hf_name} is missing")
+            tensor = source.get(hf_name)
+            if name in ("word_embeddings.weight", "head.weight") and args.vocab_size > true_vocab:
+                tensor = torch.cat([tensor, tensor.new_zeros(args.vocab_size - true_vocab, tensor.shape[1])])
+            expected = _expected_shape(args, name)
+            if tuple(tensor.shape) != expected:
+                raise CheckpointError(f"{hf_dir}: {hf_name} has shape {tuple(tensor.shape)}, but config.json implies "
+                                      f"{expected}")
+            tensors[name] = tensor.contiguous()
+        save_file(tensors, str(weights / f"layer_{index:03d}.safetensors"))
+
+
+def _expected_shape(args: LlamaArgs, name: str) -> tuple[int, ...]:
+    h, hd, inter = args.hidden_size, args.head_dim, args.intermediate_size
+    q, kv = args.num_attention_heads * hd, args.num_kv_heads * hd
+    shapes = {
+        "word_embeddings.weight": (args.vocab_size, h), "head.weight": (args.vocab_size, h), "norm.weight": (h,),
+        "input_norm.weight": (h,), "post_attention_norm.weight": (h,),
+        "attention.query.weight": (q, h), "attention.key.weight": (kv, h), "attention.value.weight": (kv, h),
+        "attention.dense.weight": (h, q), "mlp.gate.weight": (inter, h), "mlp.up.weight": (inter, h),
+        "mlp.down.weight": (h, inter), "attention.query.bias": (q,), "attention.key.bias": (kv,),
+        "attention.value.bias": (kv,), "attention.dense.bias": (h,), "mlp.gate.bias": (inter,),
+        "mlp.up.bias": (inter,), "mlp.down.bias": (h,),
+    }
+    return shapes[name]
