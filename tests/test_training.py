@@ -77,3 +77,21 @@ def test_fp16_is_refused_on_cpu_before_launch(tmp_path, corpus):
     proc = deepy_train(tmp_path / "fp16", corpus, "precision=fp16")
     assert proc.returncode == 2 and "precision fp16 needs a GPU" in proc.stderr
     assert not (tmp_path / "fp16" / "logs").exists()
+
+
+def test_tensorboard_wandb_offline_and_keep_last_checkpoints(tmp_path, corpus, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run, _ = run_ok(tmp_path, corpus, "sinks", "train_iters=4", "checkpoint_factor=1", "keep_last_n_checkpoints=2",
+                    f"tensorboard_dir={tmp_path / 'tb'}", "use_wandb=true", "wandb_project=neox-llama-test")
+    assert sorted(p.name for p in (run / "ck").glob("global_step*")) == ["global_step3", "global_step4"]
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert list((run / "logs" / "wandb").glob("offline-run-*"))
+
+
+def test_early_stopping_and_best_checkpoint(tmp_path, corpus):
+    run, proc = run_ok(tmp_path, corpus, "early", "train_iters=50", "eval_interval=1", "optimizer.params.lr=0",
+                       "min_lr=0", "early_stopping_patience=2", "save_best=true")
+    assert "early stopping: no improvement for 2 evaluations" in proc.stderr
+    assert [r["step"] for r in records(run, "valid_loss")] == [1, 2, 3]
+    assert (run / "ck" / "latest").read_text() == "global_step3"
+    assert (run / "ck" / "best" / "metadata.json").is_file()
