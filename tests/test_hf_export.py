@@ -100,9 +100,10 @@ def test_bad_checkpoints_fail_clearly_and_write_nothing(trained, tmp_path):
     assert proc.returncode == 2 and "tensor 1.input_norm.weight (for model.layers.0.input_layernorm.weight) is missing" in proc.stderr
     wrong = tmp_path / "wrong"
     shutil.copytree(trained / "run" / "ck" / "global_step3", wrong)
-    (wrong / "config.yml").write_text((wrong / "config.yml").read_text() + "hidden_size: 128\n")
+    text = (wrong / "config.yml").read_text()
+    (wrong / "config.yml").write_text(text.replace("intermediate_size: 192", "intermediate_size: 256"))
     proc = export(wrong, tmp_path / "out3")
-    assert proc.returncode == 2 and "appears twice" in proc.stderr
+    assert proc.returncode == 2 and "1.mlp.gate.weight has shape (192, 64), but its config.yml implies (256, 64)" in proc.stderr
     assert not any(p.name.startswith(("out", ".out")) for p in tmp_path.iterdir())
 
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from neox_llama.config import Config, ConfigError, load_config
-from neox_llama.convert.hf_names import hf_config_dict, hf_to_ours
+from neox_llama.convert.hf_names import expected_shape, hf_config_dict, hf_to_ours
 from neox_llama.convert.hf_tokenizer_export import write_tokenizer_files
 from neox_llama.model.args import LlamaArgs
 from neox_llama.tokenizers import Tokenizer, build_tokenizer
@@ -83,6 +83,10 @@ def hf_state_dict(ckpt: LoadedCheckpoint, dtype: torch.dtype) -> dict[str, torch
                 continue  # the model has no biases
             raise CheckpointError(f"{ckpt.folder}: tensor {our_name} (for {hf_name}) is missing")
         tensor = ours.pop(our_name)
+        expected = expected_shape(ckpt.args, our_name.split(".", 1)[1])
+        if tuple(tensor.shape) != expected:
+            raise CheckpointError(f"{ckpt.folder}: {our_name} has shape {tuple(tensor.shape)}, but its config.yml "
+                                  f"implies {expected}")
         if hf_name in ("model.embed_tokens.weight", "lm_head.weight"):
             tensor = tensor[: ckpt.true_vocab]
         out[hf_name] = tensor.to(dtype).contiguous()

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from neox_llama.config import load_config
-from neox_llama.convert.hf_names import hf_to_ours
+from neox_llama.convert.hf_names import expected_shape, hf_to_ours
 from neox_llama.model.args import LlamaArgs
 from neox_llama.training.checkpoint import FORMAT_VERSION, METADATA, CheckpointError
 from neox_llama.utils.files import atomic_write_text
@@ -174,24 +174,9 @@ def _convert_weights(source: _TensorSource, args: LlamaArgs, true_vocab: int, we
             tensor = source.get(hf_name)
             if name in ("word_embeddings.weight", "head.weight") and args.vocab_size > true_vocab:
                 tensor = torch.cat([tensor, tensor.new_zeros(args.vocab_size - true_vocab, tensor.shape[1])])
-            expected = _expected_shape(args, name)
+            expected = expected_shape(args, name)
             if tuple(tensor.shape) != expected:
                 raise CheckpointError(f"{hf_dir}: {hf_name} has shape {tuple(tensor.shape)}, but config.json implies "
                                       f"{expected}")
             tensors[name] = tensor.contiguous()
         save_file(tensors, str(weights / f"layer_{index:03d}.safetensors"))
-
-
-def _expected_shape(args: LlamaArgs, name: str) -> tuple[int, ...]:
-    h, hd, inter = args.hidden_size, args.head_dim, args.intermediate_size
-    q, kv = args.num_attention_heads * hd, args.num_kv_heads * hd
-    shapes = {
-        "word_embeddings.weight": (args.vocab_size, h), "head.weight": (args.vocab_size, h), "norm.weight": (h,),
-        "input_norm.weight": (h,), "post_attention_norm.weight": (h,),
-        "attention.query.weight": (q, h), "attention.key.weight": (kv, h), "attention.value.weight": (kv, h),
-        "attention.dense.weight": (h, q), "mlp.gate.weight": (inter, h), "mlp.up.weight": (inter, h),
-        "mlp.down.weight": (h, inter), "attention.query.bias": (q,), "attention.key.bias": (kv,),
-        "attention.value.bias": (kv,), "attention.dense.bias": (h,), "mlp.gate.bias": (inter,),
-        "mlp.up.bias": (inter,), "mlp.down.bias": (h,),
-    }
-    return shapes[name]

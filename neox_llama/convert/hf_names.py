@@ -63,3 +63,19 @@ def hf_config_dict(args: LlamaArgs, true_vocab_size: int | None = None) -> dict:
         "mlp_bias": args.use_bias_in_mlp,
         "hidden_act": "silu",
     }
+
+
+def expected_shape(args: LlamaArgs, name: str) -> tuple[int, ...]:
+    """The full (un-sharded) shape of parameter ``name`` (inside its layer) of a model with ``args``."""
+    h, hd, inter = args.hidden_size, args.head_dim, args.intermediate_size
+    q, kv = args.num_attention_heads * hd, args.num_kv_heads * hd
+    shapes = {
+        "word_embeddings.weight": (args.vocab_size, h), "head.weight": (args.vocab_size, h), "norm.weight": (h,),
+        "input_norm.weight": (h,), "post_attention_norm.weight": (h,),
+        "attention.query.weight": (q, h), "attention.key.weight": (kv, h), "attention.value.weight": (kv, h),
+        "attention.dense.weight": (h, q), "mlp.gate.weight": (inter, h), "mlp.up.weight": (inter, h),
+        "mlp.down.weight": (h, inter), "attention.query.bias": (q,), "attention.key.bias": (kv,),
+        "attention.value.bias": (kv,), "attention.dense.bias": (h,), "mlp.gate.bias": (inter,),
+        "mlp.up.bias": (inter,), "mlp.down.bias": (h,),
+    }
+    return shapes[name]
