@@ -33,19 +33,20 @@ def wait_for(predicate, proc, timeout=300):
 
 @pytest.mark.parametrize("layout", [[], ["pipe_parallel_size=2"]], ids=["1rank", "pp2"])
 def test_kill_9_and_resume_gives_the_same_losses(tmp_path, corpus, layout):
-    common = ["train_iters=8", "checkpoint_factor=4", *layout]
+    common = ["train_iters=24", "checkpoint_factor=4", *layout]
     straight = tmp_path / "straight"
     ok(deepy_train(straight, corpus, *common))
     broken = tmp_path / "broken"
     proc = deepy_train(broken, corpus, *common, wait=False)
     latest = broken / "ck" / "latest"
     wait_for(latest.exists, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # as soon as the first checkpoint is complete
     proc.wait()
-    assert latest.read_text() == "global_step4"
+    killed_at = int(latest.read_text().removeprefix("global_step"))
+    assert killed_at < 24 and killed_at % 4 == 0
     resumed = ok(deepy_train(broken, corpus, *common))
-    assert "resumed from" in resumed.stderr and "at step 4" in resumed.stderr
-    assert [r["step"] for r in records(broken)] == list(range(1, 9))
+    assert "resumed from" in resumed.stderr and f"at step {killed_at}" in resumed.stderr
+    assert [r["step"] for r in records(broken)] == list(range(1, 25))
     assert losses(broken) == losses(straight)  # exactly equal
 
 
