@@ -62,6 +62,9 @@ def test_round_trip_is_identical(tmp_path, shape, layout):
         assert torch.equal(tensor, after[name]), name
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back")
     assert reloaded.config.num_key_value_heads == SHAPES[shape]["num_key_value_heads"]
+    written = json.loads((tmp_path / "back" / "config.json").read_text())  # transformers 4 reads these keys
+    assert written["rope_theta"] == SHAPES[shape].get("rope_theta", written["rope_parameters"]["rope_theta"])
+    assert ("rope_scaling" in written) == (shape == "rope-scaling")
 
 
 def test_import_writes_a_model_config_for_fine_tuning(tmp_path):

@@ -139,6 +139,7 @@ def export_to_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bf16"
         ids = write_tokenizer_files(ckpt.tokenizer, tmp) if ckpt.tokenizer else {}
         config = LlamaConfig(**config_kwargs, **ids, dtype=dtype_name(dtype), architectures=["LlamaForCausalLM"])
         config.save_pretrained(tmp)
+        _add_legacy_rope_keys(tmp / "config.json", config_kwargs["rope_parameters"])
         stops = [i for i in (ids.get("eos_token_id"), getattr(ckpt.tokenizer, "eot_id", None)) if i is not None]
         GenerationConfig(bos_token_id=ids.get("bos_token_id"), eos_token_id=stops or None).save_pretrained(tmp)
         _write_safetensors(tensors, tmp)
@@ -154,3 +155,12 @@ def export_to_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bf16"
 
 def dtype_name(dtype: str) -> str:
     return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+
+
+def _add_legacy_rope_keys(path: Path, rope: dict) -> None:
+    """Also write ``rope_theta`` / ``rope_scaling`` (transformers 4 reads only these; 5 reads rope_parameters)."""
+    data = json.loads(path.read_text())
+    data.setdefault("rope_theta", rope["rope_theta"])
+    if rope.get("rope_type") == "llama3":
+        data.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
