@@ -6,12 +6,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint docs clean
+.PHONY: setup demo test test-fast lint docs clean
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "neox_llama needs Python 3.11 (the pinned torch 2.13.0 CPU wheel); set PYTHON=python3.11")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -24,6 +25,9 @@ demo: setup
 test: setup
 	$(PY) -m ruff check .
 	DS_ACCELERATOR=cpu WANDB_MODE=offline HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-fast: setup
+	DS_ACCELERATOR=cpu WANDB_MODE=offline HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not dist"
 
 lint: setup
 	$(PY) -m ruff check .

@@ -8,15 +8,11 @@ Target: loading a batch takes <= 1% of a training step.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.model_step import ARGS, MICRO, SEQ
 from neox_llama.data.gpt_dataset import GPTDataset, build_sample_index

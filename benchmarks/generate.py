@@ -10,13 +10,9 @@ fp32, built here and exported with tools/convert_to_hf.py's library. Target: our
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.model_step import ARGS
 from neox_llama.convert.hf_names import hf_config_dict, hf_to_ours

@@ -12,13 +12,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from neox_llama.convert.hf_names import hf_config_dict, hf_to_ours
 from neox_llama.model.args import LlamaArgs

@@ -23,8 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from benchmarks.model_step import ARGS, MICRO, SEQ
 from neox_llama.data.indexed import IndexedDatasetWriter
 from neox_llama.model.llama import build_model

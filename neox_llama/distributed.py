@@ -1,19 +1,43 @@
-"""Joining and leaving the process group of a launched run (gloo on CPU, NCCL on GPUs)."""
+"""Joining and leaving the process group of a launched run, and sharing one rank's failure with the others.
+
+Backends: on GPUs the process group is ``cpu:gloo,cuda:nccl``, so every collective runs on the backend of
+the device its tensor lives on (NCCL for CUDA tensors, gloo for the few host-side tensors: step counters,
+flags, Python objects). On CPU it is plain gloo. No collective in neox_llama has to move a tensor first.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
+from neox_llama.errors import NeoxLlamaError
+
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 
-class LaunchError(RuntimeError):
+BACKENDS = {"cuda": "cpu:gloo,cuda:nccl", "cpu": "gloo"}
+"""Process-group backend per accelerator (a backend per device type on GPUs)."""
+
+
+class LaunchError(NeoxLlamaError):
     """The process was not started the way a run must be (e.g. train.py without deepy.py)."""
+
+
+class RankFailed(NeoxLlamaError):
+    """Another rank failed; this one stops too, with that rank's message."""
+
+    def __init__(self, message: str, origin_rank: int, exit_code: int = 2):
+        super().__init__(message)
+        self.origin_rank = origin_rank
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -26,14 +50,17 @@ class RankInfo:
     device: torch.device
 
 
-def init_distributed(accelerator: str) -> RankInfo:
-    """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (set by deepy.py or a launcher)."""
+def init_distributed(accelerator: str, timeout_minutes: float = 10.0) -> RankInfo:
+    """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (set by deepy.py or a launcher).
+
+    ``timeout_minutes`` bounds every collective (a rank that never arrives fails the run instead of hanging it).
+    """
     import deepspeed
 
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise LaunchError(f"{', '.join(missing)} not set: start training through deepy.py "
-                           "(python deepy.py train.py CONFIG.yml ...), not train.py directly")
+                          "(python deepy.py train.py CONFIG.yml ...), not train.py directly")
     threads = os.environ.get("OMP_NUM_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
@@ -43,7 +70,7 @@ def init_distributed(accelerator: str) -> RankInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    deepspeed.init_distributed(dist_backend="nccl" if accelerator == "cuda" else "gloo")
+    deepspeed.init_distributed(dist_backend=BACKENDS[accelerator], timeout=timedelta(minutes=timeout_minutes))
     info = RankInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
     logger.debug("joined process group: rank %d of %d on %s", info.rank, info.world_size, device)
     return info
@@ -54,3 +81,38 @@ def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _describe(err: BaseException) -> tuple[str, int, bool]:
+    if isinstance(err, NeoxLlamaError):
+        return str(err), getattr(err, "exit_code", 2), True
+    return f"{type(err).__name__}: {err}", 1, False
+
+
+def agree(work: Callable[[], T], *, rank0_only: bool = False, group: dist.ProcessGroup | None = None) -> T | None:
+    """Run ``work`` (on every rank, or rank 0 only) and make every rank of ``group`` share the outcome.
+
+    If it fails anywhere, every rank raises: the failing rank its own exception, the others
+    :class:`RankFailed` with the failing rank's message, so no rank is left waiting in a later collective.
+    Without a process group it simply runs ``work``. Collective device: Python objects go through
+    ``all_gather_object``, which torch stages on the group's object device (the CPU under gloo).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return work()
+    rank = dist.get_rank()
+    result, error, outcome = None, None, None
+    if not rank0_only or rank == 0:
+        try:
+            result = work()
+        except Exception as err:  # shared below, then re-raised on this rank
+            error = err
+            outcome = _describe(err)
+    outcomes: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(outcomes, (rank, outcome), group=group)
+    if error is not None:
+        raise error
+    for origin, failed in outcomes:
+        if failed is not None:
+            message, code, _ = failed
+            raise RankFailed(f"rank {origin} failed: {message}", origin, code)
+    return result

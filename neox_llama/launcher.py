@@ -8,6 +8,7 @@ started directly with the environment variables torch.distributed expects.
 
 from __future__ import annotations
 
+import base64
 import os
 import shlex
 import socket
@@ -17,6 +18,8 @@ from pathlib import Path
 
 from neox_llama.config.loading import ConfigError
 from neox_llama.config.schema import Config
+
+CONFIG_DATA = "--config-data"
 
 
 def detect_accelerator() -> str:
@@ -53,10 +56,13 @@ class LaunchCommand:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
 
-    def shell(self) -> str:
-        """The command as one copy-pasteable shell line."""
+    def shell(self, abbreviate: bool = False) -> str:
+        """The command as one copy-pasteable shell line (``abbreviate``: the inline config data elided)."""
         prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
-        return (prefix + " " if prefix else "") + shlex.join(self.argv)
+        argv = list(self.argv)
+        if abbreviate and CONFIG_DATA in argv:
+            argv[argv.index(CONFIG_DATA) + 1] = "<the merged config, base64>"
+        return (prefix + " " if prefix else "") + shlex.join(argv)
 
 
 def plan_resources(cfg: Config, accelerator: str) -> LaunchPlan:
@@ -117,12 +123,29 @@ def threads_per_rank(cfg: Config, plan: LaunchPlan) -> int:
     return max(1, (os.cpu_count() or 1) // plan.ranks_per_node)
 
 
-def build_launch_command(cfg: Config, plan: LaunchPlan, script: str, config_file: str) -> LaunchCommand:
-    """The command that starts ``script --config config_file`` on every rank of ``plan``."""
+def rank_environment(cfg: Config, plan: LaunchPlan) -> dict[str, str]:
+    """Environment every rank needs, wherever it runs."""
     env = {"OMP_NUM_THREADS": str(threads_per_rank(cfg, plan))}
     if plan.accelerator == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def build_launch_command(cfg: Config, plan: LaunchPlan, script: str, config_file: str,
+                         config_text: str | None = None) -> LaunchCommand:
+    """The command that starts ``script --config config_file`` on every rank of ``plan``.
+
+    Ranks on other nodes see neither this environment (DeepSpeed's pdsh/openmpi/slurm runners forward only
+    their own variable prefixes and ``.deepspeed_env``) nor, without a shared filesystem, ``config_file``:
+    multi-node launches therefore pass the rank environment as ``--env KEY=VALUE`` and the merged config
+    itself as ``--config-data`` (base64), as GPT-NeoX passes its config on the command line.
+    """
+    env = rank_environment(cfg, plan)
     script_args = [script, "--config", config_file]
+    if plan.multi_node:
+        script_args += [arg for key, value in sorted(env.items()) for arg in ("--env", f"{key}={value}")]
+        if config_text is not None:
+            script_args += [CONFIG_DATA, base64.b64encode(config_text.encode("utf-8")).decode("ascii")]
     if plan.world_size == 1 and not plan.multi_node:
         # Nobody else joins: an unset master_port gets a free one, so concurrent single-rank runs never collide.
         port = cfg.master_port if "master_port" in cfg.sources else free_port()

@@ -56,9 +56,9 @@ def test_numbers_without_a_dot_are_floats(write_yaml):
 
 def test_override_values_are_read_as_yaml(write_yaml):
     cfg = load_config([write_yaml("a.yml", TINY)],
-                      ["finetune=false", "lora_targets=[query, key, mlp]", "train_data_paths=[a, b]"])
+                      ["finetune=false", "train_data_weights=[1, 2.5]", "train_data_paths=[a, b]"])
     assert cfg.finetune is False
-    assert cfg.lora_targets == ["query", "key", "mlp"]
+    assert cfg.train_data_weights == [1.0, 2.5]
     assert cfg.train_data_paths == ["a", "b"]
 
 
@@ -157,11 +157,11 @@ def test_missing_file_and_malformed_override(tmp_path):
 
 def test_dumped_merged_config_reloads_to_the_same_config(write_yaml, tmp_path):
     a = write_yaml("a.yml", TINY + "optimizer: {params: {lr: 1e-3}}\nrope_scaling: {factor: 4.0}\n")
-    raw, sources = load_raw([a], ["lora_targets=[mlp]", "min_lr=1e-5"])
+    raw, sources = load_raw([a], ["train_data_paths=[x, y]", "min_lr=1e-5"])
     cfg = build_config(raw, sources)
     out = dump_raw(raw, tmp_path / "run" / "config.yml", header="# test")
     again = load_config([out], apply_presets=False)
-    for name in ("optimizer", "rope_scaling", "lora_targets", "min_lr", "hidden_size", "num_kv_heads"):
+    for name in ("optimizer", "rope_scaling", "train_data_paths", "min_lr", "hidden_size", "num_kv_heads"):
         assert getattr(again, name) == getattr(cfg, name), name
     assert not list(out.parent.glob(".*.tmp"))  # the temporary file was renamed away
 

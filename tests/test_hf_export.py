@@ -15,10 +15,9 @@ from test_preprocess import make_docs
 from test_tokenizers import TEXTS
 from train_helpers import deepy_train
 
-from neox_llama.convert.hf_export import load_full_state, open_checkpoint
+from neox_llama.checkpoint.run import load_model
 from neox_llama.convert.hf_tokenizer_export import write_tokenizer_files
 from neox_llama.data.preprocess import preprocess
-from neox_llama.model.llama import build_model
 from neox_llama.tokenizers import build_tokenizer
 from neox_llama.tokenizers.train import train_sentencepiece
 
@@ -45,12 +44,7 @@ def export(checkpoint, output, *extra):
 
 
 def ours_from(checkpoint):
-    ck = open_checkpoint(checkpoint)
-    model = build_model(ck.args).eval()
-    state = load_full_state(ck)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(state[name])
+    model, ck = load_model(checkpoint)
     return ck, model
 
 

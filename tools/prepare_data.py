@@ -17,8 +17,6 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from neox_llama.data.assets import AssetError, fetch
 from neox_llama.data.preprocess import preprocess
 from neox_llama.tokenizers.train import train_sentencepiece

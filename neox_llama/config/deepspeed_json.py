@@ -41,6 +41,7 @@ def deepspeed_config(cfg: Config, accelerator: str = "cpu") -> dict[str, Any]:
             "reduce_bucket_size": zero.reduce_bucket_size,
             "overlap_comm": zero.overlap_comm,
             "contiguous_gradients": zero.contiguous_gradients,
+            **({"stage3_param_persistence_threshold": zero.stage3_param_persistence_threshold} if zero.stage == 3 else {}),
         },
         "zero_allow_untested_optimizer": True,
         "activation_checkpointing": {

@@ -17,7 +17,8 @@ from neox_llama.config.schema import GROUPS, Derived
 from neox_llama.config.typecheck import describe_type, user_fields
 from neox_llama.utils.files import atomic_write_text
 
-DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "config.md"
+DOC_PATH = Path("docs") / "config.md"
+"""The reference, relative to the repository root (this is a developer tool, run from a clone)."""
 
 INTRO = """# Configuration reference
 

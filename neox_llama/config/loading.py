@@ -14,6 +14,7 @@ import yaml
 from neox_llama.config import presets
 from neox_llama.config.schema import Config
 from neox_llama.config.typecheck import build_dataclass, did_you_mean, is_text_key, user_fields
+from neox_llama.errors import NeoxLlamaError
 from neox_llama.utils.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ logger = logging.getLogger(__name__)
 COMMAND_LINE = "command line"
 
 
-class ConfigError(Exception):
+class ConfigError(NeoxLlamaError):
     """One or more problems with the configuration; each is a one-line message naming file and key."""
 
     def __init__(self, problems: Sequence[str]):
@@ -238,9 +239,13 @@ def build_config(raw: dict, sources: dict[str, str], *, problems: list[str] | No
 
 def dump_raw(raw: dict, path: str | os.PathLike, header: str = "") -> Path:
     """Write a merged mapping as YAML, atomically; loading it back gives the same Config."""
+    return atomic_write_text(path, dump_raw_text(raw, header))
+
+
+def dump_raw_text(raw: dict, header: str = "") -> str:
+    """A merged mapping as the YAML text :func:`dump_raw` writes."""
     known = {f.name for f in user_fields(Config)}
     ordered = {k: raw[k] for k in [f.name for f in user_fields(Config)] if k in raw}
     ordered.update({k: v for k, v in raw.items() if k not in known})
-    text = (header + "\n" if header else "") + yaml.dump(ordered, Dumper=_Dumper, sort_keys=False,
+    return (header + "\n" if header else "") + yaml.dump(ordered, Dumper=_Dumper, sort_keys=False,
                                                           default_flow_style=None, allow_unicode=True)
-    return atomic_write_text(path, text)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-"""The repository's configs/ folder."""
+CONFIG_DIR = Path(str(files("neox_llama.configs")))
+"""The presets: the repository's configs/ folder, installed as the package data ``neox_llama.configs``."""
 
 PRESETS: dict[str, str] = {
     "Llama-2-7b-hf": "llama2/7B.yml",

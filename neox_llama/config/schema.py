@@ -70,6 +70,7 @@ class ZeroConfig:
     contiguous_gradients: bool = doc_field(True, "Copy gradients into one buffer as they are produced.")
     offload_optimizer: OffloadDevice = doc_field("none", "Keep optimizer states in host memory (ZeRO >= 1; needs DeepSpeedCPUAdam).")
     offload_param: OffloadDevice = doc_field("none", "Keep weights in host memory (ZeRO 3 only).")
+    stage3_param_persistence_threshold: int = doc_field(100_000, "ZeRO 3: tensors with fewer elements than this stay whole on every rank (DeepSpeed's default 1e5); 0 partitions every tensor.", minimum=0)
 
 
 # --------------------------------------------------------------------------- groups
@@ -155,6 +156,7 @@ class TrainingArgs:
     checkpoint_num_layers: int = doc_field(1, "Transformer blocks per activation-checkpoint segment.", minimum=1)
     peak_tflops: float | None = doc_field(None, "Per-rank peak TFLOP/s for MFU; unset = measured at start-up on CPU.", minimum=0.0)
     wall_clock_breakdown: bool = doc_field(False, "Ask DeepSpeed to time forward, backward and optimizer step.")
+    distributed_timeout_minutes: float = doc_field(10.0, "Process-group timeout: a collective waiting longer than this fails the run instead of hanging it.", minimum=0.1)
 
 
 @dataclass
@@ -180,11 +182,11 @@ class FinetuneArgs:
     """Fine-tuning on instruction data."""
 
     finetune: bool = doc_field(False, "Load weights only from `load` (fresh optimizer, step 0, new data).")
-    sft_data_path: str | None = doc_field(None, "Instruction data (JSON list or JSONL of instruction/input/output records).")
-    sft_valid_data_path: str | None = doc_field(None, "Validation instruction data; unset = split off sft_data_path.")
-    val_split_fraction: float = doc_field(0.05, "Fraction of sft_data_path held out for validation.", minimum=0.0, maximum=1.0)
-    prompt_style: PromptStyle = doc_field("alpaca", "Template that turns a record into a prompt.")
-    mask_prompt: bool = doc_field(True, "Train on the response tokens only.")
+    sft_data_path: str | None = doc_field(None, "Not available yet (refused when set). Instruction data (JSON list or JSONL of instruction/input/output records).")
+    sft_valid_data_path: str | None = doc_field(None, "Not available yet (refused when set). Validation instruction data; unset = split off sft_data_path.")
+    val_split_fraction: float = doc_field(0.05, "Not available yet (refused when set). Fraction of sft_data_path held out for validation.", minimum=0.0, maximum=1.0)
+    prompt_style: PromptStyle = doc_field("alpaca", "Not available yet (refused when set). Template that turns a record into a prompt.")
+    mask_prompt: bool = doc_field(True, "Not available yet (refused when set). Train on the response tokens only.")
 
 
 @dataclass
@@ -238,10 +240,10 @@ class LauncherArgs:
 class LoraArgs:
     """Low-rank adaptation for fine-tuning."""
 
-    lora_r: int = doc_field(0, "LoRA rank; 0 = off.", minimum=0)
-    lora_alpha: float = doc_field(16.0, "LoRA scaling numerator (update scaled by alpha / r).", minimum=0.0)
-    lora_dropout: float = doc_field(0.05, "Dropout on the LoRA input.", minimum=0.0, maximum=1.0)
-    lora_targets: list[LoraTarget] = doc_field(["query", "value"], "Layers that get adapters.")
+    lora_r: int = doc_field(0, "Not available yet (refused when set). LoRA rank; 0 = off.", minimum=0)
+    lora_alpha: float = doc_field(16.0, "Not available yet (refused when set). LoRA scaling numerator (update scaled by alpha / r).", minimum=0.0)
+    lora_dropout: float = doc_field(0.05, "Not available yet (refused when set). Dropout on the LoRA input.", minimum=0.0, maximum=1.0)
+    lora_targets: list[LoraTarget] = doc_field(["query", "Not available yet (refused when set). value"], "Layers that get adapters.")
 
 
 GROUPS: tuple[type, ...] = (

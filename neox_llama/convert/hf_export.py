@@ -7,18 +7,16 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from neox_llama.config import Config, ConfigError, load_config
+from neox_llama.checkpoint.paths import CheckpointError
+from neox_llama.checkpoint.run import Run, load_run
+from neox_llama.checkpoint.weights import read_full_state
 from neox_llama.convert.hf_names import expected_shape, hf_config_dict, hf_to_ours
 from neox_llama.convert.hf_tokenizer_export import write_tokenizer_files
-from neox_llama.model.args import LlamaArgs
-from neox_llama.tokenizers import Tokenizer, build_tokenizer
-from neox_llama.training.checkpoint import CheckpointError, read_metadata, resolve_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -26,56 +24,9 @@ SHARD_BYTES = 5 * 1024**3
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-@dataclass
-class LoadedCheckpoint:
-    """A checkpoint folder's config, tokenizer and model arguments: everything but the tensors."""
-
-    folder: Path
-    cfg: Config
-    tokenizer: Tokenizer | None
-    args: LlamaArgs
-    true_vocab: int
-
-
-def open_checkpoint(path: str | Path) -> LoadedCheckpoint:
-    """Read a self-describing checkpoint (a save dir through ``latest``, or one ``global_stepN``)."""
-    folder = resolve_checkpoint(path)
-    meta = read_metadata(folder)
-    overrides = []
-    tokenizer = None
-    if meta.get("tokenizer_files"):
-        local = folder / meta["tokenizer_files"][0]
-        overrides.append(f"vocab_file={local}")
-    try:
-        world = meta["layout"]["world_size"]
-        cfg = load_config([folder / "config.yml"], overrides, world_size=world, apply_presets=False)
-        if cfg.vocab_file and cfg.tokenizer_type:
-            tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.vocab_file)
-            cfg = load_config([folder / "config.yml"], overrides, world_size=world, apply_presets=False,
-                              tokenizer_vocab=tokenizer.vocab_size)
-    except ConfigError as err:
-        raise CheckpointError(f"{folder / 'config.yml'}: {err}") from None
-    args = LlamaArgs.from_config(cfg)
-    true_vocab = cfg.vocab_size or (tokenizer.vocab_size if tokenizer else args.vocab_size)
-    return LoadedCheckpoint(folder, cfg, tokenizer, args, true_vocab)
-
-
-def load_full_state(ckpt: LoadedCheckpoint) -> dict[str, torch.Tensor]:
-    """Every parameter under its neox_llama name (``{layer}.{name}``), from the layout-free weight files."""
-    state: dict[str, torch.Tensor] = {}
-    weights = ckpt.folder / "weights"
-    if not weights.is_dir():
-        raise CheckpointError(f"{weights}: missing (not a neox_llama checkpoint, or an incomplete one)")
-    for path in sorted(weights.glob("layer_*.safetensors")):
-        index = int(path.stem.split("_")[1])
-        for name, tensor in load_file(str(path)).items():
-            state[f"{index}.{name}"] = tensor
-    return state
-
-
-def hf_state_dict(ckpt: LoadedCheckpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def hf_state_dict(ckpt: Run, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Hugging Face tensors, vocabulary padding trimmed."""
-    ours = load_full_state(ckpt)
+    ours = read_full_state(ckpt.folder)
     out = {}
     for hf_name, our_name in hf_to_ours(ckpt.args).items():
         if our_name not in ours:
@@ -125,9 +76,7 @@ def export_to_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bf16"
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not force:
         raise CheckpointError(f"{output}: exists and is not empty; choose another --output or pass --force")
-    ckpt = open_checkpoint(checkpoint)
-    if ckpt.cfg.lora_r:
-        raise CheckpointError(f"{ckpt.folder}: LoRA checkpoints are not supported by this exporter yet")
+    ckpt = load_run(checkpoint)
     try:
         config_kwargs = hf_config_dict(ckpt.args, ckpt.true_vocab)
     except ValueError as err:

@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from neox_llama.checkpoint.metadata import Layout, Metadata, write_metadata
+from neox_llama.checkpoint.paths import CheckpointError, layer_file
+from neox_llama.checkpoint.weights import write_layer_file
 from neox_llama.config import load_config
 from neox_llama.convert.hf_names import expected_shape, hf_to_ours
 from neox_llama.model.args import LlamaArgs
-from neox_llama.training.checkpoint import FORMAT_VERSION, METADATA, CheckpointError
 from neox_llama.utils.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -132,13 +133,11 @@ def import_from_hf(hf_dir: str | Path, output: str | Path, pipe_parallel_size: i
         world = pipe_parallel_size * model_parallel_size
         cfg = load_config([cfg_file], ["vocab_file=null", "tokenizer_type=null"], world_size=world, apply_presets=False)
         args = LlamaArgs.from_config(cfg)
-        _convert_weights(_TensorSource(hf_dir), args, hf["vocab_size"], folder / "weights", hf_dir)
-        meta = {"format": FORMAT_VERSION, "tag": "global_step0", "step": 0, "consumed_samples": 0,
-                "layout": {"pipe_parallel_size": pipe_parallel_size, "model_parallel_size": model_parallel_size,
-                           "data_parallel_size": 1, "zero_stage": -1, "world_size": world},
-                "tokenizer_files": [tok_file.name] if tok_file else [], "precision": settings["precision"],
-                "lora": False, "converted_from": str(hf_dir)}
-        atomic_write_text(folder / METADATA, json.dumps(meta, indent=2))
+        _convert_weights(_TensorSource(hf_dir), args, hf["vocab_size"], folder, hf_dir)
+        layout = Layout(pipe_parallel_size, model_parallel_size, 1, -1, world)
+        write_metadata(folder, Metadata(tag="global_step0", layout=layout, precision=settings["precision"],
+                                        tokenizer_files=[tok_file.name] if tok_file else [],
+                                        converted_from=str(hf_dir)))
         atomic_write_text(tmp / "latest", "global_step0")
         model_yml = {k: v for k, v in raw.items() if k != "vocab_file"}
         if tok_file is not None:
@@ -156,7 +155,7 @@ def import_from_hf(hf_dir: str | Path, output: str | Path, pipe_parallel_size: i
     return output / "global_step0"
 
 
-def _convert_weights(source: _TensorSource, args: LlamaArgs, true_vocab: int, weights: Path, hf_dir: Path) -> None:
+def _convert_weights(source: _TensorSource, args: LlamaArgs, true_vocab: int, folder: Path, hf_dir: Path) -> None:
     table = hf_to_ours(args)
     by_layer: dict[int, list[tuple[str, str]]] = defaultdict(list)
     for hf_name, ours in table.items():
@@ -179,4 +178,4 @@ def _convert_weights(source: _TensorSource, args: LlamaArgs, true_vocab: int, we
                 raise CheckpointError(f"{hf_dir}: {hf_name} has shape {tuple(tensor.shape)}, but config.json implies "
                                       f"{expected}")
             tensors[name] = tensor.contiguous()
-        save_file(tensors, str(weights / f"layer_{index:03d}.safetensors"))
+        write_layer_file(layer_file(folder, index), tensors)

@@ -6,6 +6,8 @@ extracts the member and returns its path.
 
 from __future__ import annotations
 
+from neox_llama.errors import NeoxLlamaError
+
 import shutil
 import subprocess
 import sys
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-class AssetError(Exception):
+class AssetError(NeoxLlamaError):
     """An asset could not be fetched; the message says which package and why."""
 
 

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch.distributed as dist
 
+from neox_llama.distributed import agree
 from neox_llama.data.indexed import IndexedDataset
 
 logger = logging.getLogger(__name__)
@@ -90,8 +90,10 @@ class GPTDataset:
 
     def _load_or_build(self, num_samples: int | None, seed: int):
         paths = self._cache_paths(num_samples, seed)
-        rank0 = not dist.is_initialized() or dist.get_rank() == 0
-        if rank0 and not all(p.exists() for p in paths.values()):
+
+        def build() -> None:
+            if all(p.exists() for p in paths.values()):
+                return
             start = time.perf_counter()
             sizes = self.data.sizes[self.first:self.last]
             order, starts, shuffle = build_sample_index(sizes, self.seq_length, num_samples, seed)
@@ -100,8 +102,13 @@ class GPTDataset:
                 _atomic_save(paths[part], array)
             logger.info("%s: built the %s sample index (%d samples) in %.2f s", self.prefix, self.name,
                         len(shuffle), time.perf_counter() - start)
-        if dist.is_initialized():
-            dist.barrier()
+
+        # One builder per node (the cache sits beside the data, which every node has; on a shared filesystem
+        # the writes are atomic and identical); every rank learns the builders' outcome instead of waiting.
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            agree(build)
+        else:
+            agree(lambda: None)
         return tuple(np.load(paths[part], mmap_mode="r") for part in ("doc", "sample", "shuffle"))
 
     def __len__(self) -> int:

@@ -9,6 +9,8 @@ document starts, with the total number of sequences last). Dtype codes: 1 u8, 2 
 
 from __future__ import annotations
 
+from neox_llama.errors import NeoxLlamaError
+
 import os
 import struct
 from pathlib import Path
@@ -23,7 +25,7 @@ CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 HEADER = len(MAGIC) + 8 + 1 + 8 + 8
 
 
-class IndexedDatasetError(Exception):
+class IndexedDatasetError(NeoxLlamaError):
     """A dataset file is missing, malformed or inconsistent; the message names the file."""
 
 

@@ -7,6 +7,8 @@ One dataset is written per JSON key: ``{output_prefix}_{key}_document.{bin,idx}`
 
 from __future__ import annotations
 
+from neox_llama.errors import NeoxLlamaError
+
 import gzip
 import io
 import json
@@ -29,7 +31,7 @@ logger = logging.getLogger(__name__)
 BATCH_DOCS = 256
 
 
-class PreprocessError(Exception):
+class PreprocessError(NeoxLlamaError):
     """Bad input (with --strict) or an unreadable file; the message names file and line."""
 
 

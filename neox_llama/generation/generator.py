@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from neox_llama.convert.hf_export import LoadedCheckpoint, load_full_state, open_checkpoint
+from neox_llama.checkpoint.run import Run, load_model
 from neox_llama.generation.sampling import next_token
 from neox_llama.model.kv_cache import KVCache
 from neox_llama.model.layers import TransformerBlock
-from neox_llama.model.llama import LlamaStack, build_model
+from neox_llama.model.llama import LlamaStack
 
 
 @dataclass
@@ -28,7 +28,7 @@ class GenerationSettings:
 class Generator:
     """A model and tokenizer ready to continue prompts."""
 
-    def __init__(self, model: LlamaStack, ckpt: LoadedCheckpoint, device: str = "cpu"):
+    def __init__(self, model: LlamaStack, ckpt: Run, device: str = "cpu"):
         self.model, self.ckpt, self.device = model.eval().to(device), ckpt, device
         layers = list(model.children())
         self.embedding, self.head = layers[0], layers[-1]
@@ -39,15 +39,8 @@ class Generator:
     @classmethod
     def from_checkpoint(cls, path: str, device: str | None = None, dtype: torch.dtype | None = None) -> Generator:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        ckpt = open_checkpoint(path)
-        model = build_model(ckpt.args, initialize=False)
-        state = load_full_state(ckpt)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                param.copy_(state[name])
-        if dtype is not None:
-            model = model.to(dtype)
-        return cls(model, ckpt, device)
+        model, run = load_model(path, device, dtype)
+        return cls(model, run, device)
 
     def default_stops(self) -> set[int]:
         tok = self.tokenizer

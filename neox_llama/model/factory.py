@@ -54,9 +54,5 @@ class LayerFactory:
         flat = logits.float().reshape(-1, logits.shape[-1])
         return F.cross_entropy(flat, labels.reshape(-1), reduction="none").view(labels.shape)
 
-    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Full-vocabulary logits (a no-op on one device)."""
-        return logits
-
 
 SINGLE_DEVICE = LayerFactory()

@@ -31,6 +31,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, base: float, rotary_pct: float = 1.0, scaling: dict | None = None):
         super().__init__()
         self.rot_dim = int(head_dim * rotary_pct)
+        self.base, self.scaling = base, scaling
         self.register_buffer("inv_freq", inverse_frequencies(self.rot_dim, base, scaling), persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

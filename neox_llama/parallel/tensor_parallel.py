@@ -47,21 +47,6 @@ class _ReduceFromGroup(torch.autograd.Function):
         return grad, None
 
 
-class _GatherLastDim(torch.autograd.Function):
-    """All-gather along the last dimension forward; keep this rank's slice of the gradient backward."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group, ctx.rank, ctx.size = group, dist.get_rank(group), dist.get_world_size(group)
-        parts = [torch.empty_like(x) for _ in range(ctx.size)]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=-1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.chunk(ctx.size, dim=-1)[ctx.rank].contiguous(), None
-
-
 def _split(total: int, size: int, what: str) -> int:
     if total % size:
         raise ValueError(f"{what} {total} is not divisible by the tensor-parallel size {size}")
@@ -145,9 +130,6 @@ class TensorParallelFactory(LayerFactory):
 
     def token_cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_cross_entropy(logits, labels, self.group)
-
-    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        return _GatherLastDim.apply(logits, self.group)
 
     def __getstate__(self):  # process groups do not pickle; a factory is only used where it was made
         raise TypeError("TensorParallelFactory holds a process group and cannot be pickled")

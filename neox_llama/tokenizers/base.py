@@ -5,8 +5,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+from neox_llama.errors import NeoxLlamaError
 
-class TokenizerError(Exception):
+
+class TokenizerError(NeoxLlamaError):
     """A tokenizer file is missing or unreadable; the message names the file and what was expected."""
 
 

@@ -12,17 +12,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from neox_llama.checkpoint.metadata import Metadata, read_metadata
+from neox_llama.checkpoint.paths import LATEST, METADATA, CheckpointError, resolve_checkpoint
 from neox_llama.config.schema import Config
 from neox_llama.data.loader import build_datasets, build_loader
 from neox_llama.distributed import RankInfo
+from neox_llama.errors import NeoxLlamaError
 from neox_llama.model.args import LlamaArgs
 from neox_llama.model.flops import flops_per_token
-from neox_llama.model.loss import CausalLMLoss, token_weights
+from neox_llama.model.loss import CausalLMLoss
 from neox_llama.parallel.topology import ParallelState
 from neox_llama.tokenizers import Tokenizer
-from neox_llama.training import checkpoint as ckpt
+from neox_llama.training import checkpointing as ckpt
 from neox_llama.training.engine import setup_engine
 from neox_llama.training.metrics import MetricsWriter, format_train
+from neox_llama.training.step import make_global_batch, next_samples, run_global_batch
 from neox_llama.utils.peak import measure_matmul_tflops
 
 logger = logging.getLogger("train")
@@ -30,7 +34,7 @@ logger = logging.getLogger("train")
 EXIT_NAN = 3
 
 
-class TrainingError(Exception):
+class TrainingError(NeoxLlamaError):
     """Training cannot go on (non-finite loss, data exhausted, bad checkpoint); the message says what to do."""
 
     exit_code = 2
@@ -66,36 +70,36 @@ class Trainer:
         self.peak_tflops = cfg.peak_tflops or self._measure_peak()
 
     # ------------------------------------------------------------------ setup
-    def _find_checkpoint(self) -> tuple[Path | None, dict]:
+    def _find_checkpoint(self) -> tuple[Path | None, Metadata | None]:
         cfg = self.cfg
         if not cfg.load:
-            return None, {}
+            return None, None
         try:
-            folder = ckpt.resolve_checkpoint(cfg.load)
-        except ckpt.CheckpointError as err:
-            if cfg.finetune or Path(cfg.load).joinpath(ckpt.LATEST).exists() or Path(cfg.load, ckpt.METADATA).exists():
+            folder = resolve_checkpoint(cfg.load)
+        except CheckpointError as err:
+            if cfg.finetune or Path(cfg.load).joinpath(LATEST).exists() or Path(cfg.load, METADATA).exists():
                 raise TrainingError(str(err)) from None
             logger.info("no checkpoint in %s yet: starting from scratch", cfg.load)
-            return None, {}
-        return folder, ckpt.read_metadata(folder)
+            return None, None
+        return folder, read_metadata(folder)
 
-    def _resume(self, folder: Path, meta: dict, weights_only: bool) -> None:
-        self.train_state = ckpt.training_state(meta)
-        layout = meta["layout"]
+    def _resume(self, folder: Path, meta: Metadata, weights_only: bool) -> None:
+        self.train_state = ckpt.TrainingState.from_metadata(meta)
+        layout = meta.layout
         if weights_only:
             self.engine.lr_scheduler.load_state_dict({"num_steps": self.train_state.step})
             logger.warning("resuming %s saved at pp %d x tp %d x dp %d (ZeRO %d) under pp %d x tp %d x dp %d (ZeRO %d): "
                            "weights, step %d, data position and LR schedule restored; optimizer state NOT restored "
                            "(it is sharded by layout), the optimizer starts fresh",
-                           folder, layout["pipe_parallel_size"], layout["model_parallel_size"],
-                           layout["data_parallel_size"], layout["zero_stage"], self.cfg.pipe_parallel_size,
+                           folder, layout.pipe_parallel_size, layout.model_parallel_size,
+                           layout.data_parallel_size, layout.zero_stage, self.cfg.pipe_parallel_size,
                            self.cfg.model_parallel_size, self.cfg.derived.data_parallel_size,
                            self.cfg.zero_optimization.stage, self.train_state.step)
         else:
             ckpt.restore_engine_state(self.engine, folder)
             logger.info("resumed from %s at step %d (%d samples consumed)", folder, self.train_state.step,
                         self.train_state.consumed_samples)
-        if layout["world_size"] == self.cfg.derived.world_size:
+        if layout.world_size == self.cfg.derived.world_size:
             ckpt.restore_rng(folder, self.info.rank)
 
     def _measure_peak(self) -> float:
@@ -106,55 +110,45 @@ class Trainer:
         return peak
 
     # ------------------------------------------------------------------ batches
-    def _global_batches(self, iterator) -> tuple[list, float]:
-        """One optimizer step's micro-batches for this rank, with loss weights normalised over the whole step."""
-        d = self.cfg.derived
-        try:
-            micro = [next(iterator) for _ in range(d.gradient_accumulation_steps)]
-        except StopIteration:
-            raise TrainingError("the training data ran out before train_iters; add data or lower train_iters") from None
-        valid = torch.tensor([float(sum(m["loss_mask"].sum() for m in micro))])
-        dist.all_reduce(valid, group=self.state.dp_group)
-        scale = d.gradient_accumulation_steps * d.data_parallel_size
-        device = self.info.device
-        return [((m["input_ids"].to(device), m["position_ids"].to(device)),
-                 (m["labels"].to(device), token_weights(m["loss_mask"], valid.item(), scale).to(device)))
-                for m in micro], valid.item()
-
-    def _step(self, batches: list) -> float:
-        d = self.cfg.derived
-        if self.runner.pipelined:
-            return float(self.engine.train_batch(iter(batches)))
-        total = torch.zeros(1, device=self.info.device)
-        for inputs, targets in batches:
-            loss = self.loss_fn(self.engine(*inputs), targets)
-            self.engine.backward(loss)
-            self.engine.step()
-            total += loss.detach().float()
-        dist.all_reduce(total, group=self.state.dp_group)
-        return total.item() / (d.gradient_accumulation_steps * d.data_parallel_size)
+    def _next_batch(self, iterator):
+        samples = next_samples(iterator, self.cfg.derived.gradient_accumulation_steps)
+        if samples is None:
+            raise TrainingError("the training data ran out before train_iters; add data or lower train_iters")
+        return make_global_batch(samples, self.runner, self.info.device)
 
     @torch.no_grad()
-    def evaluate(self, loader) -> float:
-        """Mean loss per valid token over the first ``eval_iters`` global batches of the validation split."""
+    def evaluate(self, split: str = "valid") -> float:
+        """Mean loss per valid token over the next ``eval_iters`` global batches of ``split``.
+
+        Validation walks on through its split (the position is saved in checkpoints) and starts over when
+        it is used up; the test split is read from its start.
+        """
         self.engine.eval()
-        iterator = iter(loader)
         loss_sum, tokens = 0.0, 0.0
         for _ in range(self.cfg.eval_iters):
-            batches, valid = self._global_batches(iterator)
-            if self.runner.pipelined:
-                mean = float(self.engine.eval_batch(iter(batches)))
-            else:
-                total = torch.zeros(1, device=self.info.device)
-                for inputs, targets in batches:
-                    total += self.loss_fn(self.engine(*inputs), targets).float()
-                dist.all_reduce(total, group=self.state.dp_group)
-                d = self.cfg.derived
-                mean = total.item() / (d.gradient_accumulation_steps * d.data_parallel_size)
-            loss_sum += mean * valid
-            tokens += valid
+            samples = next_samples(self.eval_iters[split], self.cfg.derived.gradient_accumulation_steps)
+            if samples is None:  # the split is used up: start it over
+                self.eval_iters[split] = self._eval_iterator(split, 0)
+                samples = next_samples(self.eval_iters[split], self.cfg.derived.gradient_accumulation_steps)
+                if samples is None:
+                    raise TrainingError(f"the {split} split is smaller than one batch; lower the batch size or "
+                                        "give it more data")
+                if split == "valid":
+                    self.train_state.consumed_valid_samples = 0
+            batch = make_global_batch(samples, self.runner, self.info.device)
+            mean = run_global_batch(self.runner, batch, self.loss_fn, train=False)
+            loss_sum += mean * batch.valid_tokens
+            tokens += batch.valid_tokens
+            if split == "valid":
+                self.train_state.consumed_valid_samples += self.cfg.derived.train_batch_size
         self.engine.train()
         return loss_sum / max(tokens, 1.0)
+
+    def _eval_iterator(self, split: str, consumed: int):
+        dataset = self.datasets[split]
+        eod = self.tokenizer.eod_id if self.tokenizer else None
+        consumed = consumed if consumed + self.cfg.derived.train_batch_size <= len(dataset) else 0
+        return iter(build_loader(dataset, self.cfg, self.state.dp_rank, self.state.dp_size, consumed, eod))
 
     # ------------------------------------------------------------------ loop
     def _install_signal_handlers(self) -> None:
@@ -167,6 +161,7 @@ class Trainer:
         signal.signal(signal.SIGINT, request_stop)
 
     def _stop_agreed(self) -> bool:
+        # Collective device: a host tensor, reduced by gloo (the CPU backend of cpu:gloo,cuda:nccl on GPUs).
         flag = torch.tensor([1.0 if self.stop_requested else 0.0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() > 0
@@ -182,19 +177,22 @@ class Trainer:
     def train(self) -> int:
         """Run to ``train_iters`` (or a stop); returns the process exit code."""
         cfg, d, ts = self.cfg, self.cfg.derived, self.train_state
-        datasets = build_datasets(cfg)
-        if "train" not in datasets:
+        self.datasets = build_datasets(cfg)
+        if "train" not in self.datasets:
             raise TrainingError("no training data: set data_path (split by `split`) or train_data_paths")
         eod = self.tokenizer.eod_id if self.tokenizer else None
         dp_rank, dp = self.state.dp_rank, d.data_parallel_size
-        train_iter = iter(build_loader(datasets["train"], cfg, dp_rank, dp, ts.consumed_samples, eod))
-        valid_loader = build_loader(datasets["valid"], cfg, dp_rank, dp, 0, eod) if "valid" in datasets else None
+        train_iter = iter(build_loader(self.datasets["train"], cfg, dp_rank, dp, ts.consumed_samples, eod))
+        self.eval_iters = {}
+        if "valid" in self.datasets:
+            self.eval_iters["valid"] = self._eval_iterator("valid", ts.consumed_valid_samples)
+        evaluating = "valid" in self.eval_iters and cfg.eval_iters > 0
         self._install_signal_handlers()
         tokens_per_step = d.train_batch_size * cfg.seq_length
         if ts.step >= cfg.train_iters:
             logger.info("the checkpoint is at step %d >= train_iters %d: nothing to train", ts.step, cfg.train_iters)
-            if valid_loader is not None and cfg.eval_iters:
-                self._evaluate_and_track(valid_loader, track=False)
+            if evaluating:
+                self._evaluate_and_track(track=False)
             self.metrics.close()
             return 0
         logger.info("training %d steps from step %d: %d sequences x %d tokens per step (%s, pp %d x tp %d x dp %d)",
@@ -203,9 +201,9 @@ class Trainer:
         while ts.step < cfg.train_iters:
             start = time.perf_counter()
             lr = self.engine.lr_scheduler.current()
-            batches, _ = self._global_batches(train_iter)
+            batch = self._next_batch(train_iter)
             data_time = time.perf_counter() - start
-            loss = self._step(batches)
+            loss = run_global_batch(self.runner, batch, self.loss_fn, train=True)
             ts.step += 1
             ts.consumed_samples += d.train_batch_size
             step_time = time.perf_counter() - start
@@ -217,9 +215,8 @@ class Trainer:
             if ts.step % cfg.log_interval == 0 or ts.step == cfg.train_iters:
                 self._log(ts.step, loss, lr, step_time, data_time, tokens_per_step)
             stop = self._stop_agreed()
-            if valid_loader is not None and cfg.eval_iters and (ts.step % cfg.eval_interval == 0 or
-                                                                 ts.step == cfg.train_iters):
-                if self._evaluate_and_track(valid_loader):
+            if evaluating and (ts.step % cfg.eval_interval == 0 or ts.step == cfg.train_iters):
+                if self._evaluate_and_track():
                     logger.info("early stopping: no improvement for %d evaluations", cfg.early_stopping_patience)
                     stop = True
             if stop or ts.step % cfg.checkpoint_factor == 0 or ts.step == cfg.train_iters:
@@ -227,13 +224,19 @@ class Trainer:
             if stop:
                 logger.info("stopped at step %d", ts.step)
                 break
+        if ts.step >= cfg.train_iters and "test" in self.datasets and cfg.eval_iters:
+            self.eval_iters["test"] = self._eval_iterator("test", 0)
+            test_loss = self.evaluate("test")
+            record = {"step": ts.step, "test_loss": test_loss, "test_ppl": math.exp(min(test_loss, 50.0))}
+            self.metrics.write(record)
+            logger.info("step %6d | test_loss %.4f | test_ppl %.2f", ts.step, test_loss, record["test_ppl"])
         self.metrics.close()
         return 0
 
-    def _evaluate_and_track(self, loader, track: bool = True) -> bool:
+    def _evaluate_and_track(self, track: bool = True) -> bool:
         """Evaluate, log, keep the best; True when early stopping should end the run."""
         cfg, ts = self.cfg, self.train_state
-        valid_loss = self.evaluate(loader)
+        valid_loss = self.evaluate("valid")
         record = {"step": ts.step, "valid_loss": valid_loss, "valid_ppl": math.exp(min(valid_loss, 50.0))}
         self.metrics.write(record)
         logger.info("step %6d | valid_loss %.4f | valid_ppl %.2f", ts.step, valid_loss, record["valid_ppl"])

@@ -14,15 +14,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
 from neox_llama.config import load_config
 from neox_llama.distributed import init_distributed, shutdown_distributed
 from neox_llama.model.args import LlamaArgs
-from neox_llama.model.loss import CausalLMLoss, token_weights
+from neox_llama.model.loss import CausalLMLoss
 from neox_llama.parallel.pipeline import stage_layers
 from neox_llama.parallel.topology import ParallelState
 from neox_llama.training.engine import setup_engine
+from neox_llama.training.step import make_global_batch, run_global_batch
 
 
 def fixed_batch(vocab: int, batch: int, seq: int, seed: int = 0):
@@ -59,25 +58,15 @@ def main() -> None:
     d = cfg.derived
     ids, mask = fixed_batch(args.vocab_size, d.train_batch_size, cfg.seq_length)
     micro = d.train_micro_batch_size_per_gpu
-    scale = d.gradient_accumulation_steps * d.data_parallel_size
-    valid = mask.sum().item()
-    # This data-parallel rank's micro-batches of the global batch.
+    # This data-parallel rank's micro-batches of the global batch, through the trainer's own step functions.
     mine = [(ids[s:s + micro], mask[s:s + micro]) for s in range(0, len(ids), micro)][state.dp_rank::d.data_parallel_size]
-    batches = [((x[:, :-1], torch.arange(cfg.seq_length).expand(len(x), -1)), (x[:, 1:], token_weights(m, valid, scale)))
-               for x, m in mine]
-    if runner.pipelined:
-        before = engine.eval_batch(iter(batches), reduce_output="avg").item()  # mean over micro-batches and dp
-        engine.train_batch(iter(batches))
-    else:
-        loss_fn = CausalLMLoss(runner.factory)
-        with torch.no_grad():
-            local = sum(loss_fn(engine(*inputs), targets) for inputs, targets in batches)
-        local = local.detach().clone()
-        dist.all_reduce(local, group=state.dp_group)
-        before = local.item() / scale
-        for inputs, targets in batches:
-            engine.backward(loss_fn(engine(*inputs), targets))
-            engine.step()
+    samples = [{"input_ids": x[:, :-1], "labels": x[:, 1:], "loss_mask": m,
+                "position_ids": torch.arange(cfg.seq_length).expand(len(x), -1)} for x, m in mine]
+    batch = make_global_batch(samples, runner, info.device)
+    loss_fn = CausalLMLoss(runner.factory)
+    before = run_global_batch(runner, batch, loss_fn, train=False)
+    engine.train()
+    run_global_batch(runner, batch, loss_fn, train=True)
     weights = full_weights(engine.module, state)
     torch.save({"loss": before, "weights": weights}, out_dir / f"rank{info.rank}.pt")
     (out_dir / f"rank{info.rank}.json").write_text(json.dumps({"loss": before}))

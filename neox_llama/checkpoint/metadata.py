@@ -1,0 +1,69 @@
+"""``metadata.json``: what a checkpoint is (step, data position, layout, tokenizer files); one reader, one writer."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from neox_llama.checkpoint.paths import METADATA, CheckpointError
+from neox_llama.utils.files import atomic_write_text
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Layout:
+    """The parallel layout that wrote DeepSpeed's (layout-specific) engine state."""
+
+    pipe_parallel_size: int = 1
+    model_parallel_size: int = 1
+    data_parallel_size: int = 1
+    zero_stage: int = -1
+    """-1: no engine state (e.g. a Hugging Face import)."""
+    world_size: int = 1
+
+
+@dataclass
+class Metadata:
+    """The contents of ``metadata.json``."""
+
+    tag: str
+    step: int = 0
+    consumed_samples: int = 0
+    """Training samples consumed over all data-parallel ranks (the data position to resume at)."""
+    consumed_valid_samples: int = 0
+    """Validation samples read so far (evaluations walk on through the validation set)."""
+    best_valid_loss: float | None = None
+    evaluations_without_improvement: int = 0
+    layout: Layout = field(default_factory=Layout)
+    tokenizer_files: list[str] = field(default_factory=list)
+    precision: str = "fp32"
+    converted_from: str | None = None
+    format: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def read_metadata(folder: Path) -> Metadata:
+    """Read and check ``folder/metadata.json``."""
+    path = Path(folder) / METADATA
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
+        found = data.get("format") if isinstance(data, dict) else None
+        raise CheckpointError(f"{path}: format {found}, expected {FORMAT_VERSION}")
+    known = {f.name for f in fields(Metadata)}
+    try:
+        layout = Layout(**data.get("layout", {}))
+        return Metadata(**{k: v for k, v in data.items() if k in known and k != "layout"}, layout=layout)
+    except TypeError as err:
+        raise CheckpointError(f"{path}: malformed ({err})") from None
+
+
+def write_metadata(folder: Path, meta: Metadata) -> Path:
+    """Write ``folder/metadata.json`` atomically; the checkpoint counts as complete from then on."""
+    return atomic_write_text(Path(folder) / METADATA, meta.to_json())

@@ -1,0 +1,51 @@
+"""Finding a checkpoint folder: a save directory (through ``latest``), ``global_stepN``, or ``best``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from neox_llama.errors import NeoxLlamaError
+
+LATEST = "latest"
+METADATA = "metadata.json"
+BEST = "best"
+WEIGHTS = "weights"
+
+
+class CheckpointError(NeoxLlamaError):
+    """A path is not a (complete) checkpoint, or its contents do not fit the model; the message says which."""
+
+
+def tag_for(step: int) -> str:
+    """The folder name of the checkpoint saved after ``step`` optimizer steps."""
+    return f"global_step{step}"
+
+
+def is_checkpoint(folder: str | Path) -> bool:
+    """Whether ``folder`` is one complete checkpoint (its metadata is written last)."""
+    return (Path(folder) / METADATA).is_file()
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder for ``path``: one checkpoint folder, or a save directory (through ``latest``).
+
+    ``SAVE/best`` and ``SAVE/global_stepN`` are checkpoint folders themselves.
+    """
+    path = Path(path)
+    if is_checkpoint(path):
+        return path
+    latest = path / LATEST
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        folder = path / tag
+        if not is_checkpoint(folder):
+            raise CheckpointError(f"{latest} names {tag}, but {folder} is not a complete checkpoint (no {METADATA})")
+        return folder
+    if path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint (no {METADATA}) and not a save directory (no {LATEST} file)")
+    raise CheckpointError(f"{path}: checkpoint directory not found")
+
+
+def layer_file(folder: Path, index: int) -> Path:
+    """The layout-free weight file of global layer ``index``."""
+    return folder / WEIGHTS / f"layer_{index:03d}.safetensors"

@@ -1,0 +1,80 @@
+"""Opening a checkpoint as a run (its config and tokenizer), and as a model ready to use on one device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from neox_llama.checkpoint.metadata import Metadata, read_metadata
+from neox_llama.checkpoint.paths import CheckpointError, resolve_checkpoint
+from neox_llama.checkpoint.weights import fill_layers
+from neox_llama.config import Config, ConfigError, load_config
+from neox_llama.config.loading import load_raw
+from neox_llama.model.args import LlamaArgs
+from neox_llama.model.llama import LlamaStack, build_model
+from neox_llama.model.rotary import RotaryEmbedding, inverse_frequencies
+from neox_llama.tokenizers import Tokenizer, TokenizerError, build_tokenizer
+
+
+@dataclass
+class Run:
+    """A checkpoint folder's metadata, config, tokenizer and model arguments: everything but the tensors."""
+
+    folder: Path
+    metadata: Metadata
+    cfg: Config
+    tokenizer: Tokenizer | None
+    args: LlamaArgs
+    true_vocab: int
+    """The tokenizer's vocabulary before padding (padded rows are trimmed on export and in generation)."""
+
+
+def load_run(path: str | Path) -> Run:
+    """Read a self-describing checkpoint (a save dir through ``latest``, or one ``global_stepN`` / ``best``).
+
+    The tokenizer is the file saved inside the checkpoint, built once; the config is validated for the
+    world size that saved it.
+    """
+    folder = resolve_checkpoint(path)
+    meta = read_metadata(folder)
+    config_file = folder / "config.yml"
+    overrides: list[str] = []
+    tokenizer = None
+    try:
+        raw, _ = load_raw([config_file], apply_presets=False)
+        if meta.tokenizer_files and raw.get("tokenizer_type"):
+            local = folder / meta.tokenizer_files[0]
+            overrides.append(f"vocab_file={local}")
+            tokenizer = build_tokenizer(raw["tokenizer_type"], local)
+        cfg = load_config([config_file], overrides, world_size=meta.layout.world_size, apply_presets=False,
+                          tokenizer_vocab=tokenizer.vocab_size if tokenizer else None)
+    except (ConfigError, TokenizerError) as err:
+        raise CheckpointError(f"{config_file}: {err}") from None
+    args = LlamaArgs.from_config(cfg)
+    true_vocab = cfg.vocab_size or (tokenizer.vocab_size if tokenizer else args.vocab_size)
+    return Run(folder, meta, cfg, tokenizer, args, true_vocab)
+
+
+def reset_buffers(model: torch.nn.Module) -> None:
+    """Recompute the buffers that are not saved (rotary frequencies) after a meta-device build."""
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.inv_freq = inverse_frequencies(module.rot_dim, module.base, module.scaling).to(module.inv_freq.device)
+
+
+def load_model(path: str | Path | Run, device: torch.device | str = "cpu",
+               dtype: torch.dtype | None = None) -> tuple[LlamaStack, Run]:
+    """The checkpoint's model on one device in eval mode, built on the meta device and filled from its weights.
+
+    Every tensor's name and shape is checked against the config; ``dtype`` None keeps the saved dtype (float32).
+    """
+    run = path if isinstance(path, Run) else load_run(path)
+    model = build_model(run.args, device="meta", initialize=False)
+    model = model.to_empty(device=device)
+    reset_buffers(model)
+    fill_layers({int(i): layer for i, layer in model.named_children()}, run.folder)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval(), run

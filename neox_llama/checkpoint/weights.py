@@ -1,0 +1,89 @@
+"""Layout-free weight files: ``weights/layer_XXX.safetensors``, read and written one layer at a time.
+
+Every reader checks names and shapes, so a checkpoint of another model is one clear error naming the
+file, the tensor and both shapes, never a ``KeyError`` or a silent partial load.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from neox_llama.checkpoint.paths import WEIGHTS, CheckpointError, layer_file
+from neox_llama.model.init import full_shape, shard
+
+_LAYER_FILE = re.compile(r"layer_(\d+)\.safetensors")
+
+
+def read_layer_file(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one layer file; a missing, truncated or corrupt file is an error naming it."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (the checkpoint has no weights for this layer)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: unreadable weight file ({err}); the checkpoint is damaged, "
+                              "use another one (e.g. an earlier global_stepN)") from None
+
+
+def write_layer_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write one layer file through a temporary name, so a reader never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def layer_indices(folder: Path) -> list[int]:
+    """The global layer indices that have weight files in ``folder``."""
+    weights = folder / WEIGHTS
+    if not weights.is_dir():
+        raise CheckpointError(f"{weights}: missing (not a neox_llama checkpoint, or an incomplete one)")
+    return sorted(int(m.group(1)) for p in weights.iterdir() if (m := _LAYER_FILE.fullmatch(p.name)))
+
+
+def read_full_state(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor under its neox_llama name ``{layer}.{name}`` (the whole model: for export and tools)."""
+    state: dict[str, torch.Tensor] = {}
+    for index in layer_indices(folder):
+        for name, tensor in read_layer_file(layer_file(folder, index)).items():
+            state[f"{index}.{name}"] = tensor
+    return state
+
+
+@torch.no_grad()
+def fill_layer(layer: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Copy ``tensors`` (full, layout-free) into ``layer``, each cut to this rank's tensor-parallel shard.
+
+    Every parameter must be present with its full shape, and no tensor may be left over.
+    """
+    params = dict(layer.named_parameters())
+    missing = sorted(set(params) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{path}: no tensor for {', '.join(missing)}; the checkpoint is of a different model")
+    extra = sorted(set(tensors) - set(params))
+    if extra:
+        raise CheckpointError(f"{path}: tensor {', '.join(extra)} has no place in the model; the checkpoint is of a "
+                              "different model (biases, tying or layer kinds differ)")
+    for name, param in params.items():
+        full = tensors[name]
+        expected = full_shape(param)
+        if tuple(full.shape) != expected:
+            raise CheckpointError(f"{path}: {name} has shape {tuple(full.shape)}, the model expects {expected}; "
+                                  "the checkpoint is of a different model")
+        param.copy_(shard(full, param).to(param.dtype))
+
+
+def fill_layers(layers: dict[int, nn.Module], folder: Path) -> None:
+    """Fill every layer (global index -> module) that has parameters from ``folder``'s weight files."""
+    for index, layer in layers.items():
+        if next(layer.parameters(), None) is None:
+            continue  # e.g. a tied head, which reuses the embedding's weight
+        path = layer_file(folder, index)
+        fill_layer(layer, read_layer_file(path), path)

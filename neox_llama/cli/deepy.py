@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""Launch a neox_llama script on every rank.
+
+    python deepy.py train.py CONFIG.yml [CONFIG.yml ...] [key=value ...] [--dry-run]
+
+Config files merge left to right, then ``key=value`` overrides (dotted for nested keys, e.g.
+``optimizer.params.lr=1e-4``). The merged config is validated for the world it will run in before
+any process starts; it is then written to ``{log_dir}/config.yml`` and every rank reads that file.
+One rank runs the script directly; more go through DeepSpeed's launcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+USAGE = "usage: python deepy.py SCRIPT.py CONFIG.yml [CONFIG.yml ...] [key=value ...] [--dry-run]"
+
+
+def parse_args(argv: list[str]) -> tuple[str, list[str], list[str], bool]:
+    """Split the command line into the script, config files, overrides and the dry-run flag."""
+    dry_run = False
+    positional: list[str] = []
+    for arg in argv:
+        if arg == "--dry-run":
+            dry_run = True
+        elif arg in ("-h", "--help"):
+            print(__doc__.strip())
+            sys.exit(0)
+        elif arg.startswith("--"):
+            raise SystemExit(f"deepy.py: error: unknown option {arg}\n{USAGE}")
+        else:
+            positional.append(arg)
+    if not positional or not positional[0].endswith(".py"):
+        raise SystemExit(f"deepy.py: error: the first argument must be the script to run (e.g. train.py)\n{USAGE}")
+    script, rest = positional[0], positional[1:]
+    if not Path(script).is_file():
+        raise SystemExit(f"deepy.py: error: script {script} not found")
+    files = [a for a in rest if _is_config_file(a)]
+    overrides = [a for a in rest if not _is_config_file(a)]
+    if not files:
+        raise SystemExit(f"deepy.py: error: no config file given\n{USAGE}")
+    return script, files, overrides, dry_run
+
+
+def _is_config_file(arg: str) -> bool:
+    return arg.endswith((".yml", ".yaml")) or "=" not in arg or Path(arg).is_file()
+
+
+def _cuda_bf16() -> bool:
+    import torch
+
+    return torch.cuda.is_bf16_supported()
+
+
+def tokenizer_vocab_size(cfg, problems: list[str]) -> int | None:
+    """The vocabulary of ``vocab_file`` (so the padded vocabulary can be checked before launch)."""
+    if not cfg.vocab_file or not cfg.tokenizer_type or "vocab_file" in cfg.invalid_keys:
+        return None
+    from neox_llama.tokenizers import TokenizerError, build_tokenizer
+
+    try:
+        return build_tokenizer(cfg.tokenizer_type, cfg.vocab_file).vocab_size
+    except TokenizerError as err:
+        problems.append(f"{cfg.sources.get('vocab_file', 'default')}: {err}")
+        return None
+
+
+def main(argv: list[str]) -> int:
+    script, files, overrides, dry_run = parse_args(argv)
+    from neox_llama.launcher import detect_accelerator
+
+    accelerator = detect_accelerator()
+    if accelerator == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is imported: no probing, no warning
+
+    from neox_llama.config import ConfigError, resolve
+    from neox_llama.config.loading import build_config, dump_raw_text, load_raw
+    from neox_llama.launcher import build_launch_command, plan_resources
+    from neox_llama.utils.files import atomic_write_text
+    from neox_llama.utils.logging_setup import setup_logging
+
+    setup_logging("info", rank=0)
+    problems: list[str] = []
+    try:
+        raw, sources = load_raw(files, overrides)
+    except ConfigError as err:
+        problems.extend(err.problems)
+    else:
+        cfg = build_config(raw, sources, problems=problems)
+        try:
+            plan = plan_resources(cfg, accelerator)
+            world_size = plan.world_size
+        except ConfigError as err:
+            problems.extend(err.problems)
+            world_size = (cfg.num_gpus or 1) * (cfg.num_nodes or 1)
+        if cfg.finetune and cfg.load and "load" not in cfg.invalid_keys:
+            from neox_llama.checkpoint.paths import CheckpointError, resolve_checkpoint
+
+            try:
+                resolve_checkpoint(cfg.load)
+            except CheckpointError as err:
+                problems.append(f"{cfg.sources.get('load', 'default')}: load: {err} (finetune needs a checkpoint)")
+        try:
+            resolve(cfg, world_size, accelerator, tokenizer_vocab=tokenizer_vocab_size(cfg, problems),
+                    bf16_supported=accelerator != "cuda" or _cuda_bf16())
+        except ConfigError as err:
+            problems.extend(err.problems)
+    if problems:
+        for line in problems:
+            print(f"deepy.py: error: {line}", file=sys.stderr)
+        print(f"deepy.py: {len(problems)} problem(s) in the config; nothing was started", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level, rank=0)
+
+    if cfg.log_dir is None:  # resolved here once, so that every rank agrees on it
+        cfg.log_dir = str(Path(cfg.save) / "logs") if cfg.save else f"runs/{time.strftime('%Y%m%d-%H%M%S')}/logs"
+        raw["log_dir"] = cfg.log_dir
+    config_file = str(Path(cfg.log_dir) / "config.yml")
+    header = f"# merged by deepy.py from: {' '.join(files + overrides)}"
+    config_text = dump_raw_text(raw, header=header)
+    command = build_launch_command(cfg, plan, script, config_file, config_text)
+
+    if dry_run:
+        from neox_llama.plan_report import dry_run_text
+
+        print(dry_run_text(cfg, plan, command, config_file))
+        return 0
+
+    atomic_write_text(config_file, config_text)
+    logging.getLogger("deepy").info("starting %d rank(s): %s", plan.world_size, command.shell(abbreviate=True))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Replace this process, so signals (Ctrl-C, SIGTERM from a scheduler) reach the launcher or the rank directly.
+    os.execve(command.argv[0], command.argv, {**os.environ, **command.env})
+    return 1  # not reached
+
+
+def train_main() -> int:
+    """``neox-train CONFIG.yml ... [key=value ...] [--dry-run]``: the same as ``python deepy.py train.py ...``."""
+    from neox_llama.cli import train
+
+    return main([train.__file__, *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

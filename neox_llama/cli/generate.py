@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Generate text from a neox_llama checkpoint (KV cache; greedy or sampled; streaming; chat).
+
+    python tools/generate.py --checkpoint runs/local/checkpoints --prompt "ROMEO:" --max-new-tokens 64
+    python tools/generate.py --checkpoint DIR --prompts-file prompts.txt --temperature 0.8 --top-p 0.9
+    python tools/generate.py --checkpoint DIR --chat [--system "You are terse."]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from neox_llama.checkpoint.paths import CheckpointError
+from neox_llama.generation.generator import GenerationSettings, Generator
+from neox_llama.generation.prompts import chat_prompt, default_style
+from neox_llama.tokenizers import TokenizerError
+from neox_llama.utils.logging_setup import setup_logging
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="save directory (uses latest) or global_stepN folder")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="text to continue")
+    source.add_argument("--prompts-file", help="one prompt per line; each is generated in turn")
+    source.add_argument("--chat", action="store_true", help="interactive chat in the model family's prompt style")
+    parser.add_argument("--system", help="system message for --chat")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        parser.error("--max-new-tokens must be at least 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        parser.error("--top-p must be in (0, 1]")
+    return args
+
+
+def stream(generator: Generator, prompt_ids: list[int], settings: GenerationSettings) -> str:
+    printed = ""
+    produced: list[int] = []
+
+    def show(token: int) -> None:
+        nonlocal printed
+        produced.append(token)
+        text = generator.tokenizer.decode(produced)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+
+    ids = generator.generate_ids(prompt_ids, settings, on_token=show)
+    text = generator.tokenizer.decode(ids)
+    sys.stdout.write(text[len(printed):] + "\n")
+    sys.stdout.flush()
+    return text
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    setup_logging("warning")
+    try:
+        generator = Generator.from_checkpoint(args.checkpoint, device=args.device)
+    except (CheckpointError, TokenizerError) as err:
+        print(f"generate.py: error: {err}", file=sys.stderr)
+        return 2
+    if generator.tokenizer is None:
+        print("generate.py: error: the checkpoint has no tokenizer to turn text into ids", file=sys.stderr)
+        return 2
+    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                                  stop_strings=args.stop)
+    tok = generator.tokenizer
+    try:
+        if args.prompt is not None or args.prompts_file:
+            prompts = [args.prompt] if args.prompt is not None else \
+                [line.rstrip("\n") for line in open(args.prompts_file, encoding="utf-8") if line.strip()]
+            for prompt in prompts:
+                ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(prompt)
+                sys.stdout.write(prompt)
+                stream(generator, ids, settings)
+            return 0
+        style = default_style(tok)
+        history: list[tuple[str, str]] = []
+        while True:
+            try:
+                message = input(">>> ")
+            except EOFError:
+                return 0
+            history.append(("user", message))
+            ids = tok.encode(chat_prompt(style, history, args.system), allow_special=True)
+            answer = stream(generator, ids, settings)
+            history.append(("assistant", answer.strip()))
+    except (ValueError, OSError) as err:
+        print(f"generate.py: error: {err}", file=sys.stderr)
+        return 2
+
+
+def console_main() -> int:
+    """The ``neox-*`` console script."""
+    return main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,197 @@
+"""The distributed half of checkpoints: every rank saves and restores its part (format: :mod:`neox_llama.checkpoint`).
+
+A save writes DeepSpeed's engine state (exact resumption at the same layout), the layout-free
+``weights/`` (tensor-parallel shards gathered; ZeRO-3 partitions gathered one layer at a time), every
+rank's random state, then, on rank 0, ``config.yml``, the tokenizer files and ``metadata.json``, and last
+``{save}/latest``. Rank 0's part is shared with the other ranks (:func:`neox_llama.distributed.agree`),
+so a failure there stops every rank with its message instead of leaving them in a barrier.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from neox_llama.checkpoint.metadata import Layout, Metadata, write_metadata
+from neox_llama.checkpoint.paths import LATEST, METADATA, CheckpointError, layer_file, tag_for
+from neox_llama.checkpoint.weights import fill_layers, write_layer_file
+from neox_llama.config.loading import dump_raw
+from neox_llama.config.schema import Config
+from neox_llama.distributed import agree
+from neox_llama.parallel.pipeline import rank_layers
+from neox_llama.parallel.topology import ParallelState
+from neox_llama.utils.files import atomic_write_text
+
+logger = logging.getLogger("train")
+
+
+def _is_zero3_partitioned(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id")
+
+
+def gathered(params: list[torch.nn.Parameter]):
+    """A context in which ZeRO-3-partitioned ``params`` hold their full data (a no-op for plain parameters)."""
+    partitioned = [p for p in params if _is_zero3_partitioned(p)]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
+@torch.no_grad()
+def _full_tensor(param: torch.Tensor, state: ParallelState) -> torch.Tensor:
+    """The un-sharded tensor (tensor-parallel shards gathered). Collective device: the parameter's own device."""
+    dim = getattr(param, "partition_dim", None)
+    tensor = param.detach()
+    if dim is None or state.tp_size == 1:
+        return tensor.cpu().clone()
+    parts = [torch.empty_like(tensor) for _ in range(state.tp_size)]
+    dist.all_gather(parts, tensor.contiguous(), group=state.tp_group)
+    return torch.cat(parts, dim=dim).cpu()
+
+
+def save_layer_weights(module: torch.nn.Module, state: ParallelState, folder: Path) -> None:
+    """Write this stage's layers as full tensors (every rank gathers; one rank per stage writes)."""
+    writer = state.dp_rank == 0 and state.tp_rank == 0
+    for index, layer in rank_layers(module, state).items():
+        if index == 0 and state.pp_rank != 0:
+            continue  # the tied embedding's copy on the last stage: the first stage writes layer 0
+        params = dict(layer.named_parameters())
+        if not params:
+            continue
+        with gathered(list(params.values())):  # ZeRO-3: one layer at a time, on every data-parallel rank
+            tensors = {name: _full_tensor(p, state) for name, p in params.items()}
+        if writer:
+            write_layer_file(layer_file(folder, index), tensors)
+
+
+def load_layer_weights(module: torch.nn.Module, state: ParallelState, folder: Path) -> None:
+    """Fill this rank's layers from ``weights/`` (cut to its tensor-parallel shard), whatever layout wrote them.
+
+    Runs before the engine exists (parameters are not partitioned yet). Every rank reads only its own
+    stage's files; the outcome is shared, so a bad file on one stage stops every rank with its name.
+    """
+    agree(lambda: fill_layers(rank_layers(module, state), folder))
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+@dataclass
+class TrainingState:
+    """What resuming needs besides the engine: the step, the data positions, and bookkeeping."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    consumed_valid_samples: int = 0
+    best_valid_loss: float | None = None
+    evaluations_without_improvement: int = 0
+
+    @classmethod
+    def from_metadata(cls, meta: Metadata) -> TrainingState:
+        return cls(step=meta.step, consumed_samples=meta.consumed_samples,
+                   consumed_valid_samples=meta.consumed_valid_samples, best_valid_loss=meta.best_valid_loss,
+                   evaluations_without_improvement=meta.evaluations_without_improvement)
+
+
+def layout_of(cfg: Config) -> Layout:
+    return Layout(cfg.pipe_parallel_size, cfg.model_parallel_size, cfg.derived.data_parallel_size,
+                  cfg.zero_optimization.stage, cfg.derived.world_size)
+
+
+def save_checkpoint(engine, module_state: ParallelState, cfg: Config, train: TrainingState,
+                    tokenizer_files: list[Path], tag: str | None = None) -> Path:
+    """Save everything needed to resume; returns the folder. Every rank must call this."""
+    save = Path(cfg.save)
+    tag = tag or tag_for(train.step)
+    folder = save / tag
+    rank = dist.get_rank()
+
+    def invalidate() -> None:
+        (folder / METADATA).unlink(missing_ok=True)  # re-saving a tag: it is incomplete until metadata is rewritten
+
+    agree(invalidate, rank0_only=True)
+    engine.save_checkpoint(str(save), tag=tag, save_latest=False)
+    save_layer_weights(engine.module, module_state, folder)
+
+    def save_rng() -> None:
+        (folder / "rng").mkdir(parents=True, exist_ok=True)
+        torch.save(_rng_state(), folder / "rng" / f"rank_{rank}.pt")
+
+    agree(save_rng)
+
+    def finish() -> None:
+        dump_raw(cfg.raw, folder / "config.yml", header=f"# the merged config of the run that saved {tag}")
+        for file in tokenizer_files:
+            shutil.copyfile(file, folder / file.name)
+        meta = Metadata(tag=tag, step=train.step, consumed_samples=train.consumed_samples,
+                        consumed_valid_samples=train.consumed_valid_samples, best_valid_loss=train.best_valid_loss,
+                        evaluations_without_improvement=train.evaluations_without_improvement,
+                        layout=layout_of(cfg), tokenizer_files=[f.name for f in tokenizer_files],
+                        precision=cfg.precision)
+        write_metadata(folder, meta)
+        if tag.startswith("global_step"):
+            atomic_write_text(save / LATEST, tag)
+            _prune(save, cfg.keep_last_n_checkpoints, keep=tag)
+
+    agree(finish, rank0_only=True)
+    logger.info("saved checkpoint %s", folder)
+    return folder
+
+
+def _prune(save: Path, keep_last: int | None, keep: str) -> None:
+    steps = sorted((int(m.group(1)), p) for p in save.iterdir()
+                   if p.is_dir() and (m := re.fullmatch(r"global_step(\d+)", p.name)))
+    complete = [(s, p) for s, p in steps if (p / METADATA).exists()]
+    for _, path in steps:  # folders left incomplete by an interrupted save
+        if not (path / METADATA).exists() and path.name != keep:
+            shutil.rmtree(path, ignore_errors=True)
+    if keep_last:
+        for _, path in complete[:-keep_last]:
+            if path.name != keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def same_layout(meta: Metadata, cfg: Config) -> bool:
+    """Whether DeepSpeed's own state (sharded by layout) can be loaded as it is."""
+    saved, now = meta.layout, layout_of(cfg)
+    return (saved.pipe_parallel_size, saved.model_parallel_size, saved.data_parallel_size, saved.zero_stage) == \
+        (now.pipe_parallel_size, now.model_parallel_size, now.data_parallel_size, now.zero_stage)
+
+
+def restore_engine_state(engine, folder: Path) -> None:
+    """Load DeepSpeed's model, optimizer and schedule state (same layout only)."""
+    path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise CheckpointError(f"{folder}: DeepSpeed found no engine state to load")
+
+
+def restore_rng(folder: Path, rank: int) -> bool:
+    path = folder / "rng" / f"rank_{rank}.pt"
+    if not path.is_file():
+        return False
+    _set_rng_state(torch.load(path, weights_only=False))
+    return True

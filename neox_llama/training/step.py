@@ -1,0 +1,81 @@
+"""One optimizer step, written once: the global batch and its micro-batches, with exact loss normalisation.
+
+Training, evaluation and the parallel-parity test worker all go through :func:`make_global_batch` and
+:func:`run_global_batch`. Each token's loss weight is its mask / (valid tokens in the whole step over every
+data-parallel rank) x (micro-batches x data-parallel ranks): DeepSpeed's averaging over accumulation steps and
+ranks then cancels, and the step's loss is the mean over every valid token of the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from neox_llama.model.loss import CausalLMLoss, token_weights
+from neox_llama.training.engine import Engine
+
+MicroBatch = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""((input_ids, position_ids), (labels, loss weights)) as the model and the loss take them."""
+
+
+@dataclass
+class GlobalBatch:
+    """This rank's micro-batches of one optimizer step."""
+
+    micro_batches: list[MicroBatch]
+    valid_tokens: float
+    """Valid (loss-bearing) tokens of the whole step, over every data-parallel rank."""
+
+
+def make_global_batch(samples: list[dict[str, torch.Tensor]], runner: Engine, device: torch.device) -> GlobalBatch:
+    """Weight ``samples`` (this rank's micro-batches: input_ids, labels, loss_mask, position_ids) for one step.
+
+    Collective device: the valid-token count is a host tensor, reduced over the data-parallel group by gloo
+    (the CPU backend of ``cpu:gloo,cuda:nccl`` on GPUs).
+    """
+    state = runner.state
+    valid = torch.tensor([float(sum(m["loss_mask"].sum() for m in samples))])
+    dist.all_reduce(valid, group=state.dp_group)
+    scale = len(samples) * state.dp_size
+    micro = [((m["input_ids"].to(device), m["position_ids"].to(device)),
+              (m["labels"].to(device), token_weights(m["loss_mask"], valid.item(), scale).to(device)))
+             for m in samples]
+    return GlobalBatch(micro, valid.item())
+
+
+def next_samples(iterator: Iterator[dict], count: int) -> list[dict] | None:
+    """The next ``count`` micro-batches of ``iterator``, or None when it runs out first."""
+    try:
+        return [next(iterator) for _ in range(count)]
+    except StopIteration:
+        return None
+
+
+def run_global_batch(runner: Engine, batch: GlobalBatch, loss_fn: CausalLMLoss, *, train: bool) -> float:
+    """Forward (and with ``train`` backward + optimizer step) over the step's micro-batches.
+
+    Returns the step's mean loss per valid token, equal on every rank. Collective device: the loss sum lives
+    on the model's device (NCCL on GPUs, gloo on CPU).
+    """
+    engine = runner.engine
+    if runner.pipelined:
+        # DeepSpeed's pipeline averages the micro-batch losses over accumulation steps and data-parallel ranks.
+        if train:
+            return float(engine.train_batch(iter(batch.micro_batches)))
+        return float(engine.eval_batch(iter(batch.micro_batches)))
+    total = None
+    for inputs, targets in batch.micro_batches:
+        if train:
+            loss = loss_fn(engine(*inputs), targets)
+            engine.backward(loss)
+            engine.step()
+        else:
+            with torch.no_grad():
+                loss = loss_fn(engine(*inputs), targets)
+        loss = loss.detach().float().reshape(1)
+        total = loss if total is None else total + loss
+    dist.all_reduce(total, group=runner.state.dp_group)
+    return total.item() / (len(batch.micro_batches) * runner.state.dp_size)
