@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import ROOT, free_port, run_deepy
+import pytest
+from helpers.runner import ROOT, free_port, run_deepy
 
 
 def test_dry_run_of_llama2_7b_prints_a_sane_plan(tmp_path):
@@ -58,7 +59,7 @@ def test_usage_errors():
 
 
 def _launch(tmp_path: Path, *extra: str):
-    from train_helpers import write_corpus
+    from helpers.training import write_corpus
 
     corpus = write_corpus(tmp_path / "chain", docs=60)
     log_dir = tmp_path / "logs"
@@ -68,6 +69,7 @@ def _launch(tmp_path: Path, *extra: str):
     return proc, log_dir
 
 
+@pytest.mark.dist
 def test_two_ranks_through_the_deepspeed_launcher(tmp_path):
     proc, log_dir = _launch(tmp_path, "num_gpus=2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -79,6 +81,7 @@ def test_two_ranks_through_the_deepspeed_launcher(tmp_path):
     assert "num_gpus: 2" in written and "hidden_size: 64" in written
 
 
+@pytest.mark.dist
 def test_one_rank_runs_without_the_launcher(tmp_path):
     proc, log_dir = _launch(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -9,11 +9,11 @@ import sys
 
 import pytest
 import torch
-from assets import asset
-from conftest import ROOT
+from helpers.assets import asset
+from helpers.runner import ROOT
+from helpers.training import deepy_train
 from test_preprocess import make_docs
 from test_tokenizers import TEXTS
-from train_helpers import deepy_train
 
 from neox_llama.checkpoint.run import load_model
 from neox_llama.convert.hf_tokenizer_export import write_tokenizer_files
@@ -22,6 +22,8 @@ from neox_llama.tokenizers import build_tokenizer
 from neox_llama.tokenizers.train import train_sentencepiece
 
 transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.dist
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers.runner import ROOT
 from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
@@ -104,8 +104,9 @@ def test_bad_hf_directories_fail_clearly_and_write_nothing(tmp_path):
     assert proc.returncode == 2
 
 
+@pytest.mark.dist
 def test_fine_tuning_starts_from_the_imported_weights(tmp_path):
-    from train_helpers import deepy_train, records, write_corpus
+    from helpers.training import deepy_train, records, write_corpus
 
     model = hf_model(tmp_path / "hf", num_key_value_heads=2, rope_theta=500000.0)
     assert run("convert_from_hf.py", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "ours"),

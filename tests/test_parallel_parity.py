@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ROOT
-from dist_helpers import launch
+from helpers.runner import ROOT, launch
 from workers.parallel_step import fixed_batch
 
 from neox_llama.config import load_config
@@ -13,6 +12,8 @@ from neox_llama.model.args import LlamaArgs
 from neox_llama.model.llama import build_model
 from neox_llama.model.loss import CausalLMLoss, token_weights
 from neox_llama.training.engine import parameter_groups
+
+pytestmark = pytest.mark.dist
 
 WORKER = ROOT / "tests" / "workers" / "parallel_step.py"
 COMMON = ["vocab_size=256", "seq_length=16", "precision=fp32", "train_batch_size=8", "train_micro_batch_size_per_gpu=2",

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import sentencepiece as spm
-from conftest import ROOT
+from helpers.runner import ROOT
 
 from neox_llama.data import preprocess as pre
 from neox_llama.data.indexed import IndexedDataset

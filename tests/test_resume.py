@@ -8,7 +8,9 @@ import signal
 import time
 
 import pytest
-from train_helpers import deepy_train, losses, records, write_corpus
+from helpers.training import deepy_train, losses, records, write_corpus
+
+pytestmark = pytest.mark.dist
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,10 @@ def wait_for(predicate, proc, timeout=300):
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("layout", [[], ["pipe_parallel_size=2"]], ids=["1rank", "pp2"])
+@pytest.mark.parametrize("layout", [[], ["pipe_parallel_size=2"],
+                                    ["num_gpus=2", "zero_optimization.stage=3",
+                                     "zero_optimization.stage3_param_persistence_threshold=0"]],
+                         ids=["1rank", "pp2", "zero3-dp2"])
 def test_kill_9_and_resume_gives_the_same_losses(tmp_path, corpus, layout):
     common = ["train_iters=24", "checkpoint_factor=4", *layout]
     straight = tmp_path / "straight"
@@ -76,20 +81,41 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, corpus):
     assert json.loads((run / "ck" / f"global_step{step}" / "metadata.json").read_text())["step"] == step
 
 
-def test_latest_only_names_complete_checkpoints(tmp_path, corpus):
+def _partial_save(ck):
+    """A global_stepN folder that a save has started but not finished (its metadata is written last)."""
+    if not ck.is_dir():
+        return None
+    for folder in ck.glob("global_step*"):
+        if not (folder / "metadata.json").exists():
+            return folder
+    return None
+
+
+def test_a_save_interrupted_inside_never_becomes_latest(tmp_path, corpus):
+    """Stop the run while a save is provably half done (frozen with SIGSTOP, then checked), then kill -9 it."""
     run = tmp_path / "run"
-    metrics = run / "logs" / "metrics.jsonl"
-    for delay in (0.4, 1.3):
-        proc = deepy_train(run, corpus, "train_iters=100000", "checkpoint_factor=1", wait=False)
-        before = len(metrics.read_text().splitlines()) if metrics.exists() else 0
-        wait_for(lambda b=before: metrics.exists() and len(metrics.read_text().splitlines()) > b + 1, proc)
-        time.sleep(delay)  # somewhere inside a save, most likely (one every step)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        tag = (run / "ck" / "latest").read_text()
-        meta = json.loads((run / "ck" / tag / "metadata.json").read_text())
-        assert meta["tag"] == tag and all((run / "ck" / tag / "weights").iterdir())
-    ok(deepy_train(run, corpus, f"train_iters={meta['step'] + 1}", "checkpoint_factor=1"))
+    ck = run / "ck"
+    proc = deepy_train(run, corpus, "train_iters=100000", "checkpoint_factor=1", wait=False)
+    interrupted = None
+    deadline = time.time() + 300
+    while interrupted is None:
+        assert proc.poll() is None and time.time() < deadline, "no save was caught half way"
+        if _partial_save(ck) is not None:
+            os.killpg(proc.pid, signal.SIGSTOP)  # frozen: nothing can change on disk now
+            interrupted = _partial_save(ck)
+            if interrupted is None:
+                os.killpg(proc.pid, signal.SIGCONT)  # it finished in between: catch the next one
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    tag = (ck / "latest").read_text()
+    assert tag != interrupted.name
+    meta = json.loads((ck / tag / "metadata.json").read_text())
+    assert meta["tag"] == tag and meta["step"] < int(interrupted.name.removeprefix("global_step"))
+    resumed = ok(deepy_train(run, corpus, f"train_iters={meta['step'] + 1}", "checkpoint_factor=1"))
+    assert f"at step {meta['step']}" in resumed.stderr
+    assert (ck / "latest").read_text() == f"global_step{meta['step'] + 1}"
+    assert not interrupted.exists() or (interrupted / "metadata.json").exists()  # the partial folder was pruned
 
 
 def test_finetune_loads_weights_only(tmp_path, corpus):

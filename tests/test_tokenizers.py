@@ -8,7 +8,7 @@ import zipfile
 import pytest
 import sentencepiece as spm
 import tiktoken
-from assets import CACHE, asset
+from helpers.assets import CACHE, asset
 from tiktoken.load import load_tiktoken_bpe
 
 from neox_llama.tokenizers import TokenizerError, build_tokenizer

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
-from train_helpers import deepy_train, losses, records, write_corpus
+import torch
+from helpers.training import deepy_train, losses, records, write_corpus
+
+pytestmark = pytest.mark.dist
 
 KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"}
 
@@ -34,13 +40,36 @@ def test_one_rank_loss_falls_and_metrics_have_the_contract_keys(tmp_path, corpus
     assert "MFU" in proc.stderr and "peak_tflops not set: measured" in proc.stderr
 
 
-def test_zero_stages_match_zero_0(tmp_path, corpus):
-    curves = {}
+ZERO_DP2 = ["num_gpus=2", "train_iters=3", "checkpoint_factor=3", "optimizer.params.eps=1e-5",
+            "zero_optimization.stage3_param_persistence_threshold=0"]  # threshold 0: ZeRO-3 partitions every tensor
+
+
+def test_zero_stages_match_zero_0_in_losses_saved_weights_and_export(tmp_path, corpus):
+    import transformers
+
+    from neox_llama.checkpoint.paths import resolve_checkpoint
+    from neox_llama.checkpoint.weights import read_full_state
+    from neox_llama.convert.hf_export import export_to_hf
+
+    curves, weights = {}, {}
     for stage in (0, 1, 2, 3):
-        run, _ = run_ok(tmp_path, corpus, f"z{stage}", f"zero_optimization.stage={stage}", "train_iters=3")
+        run, _ = run_ok(tmp_path, corpus, f"z{stage}", f"zero_optimization.stage={stage}", *ZERO_DP2)
         curves[stage] = losses(run)
+        weights[stage] = read_full_state(resolve_checkpoint(run / "ck"))
+    assert sum(t.numel() for t in weights[0].values()) > 100_000
     for stage in (1, 2, 3):
         assert max(abs(a - b) for a, b in zip(curves[0], curves[stage], strict=True)) <= 1e-5, (stage, curves)
+        assert weights[stage].keys() == weights[0].keys()
+        for name, tensor in weights[0].items():
+            assert weights[stage][name].shape == tensor.shape, (stage, name, weights[stage][name].shape)
+            assert (weights[stage][name] - tensor).abs().max().item() <= 1e-6, (stage, name)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for stage in (0, 3):
+        out = export_to_hf(tmp_path / f"z{stage}" / "ck", tmp_path / f"hf{stage}", dtype="fp32")
+        with torch.no_grad():
+            logits[stage] = transformers.AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
+    assert (logits[0] - logits[3]).abs().max().item() <= 1e-5
 
 
 def test_gradient_accumulation_equals_a_bigger_micro_batch(tmp_path, corpus):
@@ -67,10 +96,10 @@ def test_two_ranks_follow_the_one_rank_loss_curve(tmp_path, corpus, one_rank_cur
     assert max(abs(a - b) for a, b in zip(one_rank_curve, losses(two), strict=True)) <= 1e-4, (one_rank_curve, losses(two))
 
 
-def test_four_ranks_pipeline_by_data_parallel(tmp_path, corpus):
-    run, proc = run_ok(tmp_path, corpus, "pp2dp2", "pipe_parallel_size=2", "num_gpus=4", "train_iters=3",
-                       "train_batch_size=8", "train_micro_batch_size_per_gpu=2", "gradient_accumulation_steps=null")
-    assert len(losses(run)) == 3 and "pp 2 x tp 1 x dp 2" in proc.stderr
+def test_four_ranks_pipeline_by_data_parallel_follow_the_one_rank_curve(tmp_path, corpus, one_rank_curve):
+    run, proc = run_ok(tmp_path, corpus, "pp2dp2", "pipe_parallel_size=2", "num_gpus=4", *SAME_BATCH)
+    assert "pp 2 x tp 1 x dp 2" in proc.stderr
+    assert max(abs(a - b) for a, b in zip(one_rank_curve, losses(run), strict=True)) <= 1e-4, (one_rank_curve, losses(run))
 
 
 def test_fp16_is_refused_on_cpu_before_launch(tmp_path, corpus):
@@ -79,19 +108,57 @@ def test_fp16_is_refused_on_cpu_before_launch(tmp_path, corpus):
     assert not (tmp_path / "fp16" / "logs").exists()
 
 
-def test_tensorboard_wandb_offline_and_keep_last_checkpoints(tmp_path, corpus, monkeypatch):
+def test_tensorboard_and_wandb_hold_the_logged_values_and_keep_last_checkpoints(tmp_path, corpus, monkeypatch):
+    from helpers.wandb_log import history
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     monkeypatch.setenv("WANDB_MODE", "offline")
     run, _ = run_ok(tmp_path, corpus, "sinks", "train_iters=4", "checkpoint_factor=1", "keep_last_n_checkpoints=2",
                     f"tensorboard_dir={tmp_path / 'tb'}", "use_wandb=true", "wandb_project=neox-llama-test")
     assert sorted(p.name for p in (run / "ck").glob("global_step*")) == ["global_step3", "global_step4"]
-    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
-    assert list((run / "logs" / "wandb").glob("offline-run-*"))
+    logged = {r["step"]: r for r in records(run)}
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tb = {e.step: e.value for e in events.Scalars("loss")}
+    assert tb.keys() == logged.keys()
+    assert all(abs(tb[s] - logged[s]["loss"]) <= 1e-6 * max(1.0, abs(tb[s])) for s in tb)  # TensorBoard stores float32
+    assert {e.step: e.value for e in events.Scalars("lr")}.keys() == logged.keys()
+    (run_file,) = (run / "logs" / "wandb").glob("offline-run-*/run-*.wandb")
+    rows = [r for r in history(run_file) if "loss" in r]
+    assert [r["_step"] for r in rows] == sorted(logged)
+    assert all(r["loss"] == logged[r["_step"]]["loss"] and r["grad_norm"] == logged[r["_step"]]["grad_norm"]
+               for r in rows)
 
 
-def test_early_stopping_and_best_checkpoint(tmp_path, corpus):
+def test_best_checkpoint_holds_the_lowest_validation_loss_and_the_test_split_is_evaluated(tmp_path, corpus):
+    run, proc = run_ok(tmp_path, corpus, "best", "train_iters=12", "eval_interval=2", "optimizer.params.lr=3e-3",
+                       "save_best=true", "split=80,10,10", "checkpoint_factor=12")
+    valid = records(run, "valid_loss")
+    assert [r["step"] for r in valid] == [2, 4, 6, 8, 10, 12]
+    best = min(valid, key=lambda r: r["valid_loss"])
+    meta = json.loads((run / "ck" / "best" / "metadata.json").read_text())
+    assert meta["step"] == best["step"] and meta["best_valid_loss"] == best["valid_loss"]
+    assert len({r["valid_loss"] for r in valid}) == len(valid)
+    # Evaluations walk on through the validation split: 6 evaluations x eval_iters 2 x 8 sequences.
+    final = json.loads((run / "ck" / "global_step12" / "metadata.json").read_text())
+    assert final["consumed_valid_samples"] == 6 * 2 * 8
+    (test,) = records(run, "test_loss")
+    assert test["step"] == 12 and 0 < test["test_loss"] < valid[0]["valid_loss"]
+    assert test["test_ppl"] == pytest.approx(math.exp(test["test_loss"]))
+    assert "test_loss" in proc.stderr
+
+
+def test_early_stopping_follows_the_patience_rule(tmp_path, corpus):
     run, proc = run_ok(tmp_path, corpus, "early", "train_iters=50", "eval_interval=1", "optimizer.params.lr=0",
                        "min_lr=0", "early_stopping_patience=2", "save_best=true")
     assert "early stopping: no improvement for 2 evaluations" in proc.stderr
-    assert [r["step"] for r in records(run, "valid_loss")] == [1, 2, 3]
-    assert (run / "ck" / "latest").read_text() == "global_step3"
-    assert (run / "ck" / "best" / "metadata.json").is_file()
+    valid = [r["valid_loss"] for r in records(run, "valid_loss")]
+    best, stale, expected_stop = float("inf"), 0, None
+    for step, loss in enumerate(valid, 1):
+        best, stale = (loss, 0) if loss < best else (best, stale + 1)
+        if stale == 2:
+            expected_stop = step
+            break
+    assert expected_stop == len(valid) < 50
+    assert (run / "ck" / "latest").read_text() == f"global_step{expected_stop}"
+    assert json.loads((run / "ck" / "best" / "metadata.json").read_text())["best_valid_loss"] == min(valid)

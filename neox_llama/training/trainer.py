@@ -191,7 +191,9 @@ class Trainer:
         tokens_per_step = d.train_batch_size * cfg.seq_length
         if ts.step >= cfg.train_iters:
             logger.info("the checkpoint is at step %d >= train_iters %d: nothing to train", ts.step, cfg.train_iters)
-            if evaluating:
+            if evaluating:  # report the last evaluation again: the same validation batches, with these weights
+                ts.consumed_valid_samples = max(0, ts.consumed_valid_samples - cfg.eval_iters * d.train_batch_size)
+                self.eval_iters["valid"] = self._eval_iterator("valid", ts.consumed_valid_samples)
                 self._evaluate_and_track(track=False)
             self.metrics.close()
             return 0

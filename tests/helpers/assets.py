@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
 
+from helpers.runner import ROOT
 from neox_llama.data.assets import AssetError, fetch
 
 CACHE = ROOT / ".cache" / "assets"

@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from conftest import ROOT, free_port
-from dist_helpers import ABORT_AT_EXIT
 
+from helpers.runner import ROOT, free_port
 from neox_llama.data.indexed import IndexedDatasetWriter
 
 VOCAB = 256
@@ -41,15 +40,11 @@ def deepy_train(run: Path, corpus: Path, *overrides: str, preset: str = "configs
     args = [sys.executable, str(ROOT / "deepy.py"), "train.py", preset, *BASE, f"data_path={corpus}",
             f"save={run / 'ck'}", f"load={run / 'ck'}", f"log_dir={run / 'logs'}", f"master_port={free_port()}",
             *overrides]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if not wait:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
-    for attempt in range(2):
-        proc = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        if proc.returncode == 0 or ABORT_AT_EXIT not in proc.stdout + proc.stderr or attempt:
-            return proc
-    return proc
+    return run(args, timeout=timeout, retry_abort=True)
 
 
 def records(run: Path, key: str = "loss") -> list[dict]:

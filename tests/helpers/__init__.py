@@ -1,0 +1,1 @@
+"""Test helpers: running commands as users do (:mod:`.runner`), training runs (:mod:`.training`), real assets."""
