@@ -1,6 +1,6 @@
 """Data loading cost vs a model step, and sample-index build time for 1e8 tokens, in the same run.
 
-    python benchmarks/dataloader.py
+    python -m benchmarks.dataloader
 
 Shape (the model benchmark's): seq 256, micro batch 8, 8 layers x hidden 512, vocab 8192, bf16 autocast.
 Target: loading a batch takes <= 1% of a training step.

@@ -1,7 +1,7 @@
 """Decode speed: our generator with a KV cache vs transformers' generate on the same exported model, and vs
 recomputing the whole sequence each step, in the same run with the same threads.
 
-    python benchmarks/generate.py [--new-tokens 128]
+    python -m benchmarks.generate [--new-tokens 128]
 
 The model has the model benchmark's shape (8 layers, hidden 512, GQA 8/4, vocab 8192), random weights,
 fp32, built here and exported with tools/convert_to_hf.py's library. Target: ours / transformers >= 1.0.
@@ -15,7 +15,7 @@ import time
 import torch
 
 from benchmarks.model_step import ARGS
-from neox_llama.convert.hf_names import hf_config_dict, hf_to_ours
+from neox_llama.convert.hf_names import copy_into_hf, hf_config_dict
 from neox_llama.generation.generator import GenerationSettings, Generator
 from neox_llama.model.llama import build_model
 
@@ -37,10 +37,7 @@ def main() -> None:
     args = ARGS.__class__(**{**ARGS.__dict__, "max_position_embeddings": 1024})
     model = build_model(args).eval()
     hf = LlamaForCausalLM(LlamaConfig(**hf_config_dict(args), attn_implementation="sdpa")).eval()
-    state = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, param in hf.named_parameters():
-            param.copy_(state[hf_to_ours(args)[name]])
+    copy_into_hf(hf, model, args)
     info = _Checkpointless()
     info.args = args
     generator = Generator(model, info)

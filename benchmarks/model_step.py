@@ -1,6 +1,6 @@
 """Training-step speed of our single-rank model vs transformers.LlamaForCausalLM, in the same run.
 
-    python benchmarks/model_step.py [--steps 4] [--threads N] [--compile]
+    python -m benchmarks.model_step [--steps 4] [--threads N] [--compile]
 
 Same shape, weights, batch, optimizer (torch AdamW), threads and precision for both; prints tokens/s,
 the ratio ours / transformers, and MFU against a matmul peak measured here at the start.
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from neox_llama.convert.hf_names import hf_config_dict, hf_to_ours
+from neox_llama.convert.hf_names import copy_into_hf, hf_config_dict
 from neox_llama.model.args import LlamaArgs
 from neox_llama.model.llama import build_model
 from neox_llama.model.loss import CausalLMLoss, token_weights
@@ -61,10 +61,7 @@ def main() -> None:
 
     ours = build_model(ARGS)
     hf = LlamaForCausalLM(LlamaConfig(**hf_config_dict(ARGS), attn_implementation="sdpa"))
-    state = dict(ours.named_parameters())
-    with torch.no_grad():
-        for name, param in hf.named_parameters():
-            param.copy_(state[hf_to_ours(ARGS)[name]])
+    copy_into_hf(hf, ours, ARGS)
     ids = torch.randint(0, ARGS.vocab_size, (MICRO, SEQ + 1), generator=torch.Generator().manual_seed(0))
     inputs, labels = ids[:, :-1], ids[:, 1:]
     weights = token_weights(torch.ones(MICRO, SEQ), MICRO * SEQ)

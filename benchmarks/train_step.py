@@ -1,6 +1,6 @@
 """Cost of the full DeepSpeed training path vs a bare model step and a plain transformers loop, same run.
 
-    python benchmarks/train_step.py [--steps 8]
+    python -m benchmarks.train_step [--steps 8]
 
 Shape: the model benchmark's (8 layers, hidden 512, 8/4 heads, intermediate 1408, vocab 8192, seq 256,
 micro batch 8), bf16. Prints tokens/s of: our bare model step (autocast, torch AdamW), transformers'

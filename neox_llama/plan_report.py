@@ -68,6 +68,6 @@ def dry_run_text(cfg: Config, plan: LaunchPlan, command: LaunchCommand, config_f
         ("layout", layout_text(cfg, plan)),
         ("model", model_text(cfg)),
         ("DeepSpeed config (derived)", ds),
-        (f"launch command (the merged config goes to {config_file})", command.shell()),
+        (f"launch command (the merged config goes to {config_file})", command.shell(abbreviate=True)),
     ]
     return "\n\n".join(f"== {title} ==\n{body}" for title, body in sections)

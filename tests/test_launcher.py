@@ -56,6 +56,24 @@ def test_hostfile_nodes_and_slots(write_yaml, tmp_path):
     assert "--num_gpus" not in cmd.argv  # each host's own slots
 
 
+def test_multi_node_passes_the_rank_environment_and_the_config_on_the_command_line(write_yaml, tmp_path):
+    import base64
+
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("worker-0 slots=2\nworker-1 slots=2\n")
+    cfg = config(write_yaml, f"hostfile={hostfile}", "omp_num_threads=3")
+    plan = plan_resources(cfg, "cpu")
+    cmd = build_launch_command(cfg, plan, "train.py", "/run/config.yml", "num_layers: 2\n# merged\n")
+    script = cmd.argv[cmd.argv.index("train.py"):]
+    envs = [script[i + 1] for i, a in enumerate(script) if a == "--env"]
+    assert envs == ["DS_ACCELERATOR=cpu", "OMP_NUM_THREADS=3"]
+    data = script[script.index("--config-data") + 1]
+    assert base64.b64decode(data).decode() == "num_layers: 2\n# merged\n"
+    assert "<the merged config, base64>" in cmd.shell(abbreviate=True) and data not in cmd.shell(abbreviate=True)
+    local = build_launch_command(cfg, plan_resources(config(write_yaml, "num_gpus=2"), "cpu"), "train.py", "c.yml", "x")
+    assert "--config-data" not in local.argv and "--env" not in local.argv  # one node: the environment reaches it
+
+
 def test_uneven_hostfile_keeps_each_hosts_slots(write_yaml, tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("worker-0 slots=4\nworker-1 slots=2\n")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from neox_llama.config import load_config
-from neox_llama.convert.hf_names import hf_config_dict, hf_to_ours
+from neox_llama.convert.hf_names import copy_into_hf, hf_config_dict, hf_to_ours
 from neox_llama.model.args import LlamaArgs
 from neox_llama.model.llama import build_model
 from neox_llama.model.loss import CausalLMLoss, token_weights
@@ -32,10 +32,7 @@ def pair(case: str, write_yaml):
     args = LlamaArgs.from_config(cfg)
     ours = build_model(args).eval()
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_config_dict(args), attn_implementation="eager")).eval()
-    state = dict(ours.named_parameters())
-    with torch.no_grad():
-        for hf_name, param in hf.named_parameters():
-            param.copy_(state[hf_to_ours(args)[hf_name]])
+    copy_into_hf(hf, ours, args)
     return args, ours, hf
 
 

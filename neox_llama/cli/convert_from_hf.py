@@ -13,9 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from neox_llama.checkpoint.paths import CheckpointError
-from neox_llama.config import ConfigError
 from neox_llama.convert.hf_import import import_from_hf
+from neox_llama.errors import NeoxLlamaError
 from neox_llama.utils.logging_setup import setup_logging
 
 
@@ -30,7 +29,7 @@ def main(argv: list[str]) -> int:
     setup_logging("info")
     try:
         folder = import_from_hf(args.hf, args.output, args.pipe_parallel_size, args.model_parallel_size, args.force)
-    except (CheckpointError, ConfigError, KeyError, ValueError) as err:
+    except (NeoxLlamaError, KeyError, ValueError) as err:
         message = f"missing key {err} in config.json" if isinstance(err, KeyError) else str(err)
         print(f"convert_from_hf.py: error: {message}", file=sys.stderr)
         return 2

@@ -11,9 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from neox_llama.checkpoint.paths import CheckpointError
 from neox_llama.convert.hf_export import export_to_hf
-from neox_llama.tokenizers import TokenizerError
+from neox_llama.errors import NeoxLlamaError
 from neox_llama.utils.logging_setup import setup_logging
 
 
@@ -27,7 +26,7 @@ def main(argv: list[str]) -> int:
     setup_logging("info")
     try:
         out = export_to_hf(args.checkpoint, args.output, args.dtype, args.force)
-    except (CheckpointError, TokenizerError) as err:
+    except NeoxLlamaError as err:
         print(f"convert_to_hf.py: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

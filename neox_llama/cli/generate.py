@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from neox_llama.checkpoint.paths import CheckpointError
+from neox_llama.errors import NeoxLlamaError
 from neox_llama.generation.generator import GenerationSettings, Generator
 from neox_llama.generation.prompts import chat_prompt, default_style
-from neox_llama.tokenizers import TokenizerError
 from neox_llama.utils.logging_setup import setup_logging
 
 
@@ -66,7 +65,7 @@ def main(argv: list[str]) -> int:
     setup_logging("warning")
     try:
         generator = Generator.from_checkpoint(args.checkpoint, device=args.device)
-    except (CheckpointError, TokenizerError) as err:
+    except NeoxLlamaError as err:
         print(f"generate.py: error: {err}", file=sys.stderr)
         return 2
     if generator.tokenizer is None:

@@ -12,8 +12,9 @@ import logging
 import sys
 from pathlib import Path
 
-from neox_llama.data.preprocess import PreprocessError, output_prefix_for, preprocess
-from neox_llama.tokenizers import TOKENIZER_TYPES, TokenizerError
+from neox_llama.data.preprocess import output_prefix_for, preprocess
+from neox_llama.errors import NeoxLlamaError
+from neox_llama.tokenizers import TOKENIZER_TYPES
 from neox_llama.utils.logging_setup import setup_logging
 
 
@@ -45,7 +46,7 @@ def main(argv: list[str]) -> int:
         summary = preprocess(inputs, args.output_prefix, args.tokenizer_type, args.vocab_file,
                              keys=tuple(args.jsonl_keys), append_eod=args.append_eod, workers=args.workers,
                              strict=args.strict, txt_split=args.txt_split, progress=not args.no_progress)
-    except (PreprocessError, TokenizerError) as err:
+    except NeoxLlamaError as err:
         print(f"preprocess_data.py: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -5,6 +5,8 @@ One row per tensor kind; ``{i}`` is the Hugging Face block index, whose neox_lla
 
 from __future__ import annotations
 
+import torch
+
 from neox_llama.model.args import LlamaArgs
 
 BLOCK_TABLE: tuple[tuple[str, str], ...] = (
@@ -79,3 +81,19 @@ def expected_shape(args: LlamaArgs, name: str) -> tuple[int, ...]:
         "mlp.up.bias": (inter,), "mlp.down.bias": (h,),
     }
     return shapes[name]
+
+
+@torch.no_grad()
+def copy_into_hf(hf_model: torch.nn.Module, our_model: torch.nn.Module, args: LlamaArgs) -> None:
+    """Copy our model's weights into a ``transformers.LlamaForCausalLM`` of the same shape, checking every name and
+    shape (for the parity tests and the benchmarks, which compare the two models on the same weights)."""
+    ours = dict(our_model.named_parameters())
+    table = hf_to_ours(args)
+    for hf_name, param in hf_model.named_parameters():
+        our_name = table.get(hf_name)
+        if our_name not in ours:
+            raise ValueError(f"{hf_name}: no neox_llama tensor for it ({our_name or 'no entry in the name table'})")
+        source = ours[our_name]
+        if source.shape != param.shape:
+            raise ValueError(f"{hf_name} has shape {tuple(param.shape)}, {our_name} has {tuple(source.shape)}")
+        param.copy_(source)

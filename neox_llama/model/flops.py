@@ -1,6 +1,6 @@
 """Parameter counts and per-token training FLOPs, from the config alone (no weights needed).
 
-FLOPs per token follow the formula torchtitan and nanoGPT use (see ARCHITECTURE.md):
+FLOPs per token follow the formula torchtitan and nanoGPT use (see docs/architecture.md and the README):
 ``6 x (non-embedding parameters, lm head included) + 12 x layers x heads x head_dim x seq_length``,
 which counts SwiGLU's third matrix and grouped-query attention's smaller key/value projections
 through the parameter count, and ignores causal sparsity in the attention term.

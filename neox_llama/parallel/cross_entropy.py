@@ -1,4 +1,7 @@
-"""Cross-entropy over logits whose vocabulary is split across tensor-parallel ranks (never gathered)."""
+"""Cross-entropy over logits whose vocabulary is split across tensor-parallel ranks (never gathered).
+
+Collective device: the reductions run on the logits' device (NCCL on GPUs, gloo on CPU).
+"""
 
 from __future__ import annotations
 

@@ -5,6 +5,9 @@
 - vocab-parallel embedding: rows split; each rank embeds the ids it owns, results summed
 Attention heads (query and key/value heads alike) are split by splitting q/k/v output features,
 so grouped-query attention keeps its head grouping on every rank.
+
+Collective device: every collective here reduces activations or gradients of the model, on the model's device
+(NCCL under ``cpu:gloo,cuda:nccl`` on GPUs, gloo on CPU).
 """
 
 from __future__ import annotations

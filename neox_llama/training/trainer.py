@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from neox_llama.checkpoint.metadata import Metadata, read_metadata
-from neox_llama.checkpoint.paths import LATEST, METADATA, CheckpointError, resolve_checkpoint
+from neox_llama.checkpoint.paths import BEST, LATEST, METADATA, CheckpointError, resolve_checkpoint
 from neox_llama.config.schema import Config
 from neox_llama.data.loader import build_datasets, build_loader
 from neox_llama.distributed import RankInfo
@@ -247,7 +247,7 @@ class Trainer:
         if ts.best_valid_loss is None or valid_loss < ts.best_valid_loss:
             ts.best_valid_loss, ts.evaluations_without_improvement = valid_loss, 0
             if cfg.save_best:
-                self._save(tag="best")
+                self._save(tag=BEST)
             return False
         ts.evaluations_without_improvement += 1
         return bool(cfg.early_stopping_patience and ts.evaluations_without_improvement >= cfg.early_stopping_patience)

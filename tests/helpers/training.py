@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from helpers.runner import ROOT, free_port
+from helpers.runner import run as run_command
 from neox_llama.data.indexed import IndexedDatasetWriter
 
 VOCAB = 256
@@ -44,7 +45,7 @@ def deepy_train(run: Path, corpus: Path, *overrides: str, preset: str = "configs
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
-    return run(args, timeout=timeout, retry_abort=True)
+    return run_command(args, timeout=timeout, retry_abort=True)
 
 
 def records(run: Path, key: str = "loss") -> list[dict]:
