@@ -89,11 +89,14 @@ def _describe(err: BaseException) -> tuple[str, int, bool]:
     return f"{type(err).__name__}: {err}", 1, False
 
 
-def agree(work: Callable[[], T], *, rank0_only: bool = False, group: dist.ProcessGroup | None = None) -> T | None:
-    """Run ``work`` (on every rank, or rank 0 only) and make every rank of ``group`` share the outcome.
+def agree(work: Callable[[], T], *, rank0_only: bool = False, group: dist.ProcessGroup | None = None,
+          same_result: str | None = None) -> T | None:
+    """Run ``work`` (on every rank, or on the group's first rank only) and make every rank of ``group`` share the outcome.
 
     If it fails anywhere, every rank raises: the failing rank its own exception, the others
     :class:`RankFailed` with the failing rank's message, so no rank is left waiting in a later collective.
+    ``same_result`` (a description of the result) also requires every rank's result to be equal (compared by
+    ``repr``), e.g. the checkpoint each rank found; a difference is an error on every rank.
     Without a process group it simply runs ``work``. Collective device: Python objects go through
     ``all_gather_object``, which torch stages on the group's object device (the CPU under gloo).
     """
@@ -101,18 +104,22 @@ def agree(work: Callable[[], T], *, rank0_only: bool = False, group: dist.Proces
         return work()
     rank = dist.get_rank()
     result, error, outcome = None, None, None
-    if not rank0_only or rank == 0:
+    if not rank0_only or dist.get_rank(group) == 0:
         try:
             result = work()
         except Exception as err:  # shared below, then re-raised on this rank
             error = err
             outcome = _describe(err)
     outcomes: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(outcomes, (rank, outcome), group=group)
+    summary = repr(result) if same_result is not None and error is None else None
+    dist.all_gather_object(outcomes, (rank, outcome, summary), group=group)
     if error is not None:
         raise error
-    for origin, failed in outcomes:
+    for origin, failed, _ in outcomes:
         if failed is not None:
             message, code, _ = failed
             raise RankFailed(f"rank {origin} failed: {message}", origin, code)
+    if same_result is not None and len({s for _, _, s in outcomes}) > 1:
+        seen = "; ".join(f"rank {r}: {s}" for r, _, s in outcomes[:4])
+        raise RankFailed(f"ranks disagree on {same_result} ({seen}); every node must see the same files", -1)
     return result

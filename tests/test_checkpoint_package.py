@@ -20,7 +20,8 @@ from neox_llama.config import load_config
 from neox_llama.model.args import LlamaArgs
 from neox_llama.model.llama import build_model
 
-DEEPSPEED_FREE = ("neox_llama.checkpoint", "neox_llama.generation", "neox_llama.convert", "neox_llama.config")
+DEEPSPEED_FREE = ("neox_llama.checkpoint", "neox_llama.generation", "neox_llama.convert", "neox_llama.config",
+                  "neox_llama.model", "neox_llama.data", "neox_llama.tokenizers")
 
 TINY = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_kv_heads": 2, "intermediate_size": 96,
         "seq_length": 32, "vocab_size": 128, "make_vocab_size_divisible_by": 64, "precision": "fp32",

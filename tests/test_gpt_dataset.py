@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from neox_llama.config import load_config
-from neox_llama.data.gpt_dataset import BlendedDataset, GPTDataset, build_sample_index, split_ranges
+from neox_llama.data.gpt_dataset import BlendedDataset, DataError, GPTDataset, build_sample_index, split_ranges
 from neox_llama.data.indexed import IndexedDataset, IndexedDatasetWriter
 from neox_llama.data.loader import PretrainingSampler, build_datasets, build_loader
 
@@ -117,7 +117,7 @@ def test_blended_paths_with_weights_from_the_config(tmp_path, write_yaml):
 def test_too_little_data_is_a_clear_error(tmp_path):
     with IndexedDatasetWriter(tmp_path / "small", np.uint16) as w:
         w.add_document([1, 2, 3])
-    with pytest.raises(ValueError, match="at least seq_length \\+ 1 = 17 are needed"):
+    with pytest.raises(DataError, match="at least seq_length \\+ 1 = 17 are needed"):
         GPTDataset("train", str(tmp_path / "small"), (0, 1), SEQ, 10, seed=0, dataset=IndexedDataset(tmp_path / "small"))
 
 

@@ -68,13 +68,15 @@ def load_model(path: str | Path | Run, device: torch.device | str = "cpu",
                dtype: torch.dtype | None = None) -> tuple[LlamaStack, Run]:
     """The checkpoint's model on one device in eval mode, built on the meta device and filled from its weights.
 
-    Every tensor's name and shape is checked against the config; ``dtype`` None keeps the saved dtype (float32).
+    Every tensor's name and shape is checked against the config, and no weight file may be left over;
+    ``dtype`` None gives float32 (whatever precision the run trained in), else the model is cast to ``dtype``.
     """
     run = path if isinstance(path, Run) else load_run(path)
     model = build_model(run.args, device="meta", initialize=False)
     model = model.to_empty(device=device)
     reset_buffers(model)
-    fill_layers({int(i): layer for i, layer in model.named_children()}, run.folder)
+    layers = {int(i): layer for i, layer in model.named_children()}
+    fill_layers(layers, run.folder, expected={i for i, m in layers.items() if next(m.parameters(), None) is not None})
     if dtype is not None:
         model = model.to(dtype)
     return model.eval(), run

@@ -16,7 +16,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from neox_llama.checkpoint.paths import WEIGHTS, CheckpointError, layer_file
+from neox_llama.model.args import LlamaArgs
 from neox_llama.model.init import full_shape, shard
+from neox_llama.model.llama import build_model
 
 _LAYER_FILE = re.compile(r"layer_(\d+)\.safetensors")
 
@@ -37,6 +39,8 @@ def write_layer_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())  # on disk before metadata.json (written last, also fsynced) says complete
     os.replace(tmp, path)
 
 
@@ -80,8 +84,24 @@ def fill_layer(layer: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -
         param.copy_(shard(full, param).to(param.dtype))
 
 
-def fill_layers(layers: dict[int, nn.Module], folder: Path) -> None:
-    """Fill every layer (global index -> module) that has parameters from ``folder``'s weight files."""
+def layers_with_weights(args: LlamaArgs) -> set[int]:
+    """The global indices of the layers of a model with ``args`` that own parameters (a tied head owns none)."""
+    model = build_model(args, device="meta", initialize=False)
+    return {int(i) for i, layer in model.named_children() if next(layer.parameters(), None) is not None}
+
+
+def fill_layers(layers: dict[int, nn.Module], folder: Path, expected: set[int] | None = None) -> None:
+    """Fill every layer (global index -> module) that has parameters from ``folder``'s weight files.
+
+    ``expected`` (the indices of the whole model's layers with weights) also refuses weight files the model
+    has no layer for, e.g. an untied head loaded into a tied model, which would otherwise be dropped silently.
+    """
+    if expected is not None:
+        extra = sorted(set(layer_indices(folder)) - expected)
+        if extra:
+            raise CheckpointError(f"{layer_file(folder, extra[0])}: the model has no layer {extra[0]} with weights "
+                                  "(it has fewer layers, or ties its head to the embedding); the checkpoint is of a "
+                                  "different model")
     for index, layer in layers.items():
         if next(layer.parameters(), None) is None:
             continue  # e.g. a tied head, which reuses the embedding's weight

@@ -29,9 +29,8 @@ def main(argv: list[str]) -> int:
     setup_logging("info")
     try:
         folder = import_from_hf(args.hf, args.output, args.pipe_parallel_size, args.model_parallel_size, args.force)
-    except (NeoxLlamaError, KeyError, ValueError) as err:
-        message = f"missing key {err} in config.json" if isinstance(err, KeyError) else str(err)
-        print(f"convert_from_hf.py: error: {message}", file=sys.stderr)
+    except NeoxLlamaError as err:
+        print(f"convert_from_hf.py: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {folder} (fine-tune with: python deepy.py train.py {Path(args.output) / 'model.yml'} configs/local.yml)")
     return 0

@@ -76,8 +76,7 @@ def main(argv: list[str]) -> int:
     tok = generator.tokenizer
     try:
         if args.prompt is not None or args.prompts_file:
-            prompts = [args.prompt] if args.prompt is not None else \
-                [line.rstrip("\n") for line in open(args.prompts_file, encoding="utf-8") if line.strip()]
+            prompts = [args.prompt] if args.prompt is not None else _read_prompts(args.prompts_file)
             for prompt in prompts:
                 ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(prompt)
                 sys.stdout.write(prompt)
@@ -94,9 +93,18 @@ def main(argv: list[str]) -> int:
             ids = tok.encode(chat_prompt(style, history, args.system), allow_special=True)
             answer = stream(generator, ids, settings)
             history.append(("assistant", answer.strip()))
-    except (ValueError, OSError) as err:
+    except NeoxLlamaError as err:
         print(f"generate.py: error: {err}", file=sys.stderr)
         return 2
+
+
+def _read_prompts(path: str) -> list[str]:
+    """One prompt per non-empty line of ``path``."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return [line.rstrip("\n") for line in handle if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise NeoxLlamaError(f"--prompts-file {path}: cannot read it ({err})") from None
 
 
 def console_main() -> int:

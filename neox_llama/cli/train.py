@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import sys
+import tempfile
 
 logger = logging.getLogger("train")
 
@@ -40,9 +41,17 @@ def main(argv: list[str]) -> int:
     for item in args.env:
         key, _, value = item.partition("=")
         os.environ[key] = value
+    temporary = None
     if args.config_data is not None:
-        args.config = _config_from_data(args.config, args.config_data)
+        args.config, temporary = _config_from_data(args.config, args.config_data)
+    try:
+        return _run(args)
+    finally:
+        if temporary:
+            os.unlink(temporary)
 
+
+def _run(args: argparse.Namespace) -> int:
     from neox_llama.errors import NeoxLlamaError
     from neox_llama.launcher import detect_accelerator
     from neox_llama.utils.logging_setup import setup_logging
@@ -86,20 +95,20 @@ def main(argv: list[str]) -> int:
     return code
 
 
-def _config_from_data(path: str, data: str) -> str:
-    """The merged config passed on the command line, written to a private file on this node."""
+def _config_from_data(path: str, data: str) -> tuple[str, str | None]:
+    """The merged config passed on the command line: ``path`` when it holds the same text, else a private
+    temporary copy on this node; returns (the file to read, the temporary file to remove or None)."""
     import base64
-    import tempfile
 
     text = base64.b64decode(data.encode("ascii")).decode("utf-8")
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as handle:
             if handle.read() == text:
-                return path
+                return path, None
     fd, local = tempfile.mkstemp(prefix="neox_llama_config_", suffix=".yml")
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(text)
-    return local
+    return local, local
 
 
 def _load(config_file: str, world_size: int, accelerator: str):

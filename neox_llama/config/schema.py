@@ -243,7 +243,7 @@ class LoraArgs:
     lora_r: int = doc_field(0, "Not available yet (refused when set). LoRA rank; 0 = off.", minimum=0)
     lora_alpha: float = doc_field(16.0, "Not available yet (refused when set). LoRA scaling numerator (update scaled by alpha / r).", minimum=0.0)
     lora_dropout: float = doc_field(0.05, "Not available yet (refused when set). Dropout on the LoRA input.", minimum=0.0, maximum=1.0)
-    lora_targets: list[LoraTarget] = doc_field(["query", "Not available yet (refused when set). value"], "Layers that get adapters.")
+    lora_targets: list[LoraTarget] = doc_field(["query", "value"], "Not available yet (refused when set). Layers that get adapters.")
 
 
 GROUPS: tuple[type, ...] = (

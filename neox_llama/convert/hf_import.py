@@ -116,8 +116,13 @@ def import_from_hf(hf_dir: str | Path, output: str | Path, pipe_parallel_size: i
         raise CheckpointError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
     if output.exists() and any(output.iterdir()) and not force:
         raise CheckpointError(f"{output}: exists and is not empty; choose another --output or pass --force")
-    hf = json.loads(config_path.read_text())
-    settings = _model_settings(hf, config_path, pipe_parallel_size, model_parallel_size)
+    try:
+        hf = json.loads(config_path.read_text())
+        settings = _model_settings(hf, config_path, pipe_parallel_size, model_parallel_size)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_path}: not valid JSON ({err})") from None
+    except KeyError as err:
+        raise CheckpointError(f"{config_path}: missing key {err}") from None
     tok_settings, tok_file = _tokenizer_settings(hf_dir)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))

@@ -14,7 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
-from neox_llama.tokenizers import Tokenizer
+from neox_llama.tokenizers import Tokenizer, TokenizerError
 
 
 def _spm_tokenizer_json(model_file: Path, tokenizer: Tokenizer):
@@ -26,7 +26,7 @@ def _spm_tokenizer_json(model_file: Path, tokenizer: Tokenizer):
 
     proto = SentencePieceExtractor(str(model_file)).proto
     if proto.trainer_spec.model_type != 2:
-        raise ValueError(f"{model_file}: not a sentencepiece BPE model; only BPE models (Llama's) can be exported")
+        raise TokenizerError(f"{model_file}: not a sentencepiece BPE model; only BPE models (Llama's) can be exported")
     vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
     # Merge priority follows the piece scores, as in sentencepiece (whitespace-only pieces come last).
     merges = generate_merges(vocab, {piece.piece: piece.score for piece in proto.pieces})

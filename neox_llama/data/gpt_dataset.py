@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from neox_llama.distributed import agree
+from neox_llama.errors import NeoxLlamaError
 from neox_llama.data.indexed import IndexedDataset
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def build_sample_index(doc_sizes: np.ndarray, seq_length: int, num_samples: int 
     doc_sizes = np.asarray(doc_sizes, dtype=np.int64)
     tokens_per_epoch = int(doc_sizes.sum())
     if tokens_per_epoch <= seq_length:
-        raise ValueError(f"the split has {tokens_per_epoch} tokens; at least seq_length + 1 = {seq_length + 1} are needed")
+        raise DataError(f"the split has {tokens_per_epoch} tokens; at least seq_length + 1 = {seq_length + 1} are needed")
     wanted = num_samples if num_samples is not None else (tokens_per_epoch - 1) // seq_length
     epochs = max(1, math.ceil((wanted * seq_length + 1) / tokens_per_epoch))
     rng = np.random.RandomState(seed % 2**32)
@@ -68,6 +69,10 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+class DataError(NeoxLlamaError):
+    """The data cannot provide what the run needs (too few tokens, an empty split); the message says what."""
+
+
 class GPTDataset:
     """Samples of ``seq_length + 1`` tokens from documents ``[first, last)`` of an indexed dataset."""
 
@@ -77,7 +82,7 @@ class GPTDataset:
         self.data = dataset or IndexedDataset(prefix)
         self.first, self.last = documents
         if self.last <= self.first:
-            raise ValueError(f"{prefix}: the {name} split has no documents")
+            raise DataError(f"{prefix}: the {name} split has no documents; change `split` or add documents")
         self.doc_order, self.sample_starts, self.shuffle = self._load_or_build(num_samples, seed)
 
     def _cache_paths(self, num_samples: int | None, seed: int) -> dict[str, Path]:
@@ -150,7 +155,7 @@ class BlendedDataset:
         self.sample_index = np.concatenate(local)[order]
         self.datasets = datasets
         if len(order) < size:
-            raise ValueError(f"the blended datasets hold {len(order)} samples, {size} requested")
+            raise DataError(f"the blended datasets hold {len(order)} samples, {size} requested")
 
     def __len__(self) -> int:
         return len(self.dataset_index)

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from neox_llama.config.schema import Config
-from neox_llama.data.gpt_dataset import BlendedDataset, GPTDataset, blend_sizes, split_ranges
+from neox_llama.data.gpt_dataset import BlendedDataset, DataError, GPTDataset, blend_sizes, split_ranges
 from neox_llama.data.indexed import IndexedDataset
 
 SPLITS = ("train", "valid", "test")
@@ -26,7 +26,7 @@ class PretrainingSampler:
 
     def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int):
         if consumed_samples > total_samples:
-            raise ValueError(f"consumed_samples {consumed_samples} exceeds the dataset's {total_samples} samples")
+            raise DataError(f"consumed_samples {consumed_samples} exceeds the dataset's {total_samples} samples")
         self.total, self.consumed = total_samples, consumed_samples
         self.micro, self.rank, self.size = micro_batch_size, dp_rank, dp_size
 

@@ -8,10 +8,15 @@ from dataclasses import dataclass, field
 import torch
 
 from neox_llama.checkpoint.run import Run, load_model
+from neox_llama.errors import NeoxLlamaError
 from neox_llama.generation.sampling import next_token
 from neox_llama.model.kv_cache import KVCache
 from neox_llama.model.layers import TransformerBlock
 from neox_llama.model.llama import LlamaStack
+
+
+class GenerationError(NeoxLlamaError):
+    """A request generation cannot serve (empty prompt, prompt longer than the context)."""
 
 
 @dataclass
@@ -66,11 +71,11 @@ class Generator:
                      on_token: Callable[[int], None] | None = None) -> list[int]:
         """New token ids after ``prompt`` (stopping at a stop id, which is not included, or a stop string)."""
         if not prompt:
-            raise ValueError("the prompt is empty")
+            raise GenerationError("the prompt is empty")
         limit = self.ckpt.args.max_position_embeddings
         budget = min(settings.max_new_tokens, limit - len(prompt))
         if budget <= 0:
-            raise ValueError(f"the prompt has {len(prompt)} tokens; the model's context is {limit}")
+            raise GenerationError(f"the prompt has {len(prompt)} tokens; the model's context is {limit}")
         gen = torch.Generator().manual_seed(settings.seed)
         stops = settings.stop_ids or self.default_stops()
         ids = torch.tensor([prompt], device=self.device)

@@ -23,10 +23,11 @@ import torch.distributed as dist
 
 from neox_llama.checkpoint.metadata import Layout, Metadata, write_metadata
 from neox_llama.checkpoint.paths import LATEST, METADATA, CheckpointError, layer_file, tag_for
-from neox_llama.checkpoint.weights import fill_layers, write_layer_file
+from neox_llama.checkpoint.weights import fill_layers, layers_with_weights, write_layer_file
 from neox_llama.config.loading import dump_raw
 from neox_llama.config.schema import Config
 from neox_llama.distributed import agree
+from neox_llama.model.args import LlamaArgs
 from neox_llama.parallel.pipeline import rank_layers
 from neox_llama.parallel.topology import ParallelState
 from neox_llama.utils.files import atomic_write_text
@@ -49,7 +50,7 @@ def gathered(params: list[torch.nn.Parameter]):
 
 
 @torch.no_grad()
-def _full_tensor(param: torch.Tensor, state: ParallelState) -> torch.Tensor:
+def full_tensor(param: torch.Tensor, state: ParallelState) -> torch.Tensor:
     """The un-sharded tensor (tensor-parallel shards gathered). Collective device: the parameter's own device."""
     dim = getattr(param, "partition_dim", None)
     tensor = param.detach()
@@ -63,6 +64,7 @@ def _full_tensor(param: torch.Tensor, state: ParallelState) -> torch.Tensor:
 def save_layer_weights(module: torch.nn.Module, state: ParallelState, folder: Path) -> None:
     """Write this stage's layers as full tensors (every rank gathers; one rank per stage writes)."""
     writer = state.dp_rank == 0 and state.tp_rank == 0
+    failure: CheckpointError | None = None
     for index, layer in rank_layers(module, state).items():
         if index == 0 and state.pp_rank != 0:
             continue  # the tied embedding's copy on the last stage: the first stage writes layer 0
@@ -70,18 +72,27 @@ def save_layer_weights(module: torch.nn.Module, state: ParallelState, folder: Pa
         if not params:
             continue
         with gathered(list(params.values())):  # ZeRO-3: one layer at a time, on every data-parallel rank
-            tensors = {name: _full_tensor(p, state) for name, p in params.items()}
-        if writer:
-            write_layer_file(layer_file(folder, index), tensors)
+            tensors = {name: full_tensor(p, state) for name, p in params.items()}
+        if writer and failure is None:
+            try:
+                write_layer_file(layer_file(folder, index), tensors)
+            except OSError as err:  # e.g. a full disk: finish the gathers the other ranks are in, then share it
+                failure = CheckpointError(f"{layer_file(folder, index)}: cannot write ({err})")
+
+    def report() -> None:
+        if failure is not None:
+            raise failure
+
+    agree(report)
 
 
-def load_layer_weights(module: torch.nn.Module, state: ParallelState, folder: Path) -> None:
+def load_layer_weights(module: torch.nn.Module, state: ParallelState, folder: Path, args: LlamaArgs) -> None:
     """Fill this rank's layers from ``weights/`` (cut to its tensor-parallel shard), whatever layout wrote them.
 
     Runs before the engine exists (parameters are not partitioned yet). Every rank reads only its own
     stage's files; the outcome is shared, so a bad file on one stage stops every rank with its name.
     """
-    agree(lambda: fill_layers(rank_layers(module, state), folder))
+    agree(lambda: fill_layers(rank_layers(module, state), folder, expected=layers_with_weights(args)))
 
 
 def _rng_state() -> dict:

@@ -16,7 +16,7 @@ from neox_llama.checkpoint.metadata import Metadata, read_metadata
 from neox_llama.checkpoint.paths import BEST, LATEST, METADATA, CheckpointError, resolve_checkpoint
 from neox_llama.config.schema import Config
 from neox_llama.data.loader import build_datasets, build_loader
-from neox_llama.distributed import RankInfo
+from neox_llama.distributed import RankInfo, agree
 from neox_llama.errors import NeoxLlamaError
 from neox_llama.model.args import LlamaArgs
 from neox_llama.model.flops import flops_per_token
@@ -51,12 +51,13 @@ class Trainer:
         self.stop_requested = False
         self.last_saved: Path | None = None
 
-        load_folder, meta = self._find_checkpoint()
+        # Every rank looks for itself (nodes need not share a filesystem) and all must find the same checkpoint.
+        load_folder, meta = agree(self._find_checkpoint, same_result="the checkpoint to load (load)")
         weights_only = load_folder is not None and (cfg.finetune or not ckpt.same_layout(meta, cfg))
 
         def prepare(module):
             if weights_only:
-                ckpt.load_layer_weights(module, self.state, load_folder)
+                ckpt.load_layer_weights(module, self.state, load_folder, self.args)
 
         self.runner = setup_engine(cfg, self.args, self.state, accelerator, prepare_module=prepare, with_schedule=True)
         self.engine = self.runner.engine
@@ -65,7 +66,7 @@ class Trainer:
         elif load_folder is not None:
             logger.info("fine-tuning from the weights of %s (fresh optimizer, step 0)", load_folder)
         self.loss_fn = CausalLMLoss(self.runner.factory)
-        self.metrics = MetricsWriter(cfg, info.rank, resume_step=self.train_state.step)
+        self.metrics = agree(lambda: MetricsWriter(cfg, info.rank, resume_step=self.train_state.step))
         self.flops_per_token = flops_per_token(cfg)
         self.peak_tflops = cfg.peak_tflops or self._measure_peak()
 
@@ -126,10 +127,10 @@ class Trainer:
         self.engine.eval()
         loss_sum, tokens = 0.0, 0.0
         for _ in range(self.cfg.eval_iters):
-            samples = next_samples(self.eval_iters[split], self.cfg.derived.gradient_accumulation_steps)
+            samples = next_samples(self.eval_streams[split], self.cfg.derived.gradient_accumulation_steps)
             if samples is None:  # the split is used up: start it over
-                self.eval_iters[split] = self._eval_iterator(split, 0)
-                samples = next_samples(self.eval_iters[split], self.cfg.derived.gradient_accumulation_steps)
+                self.eval_streams[split] = self._eval_iterator(split, 0)
+                samples = next_samples(self.eval_streams[split], self.cfg.derived.gradient_accumulation_steps)
                 if samples is None:
                     raise TrainingError(f"the {split} split is smaller than one batch; lower the batch size or "
                                         "give it more data")
@@ -145,9 +146,12 @@ class Trainer:
         return loss_sum / max(tokens, 1.0)
 
     def _eval_iterator(self, split: str, consumed: int):
+        """A stream of ``split``'s micro-batches from ``consumed`` samples on (from the start when none are left)."""
         dataset = self.datasets[split]
         eod = self.tokenizer.eod_id if self.tokenizer else None
         consumed = consumed if consumed + self.cfg.derived.train_batch_size <= len(dataset) else 0
+        if split == "valid":
+            self.train_state.consumed_valid_samples = consumed  # the position checkpoints save is the one read
         return iter(build_loader(dataset, self.cfg, self.state.dp_rank, self.state.dp_size, consumed, eod))
 
     # ------------------------------------------------------------------ loop
@@ -183,17 +187,17 @@ class Trainer:
         eod = self.tokenizer.eod_id if self.tokenizer else None
         dp_rank, dp = self.state.dp_rank, d.data_parallel_size
         train_iter = iter(build_loader(self.datasets["train"], cfg, dp_rank, dp, ts.consumed_samples, eod))
-        self.eval_iters = {}
+        self.eval_streams = {}
         if "valid" in self.datasets:
-            self.eval_iters["valid"] = self._eval_iterator("valid", ts.consumed_valid_samples)
-        evaluating = "valid" in self.eval_iters and cfg.eval_iters > 0
+            self.eval_streams["valid"] = self._eval_iterator("valid", ts.consumed_valid_samples)
+        evaluating = "valid" in self.eval_streams and cfg.eval_iters > 0
         self._install_signal_handlers()
         tokens_per_step = d.train_batch_size * cfg.seq_length
         if ts.step >= cfg.train_iters:
             logger.info("the checkpoint is at step %d >= train_iters %d: nothing to train", ts.step, cfg.train_iters)
             if evaluating:  # report the last evaluation again: the same validation batches, with these weights
                 ts.consumed_valid_samples = max(0, ts.consumed_valid_samples - cfg.eval_iters * d.train_batch_size)
-                self.eval_iters["valid"] = self._eval_iterator("valid", ts.consumed_valid_samples)
+                self.eval_streams["valid"] = self._eval_iterator("valid", ts.consumed_valid_samples)
                 self._evaluate_and_track(track=False)
             self.metrics.close()
             return 0
@@ -226,8 +230,8 @@ class Trainer:
             if stop:
                 logger.info("stopped at step %d", ts.step)
                 break
-        if ts.step >= cfg.train_iters and "test" in self.datasets and cfg.eval_iters:
-            self.eval_iters["test"] = self._eval_iterator("test", 0)
+        if not self.stop_requested and "test" in self.datasets and cfg.eval_iters:  # finished or stopped early
+            self.eval_streams["test"] = self._eval_iterator("test", 0)
             test_loss = self.evaluate("test")
             record = {"step": ts.step, "test_loss": test_loss, "test_ppl": math.exp(min(test_loss, 50.0))}
             self.metrics.write(record)

@@ -12,14 +12,14 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from neox_llama.config import load_config
 from neox_llama.distributed import init_distributed, shutdown_distributed
 from neox_llama.model.args import LlamaArgs
 from neox_llama.model.loss import CausalLMLoss
-from neox_llama.parallel.pipeline import stage_layers
+from neox_llama.parallel.pipeline import rank_layers
 from neox_llama.parallel.topology import ParallelState
+from neox_llama.training.checkpointing import full_tensor
 from neox_llama.training.engine import setup_engine
 from neox_llama.training.step import make_global_batch, run_global_batch
 
@@ -33,18 +33,9 @@ def fixed_batch(vocab: int, batch: int, seq: int, seed: int = 0):
 
 
 def full_weights(model: torch.nn.Module, state: ParallelState) -> dict[str, torch.Tensor]:
-    layers = stage_layers(model) if state.pp_size > 1 else {int(i): m for i, m in model.named_children()}
-    out = {}
-    for index, layer in layers.items():
-        for name, param in layer.named_parameters():
-            tensor = param.detach().float()
-            dim = getattr(param, "partition_dim", None)
-            if dim is not None and state.tp_size > 1:
-                parts = [torch.empty_like(tensor) for _ in range(state.tp_size)]
-                dist.all_gather(parts, tensor.contiguous(), group=state.tp_group)
-                tensor = torch.cat(parts, dim=dim)
-            out[f"{index}.{name}"] = tensor
-    return out
+    """This rank's layers as full tensors, gathered as checkpoints gather them."""
+    return {f"{index}.{name}": full_tensor(param, state).float()
+            for index, layer in rank_layers(model, state).items() for name, param in layer.named_parameters()}
 
 
 def main() -> None:
