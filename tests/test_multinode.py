@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers.runner import ROOT, free_port
+from helpers.runner import ABORT_AT_EXIT, ROOT, free_port
 from helpers.training import BASE, deepy_train, losses, write_corpus
 
 from neox_llama.config import resolve
@@ -29,14 +29,25 @@ def test_two_nodes_on_loopback_equal_one_node(tmp_path):
     proc = deepy_train(one, corpus, *common)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
+    for attempt in range(2):  # once more only on DeepSpeed's rare abort at exit, as every launch test does
+        two = tmp_path / f"two{attempt}"
+        codes, outs = _two_nodes(tmp_path / f"nodes{attempt}", two, corpus)
+        if codes == [0, 0] or not any(ABORT_AT_EXIT in o for o in outs):
+            break
+    assert codes == [0, 0], "\n".join(o[-3000:] for o in outs)
+    assert losses(two) == pytest.approx(losses(one), abs=1e-6)
+    assert len(losses(two)) == 3
+
+
+def _two_nodes(work, two, corpus):
+    """Start node 0 (full environment) and node 1 (only what DeepSpeed forwards, no config file) on loopback."""
     # What deepy.py would hand DeepSpeed's runner for a hostfile of two one-slot nodes.
-    two = tmp_path / "two"
     overrides = [*BASE, f"data_path={corpus}", f"save={two / 'ck'}", f"load={two / 'ck'}",
                  f"log_dir={two / 'logs'}", "train_iters=3", "checkpoint_factor=3", "num_gpus=1"]
     raw, sources = load_raw([ROOT / "configs/llama3/tiny.yml"], overrides)
     cfg = resolve(build_config(raw, sources), 2, "cpu")
     plan = LaunchPlan(hosts={"node0": [0], "node1": [0]}, multi_node=True, accelerator="cpu")
-    node0 = tmp_path / "node0"
+    node0 = work / "node0"
     (node0 / "logs").mkdir(parents=True)
     text = dump_raw_text(raw, header="# merged")
     (node0 / "logs" / "config.yml").write_text(text)
@@ -46,7 +57,7 @@ def test_two_nodes_on_loopback_equal_one_node(tmp_path):
 
     world_info = base64.urlsafe_b64encode(json.dumps(plan.hosts).encode()).decode()
     port = str(free_port())
-    node1 = tmp_path / "node1"  # no logs/config.yml here: the relative --config path does not exist on node 1
+    node1 = work / "node1"  # no logs/config.yml here: the relative --config path does not exist on node 1
     node1.mkdir()
     stripped = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES) or k in ("PATH", "HOME")}
     procs = []
@@ -56,6 +67,4 @@ def test_two_nodes_on_loopback_equal_one_node(tmp_path):
         procs.append(subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     outs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
-    assert losses(two) == pytest.approx(losses(one), abs=1e-6)
-    assert len(losses(two)) == 3
+    return [p.returncode for p in procs], outs

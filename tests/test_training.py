@@ -138,6 +138,10 @@ def test_best_checkpoint_holds_the_lowest_validation_loss_and_the_test_split_is_
     best = min(valid, key=lambda r: r["valid_loss"])
     meta = json.loads((run / "ck" / "best" / "metadata.json").read_text())
     assert meta["step"] == best["step"] and meta["best_valid_loss"] == best["valid_loss"]
+    assert not list((run / "ck").glob("*best.*"))  # swapped in whole, nothing left beside it
+    from neox_llama.checkpoint.run import load_model
+
+    assert load_model(run / "ck" / "best")[1].metadata.step == best["step"]
     assert len({r["valid_loss"] for r in valid}) == len(valid)
     # Evaluations walk on through the validation split: 6 evaluations x eval_iters 2 x 8 sequences.
     final = json.loads((run / "ck" / "global_step12" / "metadata.json").read_text())

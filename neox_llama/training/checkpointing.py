@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from neox_llama.checkpoint.metadata import Layout, Metadata, write_metadata
-from neox_llama.checkpoint.paths import LATEST, METADATA, CheckpointError, layer_file, tag_for
+from neox_llama.checkpoint.paths import BEST, LATEST, METADATA, CheckpointError, layer_file, tag_for
 from neox_llama.checkpoint.weights import fill_layers, layers_with_weights, write_layer_file
 from neox_llama.config.loading import dump_raw
 from neox_llama.config.schema import Config
@@ -137,14 +137,20 @@ def save_checkpoint(engine, module_state: ParallelState, cfg: Config, train: Tra
     """Save everything needed to resume; returns the folder. Every rank must call this."""
     save = Path(cfg.save)
     tag = tag or tag_for(train.step)
-    folder = save / tag
+    # `best` is replaced in place: it is written beside the old one and swapped in at the end, so a crash
+    # during the save keeps the previous best. A global_stepN tag is new (or an incomplete leftover).
+    replaces = tag == BEST
+    folder = save / (f"{tag}.partial" if replaces else tag)
     rank = dist.get_rank()
 
     def invalidate() -> None:
-        (folder / METADATA).unlink(missing_ok=True)  # re-saving a tag: it is incomplete until metadata is rewritten
+        if replaces:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            (folder / METADATA).unlink(missing_ok=True)  # re-saving a tag: incomplete until metadata is rewritten
 
     agree(invalidate, rank0_only=True)
-    engine.save_checkpoint(str(save), tag=tag, save_latest=False)
+    engine.save_checkpoint(str(save), tag=folder.name, save_latest=False)
     save_layer_weights(engine.module, module_state, folder)
 
     def save_rng() -> None:
@@ -163,13 +169,25 @@ def save_checkpoint(engine, module_state: ParallelState, cfg: Config, train: Tra
                         layout=layout_of(cfg), tokenizer_files=[f.name for f in tokenizer_files],
                         precision=cfg.precision)
         write_metadata(folder, meta)
+        if replaces:
+            _swap_in(folder, save / tag)
         if tag.startswith("global_step"):
             atomic_write_text(save / LATEST, tag)
             _prune(save, cfg.keep_last_n_checkpoints, keep=tag)
 
     agree(finish, rank0_only=True)
-    logger.info("saved checkpoint %s", folder)
-    return folder
+    logger.info("saved checkpoint %s", save / tag)
+    return save / tag
+
+
+def _swap_in(new: Path, final: Path) -> None:
+    """Replace the checkpoint ``final`` by the complete one in ``new`` (the old one is removed last)."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    new.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _prune(save: Path, keep_last: int | None, keep: str) -> None:
