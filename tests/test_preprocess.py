@@ -48,7 +48,12 @@ def test_jsonl_to_dataset_holds_exactly_the_tokens(tmp_path, spm_model):
     sp = spm.SentencePieceProcessor(model_file=str(spm_model))
     assert ds.dtype == np.uint16 and len(ds) == 50
     for i, doc in enumerate(docs):
-        assert ds[i].tolist() == [*sp.encode(doc), 2]
+        assert ds[i].tolist() == [1, *sp.encode(doc), 2]  # the start-token policy: BOS first, as Meta trains
+    proc = run_cli("--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "neox"),
+                   "--tokenizer-type", "SPMTokenizer", "--vocab-file", str(spm_model), "--append-eod",
+                   "--no-prepend-bos")
+    assert proc.returncode == 0, proc.stderr
+    assert IndexedDataset(tmp_path / "neox_text_document")[0].tolist() == [*sp.encode(docs[0]), 2]  # GPT-NeoX's data
 
 
 def test_two_workers_write_identical_files(tmp_path, spm_model):
@@ -72,12 +77,12 @@ def test_json_list_txt_gz_and_several_keys(tmp_path, spm_model):
     for key in ("instruction", "output"):
         ds = IndexedDataset(tmp_path / f"multi_{key}_document")
         expected = [r[key] for r in records] + [{"instruction": "more", "output": "text"}[key]]
-        assert [ds[i].tolist() for i in range(3)] == [sp.encode(t) for t in expected]
+        assert [ds[i].tolist() for i in range(3)] == [[1, *sp.encode(t)] for t in expected]
     (tmp_path / "c.txt").write_text("first paragraph\nstill first\n\nsecond paragraph\n\n\n")
     summary = pre.preprocess([tmp_path / "c.txt"], str(tmp_path / "para"), "SPMTokenizer", str(spm_model),
                              txt_split="paragraph", progress=False)
     ds = IndexedDataset(tmp_path / "para_text_document")
-    assert summary.documents == 2 and ds[1].tolist() == sp.encode("second paragraph")
+    assert summary.documents == 2 and ds[1].tolist() == [1, *sp.encode("second paragraph")]
     pre.preprocess([tmp_path / "c.txt"], str(tmp_path / "whole"), "SPMTokenizer", str(spm_model), progress=False)
     assert len(IndexedDataset(tmp_path / "whole_text_document")) == 1
 
@@ -89,7 +94,7 @@ def test_malformed_lines_are_reported_with_their_line_and_skipped(tmp_path, spm_
     proc = run_cli("--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "out"),
                    "--tokenizer-type", "SPMTokenizer", "--vocab-file", str(spm_model))
     assert proc.returncode == 0, proc.stderr
-    assert f"{tmp_path / 'in.jsonl'}:2: not valid JSON" in proc.stderr
+    assert f"{tmp_path / 'in.jsonl'}:2: not valid JSON (Expecting property name enclosed in double quotes at column 2)" in proc.stderr
     assert f"{tmp_path / 'in.jsonl'}:3: no string value for key(s) text" in proc.stderr
     assert f"{tmp_path / 'in.jsonl'}:5: expected a JSON object" in proc.stderr
     assert "2 documents" in proc.stderr and "3 malformed record(s) skipped" in proc.stderr
@@ -97,7 +102,7 @@ def test_malformed_lines_are_reported_with_their_line_and_skipped(tmp_path, spm_
 
     proc = run_cli("--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "strict"),
                    "--tokenizer-type", "SPMTokenizer", "--vocab-file", str(spm_model), "--strict")
-    assert proc.returncode == 2 and "in.jsonl:2: not valid JSON" in proc.stderr and "(--strict)" in proc.stderr
+    assert proc.returncode == 2 and "in.jsonl:2: not valid JSON (Expecting" in proc.stderr and "(--strict)" in proc.stderr
     assert not list(tmp_path.glob("strict*"))
 
 
@@ -132,3 +137,25 @@ def test_bad_inputs_fail_clearly(tmp_path, spm_model, args, message):
                    "--tokenizer-type", "SPMTokenizer")
     assert proc.returncode == 2 and message in proc.stderr
     assert not list(tmp_path.glob("o_*"))
+
+
+@pytest.mark.parametrize(("lines", "why"), [
+    ([json.dumps({"body": f"doc {i}"}) for i in range(40)], "40 malformed record(s), 0 empty"),
+    (["{not json"] * 3, "3 malformed record(s)"),
+    ([json.dumps({"text": "  "})] * 4, "0 malformed record(s), 4 empty"),
+], ids=["key-absent-everywhere", "all-malformed", "all-empty"])
+def test_nothing_usable_fails_with_a_summary_and_writes_nothing(tmp_path, spm_model, lines, why):
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    proc = run_cli("--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "out"),
+                   "--tokenizer-type", "SPMTokenizer", "--vocab-file", str(spm_model))
+    assert proc.returncode == 2 and "no usable document" in proc.stderr and why in proc.stderr, proc.stderr
+    assert "check --jsonl-keys text (nothing was written)" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.count("skipping") <= 5  # a few examples, then a count: not one warning per line
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_a_missing_input_fails_before_any_progress_bar(tmp_path, spm_model):
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(tmp_path / "no.jsonl"),
+                           "--output-prefix", str(tmp_path / "out"), "--tokenizer-type", "SPMTokenizer",
+                           "--vocab-file", str(spm_model)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"preprocess_data.py: error: {tmp_path / 'no.jsonl'}: input file not found"

@@ -78,7 +78,7 @@ def main(argv: list[str]) -> int:
         if args.prompt is not None or args.prompts_file:
             prompts = [args.prompt] if args.prompt is not None else _read_prompts(args.prompts_file)
             for prompt in prompts:
-                ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(prompt)
+                ids = tok.encode_document(prompt)  # the start-token policy (see Tokenizer.starts_with_bos)
                 sys.stdout.write(prompt)
                 stream(generator, ids, settings)
             return 0

@@ -26,6 +26,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--vocab-file", required=True, help="tokenizer file (.model or tokenizer.json)")
     parser.add_argument("--jsonl-keys", nargs="+", default=["text"], help="JSON keys to tokenize, one dataset each")
     parser.add_argument("--append-eod", action="store_true", help="append the end-of-document token to each document")
+    parser.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=None,
+                        help="start each document with BOS (default: on for SPMTokenizer and Llama3Tokenizer, as Meta "
+                             "trains them; --no-prepend-bos matches data made by GPT-NeoX)")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     parser.add_argument("--txt-split", choices=("file", "paragraph"), default="file",
                         help=".txt inputs: one document per file, or per blank-line-separated paragraph")
@@ -45,7 +48,8 @@ def main(argv: list[str]) -> int:
     try:
         summary = preprocess(inputs, args.output_prefix, args.tokenizer_type, args.vocab_file,
                              keys=tuple(args.jsonl_keys), append_eod=args.append_eod, workers=args.workers,
-                             strict=args.strict, txt_split=args.txt_split, progress=not args.no_progress)
+                             strict=args.strict, txt_split=args.txt_split, progress=not args.no_progress,
+                             prepend_bos=args.prepend_bos)
     except NeoxLlamaError as err:
         print(f"preprocess_data.py: error: {err}", file=sys.stderr)
         return 2

@@ -50,6 +50,18 @@ def _llama3_tokenizer_json(model_file: Path, tokenizer: Tokenizer):
     return TikTokenConverter(vocab_file=str(model_file), pattern=PATTERN, extra_special_tokens=specials).converted()
 
 
+def _add_bos_post_processor(path: Path, tokenizer: Tokenizer) -> None:
+    """``AutoTokenizer(text)`` adds BOS exactly as our training data and generation do (the start-token policy)."""
+    from tokenizers import Tokenizer as FastTokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    fast = FastTokenizer.from_file(str(path))
+    bos = next(t for t, i in tokenizer.special_tokens.items() if i == tokenizer.bos_id)
+    fast.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1",
+                                             special_tokens=[(bos, tokenizer.bos_id)])
+    fast.save(str(path))
+
+
 def write_tokenizer_files(tokenizer: Tokenizer, output: Path) -> dict:
     """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json (+ tokenizer.model); returns the
     bos/eos ids for the model config."""
@@ -61,13 +73,15 @@ def write_tokenizer_files(tokenizer: Tokenizer, output: Path) -> dict:
         _llama3_tokenizer_json(source, tokenizer).save(str(output / "tokenizer.json"))
     else:
         shutil.copyfile(source, output / "tokenizer.json")
+    if tokenizer.starts_with_bos:
+        _add_bos_post_processor(output / "tokenizer.json", tokenizer)
     id_to_token = {i: t for t, i in tokenizer.special_tokens.items()}
     bos = id_to_token.get(tokenizer.bos_id) if tokenizer.bos_id is not None else None
     eos = id_to_token.get(tokenizer.eos_id) if tokenizer.eos_id is not None else None
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": bos, "eos_token": eos,
-        "add_bos_token": False, "add_eos_token": False,
+        "add_bos_token": tokenizer.starts_with_bos, "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": 1_000_000_000,
     }

@@ -29,6 +29,8 @@ from neox_llama.tokenizers import Tokenizer, build_tokenizer
 logger = logging.getLogger(__name__)
 
 BATCH_DOCS = 256
+SHOWN_PROBLEMS = 5
+"""Malformed records shown one by one; the rest are only counted."""
 
 
 class PreprocessError(NeoxLlamaError):
@@ -68,6 +70,11 @@ def _kind(path: Path) -> str:
     return kind
 
 
+def _json_reason(err: json.JSONDecodeError) -> str:
+    """json's message without its truncation ("Invalid control character at" -> "... at column 12")."""
+    return f"{err.msg} column {err.colno}" if err.msg.endswith(" at") else f"{err.msg} at column {err.colno}"
+
+
 def read_records(paths: list[Path], txt_split: str) -> Iterator[tuple[str, object]]:
     """(location, raw record) for every input in order: a JSON line, a parsed .json item, or a text document."""
     for path in paths:
@@ -90,7 +97,7 @@ def read_records(paths: list[Path], txt_split: str) -> Iterator[tuple[str, objec
                 try:
                     items = json.load(handle)
                 except json.JSONDecodeError as err:
-                    raise PreprocessError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+                    raise PreprocessError(f"{path}:{err.lineno}:{err.colno}: not valid JSON ({_json_reason(err)})") from None
                 if not isinstance(items, list):
                     raise PreprocessError(f"{path}: a .json input must hold a list of objects")
                 for n, item in enumerate(items):
@@ -103,7 +110,7 @@ def _parse(record: object, keys: list[str]) -> dict[str, str] | str:
         try:
             record = json.loads(record)
         except json.JSONDecodeError as err:
-            return f"not valid JSON ({err.msg})"
+            return f"not valid JSON ({_json_reason(err)})"
     if not isinstance(record, dict):
         return f"expected a JSON object, got {type(record).__name__}"
     missing = [k for k in keys if not isinstance(record.get(k), str)]
@@ -128,9 +135,9 @@ class _Encoded:
     chars: int
 
 
-def _encode_batch(batch: tuple[list[tuple[str, object]], list[str], bool, str]) -> _Encoded:
+def _encode_batch(batch: tuple[list[tuple[str, object]], list[str], bool, str, int | None]) -> _Encoded:
     """Parse and tokenize a batch of raw records (runs in a worker process)."""
-    records, keys, append_eod, dtype = batch
+    records, keys, append_eod, dtype, bos = batch
     tok: Tokenizer = _WORKER["tok"]
     good, errors, empty, chars = [], [], 0, 0
     for where, record in records:
@@ -145,23 +152,21 @@ def _encode_batch(batch: tuple[list[tuple[str, object]], list[str], bool, str]) 
     arrays = []
     for key in keys:
         encoded = tok.encode_batch([doc[key] for doc in good])
-        if append_eod:
-            eod = tok.eod_id
-            arrays.append([np.array([*ids, eod], dtype=dtype) for ids in encoded])
-        else:
-            arrays.append([np.array(ids, dtype=dtype) for ids in encoded])
+        first = [bos] if bos is not None else []
+        last = [tok.eod_id] if append_eod else []
+        arrays.append([np.array([*first, *ids, *last], dtype=dtype) for ids in encoded])
     return _Encoded(arrays, errors, empty, chars)
 
 
-def _batches(records: Iterator[tuple[str, object]], keys: list[str], append_eod: bool, dtype: str):
+def _batches(records: Iterator[tuple[str, object]], keys: list[str], append_eod: bool, dtype: str, bos: int | None):
     batch: list[tuple[str, object]] = []
     for record in records:
         batch.append(record)
         if len(batch) == BATCH_DOCS:
-            yield batch, keys, append_eod, dtype
+            yield batch, keys, append_eod, dtype, bos
             batch = []
     if batch:
-        yield batch, keys, append_eod, dtype
+        yield batch, keys, append_eod, dtype, bos
 
 
 def output_prefix_for(output_prefix: str, key: str) -> str:
@@ -171,9 +176,24 @@ def output_prefix_for(output_prefix: str, key: str) -> str:
 
 def preprocess(inputs: list[Path], output_prefix: str, tokenizer_type: str, vocab_file: str, *,
                keys: tuple[str, ...] = ("text",), append_eod: bool = False, workers: int = 1,
-               strict: bool = False, txt_split: str = "file", progress: bool = True) -> Summary:
-    """Tokenize ``inputs`` into one dataset per key; returns what was done."""
+               strict: bool = False, txt_split: str = "file", progress: bool = True,
+               prepend_bos: bool | None = None) -> Summary:
+    """Tokenize ``inputs`` into one dataset per key; returns what was done.
+
+    ``prepend_bos`` None follows the start-token policy (BOS first for the sentencepiece and Llama-3
+    tokenizers, see :attr:`Tokenizer.starts_with_bos`); False matches data made by GPT-NeoX.
+    Fails, writing nothing, when no record gave a document (all malformed or empty, or a key absent).
+    """
+    for path in inputs:  # before any output or progress bar
+        _kind(path)
+        if not path.is_file():
+            raise PreprocessError(f"{path}: input file not found")
     tokenizer = build_tokenizer(tokenizer_type, vocab_file)
+    if prepend_bos is None:
+        prepend_bos = tokenizer.starts_with_bos
+    if prepend_bos and tokenizer.bos_id is None:
+        raise PreprocessError(f"{vocab_file}: --prepend-bos, but the {tokenizer_type} tokenizer has no BOS token")
+    bos = tokenizer.bos_id if prepend_bos else None
     keys = list(keys) if not all(_kind(p) == ".txt" for p in inputs) else ["text"]
     summary = Summary()
 
@@ -181,7 +201,10 @@ def preprocess(inputs: list[Path], output_prefix: str, tokenizer_type: str, voca
         if strict:
             raise PreprocessError(f"{where}: {reason} (--strict)")
         summary.skipped.append(f"{where}: {reason}")
-        logger.warning("skipping %s: %s", where, reason)
+        if len(summary.skipped) <= SHOWN_PROBLEMS:
+            logger.warning("skipping %s: %s", where, reason)
+        elif len(summary.skipped) == SHOWN_PROBLEMS + 1:
+            logger.warning("more malformed records: they are counted in the summary, not shown")
 
     dtype = np.dtype(token_dtype(tokenizer.vocab_size))
     writers = {k: IndexedDatasetWriter(output_prefix_for(output_prefix, k), dtype) for k in keys}
@@ -189,7 +212,7 @@ def preprocess(inputs: list[Path], output_prefix: str, tokenizer_type: str, voca
     bar = tqdm(disable=not progress, unit=" docs", desc="preprocess", dynamic_ncols=True)
     pool = None
     try:
-        batches = _batches(read_records(inputs, txt_split), keys, append_eod, dtype.str)
+        batches = _batches(read_records(inputs, txt_split), keys, append_eod, dtype.str, bos)
         _WORKER["tok"] = tokenizer
         if workers > 1:
             if os.name == "posix":  # forked workers inherit the loaded tokenizer
@@ -214,6 +237,11 @@ def preprocess(inputs: list[Path], output_prefix: str, tokenizer_type: str, voca
             elapsed = time.perf_counter() - start
             bar.update(count)
             bar.set_postfix_str(f"{summary.tokens / elapsed:,.0f} tok/s, {summary.bytes_read / elapsed / 1e6:.2f} MB/s")
+        if summary.documents == 0:
+            first = f"; first: {summary.skipped[0]}" if summary.skipped else ""
+            raise PreprocessError(f"no usable document in {', '.join(map(str, inputs))}: "
+                                  f"{len(summary.skipped)} malformed record(s), {summary.empty} empty document(s)"
+                                  f"{first}; check --jsonl-keys {' '.join(keys)} (nothing was written)")
         for writer in writers.values():
             writer.finalize()
     except BaseException:

@@ -45,6 +45,22 @@ class Tokenizer(ABC):
         return self.eos_id
 
     @property
+    def starts_with_bos(self) -> bool:
+        """The start-token policy: documents and prompts begin with BOS (as Meta trains Llama-2 and Llama-3).
+
+        True for the sentencepiece and Llama-3 tokenizers, which define BOS; preprocessing prepends it
+        (``--prepend-bos``, the default for them), generation prepends it, and the Hugging Face export's
+        tokenizer adds it through a post-processor, so every path encodes a text the same way.
+        """
+        return self.bos_id is not None and self.name in ("SPMTokenizer", "Llama3Tokenizer")
+
+    def encode_document(self, text: str, *, bos: bool | None = None, allow_special: bool = False) -> list[int]:
+        """Ids of ``text`` as the model sees the start of a document or prompt: BOS first when ``bos``
+        (default: :attr:`starts_with_bos`)."""
+        first = [self.bos_id] if (self.starts_with_bos if bos is None else bos) and self.bos_id is not None else []
+        return first + self.encode(text, allow_special=allow_special)
+
+    @property
     def pad_id(self) -> int | None:
         """Padding id, if the tokenizer defines one (padding is masked out of the loss anyway)."""
         return None
