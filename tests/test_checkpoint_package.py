@@ -10,23 +10,15 @@ import sys
 import pytest
 import torch
 import yaml
+from helpers.checkpoints import TINY, save_random_checkpoint
 
 import neox_llama
 from neox_llama.checkpoint.metadata import Layout, Metadata, read_metadata, write_metadata
 from neox_llama.checkpoint.paths import CheckpointError, layer_file, resolve_checkpoint
 from neox_llama.checkpoint.run import load_model, load_run
-from neox_llama.checkpoint.weights import write_layer_file
-from neox_llama.config import load_config
-from neox_llama.model.args import LlamaArgs
-from neox_llama.model.llama import build_model
 
 DEEPSPEED_FREE = ("neox_llama.checkpoint", "neox_llama.generation", "neox_llama.convert", "neox_llama.config",
                   "neox_llama.model", "neox_llama.data", "neox_llama.tokenizers")
-
-TINY = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_kv_heads": 2, "intermediate_size": 96,
-        "seq_length": 32, "vocab_size": 128, "make_vocab_size_divisible_by": 64, "precision": "fp32",
-        "rotary_emb_base": 500000.0}
-
 
 def test_checkpoint_generation_convert_and_config_import_no_deepspeed():
     modules = []
@@ -47,20 +39,6 @@ def test_importing_the_package_has_no_side_effects():
            "sys.exit(('torch' in sys.modules) or ('DS_ACCELERATOR' in os.environ))"
     env = {k: v for k, v in __import__("os").environ.items() if k != "DS_ACCELERATOR"}
     assert subprocess.run([sys.executable, "-c", code], env=env, timeout=60).returncode == 0
-
-
-def _save_tiny(folder, settings=TINY, seed=0):
-    """A checkpoint as training writes it, from a freshly built model (one rank, no engine state)."""
-    folder.mkdir(parents=True)
-    (folder / "config.yml").write_text(yaml.safe_dump(settings))
-    cfg = load_config([folder / "config.yml"], apply_presets=False)
-    model = build_model(LlamaArgs.from_config(cfg))
-    for index, layer in model.named_children():
-        tensors = {n: p.detach().clone() for n, p in layer.named_parameters()}
-        if tensors:
-            write_layer_file(layer_file(folder, int(index)), tensors)
-    write_metadata(folder, Metadata(tag=folder.name, step=7, layout=Layout(zero_stage=0)))
-    return model
 
 
 def test_metadata_round_trip_and_bad_files(tmp_path):
@@ -90,7 +68,7 @@ def test_resolve_latest_step_and_best(tmp_path):
 
 
 def test_load_model_equals_the_saved_model(tmp_path):
-    saved = _save_tiny(tmp_path / "global_step7").eval()
+    saved = save_random_checkpoint(tmp_path / "global_step7").eval()
     model, run = load_model(tmp_path / "global_step7")
     assert run.metadata.step == 7 and run.args.num_kv_heads == 2 and run.true_vocab == 128
     assert not any(p.is_meta for p in model.parameters())
@@ -100,7 +78,7 @@ def test_load_model_equals_the_saved_model(tmp_path):
 
 
 def test_load_model_names_the_tensor_and_both_shapes(tmp_path):
-    _save_tiny(tmp_path / "ck")
+    save_random_checkpoint(tmp_path / "ck")
     wider = {**TINY, "intermediate_size": 128}
     (tmp_path / "ck" / "config.yml").write_text(yaml.safe_dump(wider))
     with pytest.raises(CheckpointError) as err:
@@ -110,11 +88,11 @@ def test_load_model_names_the_tensor_and_both_shapes(tmp_path):
 
 
 def test_load_model_refuses_missing_and_leftover_tensors(tmp_path):
-    _save_tiny(tmp_path / "ck")
+    save_random_checkpoint(tmp_path / "ck")
     (tmp_path / "ck" / "config.yml").write_text(yaml.safe_dump({**TINY, "use_bias_in_mlp": True}))
     with pytest.raises(CheckpointError, match=r"no tensor for mlp.down.bias"):
         load_model(tmp_path / "ck")
-    _save_tiny(tmp_path / "ck2", {**TINY, "use_bias_in_mlp": True})
+    save_random_checkpoint(tmp_path / "ck2", {**TINY, "use_bias_in_mlp": True})
     (tmp_path / "ck2" / "config.yml").write_text(yaml.safe_dump(TINY))
     with pytest.raises(CheckpointError, match=r"has no place in the model"):
         load_model(tmp_path / "ck2")
@@ -122,7 +100,7 @@ def test_load_model_refuses_missing_and_leftover_tensors(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
 def test_a_damaged_weight_file_is_named(tmp_path, damage):
-    _save_tiny(tmp_path / "ck")
+    save_random_checkpoint(tmp_path / "ck")
     path = layer_file(tmp_path / "ck", 2)
     if damage == "truncate":
         path.write_bytes(path.read_bytes()[:100])
@@ -133,7 +111,7 @@ def test_a_damaged_weight_file_is_named(tmp_path, damage):
 
 
 def test_load_run_reports_a_bad_config_as_a_checkpoint_error(tmp_path):
-    _save_tiny(tmp_path / "ck")
+    save_random_checkpoint(tmp_path / "ck")
     (tmp_path / "ck" / "config.yml").write_text("hidden_size: [\n")
     with pytest.raises(CheckpointError, match=r"config.yml"):
         load_run(tmp_path / "ck")

@@ -109,7 +109,8 @@ def test_greedy_generation_equals_transformers_and_the_cache_equals_recomputing(
     assert export(trained / "run" / "ck", tmp_path / "hf", "--dtype", "fp32").returncode == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     gen = Generator.from_checkpoint(str(trained / "run" / "ck"), device="cpu")
-    prompt = [1, *gen.tokenizer.encode("the quick brown fox")]
+    prompt = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")("the quick brown fox").input_ids
+    assert prompt == gen.tokenizer.encode_document("the quick brown fox") and prompt[0] == 1  # BOS, as trained
     settings = GenerationSettings(max_new_tokens=32, stop_ids={-1})  # no early stop: compare all 32 tokens
     ours = gen.generate_ids(prompt, settings)
     assert ours == gen.generate_ids(prompt, settings, use_cache=False)
@@ -120,6 +121,42 @@ def test_greedy_generation_equals_transformers_and_the_cache_equals_recomputing(
     assert gen.generate_ids(prompt, sampled) == gen.generate_ids(prompt, sampled, use_cache=False)
     top1 = GenerationSettings(max_new_tokens=16, temperature=1.0, top_k=1, seed=3, stop_ids={-1})
     assert gen.generate_ids(prompt, top1) == ours[:16]
+
+
+def _hf_greedy_text(hf_dir, text: str, new_tokens: int) -> str:
+    """What a transformers user gets: AutoTokenizer(text) (no manual BOS), greedy generate, decode."""
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    ids = tok(text, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    stops = set(model.generation_config.eos_token_id or [])
+    if isinstance(model.generation_config.eos_token_id, int):
+        stops = {model.generation_config.eos_token_id}
+    kept = []
+    for token in out:
+        if token in stops:
+            break
+        kept.append(token)
+    return tok.decode(kept, skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("kind", ["spm-trained", "llama3-random"])
+def test_generate_py_equals_greedy_transformers_on_the_export_without_manual_bos(trained, tmp_path, kind):
+    if kind == "spm-trained":
+        checkpoint = trained / "run" / "ck"
+    else:
+        from helpers.checkpoints import TINY, save_random_checkpoint
+
+        checkpoint = tmp_path / "l3" / "global_step1"
+        save_random_checkpoint(checkpoint, {**TINY, "max_position_embeddings": 64}, tokenizer_type="Llama3Tokenizer",
+                               tokenizer_file=asset("llama3-tokenizer"))
+    assert export(checkpoint, tmp_path / "hf", "--dtype", "fp32").returncode == 0
+    text = "the quick brown fox"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), "--checkpoint", str(checkpoint),
+                           "--prompt", text, "--max-new-tokens", "12", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == text + _hf_greedy_text(tmp_path / "hf", text, 12) + "\n"
 
 
 def test_generate_cli_streams_a_continuation(trained):
