@@ -51,11 +51,11 @@ def test_cross_check_errors_exit_before_spawning(tmp_path):
 
 
 def test_usage_errors():
-    assert run_deepy().returncode != 0
+    assert run_deepy().returncode == 2  # usage errors exit 2, like config errors
     proc = run_deepy("nope.py", "configs/local.yml")
-    assert proc.returncode != 0 and "script nope.py not found" in proc.stderr
+    assert proc.returncode == 2 and "script nope.py not found" in proc.stderr
     proc = run_deepy("train.py", "configs/local.yml", "--fast")
-    assert proc.returncode != 0 and "unknown option --fast" in proc.stderr
+    assert proc.returncode == 2 and "unknown option --fast" in proc.stderr
 
 
 def _launch(tmp_path: Path, *extra: str):

@@ -139,3 +139,13 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, corpus):
                        "gradient_clipping=0")
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "stopping (no checkpoint was saved)" in proc.stderr and "at step" in proc.stderr
+
+
+def test_rerunning_a_finished_job_logs_its_evaluation_once_and_quietly(tmp_path, corpus):
+    run = tmp_path / "run"
+    ok(deepy_train(run, corpus, "train_iters=2", "eval_interval=2"))
+    for _ in range(2):
+        again = ok(deepy_train(run, corpus, "train_iters=2", "eval_interval=2"))
+        assert "nothing to train" in again.stderr and "valid_loss" in again.stderr
+        assert "_load_legacy_checkpoint" not in again.stdout + again.stderr  # DeepSpeed's stray print is gone
+    assert [r["step"] for r in records(run, "valid_loss")] == [2]

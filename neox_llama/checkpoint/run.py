@@ -10,8 +10,8 @@ import torch
 from neox_llama.checkpoint.metadata import Metadata, read_metadata
 from neox_llama.checkpoint.paths import CheckpointError, resolve_checkpoint
 from neox_llama.checkpoint.weights import fill_layers
-from neox_llama.config import Config, ConfigError, load_config
-from neox_llama.config.loading import load_raw
+from neox_llama.config import Config, ConfigError, resolve
+from neox_llama.config.loading import build_config, load_raw
 from neox_llama.model.args import LlamaArgs
 from neox_llama.model.llama import LlamaStack, build_model
 from neox_llama.model.rotary import RotaryEmbedding, inverse_frequencies
@@ -40,16 +40,19 @@ def load_run(path: str | Path) -> Run:
     folder = resolve_checkpoint(path)
     meta = read_metadata(folder)
     config_file = folder / "config.yml"
-    overrides: list[str] = []
     tokenizer = None
     try:
-        raw, _ = load_raw([config_file], apply_presets=False)
+        raw, sources = load_raw([config_file], apply_presets=False)
         if meta.tokenizer_files and raw.get("tokenizer_type"):
+            # The tokenizer saved inside the checkpoint, whatever path the run read it from.
             local = folder / meta.tokenizer_files[0]
-            overrides.append(f"vocab_file={local}")
+            raw["vocab_file"], sources["vocab_file"] = str(local), str(folder)
             tokenizer = build_tokenizer(raw["tokenizer_type"], local)
-        cfg = load_config([config_file], overrides, world_size=meta.layout.world_size, apply_presets=False,
-                          tokenizer_vocab=tokenizer.vocab_size if tokenizer else None)
+        problems: list[str] = []
+        cfg = build_config(raw, sources, problems=problems)
+        if problems:
+            raise ConfigError(problems)
+        resolve(cfg, meta.layout.world_size, tokenizer_vocab=tokenizer.vocab_size if tokenizer else None)
     except (ConfigError, TokenizerError) as err:
         raise CheckpointError(f"{config_file}: {err}") from None
     args = LlamaArgs.from_config(cfg)

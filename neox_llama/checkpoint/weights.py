@@ -19,6 +19,7 @@ from neox_llama.checkpoint.paths import WEIGHTS, CheckpointError, layer_file
 from neox_llama.model.args import LlamaArgs
 from neox_llama.model.init import full_shape, shard
 from neox_llama.model.llama import build_model
+from neox_llama.utils.files import default_file_mode
 
 _LAYER_FILE = re.compile(r"layer_(\d+)\.safetensors")
 
@@ -41,6 +42,7 @@ def write_layer_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())  # on disk before metadata.json (written last, also fsynced) says complete
+    tmp.chmod(default_file_mode())  # safetensors creates 0600 files
     os.replace(tmp, path)
 
 

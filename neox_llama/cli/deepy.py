@@ -31,19 +31,25 @@ def parse_args(argv: list[str]) -> tuple[str, list[str], list[str], bool]:
             print(__doc__.strip())
             sys.exit(0)
         elif arg.startswith("--"):
-            raise SystemExit(f"deepy.py: error: unknown option {arg}\n{USAGE}")
+            _usage_error(f"deepy.py: error: unknown option {arg}\n{USAGE}")
         else:
             positional.append(arg)
     if not positional or not positional[0].endswith(".py"):
-        raise SystemExit(f"deepy.py: error: the first argument must be the script to run (e.g. train.py)\n{USAGE}")
+        _usage_error(f"deepy.py: error: the first argument must be the script to run (e.g. train.py)\n{USAGE}")
     script, rest = positional[0], positional[1:]
     if not Path(script).is_file():
-        raise SystemExit(f"deepy.py: error: script {script} not found")
+        _usage_error(f"deepy.py: error: script {script} not found")
     files = [a for a in rest if _is_config_file(a)]
     overrides = [a for a in rest if not _is_config_file(a)]
     if not files:
-        raise SystemExit(f"deepy.py: error: no config file given\n{USAGE}")
+        _usage_error(f"deepy.py: error: no config file given\n{USAGE}")
     return script, files, overrides, dry_run
+
+
+def _usage_error(message: str) -> None:
+    """A command-line mistake: the message on stderr, exit status 2 (as for config errors)."""
+    print(message, file=sys.stderr)
+    sys.exit(2)
 
 
 def _is_config_file(arg: str) -> bool:

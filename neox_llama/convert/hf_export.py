@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from neox_llama.checkpoint.run import Run, load_run
 from neox_llama.checkpoint.weights import read_full_state
 from neox_llama.convert.hf_names import expected_shape, hf_config_dict, hf_to_ours
 from neox_llama.convert.hf_tokenizer_export import write_tokenizer_files
+from neox_llama.utils.files import default_file_mode, make_temporary_dir
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +58,13 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], output: Path) -> None:
         size += nbytes
     if len(shards) == 1:
         save_file(shards[0], str(output / "model.safetensors"), metadata={"format": "pt"})
+        (output / "model.safetensors").chmod(default_file_mode())  # safetensors creates 0600 files
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(output / name), metadata={"format": "pt"})
+        (output / name).chmod(default_file_mode())
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -83,7 +85,7 @@ def export_to_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bf16"
         raise CheckpointError(f"{ckpt.folder}: {err}") from None
     tensors = hf_state_dict(ckpt, DTYPES[dtype])
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    tmp = make_temporary_dir(output.parent, f".{output.name}.")
     try:
         ids = write_tokenizer_files(ckpt.tokenizer, tmp) if ckpt.tokenizer else {}
         config = LlamaConfig(**config_kwargs, **ids, dtype=dtype_name(dtype), architectures=["LlamaForCausalLM"])

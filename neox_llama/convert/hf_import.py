@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from neox_llama.checkpoint.weights import write_layer_file
 from neox_llama.config import load_config
 from neox_llama.convert.hf_names import expected_shape, hf_to_ours
 from neox_llama.model.args import LlamaArgs
-from neox_llama.utils.files import atomic_write_text
+from neox_llama.utils.files import atomic_write_text, make_temporary_dir
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +124,7 @@ def import_from_hf(hf_dir: str | Path, output: str | Path, pipe_parallel_size: i
         raise CheckpointError(f"{config_path}: missing key {err}") from None
     tok_settings, tok_file = _tokenizer_settings(hf_dir)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    tmp = make_temporary_dir(output.parent, f".{output.name}.")
     try:
         folder = tmp / "global_step0"
         (folder / "weights").mkdir(parents=True)

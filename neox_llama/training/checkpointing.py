@@ -10,6 +10,7 @@ so a failure there stops every rank with its message instead of leaving them in 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import random
 import re
@@ -212,8 +213,9 @@ def same_layout(meta: Metadata, cfg: Config) -> bool:
 
 def restore_engine_state(engine, folder: Path) -> None:
     """Load DeepSpeed's model, optimizer and schedule state (same layout only)."""
-    path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed 0.19 prints "_load_legacy_checkpoint ..." here
+        path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"{folder}: DeepSpeed found no engine state to load")
 

@@ -56,6 +56,19 @@ class MetricsWriter:
         if self.wandb:
             self.wandb.log(numbers, step=step)
 
+    def has_record(self, step: int, key: str) -> bool:
+        """Whether metrics.jsonl already holds a record of ``step`` with ``key`` (False on ranks other than 0)."""
+        if not (self.enabled and self.path and self.path.exists()):
+            return False
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step") == step and key in record:
+                return True
+        return False
+
     def close(self) -> None:
         if self.tb:
             self.tb.close()

@@ -244,7 +244,8 @@ class Trainer:
         cfg, ts = self.cfg, self.train_state
         valid_loss = self.evaluate("valid")
         record = {"step": ts.step, "valid_loss": valid_loss, "valid_ppl": math.exp(min(valid_loss, 50.0))}
-        self.metrics.write(record)
+        if track or not self.metrics.has_record(ts.step, "valid_loss"):  # a finished job re-run: logged once
+            self.metrics.write(record)
         logger.info("step %6d | valid_loss %.4f | valid_ppl %.2f", ts.step, valid_loss, record["valid_ppl"])
         if not track:
             return False

@@ -1,4 +1,9 @@
-"""Writing files so that a reader never sees half of one."""
+"""Writing files so that a reader never sees half of one, with the permissions the user's umask asks for.
+
+``tempfile`` creates private files (0600) and folders (0700); a file or folder renamed into place from one
+would keep that mode, and teammates on a shared machine could not read checkpoints or exports. Everything
+written through here gets the mode ``open()``/``mkdir()`` would give (0644 / 0755 under umask 022).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,29 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode a new file gets from ``open()`` under the current umask."""
+    return 0o666 & ~_umask()
+
+
+def default_dir_mode() -> int:
+    """The mode a new folder gets from ``mkdir()`` under the current umask."""
+    return 0o777 & ~_umask()
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same folder, then rename it into place."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
+        os.fchmod(fd, default_file_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -22,3 +44,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+def make_temporary_dir(parent: Path, prefix: str) -> Path:
+    """A new folder in ``parent`` (to be renamed into place when complete) with the umask's default mode."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    folder.chmod(default_dir_mode())
+    return folder

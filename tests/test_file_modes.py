@@ -1,0 +1,52 @@
+"""Files honour the umask: teammates on a shared machine can read checkpoints, configs and exports."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+from helpers.runner import ROOT
+from helpers.training import BASE, write_corpus
+
+from neox_llama.launcher import free_port
+
+pytestmark = pytest.mark.dist
+
+
+def _modes(folder):
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, folder)] = stat.S_IMODE(os.stat(path).st_mode)
+    return out
+
+
+def test_checkpoint_config_and_export_are_0644_and_0755_under_umask_022(tmp_path):
+    corpus = write_corpus(tmp_path / "chain")
+    run = tmp_path / "run"
+
+    def umask_022():
+        os.umask(0o022)
+
+    train = [sys.executable, str(ROOT / "deepy.py"), "train.py", "configs/llama3/tiny.yml", *BASE, f"data_path={corpus}",
+             f"save={run / 'ck'}", f"log_dir={run / 'logs'}", "train_iters=1", f"master_port={free_port()}"]
+    proc = subprocess.run(train, cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=umask_022)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    export = [sys.executable, str(ROOT / "tools" / "convert_to_hf.py"), "--checkpoint", str(run / "ck"),
+              "--output", str(tmp_path / "hf")]
+    proc = subprocess.run(export, capture_output=True, text=True, timeout=300, preexec_fn=umask_022)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    modes = {**{f"ck/{k}": v for k, v in _modes(run / "ck").items()},
+             **{f"logs/{k}": v for k, v in _modes(run / "logs").items()},
+             **{f"hf/{k}": v for k, v in _modes(tmp_path / "hf").items()}, "hf": _modes(tmp_path)["hf"]}
+    for must in ("ck/latest", "ck/global_step1/metadata.json", "ck/global_step1/config.yml",
+                 "ck/global_step1/weights/layer_001.safetensors", "logs/config.yml", "hf/config.json",
+                 "hf/model.safetensors"):
+        assert must in modes, must
+    dirs = {p for p in modes if (run / p).is_dir() or (tmp_path / p).is_dir()}
+    wrong = {p: oct(m) for p, m in modes.items() if m != (0o755 if p in dirs else 0o644) and not p.endswith(".py")}
+    assert not wrong, wrong
