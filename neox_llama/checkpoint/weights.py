@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -84,6 +84,36 @@ def fill_layer(layer: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -
             raise CheckpointError(f"{path}: {name} has shape {tuple(full.shape)}, the model expects {expected}; "
                                   "the checkpoint is of a different model")
         param.copy_(shard(full, param).to(param.dtype))
+
+
+def check_shapes(folder: Path, args: LlamaArgs) -> None:
+    """Every tensor of ``folder``'s weight files has the full shape a model with ``args`` expects, and no tensor
+    or file is missing or left over. Reads only the safetensors headers (fast, whatever the model size)."""
+    model = build_model(args, device="meta", initialize=False)
+    expected = {int(i): layer for i, layer in model.named_children() if next(layer.parameters(), None) is not None}
+    extra = sorted(set(layer_indices(folder)) - set(expected))
+    if extra:
+        raise CheckpointError(f"{layer_file(folder, extra[0])}: the model has no layer {extra[0]} with weights "
+                              "(it has fewer layers, or ties its head to the embedding); the checkpoint is of a "
+                              "different model")
+    for index, layer in expected.items():
+        path = layer_file(folder, index)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (the checkpoint has no weights for layer {index})")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path}: unreadable weight file ({err}); the checkpoint is damaged") from None
+        params = dict(layer.named_parameters())
+        missing = sorted(set(params) - set(shapes))
+        if missing:
+            raise CheckpointError(f"{path}: no tensor for {', '.join(missing)}; the checkpoint is of a different model")
+        for name, param in params.items():
+            if shapes[name] != tuple(param.shape):
+                raise CheckpointError(f"{path}: {name} has shape {shapes[name]}, the model expects "
+                                      f"{tuple(param.shape)}; the checkpoint is of a different model (its config.yml "
+                                      "differs from this run's)")
 
 
 def layers_with_weights(args: LlamaArgs) -> set[int]:

@@ -1,12 +1,16 @@
 #!/usr/bin/env python
 """Launch a neox_llama script on every rank.
 
-    python deepy.py train.py CONFIG.yml [CONFIG.yml ...] [key=value ...] [--dry-run]
+    python deepy.py train.py CONFIG.yml [CONFIG.yml ...] [key=value ...] [--dry-run] [--force]
 
 Config files merge left to right, then ``key=value`` overrides (dotted for nested keys, e.g.
 ``optimizer.params.lr=1e-4``). The merged config is validated for the world it will run in before
 any process starts; it is then written to ``{log_dir}/config.yml`` and every rank reads that file.
 One rank runs the script directly; more go through DeepSpeed's launcher.
+
+Before that, the datasets, a resume target's shapes and (without GPUs) the host memory are checked
+(neox_llama/preflight.py); ``--force`` starts even when the memory estimate exceeds this machine's RAM.
+``--dry-run`` prints the plan and turns every refusal into a warning.
 """
 
 from __future__ import annotations
@@ -17,16 +21,18 @@ import sys
 import time
 from pathlib import Path
 
-USAGE = "usage: python deepy.py SCRIPT.py CONFIG.yml [CONFIG.yml ...] [key=value ...] [--dry-run]"
+USAGE = "usage: python deepy.py SCRIPT.py CONFIG.yml [CONFIG.yml ...] [key=value ...] [--dry-run] [--force]"
 
 
-def parse_args(argv: list[str]) -> tuple[str, list[str], list[str], bool]:
-    """Split the command line into the script, config files, overrides and the dry-run flag."""
-    dry_run = False
+def parse_args(argv: list[str]) -> tuple[str, list[str], list[str], bool, bool]:
+    """Split the command line into the script, config files, overrides, and the dry-run and force flags."""
+    dry_run = force = False
     positional: list[str] = []
     for arg in argv:
         if arg == "--dry-run":
             dry_run = True
+        elif arg == "--force":
+            force = True
         elif arg in ("-h", "--help"):
             print(__doc__.strip())
             sys.exit(0)
@@ -43,7 +49,7 @@ def parse_args(argv: list[str]) -> tuple[str, list[str], list[str], bool]:
     overrides = [a for a in rest if not _is_config_file(a)]
     if not files:
         _usage_error(f"deepy.py: error: no config file given\n{USAGE}")
-    return script, files, overrides, dry_run
+    return script, files, overrides, dry_run, force
 
 
 def _usage_error(message: str) -> None:
@@ -76,7 +82,7 @@ def tokenizer_vocab_size(cfg, problems: list[str]) -> int | None:
 
 
 def main(argv: list[str]) -> int:
-    script, files, overrides, dry_run = parse_args(argv)
+    script, files, overrides, dry_run, force = parse_args(argv)
     from neox_llama.launcher import detect_accelerator
 
     accelerator = detect_accelerator()
@@ -110,11 +116,25 @@ def main(argv: list[str]) -> int:
                 resolve_checkpoint(cfg.load)
             except CheckpointError as err:
                 problems.append(f"{cfg.sources.get('load', 'default')}: load: {err} (finetune needs a checkpoint)")
+        tokenizer_vocab = tokenizer_vocab_size(cfg, problems)
         try:
-            resolve(cfg, world_size, accelerator, tokenizer_vocab=tokenizer_vocab_size(cfg, problems),
+            resolve(cfg, world_size, accelerator, tokenizer_vocab=tokenizer_vocab,
                     bf16_supported=accelerator != "cuda" or _cuda_bf16())
         except ConfigError as err:
             problems.extend(err.problems)
+    if not problems:
+        from neox_llama import preflight
+
+        vocab = cfg.vocab_size or tokenizer_vocab
+        checks = preflight.check_datasets(cfg, vocab) + preflight.check_resume_target(cfg)
+        memory = preflight.check_host_memory(cfg, plan.ranks_per_node) if accelerator == "cpu" else []
+        if dry_run:  # a plan for the target cluster: warn, never refuse
+            for line in checks + memory:
+                print(f"deepy.py: warning: {line}", file=sys.stderr)
+        else:
+            problems.extend(checks + ([] if force else memory))
+            for line in memory if force else []:
+                print(f"deepy.py: warning: {line} (--force: starting anyway)", file=sys.stderr)
     if problems:
         for line in problems:
             print(f"deepy.py: error: {line}", file=sys.stderr)
@@ -146,7 +166,7 @@ def main(argv: list[str]) -> int:
 
 
 def train_main() -> int:
-    """``neox-train CONFIG.yml ... [key=value ...] [--dry-run]``: the same as ``python deepy.py train.py ...``."""
+    """``neox-train CONFIG.yml ... [key=value ...] [--dry-run] [--force]``: the same as ``python deepy.py train.py ...``."""
     from neox_llama.cli import train
 
     return main([train.__file__, *sys.argv[1:]])

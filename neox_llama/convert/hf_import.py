@@ -8,15 +8,17 @@ fine-tuning (``python deepy.py train.py OUTPUT/model.yml configs/local.yml``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import pickle
 import shutil
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 import yaml
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from neox_llama.checkpoint.metadata import Layout, Metadata, write_metadata
 from neox_llama.checkpoint.paths import CheckpointError, layer_file
@@ -79,6 +81,15 @@ def _tokenizer_settings(hf_dir: Path) -> tuple[dict, Path | None]:
     return {}, None
 
 
+@contextlib.contextmanager
+def _reading(file: Path):
+    """Turn a reader's failure on a truncated or corrupt weight file into one error naming the file."""
+    try:
+        yield
+    except (SafetensorError, OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
+        raise CheckpointError(f"{file}: unreadable weight file ({type(err).__name__}: {err})") from None
+
+
 class _TensorSource:
     """Reads single tensors by name from the directory's safetensors or .bin shards."""
 
@@ -88,11 +99,12 @@ class _TensorSource:
         self._bin_cache: dict[Path, dict] = {}
         if files:
             for file in files:
-                with safe_open(str(file), framework="pt") as handle:
+                with _reading(file), safe_open(str(file), framework="pt") as handle:
                     self.where.update(dict.fromkeys(handle.keys(), file))
         else:
             for file in sorted(hf_dir.glob("pytorch_model*.bin")):
-                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                with _reading(file):
+                    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
                 self._bin_cache[file] = state
                 self.where.update(dict.fromkeys(state, file))
         if not self.where:
@@ -102,7 +114,7 @@ class _TensorSource:
         file = self.where[name]
         if file in self._bin_cache:
             return self._bin_cache[file][name]
-        with safe_open(str(file), framework="pt") as handle:
+        with _reading(file), safe_open(str(file), framework="pt") as handle:
             return handle.get_tensor(name)
 
 

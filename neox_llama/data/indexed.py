@@ -161,6 +161,13 @@ class IndexedDataset:
     def __getitem__(self, index: int) -> np.ndarray:
         return self.get(index)
 
+    def max_token_id(self, chunk: int = 1 << 26) -> int | None:
+        """The largest token id in the data (a chunked scan of the memory map; None when empty)."""
+        tokens = np.frombuffer(self._data, dtype=self.dtype) if len(self._data) else np.zeros(0, dtype=self.dtype)
+        if tokens.size == 0:
+            return None
+        return int(max(tokens[i:i + chunk].max() for i in range(0, tokens.size, chunk)))
+
     @property
     def num_tokens(self) -> int:
         return int(self.sizes.sum(dtype=np.int64))

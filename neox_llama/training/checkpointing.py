@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import pickle
 import random
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,6 +213,18 @@ def same_layout(meta: Metadata, cfg: Config) -> bool:
         (now.pipe_parallel_size, now.model_parallel_size, now.data_parallel_size, now.zero_stage)
 
 
+def check_engine_files(folder: Path) -> None:
+    """Every DeepSpeed state file of ``folder`` is a complete archive (a truncated one is named here, not deep in
+    torch.load). Reads only each file's end-of-archive directory."""
+    for path in sorted(folder.glob("*.pt")):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                archive.infolist()
+        except (zipfile.BadZipFile, OSError) as err:
+            raise CheckpointError(f"{path}: unreadable engine state ({err}); the checkpoint is damaged, resume "
+                                  "from an earlier global_stepN or fine-tune from its weights") from None
+
+
 def restore_engine_state(engine, folder: Path) -> None:
     """Load DeepSpeed's model, optimizer and schedule state (same layout only)."""
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed 0.19 prints "_load_legacy_checkpoint ..." here
@@ -224,5 +238,9 @@ def restore_rng(folder: Path, rank: int) -> bool:
     path = folder / "rng" / f"rank_{rank}.pt"
     if not path.is_file():
         return False
-    _set_rng_state(torch.load(path, weights_only=False))
+    try:
+        state = torch.load(path, weights_only=False)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
+        raise CheckpointError(f"{path}: unreadable random state ({err})") from None
+    _set_rng_state(state)
     return True

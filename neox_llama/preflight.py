@@ -1,0 +1,93 @@
+"""Checks deepy.py runs before any rank starts, so that a mistake costs seconds, not a model build.
+
+- every dataset prefix exists and is readable, and its largest token id fits the model's vocabulary;
+- a resume target's tensors have the shapes this config builds (safetensors headers only);
+- on a machine without GPUs, where every rank lives in host memory, the node's estimated total fits its RAM.
+
+Each returns one-line problems naming the file or key; deepy.py refuses to launch on them (``--force``
+overrides the memory check) and ``--dry-run`` prints them as warnings.
+"""
+
+from __future__ import annotations
+
+import os
+
+from neox_llama.config.schema import Config
+from neox_llama.errors import NeoxLlamaError
+
+GIB = 1024**3
+
+
+def _prefixes(cfg: Config) -> list[tuple[str, str]]:
+    """(key, prefix) of every dataset the run reads."""
+    out = [("data_path", cfg.data_path)] if cfg.data_path else []
+    for kind in ("train", "valid", "test"):
+        out += [(f"{kind}_data_paths", p) for p in getattr(cfg, f"{kind}_data_paths")]
+    return out
+
+
+def check_datasets(cfg: Config, vocab: int | None) -> list[str]:
+    """Each dataset opens (index and data agree) and holds no token id >= ``vocab`` (a memory-mapped scan)."""
+    from neox_llama.data.indexed import IndexedDataset
+
+    problems = []
+    for key, prefix in _prefixes(cfg):
+        origin = cfg.sources.get(key, "default")
+        try:
+            dataset = IndexedDataset(prefix)
+            top = dataset.max_token_id()
+        except (NeoxLlamaError, OSError) as err:
+            problems.append(f"{origin}: {key}: {err}")
+            continue
+        if vocab is not None and top is not None and top >= vocab:
+            problems.append(f"{origin}: {key}: {prefix}.bin holds token id {top}, but the model's vocabulary has "
+                            f"{vocab} ids (0-{vocab - 1}); the data was made with another tokenizer: preprocess it "
+                            f"with this run's tokenizer ({cfg.vocab_file or 'vocab_size ' + str(vocab)})")
+    return problems
+
+
+def check_resume_target(cfg: Config) -> list[str]:
+    """When ``load`` holds a checkpoint, its weights fit the model this config builds."""
+    if not cfg.load:
+        return []
+    from neox_llama.checkpoint.paths import CheckpointError, resolve_checkpoint
+    from neox_llama.checkpoint.weights import check_shapes
+    from neox_llama.model.args import LlamaArgs
+
+    try:
+        folder = resolve_checkpoint(cfg.load)
+    except CheckpointError:
+        return []  # nothing saved yet (a fresh run); finetune without a checkpoint is reported elsewhere
+    try:
+        check_shapes(folder, LlamaArgs.from_config(cfg))
+    except CheckpointError as err:
+        return [f"{cfg.sources.get('load', 'default')}: load: {err}"]
+    return []
+
+
+def host_memory_bytes() -> int | None:
+    """Total RAM of this machine, or None where the platform does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_host_memory(cfg: Config, ranks_on_node: int, total: int | None = None) -> list[str]:
+    """On CPU, the ranks of one node share its RAM: refuse a launch whose estimate exceeds it."""
+    from neox_llama.model.memory import estimate_memory
+
+    total = host_memory_bytes() if total is None else total
+    if not total or cfg.derived.padded_vocab_size is None:
+        return []
+    estimate = estimate_memory(cfg)
+    need = estimate.total * ranks_on_node
+    if need <= total:
+        return []
+    knobs = [] if cfg.checkpoint_activations else ["checkpoint_activations: true"]
+    knobs += ["a smaller train_micro_batch_size_per_gpu or seq_length", "a smaller model (e.g. a tiny preset)"]
+    if cfg.precision == "fp32":
+        knobs.insert(0, "precision: bf16")
+    return [f"{cfg.sources.get('num_layers', 'default')}: the {ranks_on_node} rank(s) on this machine need about "
+            f"{need / GIB:,.1f} GiB of host memory ({estimate.total / GIB:,.1f} GiB each: {estimate.text()}), but it "
+            f"has {total / GIB:,.1f} GiB; lower it with {', '.join(knobs)}, or pass --force to start anyway"]
