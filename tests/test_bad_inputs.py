@@ -1,0 +1,204 @@
+"""Bad input at every entry point: a non-zero exit, the culprit named in one line, no traceback, and nothing that
+was already written changed (hashed before and after)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers.runner import ROOT, run
+from helpers.training import deepy_train
+from test_preprocess import make_docs
+
+from neox_llama.data.indexed import IndexedDatasetWriter
+from neox_llama.data.preprocess import preprocess
+from neox_llama.tokenizers.train import train_sentencepiece
+
+pytestmark = pytest.mark.dist
+
+
+def tree_hash(*paths: Path) -> str:
+    digest = hashlib.sha256()
+    for root in paths:
+        for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+            digest.update(str(path).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tokenizer, a dataset made with it, a dataset with ids beyond it, a trained checkpoint and its HF export."""
+    w = tmp_path_factory.mktemp("bad")
+    (w / "corpus.txt").write_text("\n".join(make_docs(300)))
+    (w / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in make_docs(300)))
+    tok = train_sentencepiece([w / "corpus.txt"], w / "tok", 320)
+    preprocess([w / "corpus.jsonl"], str(w / "data"), "SPMTokenizer", str(tok), append_eod=True, progress=False)
+    with IndexedDatasetWriter(w / "wide", np.uint16) as writer:  # as if made with a bigger tokenizer
+        for i in range(200):
+            writer.add_document([*range(i, i + 99), 4999])
+    proc = deepy_train(w / "run", w / "data_text_document", "tokenizer_type=SPMTokenizer", f"vocab_file={tok}",
+                       "vocab_size=null", "train_iters=2", "checkpoint_factor=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run([sys.executable, str(ROOT / "tools/convert_to_hf.py"), "--checkpoint", str(w / "run/ck"), "--output",
+                str(w / "hf"), "--dtype", "fp32"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"w": w, "tok": tok}
+
+
+def _copy_run(world, tmp_path) -> Path:
+    shutil.copytree(world["w"] / "run", tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _truncate(path: Path, keep: int = 100) -> Path:
+    path.write_bytes(path.read_bytes()[:keep])
+    return path
+
+
+def _tool(name: str, *args: str):
+    return run([sys.executable, str(ROOT / "tools" / name), *map(str, args)], timeout=300)
+
+
+def _deepy(world, run_dir: Path, *overrides: str, corpus: str = "data_text_document"):
+    return deepy_train(run_dir, world["w"] / corpus, "tokenizer_type=SPMTokenizer", f"vocab_file={world['tok']}",
+                       "vocab_size=null", *overrides, timeout=300)
+
+
+def case_deepy_missing_data(world, tmp_path):
+    return _deepy(world, tmp_path / "r", corpus="nothing_here"), "nothing_here.idx: not found", []
+
+
+def case_deepy_data_beyond_the_vocabulary(world, tmp_path):
+    return _deepy(world, tmp_path / "r", corpus="wide"), "wide.bin holds token id 4999, but the model's vocabulary has 320", []
+
+
+def case_deepy_resume_with_another_shape(world, tmp_path):
+    run_dir = _copy_run(world, tmp_path)
+    before = tree_hash(run_dir / "ck")
+    proc = _deepy(world, run_dir, "train_iters=4", "intermediate_size=256")
+    return proc, "layer_001.safetensors: mlp.gate.weight has shape (192, 64), the model expects (256, 64)", \
+        [(run_dir / "ck", before)]
+
+
+def case_deepy_resume_from_a_truncated_engine_file(world, tmp_path):
+    run_dir = _copy_run(world, tmp_path)
+    _truncate(run_dir / "ck/global_step2/mp_rank_00_model_states.pt")
+    before = tree_hash(run_dir / "ck")
+    proc = _deepy(world, run_dir, "train_iters=4")
+    return proc, "mp_rank_00_model_states.pt: unreadable engine state", [(run_dir / "ck", before)]
+
+
+def case_deepy_resume_from_a_truncated_weight_file(world, tmp_path):
+    run_dir = _copy_run(world, tmp_path)
+    _truncate(run_dir / "ck/global_step2/weights/layer_001.safetensors")
+    before = tree_hash(run_dir / "ck")
+    return _deepy(world, run_dir, "train_iters=4"), "layer_001.safetensors: unreadable weight file", \
+        [(run_dir / "ck", before)]
+
+
+def case_deepy_unknown_key(world, tmp_path):
+    bad = tmp_path / "typo.yml"
+    bad.write_text("hiden_size: 64\n")
+    proc = run([sys.executable, str(ROOT / "deepy.py"), "train.py", "configs/llama3/tiny.yml", str(bad)])
+    return proc, f"{bad}: unknown key 'hiden_size' (did you mean 'hidden_size'?)", []
+
+
+def case_train_py_without_deepy(world, tmp_path):
+    return _tool("../train.py", "--config", world["w"] / "run/logs/config.yml"), "start training through deepy.py", []
+
+
+def case_train_py_missing_config(world, tmp_path):
+    return run([sys.executable, str(ROOT / "train.py"), "--config", str(tmp_path / "no.yml")],
+               env={"RANK": "0", "WORLD_SIZE": "1"}), "no.yml: config file not found", []
+
+
+def case_preprocess_missing_input(world, tmp_path):
+    return _tool("preprocess_data.py", "--input", tmp_path / "no.jsonl", "--output-prefix", tmp_path / "o",
+                 "--tokenizer-type", "SPMTokenizer", "--vocab-file", world["tok"]), "no.jsonl: input file not found", []
+
+
+def case_preprocess_absent_key(world, tmp_path):
+    return _tool("preprocess_data.py", "--input", world["w"] / "corpus.jsonl", "--output-prefix", tmp_path / "o",
+                 "--tokenizer-type", "SPMTokenizer", "--vocab-file", world["tok"], "--jsonl-keys", "content"), \
+        "no usable document", []
+
+
+def case_preprocess_bad_tokenizer_file(world, tmp_path):
+    (tmp_path / "junk.model").write_bytes(b"not a model")
+    return _tool("preprocess_data.py", "--input", world["w"] / "corpus.jsonl", "--output-prefix", tmp_path / "o",
+                 "--tokenizer-type", "SPMTokenizer", "--vocab-file", tmp_path / "junk.model"), "junk.model", []
+
+
+def case_train_tokenizer_missing_input(world, tmp_path):
+    return _tool("train_tokenizer.py", "--input", tmp_path / "no.txt", "--output-prefix", tmp_path / "t"), \
+        "input not found", []
+
+
+def case_convert_to_hf_not_a_checkpoint(world, tmp_path):
+    return _tool("convert_to_hf.py", "--checkpoint", tmp_path, "--output", tmp_path / "hf"), "not a checkpoint", []
+
+
+def case_convert_to_hf_truncated_weights(world, tmp_path):
+    run_dir = _copy_run(world, tmp_path)
+    _truncate(run_dir / "ck/global_step2/weights/layer_002.safetensors")
+    return _tool("convert_to_hf.py", "--checkpoint", run_dir / "ck", "--output", tmp_path / "hf"), \
+        "layer_002.safetensors: unreadable weight file", []
+
+
+def case_convert_to_hf_existing_output(world, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    return _tool("convert_to_hf.py", "--checkpoint", world["w"] / "run/ck", "--output", out), \
+        "exists and is not empty", [(out, tree_hash(out))]
+
+
+def case_convert_from_hf_no_config(world, tmp_path):
+    return _tool("convert_from_hf.py", "--hf", tmp_path, "--output", tmp_path / "o"), "no config.json", []
+
+
+def case_convert_from_hf_truncated_safetensors(world, tmp_path):
+    hf = tmp_path / "hf"
+    shutil.copytree(world["w"] / "hf", hf)
+    _truncate(hf / "model.safetensors")
+    return _tool("convert_from_hf.py", "--hf", hf, "--output", tmp_path / "o"), \
+        "model.safetensors: unreadable weight file", []
+
+
+def case_generate_missing_checkpoint(world, tmp_path):
+    return _tool("generate.py", "--checkpoint", tmp_path / "none", "--prompt", "x"), "checkpoint directory not found", []
+
+
+def case_generate_truncated_weights(world, tmp_path):
+    run_dir = _copy_run(world, tmp_path)
+    _truncate(run_dir / "ck/global_step2/weights/layer_003.safetensors")
+    return _tool("generate.py", "--checkpoint", run_dir / "ck", "--prompt", "x"), \
+        "layer_003.safetensors: unreadable weight file", []
+
+
+def case_generate_prompt_longer_than_the_context(world, tmp_path):
+    return _tool("generate.py", "--checkpoint", world["w"] / "run/ck", "--prompt", "word " * 400), \
+        "the model's context is 256", []
+
+
+CASES = {name.removeprefix("case_"): fn for name, fn in dict(globals()).items() if name.startswith("case_")}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_clear_error_and_changes_nothing(world, tmp_path, case):
+    shared = [world["w"] / "run", world["w"] / "hf", world["w"] / "data_text_document.bin"]
+    before = tree_hash(*shared[:2])
+    proc, culprit, protected = CASES[case](world, tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode not in (0, None), out[-3000:]
+    assert culprit in out, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert tree_hash(*shared[:2]) == before  # the shared checkpoint, export and data are untouched
+    for path, digest in protected:
+        assert tree_hash(path) == digest, f"{path} changed"
