@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 
 import pytest
-from helpers.training import deepy_train, write_corpus
+from helpers.runner import ROOT, launch
+from helpers.training import BASE, deepy_train, write_corpus
 
 from neox_llama.checkpoint.paths import layer_file, resolve_checkpoint
+from neox_llama.config.loading import dump_raw_text, load_raw
 
 pytestmark = pytest.mark.dist
 
@@ -23,9 +25,16 @@ def test_a_corrupt_weight_file_read_by_stage_1_only_stops_every_rank_within_120_
     assert proc.returncode == 0, proc.stderr[-3000:]
     head = layer_file(resolve_checkpoint(base / "ck"), 4)  # the output head: on the last pipeline stage only
     head.write_bytes(head.read_bytes()[:100])
+    # Launched as a user's own launcher (torchrun, slurm) would, without deepy.py: its pre-launch check would name the
+    # file before any rank starts; here the ranks themselves must stop, all of them, quickly.
+    raw, _ = load_raw([ROOT / "configs/llama3/tiny.yml"],
+                      [*BASE, f"data_path={corpus}", "train_iters=2", "finetune=true", f"load={base / 'ck'}",
+                       f"save={tmp_path / 'tuned/ck'}", f"log_dir={tmp_path / 'tuned/logs'}", "pipe_parallel_size=2",
+                       "distributed_timeout_minutes=30"])
+    config = tmp_path / "merged.yml"
+    config.write_text(dump_raw_text(raw))
     start = time.monotonic()
-    proc = deepy_train(tmp_path / "tuned", corpus, "train_iters=2", "finetune=true", f"load={base / 'ck'}",
-                       "pipe_parallel_size=2", "distributed_timeout_minutes=30", timeout=120)
+    proc = launch(2, ROOT / "train.py", "--config", str(config), timeout=120)
     elapsed = time.monotonic() - start
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and elapsed < 120, out[-3000:]

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from helpers.runner import ROOT, run
 
-SCRIPTS = {"neox-train", "neox-preprocess", "neox-convert-to-hf", "neox-convert-from-hf", "neox-generate"}
+SCRIPTS = {"neox-train", "neox-preprocess", "neox-convert-to-hf", "neox-convert-from-hf", "neox-generate",
+           "neox-convert-neox-config"}
 
 
 def _bin(name: str) -> str:

@@ -86,12 +86,15 @@ def fill_layer(layer: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -
         param.copy_(shard(full, param).to(param.dtype))
 
 
-def check_shapes(folder: Path, args: LlamaArgs) -> None:
+def check_shapes(folder: Path, args: LlamaArgs, only: set[int] | None = None) -> None:
     """Every tensor of ``folder``'s weight files has the full shape a model with ``args`` expects, and no tensor
-    or file is missing or left over. Reads only the safetensors headers (fast, whatever the model size)."""
+    or file is missing or left over. Reads only the safetensors headers (fast, whatever the model size).
+    ``only``: check just these global layer indices (one rank's pipeline stage)."""
     model = build_model(args, device="meta", initialize=False)
     expected = {int(i): layer for i, layer in model.named_children() if next(layer.parameters(), None) is not None}
-    extra = sorted(set(layer_indices(folder)) - set(expected))
+    extra = sorted(set(layer_indices(folder)) - set(expected)) if only is None else []
+    if only is not None:
+        expected = {i: layer for i, layer in expected.items() if i in only}
     if extra:
         raise CheckpointError(f"{layer_file(folder, extra[0])}: the model has no layer {extra[0]} with weights "
                               "(it has fewer layers, or ties its head to the embedding); the checkpoint is of a "

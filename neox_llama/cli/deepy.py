@@ -52,6 +52,20 @@ def parse_args(argv: list[str]) -> tuple[str, list[str], list[str], bool, bool]:
     return script, files, overrides, dry_run, force
 
 
+def _neox_hints(files: list[str], problems: list[str]) -> list[str]:
+    """A line per config file that looks like GPT-NeoX's, saying how to translate it (before its unknown keys)."""
+    if not any("unknown key" in p for p in problems):
+        return []
+    from neox_llama.config.neox_translate import looks_like_neox
+
+    found = {file: keys for file in files if (keys := looks_like_neox(Path(file)))}
+    if not found:
+        return []
+    which = "; ".join(f"{file} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})" for file, keys in found.items())
+    return [f"this looks like a GPT-NeoX config: {which}; translate it first with "
+            f"python tools/convert_neox_config.py {' '.join(found)} --output ours.yml (see docs/from_gpt_neox.md)"]
+
+
 def _usage_error(message: str) -> None:
     """A command-line mistake: the message on stderr, exit status 2 (as for config errors)."""
     print(message, file=sys.stderr)
@@ -136,6 +150,7 @@ def main(argv: list[str]) -> int:
             for line in memory if force else []:
                 print(f"deepy.py: warning: {line} (--force: starting anyway)", file=sys.stderr)
     if problems:
+        problems = _neox_hints(files, problems) + problems
         for line in problems:
             print(f"deepy.py: error: {line}", file=sys.stderr)
         print(f"deepy.py: {len(problems)} problem(s) in the config; nothing was started", file=sys.stderr)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from neox_llama.checkpoint.metadata import Layout, Metadata, write_metadata
 from neox_llama.checkpoint.paths import BEST, LATEST, METADATA, CheckpointError, layer_file, tag_for
-from neox_llama.checkpoint.weights import fill_layers, layers_with_weights, write_layer_file
+from neox_llama.checkpoint.weights import check_shapes, fill_layers, layers_with_weights, write_layer_file
 from neox_llama.config.loading import dump_raw
 from neox_llama.config.schema import Config
 from neox_llama.distributed import agree
@@ -223,6 +223,17 @@ def check_engine_files(folder: Path) -> None:
         except (zipfile.BadZipFile, OSError) as err:
             raise CheckpointError(f"{path}: unreadable engine state ({err}); the checkpoint is damaged, resume "
                                   "from an earlier global_stepN or fine-tune from its weights") from None
+
+
+def check_resume_files(module: torch.nn.Module, state: ParallelState, folder: Path, args: LlamaArgs) -> None:
+    """Before DeepSpeed loads its state: this rank's layers' weight shapes (safetensors headers) and the engine
+    files, each failure naming its file; the outcome is shared, so every rank stops with it."""
+
+    def check() -> None:
+        check_shapes(folder, args, only=set(rank_layers(module, state)))
+        check_engine_files(folder)
+
+    agree(check)
 
 
 def restore_engine_state(engine, folder: Path) -> None:

@@ -14,7 +14,6 @@ import torch.distributed as dist
 
 from neox_llama.checkpoint.metadata import Metadata, read_metadata
 from neox_llama.checkpoint.paths import BEST, LATEST, METADATA, CheckpointError, resolve_checkpoint
-from neox_llama.checkpoint.weights import check_shapes
 from neox_llama.config.schema import Config
 from neox_llama.data.loader import build_datasets, build_loader
 from neox_llama.distributed import RankInfo, agree
@@ -55,14 +54,12 @@ class Trainer:
         # Every rank looks for itself (nodes need not share a filesystem) and all must find the same checkpoint.
         load_folder, meta = agree(self._find_checkpoint, same_result="the checkpoint to load (load)")
         weights_only = load_folder is not None and (cfg.finetune or not ckpt.same_layout(meta, cfg))
-        if load_folder is not None:  # one clear error naming the file, before any engine reads it
-            agree(lambda: check_shapes(load_folder, self.args))
-            if not weights_only:
-                agree(lambda: ckpt.check_engine_files(load_folder))
 
         def prepare(module):
             if weights_only:
                 ckpt.load_layer_weights(module, self.state, load_folder, self.args)
+            elif load_folder is not None:  # one clear error naming the file, before DeepSpeed reads its state
+                ckpt.check_resume_files(module, self.state, load_folder, self.args)
 
         self.runner = setup_engine(cfg, self.args, self.state, accelerator, prepare_module=prepare, with_schedule=True)
         self.engine = self.runner.engine

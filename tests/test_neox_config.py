@@ -1,0 +1,285 @@
+"""Coming from GPT-NeoX: its Llama-2 config files translate to ours exactly, with a report of every key.
+
+The GPT-NeoX files below are copied verbatim from EleutherAI/gpt-neox (configs/llama2/{7B,13B,70B}.yml and
+configs/llama/train_config.yml at commit ea7aefd8; Apache-2.0), comments and trailing commas included.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import pytest
+from helpers.runner import ROOT, run
+
+from neox_llama.config.loading import build_config, load_raw
+from neox_llama.config.neox_translate import mlp_width
+
+NEOX = {
+    "7B.yml": """{
+  "pipe_parallel_size": 1,
+  "model_parallel_size": 1,
+  "make_vocab_size_divisible_by": 1,
+
+  # model settings
+  "num_layers": 32,
+  "hidden_size": 4096,
+  "intermediate_size": 32768,
+  "num_attention_heads": 32,
+  "seq_length": 4096,
+  "max_position_embeddings": 4096,
+  "pos_emb": "rotary",
+  "rotary_pct": 1,
+  "no_weight_tying": true,
+  "gpt_j_residual": false,
+  "output_layer_parallelism": "column",
+  "norm": "rmsnorm",
+  "rms_norm_epsilon": 1.0e-5,
+
+  "scaled_upper_triang_masked_softmax_fusion": true,
+  "bias_gelu_fusion": false,
+  "use_bias_in_norms": false,
+  "use_bias_in_attn_linear": false,
+  "activation": "swiglu",
+  "mlp_multiple_of": 256,
+}
+""",
+    "13B.yml": """{
+  "pipe_parallel_size": 1,
+  "model_parallel_size": 2,
+  "make_vocab_size_divisible_by": 1,
+
+  # model settings
+  "num_layers": 40,
+  "hidden_size": 5120,
+  "intermediate_size": 41472,
+  "num_attention_heads": 40,
+  "seq_length": 4096,
+  "max_position_embeddings": 4096,
+  "pos_emb": "rotary",
+  "rotary_pct": 1,
+  "no_weight_tying": true,
+  "gpt_j_residual": false,
+  "output_layer_parallelism": "column",
+  "norm": "rmsnorm",
+  "rms_norm_epsilon": 1.0e-5,
+
+  "scaled_upper_triang_masked_softmax_fusion": true,
+  "bias_gelu_fusion": false,
+  "use_bias_in_norms": false,
+  "use_bias_in_attn_linear": false,
+  "activation": "swiglu",
+  "mlp_multiple_of": 256,
+}
+""",
+    "70B.yml": """{
+  "pipe_parallel_size": 1,
+  "model_parallel_size": 1,
+  "make_vocab_size_divisible_by": 1,
+
+  # model settings
+  "num_layers": 80,
+  "hidden_size": 8192,
+  "intermediate_size": 86016,
+  "num_attention_heads": 64,
+  "num_kv_heads": 8,
+  "seq_length": 4096,
+  "max_position_embeddings": 4096,
+  "pos_emb": "rotary",
+  "rotary_pct": 1,
+  "rotary_emb_base": 1000000,
+  "no_weight_tying": true,
+  "gpt_j_residual": false,
+  "output_layer_parallelism": "column",
+  "norm": "rmsnorm",
+  "rms_norm_epsilon": 1.0e-5,
+
+  "attention_config": [[["flash"], 80]],
+
+  "scaled_upper_triang_masked_softmax_fusion": true,
+  "bias_gelu_fusion": false,
+  "use_bias_in_norms": false,
+  "use_bias_in_attn_linear": false,
+  "activation": "swiglu",
+  "mlp_multiple_of": 256,
+}
+""",
+    "train_config.yml": """{
+  # finetuning option
+  "finetune": true,
+
+  # init methods
+  "init_method": "small_init",
+  "output_layer_init_method": "wang_init",
+
+  # optimizer settings
+  "optimizer": {
+    "type": "Adam",
+    "params": {
+     "lr": 0.0002,
+     "betas": [0.9, 0.95],
+     "eps":  1.0e-8,
+    }
+  },
+  "min_lr": 0.00002,
+  "override_lr_scheduler": true,
+
+  # for all zero_optimization options, see https://www.deepspeed.ai/docs/config-json/#zero-optimizations-for-fp16-training
+   "zero_optimization": {
+   "stage": 1,
+   "allgather_partitions": True,
+   "allgather_bucket_size": 500000000,
+   "overlap_comm": True,
+   "reduce_scatter": True,
+   "reduce_bucket_size": 500000000,
+   "contiguous_gradients": True,
+  },
+
+  # batch / data settings
+  "train_micro_batch_size_per_gpu": 4,
+  "data_impl": "mmap",
+
+  # activation checkpointing
+  "checkpoint_activations": true,
+  "checkpoint_num_layers": 1,
+  "partition_activations": true,
+  "synchronize_each_layer": true,
+
+  # regularization
+  "gradient_clipping": 1.0,
+  "weight_decay": 0.1,
+  "hidden_dropout": 0,
+  "attention_dropout": 0,
+
+  # precision settings
+  "fp16": {
+    "fp16": true,
+    "enabled": true,
+    "loss_scale": 0,
+    "loss_scale_window": 1000,
+    "hysteresis": 2,
+    "min_loss_scale": 1
+  },
+
+  # misc. training settings
+  "train_iters": 320000,
+  "lr_decay_iters": 320000,
+  "distributed_backend": "nccl",
+  "lr_decay_style": "cosine",
+  "warmup": 0.01,
+  "checkpoint_factor": 10000,
+  "eval_interval": 1000,
+  "eval_iters": 10,
+
+  # logging
+  "log_interval": 100,
+  "steps_per_print": 10,
+  "keep_last_n_checkpoints": 4,
+  "wall_clock_breakdown": true,
+
+}
+""",
+}
+
+OFFICIAL = {"7B.yml": 6_738_415_616, "13B.yml": 13_015_864_320, "70B.yml": 68_976_648_192}
+"""Hugging Face parameter counts of meta-llama/Llama-2-{7b,13b,70b}-hf."""
+
+
+def write(tmp_path, name, text=None):
+    path = tmp_path / name
+    path.write_text(NEOX[name] if text is None else text)
+    return path
+
+
+def convert(*args, cwd=None):
+    return run([sys.executable, str(ROOT / "tools" / "convert_neox_config.py"), *map(str, args)], cwd=cwd or ROOT)
+
+
+def dry_run_parameters(config) -> int:
+    proc = run([sys.executable, str(ROOT / "deepy.py"), "train.py", str(config), "--dry-run"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return int(re.search(r"parameters: ([\d,]+) total", proc.stdout).group(1).replace(",", ""))
+
+
+def test_gpt_neox_mlp_rule_gives_metas_widths():
+    assert mlp_width(4096, "swiglu", 32768, None, 256) == 11008
+    assert mlp_width(5120, "swiglu", 41472, None, 256) == 13824
+    assert mlp_width(8192, "swiglu", 86016, None, 256) == 28672
+    assert mlp_width(1024, "gelu", None, None, 1) == 4096
+    assert mlp_width(1024, "swiglu", None, 2.0, 1) == 682  # int(2048 x 2/3) = 1365 -> 682
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_llama2_model_files_translate_to_the_official_parameter_counts(tmp_path, name):
+    model = write(tmp_path, name)
+    meta = write(tmp_path, "meta.yml", "{ use_bias_in_mlp: false }")  # Meta's Llama has no MLP biases
+    proc = convert(model, meta, "--vocab-size", "32000", "--output", tmp_path / "ours.yml")
+    assert proc.returncode == 0, proc.stderr
+    assert dry_run_parameters(tmp_path / "ours.yml") == OFFICIAL[name]
+    assert "same shape as the preset Llama-2-" in proc.stdout
+    # Without it, GPT-NeoX's default (use_bias_in_mlp: true) gives every MLP projection a bias: said, and counted.
+    proc = convert(model, "--vocab-size", "32000", "--output", tmp_path / "neox.yml")
+    assert proc.returncode == 0 and "use_bias_in_mlp is not set, so GPT-NeoX gives every MLP projection a bias" in proc.stdout
+    text = (tmp_path / "neox.yml").read_text()
+    assert "use_bias_in_mlp: true  # GPT-NeoX default use_bias_in_mlp: True" in text
+    layers = int(re.search(r"num_layers: (\d+)", text).group(1))
+    hidden = int(re.search(r"hidden_size: (\d+)", text).group(1))
+    width = int(re.search(r"intermediate_size: (\d+)", text).group(1))
+    assert dry_run_parameters(tmp_path / "neox.yml") == OFFICIAL[name] + layers * (2 * width + hidden)
+
+
+def test_every_line_says_where_it_came_from_and_our_loader_reads_it_back(tmp_path):
+    proc = convert(write(tmp_path, "7B.yml"), "--vocab-size", "32000", "--output", tmp_path / "ours.yml")
+    assert proc.returncode == 0, proc.stderr
+    lines = [x for x in (tmp_path / "ours.yml").read_text().splitlines() if not x.startswith("#")]
+    assert all("  # " in line for line in lines)
+    assert "intermediate_size: 11008  # 7B.yml: intermediate_size, 7B.yml: mlp_multiple_of, 7B.yml: activation (GPT-NeoX's MLP rule)" in lines
+    problems: list[str] = []
+    build_config(*load_raw([tmp_path / "ours.yml"], apply_presets=False), problems=problems)
+    assert problems == []  # no unknown key, no wrong type
+
+
+def test_hyphenated_and_underscored_spellings_give_the_same_output(tmp_path):
+    text = NEOX["7B.yml"]
+    hyphens = re.sub(r'"([a-z_]+)":', lambda m: '"' + m.group(1).replace("_", "-") + '":', text)
+    assert "num-layers" in hyphens
+    convert(write(tmp_path, "7B.yml"), "--vocab-size", "32000", "--output", tmp_path / "a.yml")
+    (tmp_path / "h").mkdir()
+    proc = convert(write(tmp_path / "h", "7B.yml", hyphens), "--vocab-size", "32000", "--output", tmp_path / "b.yml")
+    assert proc.returncode == 0, proc.stderr
+    body = lambda p: re.sub(r"#.*", "", p.read_text()).replace("-", "_")  # noqa: E731  (comments name the spelling)
+    assert body(tmp_path / "a.yml") == body(tmp_path / "b.yml")
+
+
+def test_the_train_config_report_has_all_three_groups_and_stops_on_keys_without_an_equivalent(tmp_path):
+    model, train = write(tmp_path, "70B.yml"), write(tmp_path, "train_config.yml")
+    proc = convert(model, train, "--vocab-size", "32000", "--output", tmp_path / "ours.yml")
+    assert proc.returncode == 2 and not (tmp_path / "ours.yml").exists()
+    for group in ("translated (", "dropped: neox_llama chooses these itself (", "no equivalent ("):
+        assert group in proc.stdout
+    for line in ("train_config.yml: fp16 -> precision: 'fp16'", "train_config.yml: optimizer, train_config.yml: "
+                 "weight_decay -> optimizer: {'type': 'AdamW'", "70B.yml: bias_gelu_fusion: no fused kernels",
+                 "train_config.yml: partition_activations: no equivalent", "train_config.yml: init_method: "
+                 "initialisation small_init has no equivalent"):
+        assert line in proc.stdout, line
+    assert "rotary_emb_base: 1000000.0 here, 10000.0 in Llama-2-70b-hf" in proc.stdout  # GPT-NeoX's 70B differs
+    assert "pass --drop-unsupported" in proc.stderr and "nothing was written" in proc.stderr
+    proc = convert(model, train, "--vocab-size", "32000", "--output", tmp_path / "ours.yml", "--drop-unsupported")
+    assert proc.returncode == 0 and "dropped 3 key(s) without an equivalent" in proc.stdout, proc.stderr
+
+
+def test_an_unknown_key_and_a_key_set_twice_are_refused(tmp_path):
+    odd = write(tmp_path, "odd.yml", '{ "num_layers": 2, "not_a_key_anywhere": 1 }')
+    proc = convert(odd, "--output", tmp_path / "o.yml")
+    assert proc.returncode == 2 and "odd.yml: not_a_key_anywhere: unknown key" in proc.stdout
+    again = write(tmp_path, "again.yml", '{ "num-layers": 3 }')
+    proc = convert(odd, again, "--output", tmp_path / "o.yml")
+    assert proc.returncode == 2 and "again.yml: num-layers is also set in odd.yml: num_layers" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o.yml").exists()
+
+
+def test_deepy_recognises_a_gpt_neox_file_and_names_the_command(tmp_path):
+    proc = run([sys.executable, str(ROOT / "deepy.py"), "train.py", str(write(tmp_path, "7B.yml")), "--dry-run"])
+    assert proc.returncode == 2
+    first = proc.stderr.splitlines()[0]
+    assert "this looks like a GPT-NeoX config" in first and "python tools/convert_neox_config.py" in first
