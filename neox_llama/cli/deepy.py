@@ -141,8 +141,10 @@ def main(argv: list[str]) -> int:
 
         vocab = cfg.vocab_size or tokenizer_vocab
         checks = preflight.check_datasets(cfg, vocab) + preflight.check_resume_target(cfg)
-        memory = preflight.check_host_memory(cfg, plan.ranks_per_node) if accelerator == "cpu" else []
-        if dry_run:  # a plan for the target cluster: warn, never refuse
+        # This machine's RAM and files stand for the ranks' only when they run here (not on a hostfile's nodes).
+        memory = preflight.check_host_memory(cfg, plan.ranks_per_node) \
+            if accelerator == "cpu" and not plan.multi_node else []
+        if dry_run or plan.multi_node:  # a plan for the target cluster, or files on other machines: warn only
             for line in checks + memory:
                 print(f"deepy.py: warning: {line}", file=sys.stderr)
         else:
