@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -72,8 +73,32 @@ def init_distributed(accelerator: str, timeout_minutes: float = 10.0) -> RankInf
         device = torch.device("cpu")
     deepspeed.init_distributed(dist_backend=BACKENDS[accelerator], timeout=timedelta(minutes=timeout_minutes))
     info = RankInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
+    if accelerator == "cpu" and info.world_size > 1:
+        _release_shm_buffer(info.rank)
     logger.debug("joined process group: rank %d of %d on %s", info.rank, info.world_size, device)
     return info
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def shm_buffer_name(rank: int) -> str:
+    """The shared-memory segment DeepSpeed's CPU backend creates per rank (csrc/cpu/comm/shm.cpp)."""
+    return f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_{rank}"
+
+
+def _release_shm_buffer(rank: int) -> None:
+    """Unlink this rank's DeepSpeed shared-memory segment once every rank has mapped every other's.
+
+    DeepSpeed 0.19 never unlinks it (its shared_close is never called), so every multi-rank CPU run leaves
+    ~130 MB per rank in /dev/shm until the machine fills up and runs hang or are killed. The mappings stay
+    valid after the unlink; the memory is freed when the ranks exit.
+    """
+    dist.barrier()  # deepspeed.init_distributed maps the peers' segments before returning: all are mapped now
+    try:
+        (SHM_DIR / shm_buffer_name(rank)).unlink()
+    except FileNotFoundError:
+        pass  # not created (ranks on several nodes) or another DeepSpeed version
 
 
 def shutdown_distributed() -> None:

@@ -50,13 +50,17 @@ def check_resume_target(cfg: Config) -> list[str]:
     """When ``load`` holds a checkpoint, its weights fit the model this config builds."""
     if not cfg.load:
         return []
-    from neox_llama.checkpoint.paths import CheckpointError, resolve_checkpoint
+    from pathlib import Path
+
+    from neox_llama.checkpoint.paths import LATEST, METADATA, CheckpointError, resolve_checkpoint
     from neox_llama.checkpoint.weights import check_shapes
     from neox_llama.model.args import LlamaArgs
 
     try:
         folder = resolve_checkpoint(cfg.load)
-    except CheckpointError:
+    except CheckpointError as err:
+        if Path(cfg.load, LATEST).exists() or Path(cfg.load, METADATA).exists():  # not ours, or incomplete
+            return [f"{cfg.sources.get('load', 'default')}: load: {err}"]
         return []  # nothing saved yet (a fresh run); finetune without a checkpoint is reported elsewhere
     try:
         check_shapes(folder, LlamaArgs.from_config(cfg))

@@ -72,6 +72,9 @@ def _launch(tmp_path: Path, *extra: str):
 @pytest.mark.dist
 def test_two_ranks_through_the_deepspeed_launcher(tmp_path):
     proc, log_dir = _launch(tmp_path, "num_gpus=2")
+    port = next(a.split("=")[1] for a in proc.args if a.startswith("master_port="))
+    leaked = [p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")]
+    assert not leaked, leaked  # DeepSpeed's CPU shared-memory segments are released, not left in /dev/shm
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
     assert "deepspeed.launcher.runner" in output and "--num_gpus 2" in output

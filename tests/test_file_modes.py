@@ -25,20 +25,21 @@ def _modes(folder):
     return out
 
 
-def test_checkpoint_config_and_export_are_0644_and_0755_under_umask_022(tmp_path):
+@pytest.mark.parametrize(("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_checkpoint_config_and_export_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
     corpus = write_corpus(tmp_path / "chain")
     run = tmp_path / "run"
 
-    def umask_022():
-        os.umask(0o022)
+    def with_umask():
+        os.umask(umask)
 
     train = [sys.executable, str(ROOT / "deepy.py"), "train.py", "configs/llama3/tiny.yml", *BASE, f"data_path={corpus}",
              f"save={run / 'ck'}", f"log_dir={run / 'logs'}", "train_iters=1", f"master_port={free_port()}"]
-    proc = subprocess.run(train, cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=umask_022)
+    proc = subprocess.run(train, cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=with_umask)
     assert proc.returncode == 0, proc.stderr[-3000:]
     export = [sys.executable, str(ROOT / "tools" / "convert_to_hf.py"), "--checkpoint", str(run / "ck"),
               "--output", str(tmp_path / "hf")]
-    proc = subprocess.run(export, capture_output=True, text=True, timeout=300, preexec_fn=umask_022)
+    proc = subprocess.run(export, capture_output=True, text=True, timeout=300, preexec_fn=with_umask)
     assert proc.returncode == 0, proc.stderr[-3000:]
     modes = {**{f"ck/{k}": v for k, v in _modes(run / "ck").items()},
              **{f"logs/{k}": v for k, v in _modes(run / "logs").items()},
@@ -48,5 +49,5 @@ def test_checkpoint_config_and_export_are_0644_and_0755_under_umask_022(tmp_path
                  "hf/model.safetensors"):
         assert must in modes, must
     dirs = {p for p in modes if (run / p).is_dir() or (tmp_path / p).is_dir()}
-    wrong = {p: oct(m) for p, m in modes.items() if m != (0o755 if p in dirs else 0o644) and not p.endswith(".py")}
+    wrong = {p: oct(m) for p, m in modes.items() if m != (dir_mode if p in dirs else file_mode) and not p.endswith(".py")}
     assert not wrong, wrong

@@ -12,7 +12,7 @@ import sys
 import pytest
 from helpers.runner import ROOT, run
 
-from neox_llama.config.loading import build_config, load_raw
+from neox_llama.config.loading import ConfigError, build_config, load_raw
 from neox_llama.config.neox_translate import mlp_width
 
 NEOX = {
@@ -206,7 +206,8 @@ def test_gpt_neox_mlp_rule_gives_metas_widths():
     assert mlp_width(5120, "swiglu", 41472, None, 256) == 13824
     assert mlp_width(8192, "swiglu", 86016, None, 256) == 28672
     assert mlp_width(1024, "gelu", None, None, 1) == 4096
-    assert mlp_width(1024, "swiglu", None, 2.0, 1) == 682  # int(2048 x 2/3) = 1365 -> 682
+    with pytest.raises(ConfigError, match="do not fit together"):  # 1365 -> 1366 and 682: GPT-NeoX fails too
+        mlp_width(1024, "swiglu", None, 2.0, 1)
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
@@ -257,8 +258,8 @@ def test_the_train_config_report_has_all_three_groups_and_stops_on_keys_without_
     assert proc.returncode == 2 and not (tmp_path / "ours.yml").exists()
     for group in ("translated (", "dropped: neox_llama chooses these itself (", "no equivalent ("):
         assert group in proc.stdout
-    for line in ("train_config.yml: fp16 -> precision: 'fp16'", "train_config.yml: optimizer, train_config.yml: "
-                 "weight_decay -> optimizer: {'type': 'AdamW'", "70B.yml: bias_gelu_fusion: no fused kernels",
+    for line in ("train_config.yml: fp16 -> precision: 'fp16'", "train_config.yml: optimizer, train_config.yml: weight_decay "
+                 "(GPT-NeoX's defaults for what they leave out) -> optimizer: {'type': 'AdamW'", "70B.yml: bias_gelu_fusion: no fused kernels",
                  "train_config.yml: partition_activations: no equivalent", "train_config.yml: init_method: "
                  "initialisation small_init has no equivalent"):
         assert line in proc.stdout, line

@@ -31,7 +31,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--force", action="store_true", help="replace an existing --output file")
     args = parser.parse_args(argv)
 
-    from neox_llama.config.loading import build_config, load_raw
     from neox_llama.config.neox_translate import preset_check, render_yaml, translate
     from neox_llama.utils.files import atomic_write_text
 
@@ -58,14 +57,29 @@ def main(argv: list[str]) -> int:
               f"pass --drop-unsupported to translate without them; nothing was written", file=sys.stderr)
         return 2
     text = render_yaml(result, files)
+    problems = _read_back(text)  # our own loader must accept it, before anything is written
+    if problems:
+        for line in problems:
+            print(f"convert_neox_config.py: error: the translation does not validate: {line}", file=sys.stderr)
+        return 2
     atomic_write_text(output, text)
-    problems: list[str] = []
-    build_config(*load_raw([output], apply_presets=False), problems=problems)  # our own loader reads it back
-    for line in problems:
-        print(f"convert_neox_config.py: warning: {line}", file=sys.stderr)
     print(f"wrote {output}" + (f" (dropped {len(result.unsupported)} key(s) without an equivalent)"
                                if result.unsupported else ""))
     return 0
+
+
+def _read_back(text: str) -> list[str]:
+    """Problems our loader finds in the translated text (unknown keys, types, ranges)."""
+    import tempfile
+
+    from neox_llama.config.loading import build_config, load_raw
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "translated.yml"
+        path.write_text(text, encoding="utf-8")
+        problems: list[str] = []
+        build_config(*load_raw([path], apply_presets=False), problems=problems)
+    return [p.replace(str(path), "translated config") for p in problems]
 
 
 def console_main() -> int:

@@ -116,12 +116,19 @@ def mlp_width(hidden: int, activation: str, intermediate: int | None, expansion:
     for the fused gate+up projection and half of that for the down projection's input, rounded up to
     mlp_multiple_of; that input width is the SwiGLU width (11008 for 32768 with multiple 256).
     """
+    if not isinstance(multiple, int) or multiple < 1:
+        raise ConfigError([f"mlp_multiple_of: expected a positive integer, got {multiple!r}"])
     ffn = intermediate or (int(expansion * hidden) if expansion else 4 * hidden)
     inner = ffn
     if activation in GATED:
         ffn = int(ffn * 2 / 3)
         inner = ffn // 2
-    return _round_up(inner, multiple)
+    first, second = _round_up(ffn, 2 * multiple), _round_up(inner, multiple)
+    if first != (2 * second if activation in GATED else second):
+        raise ConfigError([f"intermediate_size/expansion_factor with mlp_multiple_of {multiple}: GPT-NeoX would build "
+                           f"a first MLP projection of {first} and a second of input {second}, which do not fit "
+                           "together (it fails on this config too); choose a width that does"])
+    return second
 
 
 def translate(files: list[Path], vocab_size: int | None = None) -> Translation:
@@ -130,6 +137,7 @@ def translate(files: list[Path], vocab_size: int | None = None) -> Translation:
     out = Translation()
     value = {k: v for k, (v, _) in raw.items()}
     where = {k: src for k, (_, src) in raw.items()}
+    _check_types(value, where)
 
     def get(key: str) -> Any:
         return value.get(key, NEOX_DEFAULTS.get(key))
@@ -159,13 +167,10 @@ def translate(files: list[Path], vocab_size: int | None = None) -> Translation:
     if "use_bias_in_mlp" not in value:
         out.notes.append("use_bias_in_mlp is not set, so GPT-NeoX gives every MLP projection a bias (its default "
                          "true); Meta's Llama has none: add use_bias_in_mlp: false to match it")
-    norm, norm_bias = get("norm"), get("use_bias_in_norms")
     handled |= {"use_bias_in_norms", "rotary_emb_base"}
-    if (norm == "rmsnorm" and norm_bias) or (norm == "layernorm" and not norm_bias):
-        out.unsupported.append(f"{origin('use_bias_in_norms')}: {norm} {'with' if norm_bias else 'without'} a bias "
-                               "(here RMSNorm has none and LayerNorm has one)")
-    else:
-        out.automatic.append(f"{origin('use_bias_in_norms')}: the norm's bias follows the norm type here")
+    if "use_bias_in_norms" in value:  # GPT-NeoX's models never read it: RMSNorm has no bias, LayerNorm has one
+        out.automatic.append(f"{where['use_bias_in_norms']}: unused by GPT-NeoX's models (RMSNorm has no bias, "
+                             "LayerNorm one), as here")
     if get("pos_emb") == "rotary":
         out.set("rotary_emb_base", float(get("rotary_emb_base")), origin("rotary_emb_base"))
     _precision(value, where, out, handled)
@@ -177,7 +182,9 @@ def translate(files: list[Path], vocab_size: int | None = None) -> Translation:
             out.unsupported.append(f"{origin(key)}: no {style} schedule here (linear, cosine, constant)")
         else:
             out.set(key, style, origin(key))
-    if "zero_optimization" in value:
+    if "zero_optimization" not in value:
+        out.set("zero_optimization", {"stage": 0}, "GPT-NeoX default: no zero_optimization block (stage 0)")
+    else:
         handled.add("zero_optimization")
         zero = value["zero_optimization"] or {}
         kept = {k: v for k, v in zero.items() if k in ZERO_KEYS}
@@ -207,6 +214,35 @@ def translate(files: list[Path], vocab_size: int | None = None) -> Translation:
                                                else "sequential residual, as ours"))
     if vocab_size is not None:
         out.set("vocab_size", vocab_size, "--vocab-size")
+    for kind in ("train", "valid", "test"):  # GPT-NeoX blends listed datasets equally unless weighted
+        if value.get(f"{kind}_data_paths") and f"{kind}_data_weights" not in value:
+            out.set(f"{kind}_data_weights", [1.0] * len(value[f"{kind}_data_paths"]),
+                    f"GPT-NeoX default: equal weights for {where[f'{kind}_data_paths']}")
+    handled.add("make_vocab_size_divisible_by")
+    multiple = get("make_vocab_size_divisible_by") or 128
+    tp = value.get("model_parallel_size", 1) or 1
+    out.set("make_vocab_size_divisible_by", multiple * tp,
+            origin("make_vocab_size_divisible_by") + (f" x model_parallel_size {tp}" if tp > 1 else "")
+            + " (GPT-NeoX pads to the product)")
+    if get("lr_decay_style") == "linear" and value.get("min_lr"):
+        out.notes.append("lr_decay_style linear: GPT-NeoX decays towards 0 and clips at min_lr, neox_llama decays "
+                         "linearly to min_lr; the rates differ near the end of decay")
+    if value.get("bias_gelu_fusion") and get("activation") == "gelu":
+        out.unsupported.append(f"{where['bias_gelu_fusion']}: GPT-NeoX's fused GELU is the tanh approximation; "
+                               "ours is exact")
+        handled.add("bias_gelu_fusion")
+    attention = value.get("attention_config")
+    if attention is not None:
+        handled.add("attention_config")
+        kinds = {k for entry in attention for k in (entry[0] if isinstance(entry, list | tuple) and entry else [])}
+        if kinds - {"global", "flash"}:
+            out.unsupported.append(f"{where['attention_config']}: attention {sorted(kinds - {'global', 'flash'})} "
+                                   "has no equivalent (global attention only)")
+        else:
+            out.automatic.append(f"{where['attention_config']}: {AUTOMATIC['attention_config']}")
+    if value.get("num_nodes") == -1:
+        handled.add("num_nodes")
+        out.automatic.append(f"{where['num_nodes']}: -1 (all nodes) is the default here: left unset")
     for key in sorted(set(value) - handled):
         if key in SAME or (key in OURS and key not in NEOX_KEYS):
             out.set(key, value[key], where[key])
@@ -222,9 +258,32 @@ def translate(files: list[Path], vocab_size: int | None = None) -> Translation:
     return out
 
 
+NUMERIC = {"hidden_size": int, "intermediate_size": int, "expansion_factor": (int, float), "mlp_multiple_of": int,
+           "model_parallel_size": int, "make_vocab_size_divisible_by": int, "rotary_emb_base": (int, float),
+           "weight_decay": (int, float), "lr": (int, float), "min_lr": (int, float)}
+MAPPINGS = ("optimizer", "zero_optimization", "fp16", "bf16")
+
+
+def _check_types(value: dict, where: dict) -> None:
+    """The keys the rules compute with have the types GPT-NeoX requires (the rest are checked by our loader)."""
+    problems = []
+    for key, kind in NUMERIC.items():
+        item = value.get(key)
+        if item is not None and (isinstance(item, bool) or not isinstance(item, kind)):
+            problems.append(f"{where[key]}: expected a number, got {item!r}")
+    for key in MAPPINGS:
+        if value.get(key) is not None and not isinstance(value[key], dict):
+            problems.append(f"{where[key]}: expected a mapping, got {value[key]!r}")
+    if problems:
+        raise ConfigError(problems)
+
+
 def _precision(value: dict, where: dict, out: Translation, handled: set[str]) -> None:
     handled |= {"fp16", "bf16", "precision"}
     fp16, bf16 = value.get("fp16") or {}, value.get("bf16") or {}
+    for key, block in (("fp16", fp16), ("bf16", bf16)):
+        if not isinstance(block, dict):
+            raise ConfigError([f"{where[key]}: expected a mapping like {{enabled: true}}, got {block!r}"])
     if fp16.get("enabled") or value.get("precision") == "fp16":
         src = where.get("fp16") or where["precision"]
         out.set("precision", "fp16", src)
@@ -239,32 +298,38 @@ def _precision(value: dict, where: dict, out: Translation, handled: set[str]) ->
 
 
 def _optimizer(value: dict, where: dict, out: Translation, handled: set[str]) -> None:
-    """GPT-NeoX's "adam" is apex/DeepSpeed FusedAdam, whose default is decoupled decay (AdamW); it decays the
-    embeddings too (only norms and biases are exempt); weight_decay and lr may be top-level keys."""
+    """GPT-NeoX's "adam" is apex/DeepSpeed FusedAdam (and "cpu_adam"/"cpu_torch_adam" DeepSpeedCPUAdam), whose default
+    is decoupled decay (AdamW); GPT-NeoX fills missing params with lr 0.001, betas (0.9, 0.999), eps 1e-8, always
+    takes lr from the optimizer block (a top-level lr is overwritten), passes the top-level weight_decay (default
+    0.1), and decays the embeddings too (only norms and biases are exempt)."""
     handled |= {"optimizer", "weight_decay", "lr"}
     optimizer = value.get("optimizer") or {}
+    src = where.get("optimizer", "GPT-NeoX default optimizer: Adam")
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("params", {}) or {}, dict):
+        raise ConfigError([f"{src}: expected a mapping like {{type: Adam, params: {{lr: ...}}}}, got {optimizer!r}"])
     params = dict(optimizer.get("params") or {})
     kind = str(optimizer.get("type", "adam")).lower()
     ours: dict[str, Any] = {}
-    src = where.get("optimizer", "GPT-NeoX default optimizer: adam")
-    if kind in ("adam", "cpu_adam"):
-        ours["type"] = "Adam" if params.pop("adam_w_mode", True) is False else "AdamW"
-    elif kind == "cpu_torch_adam":
-        ours["type"] = "Adam"  # torch.optim.Adam: L2 decay
+    if kind in ("adam", "cpu_adam", "cpu_torch_adam"):
+        decoupled = params.pop("adam_w_mode", params.pop("adamw_mode", True))
+        ours["type"] = "AdamW" if decoupled is not False else "Adam"
     else:
         out.unsupported.append(f"{src}: optimizer {optimizer.get('type')} has no equivalent (Adam/AdamW only)")
         return
-    for key in ("lr", "weight_decay"):
-        if key in value:
-            params[key] = value[key]
-    kept = {k: v for k, v in params.items() if k in ("lr", "betas", "eps", "weight_decay")}
-    for key in sorted(set(params) - set(kept)):
+    if "lr" in value:
+        out.automatic.append(f"{where['lr']}: GPT-NeoX overwrites a top-level lr with the optimizer's (params.lr)")
+    if "weight_decay" in params:
+        out.unsupported.append(f"{src}.params.weight_decay: GPT-NeoX takes weight decay from the top-level "
+                               "weight_decay key (both given is an error there)")
+        params.pop("weight_decay")
+    kept = {"lr": params.pop("lr", 0.001), "betas": params.pop("betas", [0.9, 0.999]), "eps": params.pop("eps", 1.0e-8),
+            "weight_decay": value.get("weight_decay", 0.1)}
+    for key in sorted(params):
         out.unsupported.append(f"{src}.params.{key}: no equivalent optimizer parameter here")
     ours["params"] = kept
-    out.set("optimizer", ours, ", ".join(where[k] for k in ("optimizer", "lr", "weight_decay") if k in where)
-            or src)
+    out.set("optimizer", ours, ", ".join(where[k] for k in ("optimizer", "weight_decay") if k in where)
+            + " (GPT-NeoX's defaults for what they leave out)")
     out.set("weight_decay_embeddings", True, "GPT-NeoX decays every weight but norms and biases")
-
 
 PRESET_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "intermediate_size")
 COMPARED = ("rotary_emb_base", "rms_norm_epsilon", "seq_length", "max_position_embeddings", "norm", "pos_emb",

@@ -73,7 +73,7 @@ def write_tokenizer_files(tokenizer: Tokenizer, output: Path) -> dict:
         _llama3_tokenizer_json(source, tokenizer).save(str(output / "tokenizer.json"))
     else:
         shutil.copyfile(source, output / "tokenizer.json")
-    if tokenizer.starts_with_bos:
+    if tokenizer.starts_with_bos and tokenizer.name != "HFTokenizer":  # a tokenizer.json keeps its own post-processor
         _add_bos_post_processor(output / "tokenizer.json", tokenizer)
     id_to_token = {i: t for t, i in tokenizer.special_tokens.items()}
     bos = id_to_token.get(tokenizer.bos_id) if tokenizer.bos_id is not None else None

@@ -6,8 +6,6 @@ extracts the member and returns its path.
 
 from __future__ import annotations
 
-from neox_llama.errors import NeoxLlamaError
-
 import shutil
 import subprocess
 import sys
@@ -15,6 +13,8 @@ import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from neox_llama.errors import NeoxLlamaError
 
 
 class AssetError(NeoxLlamaError):

@@ -9,13 +9,15 @@ document starts, with the total number of sequences last). Dtype codes: 1 u8, 2 
 
 from __future__ import annotations
 
-from neox_llama.errors import NeoxLlamaError
-
+import json
 import os
 import struct
 from pathlib import Path
 
 import numpy as np
+
+from neox_llama.errors import NeoxLlamaError
+from neox_llama.utils.files import atomic_write_text
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -162,11 +164,25 @@ class IndexedDataset:
         return self.get(index)
 
     def max_token_id(self, chunk: int = 1 << 26) -> int | None:
-        """The largest token id in the data (a chunked scan of the memory map; None when empty)."""
+        """The largest token id in the data (None when empty): a chunked scan of the memory map, remembered in
+        ``{prefix}_max_token_id.json`` beside the data (keyed by the .bin's size and time) so launches scan once."""
+        bin_path = data_file(self.prefix)
+        stat = bin_path.stat()
+        key = {"bin_size": stat.st_size, "bin_mtime_ns": stat.st_mtime_ns}
+        cache = Path(f"{self.prefix}_max_token_id.json")
+        try:
+            saved = json.loads(cache.read_text())
+            if {k: saved.get(k) for k in key} == key:
+                return saved["max_token_id"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
         tokens = np.frombuffer(self._data, dtype=self.dtype) if len(self._data) else np.zeros(0, dtype=self.dtype)
-        if tokens.size == 0:
-            return None
-        return int(max(tokens[i:i + chunk].max() for i in range(0, tokens.size, chunk)))
+        top = int(max(tokens[i:i + chunk].max() for i in range(0, tokens.size, chunk))) if tokens.size else None
+        try:
+            atomic_write_text(cache, json.dumps({**key, "max_token_id": top}))
+        except OSError:
+            pass  # a read-only data folder: scan again next time
+        return top
 
     @property
     def num_tokens(self) -> int:

@@ -7,8 +7,6 @@ One dataset is written per JSON key: ``{output_prefix}_{key}_document.{bin,idx}`
 
 from __future__ import annotations
 
-from neox_llama.errors import NeoxLlamaError
-
 import gzip
 import io
 import json
@@ -23,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from neox_llama.errors import NeoxLlamaError
 from neox_llama.data.indexed import IndexedDatasetWriter, token_dtype
 from neox_llama.tokenizers import Tokenizer, build_tokenizer
 

@@ -48,7 +48,8 @@ class Tokenizer(ABC):
     def starts_with_bos(self) -> bool:
         """The start-token policy: documents and prompts begin with BOS (as Meta trains Llama-2 and Llama-3).
 
-        True for the sentencepiece and Llama-3 tokenizers, which define BOS; preprocessing prepends it
+        True for the sentencepiece and Llama-3 tokenizers, which define BOS, and for a tokenizer.json whose own
+        post-processor adds BOS (Meta's Llama-3 ``tokenizer.json``); preprocessing prepends it
         (``--prepend-bos``, the default for them), generation prepends it, and the Hugging Face export's
         tokenizer adds it through a post-processor, so every path encodes a text the same way.
         """

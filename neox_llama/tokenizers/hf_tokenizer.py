@@ -45,6 +45,12 @@ class HFTokenizer(Tokenizer):
         return self._first(EOS_CANDIDATES)
 
     @property
+    def starts_with_bos(self) -> bool:
+        """A tokenizer.json carries its own rule: BOS first when its post-processor adds it (Meta's Llama-3 files do)."""
+        ids = self.tok.encode("", add_special_tokens=True).ids
+        return bool(ids) and self.bos_id is not None and ids[0] == self.bos_id
+
+    @property
     def special_tokens(self) -> dict[str, int]:
         return dict(self._specials)
 

@@ -13,6 +13,14 @@ from pathlib import Path
 
 
 def _umask() -> int:
+    """The process umask, read without changing it where Linux says it (/proc), else by setting it back at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
