@@ -11,3 +11,7 @@ class NeoxLlamaError(Exception):
     """A problem the user can fix; the message names the file, key or field and what would be valid."""
 
     exit_code: int = 2
+
+
+class TrainingError(NeoxLlamaError):
+    """Training cannot go on (non-finite loss, data exhausted, bad checkpoint); the message says what to do."""

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from neox_llama.config.schema import Config
 from neox_llama.config.typecheck import user_fields
-from neox_llama.config.validation import NOT_AVAILABLE_YET
 
 PACKAGE = Path(__file__).resolve().parents[1] / "neox_llama"
 SKIP = {"schema.py", "docs.py"}  # where keys are defined and documented, not read
@@ -17,7 +16,8 @@ DYNAMIC = {
     "model_name": ("config/loading.py", r'mapping\["model_name"\]'),
     **{f"{kind}_data_{what}": ("data/loader.py", r'getattr\(cfg, f"\{name\}_data_(?:paths|weights)"\)')
        for kind in ("train", "valid", "test") for what in ("paths", "weights") if f"{kind}_data_{what}" != "train_data_paths"},
-    **{key: ("config/validation.py", r"for key in NOT_AVAILABLE_YET") for key in NOT_AVAILABLE_YET},
+    **{f"{kind}_label_data_paths": ("data/loader.py", r'getattr\(cfg, f"\{name\}_label_data_paths"\)')
+       for kind in ("train", "valid", "test")},
 }
 """Keys read without attribute access -> (their reader, the line that reads them)."""
 

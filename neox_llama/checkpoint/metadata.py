@@ -25,6 +25,14 @@ class Layout:
 
 
 @dataclass
+class BaseRef:
+    """The checkpoint a fine-tune started from: its folder and fingerprint (see checkpoint/adapter.py)."""
+
+    path: str
+    fingerprint: str
+
+
+@dataclass
 class Metadata:
     """The contents of ``metadata.json``."""
 
@@ -40,7 +48,19 @@ class Metadata:
     tokenizer_files: list[str] = field(default_factory=list)
     precision: str = "fp32"
     converted_from: str | None = None
+    prompt_style: str | None = None
+    """The prompt style instruction data was rendered in (generation and chat default to it)."""
+    base: BaseRef | None = None
+    """A fine-tune's starting checkpoint; for a LoRA checkpoint, the base its adapter applies to."""
+    lora: dict | None = None
+    """A LoRA checkpoint's settings (r, alpha, dropout, targets); its tensors are in adapter/, not weights/."""
+    merged_from: list[dict] | None = None
+    """tools/merge_lora.py: the adapters (path, fingerprint, weight) merged into this checkpoint's weights."""
     format: int = FORMAT_VERSION
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.lora is not None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -59,7 +79,9 @@ def read_metadata(folder: Path) -> Metadata:
     known = {f.name for f in fields(Metadata)}
     try:
         layout = Layout(**data.get("layout", {}))
-        return Metadata(**{k: v for k, v in data.items() if k in known and k != "layout"}, layout=layout)
+        base = BaseRef(**data["base"]) if data.get("base") else None
+        return Metadata(**{k: v for k, v in data.items() if k in known and k not in ("layout", "base")},
+                        layout=layout, base=base)
     except TypeError as err:
         raise CheckpointError(f"{path}: malformed ({err})") from None
 

@@ -175,18 +175,23 @@ class DataArgs:
     reset_position_ids: bool = doc_field(False, "Restart position ids after each end-of-document token.")
     reset_attention_mask: bool = doc_field(False, "Tokens attend only within their own document (needs reset_position_ids).")
     eod_mask_loss: bool = doc_field(False, "No loss at end-of-document positions (no prediction across a document boundary).")
+    train_label_data_paths: list[str] = doc_field([], "Label datasets parallel to train_data_paths (GPT-NeoX's *_label_document: int32 ids, -100 = no loss), e.g. made by preprocess_data.py --instruction.")
+    valid_label_data_paths: list[str] = doc_field([], "Label datasets parallel to valid_data_paths.")
+    test_label_data_paths: list[str] = doc_field([], "Label datasets parallel to test_data_paths.")
 
 
 @dataclass
 class FinetuneArgs:
-    """Fine-tuning on instruction data."""
+    """Fine-tuning: full or LoRA, on instruction data (JSON records) or token data (see docs/finetuning.md)."""
 
-    finetune: bool = doc_field(False, "Load weights only from `load` (fresh optimizer, step 0, new data).")
-    sft_data_path: str | None = doc_field(None, "Not available yet (refused when set). Instruction data (JSON list or JSONL of instruction/input/output records).")
-    sft_valid_data_path: str | None = doc_field(None, "Not available yet (refused when set). Validation instruction data; unset = split off sft_data_path.")
-    val_split_fraction: float = doc_field(0.05, "Not available yet (refused when set). Fraction of sft_data_path held out for validation.", minimum=0.0, maximum=1.0)
-    prompt_style: PromptStyle = doc_field("alpaca", "Not available yet (refused when set). Template that turns a record into a prompt.")
-    mask_prompt: bool = doc_field(True, "Not available yet (refused when set). Train on the response tokens only.")
+    finetune: bool = doc_field(False, "Start from the weights of `load` (fresh optimizer, step 0, new data); re-running the same command resumes from `save` once it holds a checkpoint of this fine-tune.")
+    freeze: list[str] = doc_field([], "Parameters kept fixed and out of the optimizer: embeddings, head, final_norm, norms, attention, mlp, layers.I or layers.I-J (blocks from 0), optionally followed by .attention/.mlp/.norms (e.g. layers.0-11.mlp).")
+    sft_data_path: str | None = doc_field(None, "Instruction data: a JSON list or JSONL of Alpaca records (instruction, optional input, output) or chat records (messages: [{role, content}], roles system/user/assistant); replaces data_path.")
+    sft_valid_data_path: str | None = doc_field(None, "Validation instruction data; unset = val_split_fraction of sft_data_path is held out.")
+    val_split_fraction: float = doc_field(0.05, "Fraction of sft_data_path held out for validation (seeded; at least one record when > 0 and there are 2 or more).", minimum=0.0, maximum=1.0)
+    prompt_style: PromptStyle | None = doc_field(None, "Template that renders records: alpaca, llama2-chat, llama3-chat or plain; unset = alpaca for Alpaca records, the model family's chat style for chat records. Saved with the checkpoint.")
+    mask_prompt: bool = doc_field(True, "Loss on response tokens only (every assistant turn of a chat); LitGPT defaults to false (loss on the prompt too).")
+    sft_packing: bool = doc_field(False, "Pack whole records into each seq_length sample (positions restart, attention stays within a record); false = one record per sample, padded.")
 
 
 @dataclass
@@ -238,12 +243,12 @@ class LauncherArgs:
 
 @dataclass
 class LoraArgs:
-    """Low-rank adaptation for fine-tuning."""
+    """Low-rank adaptation (LoRA): the base is frozen; each targeted matrix W gains (lora_alpha / lora_r) x B A."""
 
-    lora_r: int = doc_field(0, "Not available yet (refused when set). LoRA rank; 0 = off.", minimum=0)
-    lora_alpha: float = doc_field(16.0, "Not available yet (refused when set). LoRA scaling numerator (update scaled by alpha / r).", minimum=0.0)
-    lora_dropout: float = doc_field(0.05, "Not available yet (refused when set). Dropout on the LoRA input.", minimum=0.0, maximum=1.0)
-    lora_targets: list[LoraTarget] = doc_field(["query", "value"], "Not available yet (refused when set). Layers that get adapters.")
+    lora_r: int = doc_field(0, "LoRA rank; 0 = off (full fine-tuning). Needs load (the base checkpoint).", minimum=0)
+    lora_alpha: float = doc_field(16.0, "LoRA scaling numerator: the update is scaled by lora_alpha / lora_r.", minimum=0.0)
+    lora_dropout: float = doc_field(0.05, "Dropout on the LoRA input (training only).", minimum=0.0, maximum=1.0)
+    lora_targets: list[LoraTarget] = doc_field(["query", "value"], "Matrices that get adapters: query, key, value, output (attention), mlp (gate, up, down), head (refused while the head is tied to the embedding).")
 
 
 GROUPS: tuple[type, ...] = (

@@ -118,21 +118,48 @@ def _check_model(cfg: Config, tp: int, problems: _Problems, d: Derived, tokenize
         problems.add("vocab_size", "vocab_size is not set and there is no tokenizer (vocab_file) to take it from")
 
 
-NOT_AVAILABLE_YET = ("sft_data_path", "sft_valid_data_path", "val_split_fraction", "prompt_style", "mask_prompt",
-                     "lora_r", "lora_alpha", "lora_dropout", "lora_targets")
-"""Keys of work not built yet (instruction data, LoRA): refused when set, so that no run silently ignores them."""
+def _check_finetune(cfg: Config, problems: _Problems) -> None:
+    from neox_llama.model.freeze import FreezeError, parse_freeze
 
-
-def _check_not_available(cfg: Config, problems: _Problems) -> None:
-    for key in NOT_AVAILABLE_YET:
-        if key in cfg.sources:
-            problems.add(key, f"{key} is not available yet: instruction-data fine-tuning and LoRA are not built in "
-                              "this version (full fine-tuning on token data works: finetune: true, load, data_path); "
-                              f"remove {key}")
+    if cfg.sft_data_path and (cfg.data_path or cfg.train_data_paths):
+        problems.add(("sft_data_path", "data_path"), "set sft_data_path (instruction records) or data_path / "
+                                                      "train_data_paths (token data), not both")
+    if cfg.sft_valid_data_path and not cfg.sft_data_path:
+        problems.add("sft_valid_data_path", "sft_valid_data_path is set but sft_data_path (the training records) is not")
+    if cfg.sft_valid_data_path and "val_split_fraction" in cfg.sources:
+        problems.add(("val_split_fraction", "sft_valid_data_path"),
+                     "val_split_fraction splits sft_data_path only when there is no sft_valid_data_path; set one of them")
+    if cfg.sft_data_path and cfg.vocab_file is None:
+        problems.add("sft_data_path", "sft_data_path needs a tokenizer to render records (tokenizer_type and vocab_file)")
+    for kind in ("train", "valid", "test"):
+        labels, paths = getattr(cfg, f"{kind}_label_data_paths"), getattr(cfg, f"{kind}_data_paths")
+        if labels and len(labels) != len(paths):
+            problems.add(f"{kind}_label_data_paths", f"{kind}_label_data_paths has {len(labels)} entries but "
+                                                     f"{kind}_data_paths has {len(paths)}; give one label dataset per "
+                                                     "token dataset")
+    try:
+        parse_freeze(cfg.freeze, cfg.num_layers or 0)
+    except FreezeError as err:
+        problems.add("freeze", str(err))
+    if cfg.lora_r:
+        if not cfg.load:
+            problems.add(("lora_r", "load"), f"lora_r {cfg.lora_r} adapts a trained base: set load (the base "
+                                             "checkpoint, or a LoRA checkpoint to resume)")
+        if not cfg.lora_targets:
+            problems.add("lora_targets", "lora_targets is empty; list query, key, value, output, mlp or head")
+        if "head" in cfg.lora_targets and not cfg.no_weight_tying:
+            problems.add(("lora_targets", "no_weight_tying"),
+                         "lora_targets head is refused while the head is tied to the embedding (no_weight_tying: "
+                         "false): merging its update would change the embedding too; drop head from lora_targets")
+        if cfg.freeze:
+            problems.add(("freeze", "lora_r"), "freeze is for full fine-tuning; with lora_r > 0 the whole base is "
+                                               "frozen already (choose the adapted matrices with lora_targets)")
+        if cfg.lora_alpha <= 0:
+            problems.add("lora_alpha", f"lora_alpha {cfg.lora_alpha} must be positive")
 
 
 def _check_training(cfg: Config, problems: _Problems, d: Derived) -> None:
-    _check_not_available(cfg, problems)
+    _check_finetune(cfg, problems)
     pp, zero = cfg.pipe_parallel_size, cfg.zero_optimization.stage
     if pp > 1 and zero > 1:
         problems.add(("zero_optimization.stage", "pipe_parallel_size"),

@@ -106,6 +106,7 @@ def build_loader(dataset, cfg: Config, dp_rank: int, dp_size: int, consumed_samp
     """A loader of this rank's micro-batches, resuming after ``consumed_samples`` (global count)."""
     sampler = PretrainingSampler(len(dataset), consumed_samples, cfg.derived.train_micro_batch_size_per_gpu,
                                  dp_rank, dp_size)
-    maker = BatchMaker(eod_id, cfg.reset_position_ids, cfg.eod_mask_loss)
+    # Instruction samples carry their own masks and positions; token samples are cut into a batch here.
+    maker = getattr(dataset, "collate", None) or BatchMaker(eod_id, cfg.reset_position_ids, cfg.eod_mask_loss)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=maker, num_workers=cfg.num_workers,
                       persistent_workers=False, pin_memory=torch.cuda.is_available())

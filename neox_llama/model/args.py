@@ -60,5 +60,7 @@ class LlamaArgs:
             rope_scaling=scaling, activation=cfg.activation, use_bias_in_attn_linear=cfg.use_bias_in_attn_linear,
             use_bias_in_mlp=cfg.use_bias_in_mlp, tie_embeddings=not cfg.no_weight_tying,
             init_method_std=cfg.init_method_std, attention_dropout=cfg.attention_dropout,
-            hidden_dropout=cfg.hidden_dropout, seed=cfg.seed, document_attention=cfg.reset_attention_mask,
+            hidden_dropout=cfg.hidden_dropout, seed=cfg.seed,
+            # packed instruction records restart their positions: attention stays within each record
+            document_attention=cfg.reset_attention_mask or bool(cfg.sft_data_path and cfg.sft_packing),
         )

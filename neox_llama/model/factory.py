@@ -45,6 +45,12 @@ class LayerFactory:
         mark_partition(layer.weight, None, 1, 0)
         return layer
 
+    def lora(self, linear: nn.Module, settings) -> nn.Module:
+        """The LoRA adapter of ``linear`` (a layer this factory made); see neox_llama/model/lora.py."""
+        from neox_llama.model.lora import LoRA
+
+        return LoRA((settings.r, linear.in_features), (linear.out_features, settings.r), settings)
+
     def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
         """Prepare the hidden state for a (possibly vocab-split) output projection."""
         return hidden

@@ -24,13 +24,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from neox_llama.checkpoint.metadata import Layout, Metadata, write_metadata
+from neox_llama.checkpoint.adapter import adapter_file, fill_adapters
+from neox_llama.checkpoint.metadata import BaseRef, Layout, Metadata, write_metadata
 from neox_llama.checkpoint.paths import BEST, LATEST, METADATA, CheckpointError, layer_file, tag_for
 from neox_llama.checkpoint.weights import check_shapes, fill_layers, layers_with_weights, write_layer_file
 from neox_llama.config.loading import dump_raw
 from neox_llama.config.schema import Config
 from neox_llama.distributed import agree
 from neox_llama.model.args import LlamaArgs
+from neox_llama.model.lora import LoraSettings, adapter_tensors
 from neox_llama.parallel.pipeline import rank_layers
 from neox_llama.parallel.topology import ParallelState
 from neox_llama.utils.files import atomic_write_text
@@ -64,29 +66,38 @@ def full_tensor(param: torch.Tensor, state: ParallelState) -> torch.Tensor:
     return torch.cat(parts, dim=dim).cpu()
 
 
-def save_layer_weights(module: torch.nn.Module, state: ParallelState, folder: Path) -> None:
-    """Write this stage's layers as full tensors (every rank gathers; one rank per stage writes)."""
+def save_layer_weights(module: torch.nn.Module, state: ParallelState, folder: Path, adapters_only: bool = False) -> None:
+    """Write this stage's layers as full tensors (every rank gathers; one rank per stage writes).
+
+    ``adapters_only`` (a LoRA run): only the LoRA tensors, into ``adapter/`` instead of ``weights/``.
+    """
     writer = state.dp_rank == 0 and state.tp_rank == 0
     failure: CheckpointError | None = None
     for index, layer in rank_layers(module, state).items():
         if index == 0 and state.pp_rank != 0:
             continue  # the tied embedding's copy on the last stage: the first stage writes layer 0
-        params = dict(layer.named_parameters())
+        params = adapter_tensors(layer) if adapters_only else dict(layer.named_parameters())
         if not params:
             continue
         with gathered(list(params.values())):  # ZeRO-3: one layer at a time, on every data-parallel rank
             tensors = {name: full_tensor(p, state) for name, p in params.items()}
+        target = adapter_file(folder, index) if adapters_only else layer_file(folder, index)
         if writer and failure is None:
             try:
-                write_layer_file(layer_file(folder, index), tensors)
+                write_layer_file(target, tensors)
             except OSError as err:  # e.g. a full disk: finish the gathers the other ranks are in, then share it
-                failure = CheckpointError(f"{layer_file(folder, index)}: cannot write ({err})")
+                failure = CheckpointError(f"{target}: cannot write ({err})")
 
     def report() -> None:
         if failure is not None:
             raise failure
 
     agree(report)
+
+
+def load_adapter_weights(module: torch.nn.Module, state: ParallelState, folder: Path) -> None:
+    """Fill this rank's LoRA adapters from a LoRA checkpoint's ``adapter/`` (any layout wrote it); shared outcome."""
+    agree(lambda: fill_adapters(rank_layers(module, state), folder))
 
 
 def load_layer_weights(module: torch.nn.Module, state: ParallelState, folder: Path, args: LlamaArgs) -> None:
@@ -135,9 +146,24 @@ def layout_of(cfg: Config) -> Layout:
                   cfg.zero_optimization.stage, cfg.derived.world_size)
 
 
+@dataclass
+class FinetuneInfo:
+    """What a fine-tune's checkpoints say about it besides the step (see checkpoint/metadata.py)."""
+
+    base: BaseRef | None = None
+    lora: LoraSettings | None = None
+    prompt_style: str | None = None
+
+
 def save_checkpoint(engine, module_state: ParallelState, cfg: Config, train: TrainingState,
-                    tokenizer_files: list[Path], tag: str | None = None) -> Path:
-    """Save everything needed to resume; returns the folder. Every rank must call this."""
+                    tokenizer_files: list[Path], tag: str | None = None, info: FinetuneInfo | None = None) -> Path:
+    """Save everything needed to resume; returns the folder. Every rank must call this.
+
+    A LoRA run (``info.lora``) saves only what it trains: DeepSpeed's state without the frozen base, and the
+    adapter tensors in ``adapter/``; its metadata names the base.
+    """
+    info = info or FinetuneInfo()
+    lora = info.lora is not None
     save = Path(cfg.save)
     tag = tag or tag_for(train.step)
     # `best` is replaced in place: it is written beside the old one and swapped in at the end, so a crash
@@ -153,8 +179,8 @@ def save_checkpoint(engine, module_state: ParallelState, cfg: Config, train: Tra
             (folder / METADATA).unlink(missing_ok=True)  # re-saving a tag: incomplete until metadata is rewritten
 
     agree(invalidate, rank0_only=True)
-    engine.save_checkpoint(str(save), tag=folder.name, save_latest=False)
-    save_layer_weights(engine.module, module_state, folder)
+    engine.save_checkpoint(str(save), tag=folder.name, save_latest=False, exclude_frozen_parameters=lora)
+    save_layer_weights(engine.module, module_state, folder, adapters_only=lora)
 
     def save_rng() -> None:
         (folder / "rng").mkdir(parents=True, exist_ok=True)
@@ -170,7 +196,8 @@ def save_checkpoint(engine, module_state: ParallelState, cfg: Config, train: Tra
                         consumed_valid_samples=train.consumed_valid_samples, best_valid_loss=train.best_valid_loss,
                         evaluations_without_improvement=train.evaluations_without_improvement,
                         layout=layout_of(cfg), tokenizer_files=[f.name for f in tokenizer_files],
-                        precision=cfg.precision)
+                        precision=cfg.precision, prompt_style=info.prompt_style, base=info.base,
+                        lora=info.lora.to_dict() if lora else None)
         write_metadata(folder, meta)
         if replaces:
             _swap_in(folder, save / tag)
@@ -236,11 +263,12 @@ def check_resume_files(module: torch.nn.Module, state: ParallelState, folder: Pa
     agree(check)
 
 
-def restore_engine_state(engine, folder: Path) -> None:
-    """Load DeepSpeed's model, optimizer and schedule state (same layout only)."""
+def restore_engine_state(engine, folder: Path, strict: bool = True) -> None:
+    """Load DeepSpeed's model, optimizer and schedule state (same layout only); ``strict`` False for a LoRA
+    checkpoint, whose engine state leaves out the frozen base."""
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed 0.19 prints "_load_legacy_checkpoint ..." here
         path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
+                                         load_lr_scheduler_states=True, load_module_strict=strict)
     if path is None:
         raise CheckpointError(f"{folder}: DeepSpeed found no engine state to load")
 

@@ -12,9 +12,12 @@ import torch
 from torch import nn
 
 from neox_llama.config import Config, deepspeed_config
+from neox_llama.errors import TrainingError
 from neox_llama.model.args import LlamaArgs
 from neox_llama.model.factory import LayerFactory
-from neox_llama.parallel.pipeline import build_module, layer_factory
+from neox_llama.model.freeze import apply_freeze
+from neox_llama.model.lora import LoraSettings, apply_lora
+from neox_llama.parallel.pipeline import build_module, layer_factory, rank_layers
 from neox_llama.parallel.topology import ParallelState
 
 logger = logging.getLogger(__name__)
@@ -52,12 +55,28 @@ class Engine:
         return self.state.pp_size > 1
 
 
+def make_trainable(module: nn.Module, cfg: Config, state: ParallelState) -> tuple[int, int]:
+    """LoRA adapters on a frozen base (``lora_r`` > 0), or the ``freeze`` patterns of a full fine-tune; returns
+    (trainable, total) parameters of this rank (shards counted as held)."""
+    layers = rank_layers(module, state)
+    settings = LoraSettings.from_config(cfg)
+    if settings is not None:
+        apply_lora(layers, settings, layer_factory(state), cfg.seed)
+    elif cfg.freeze:
+        apply_freeze(layers, cfg.freeze, cfg.num_layers)
+    params = {id(p): p for p in module.parameters()}.values()
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
 def setup_engine(cfg: Config, args: LlamaArgs, state: ParallelState, accelerator: str = "cpu", *,
-                 prepare_module: Callable[[nn.Module], None] | None = None, with_schedule: bool = False) -> Engine:
+                 prepare_module: Callable[[nn.Module], None] | None = None, with_schedule: bool = False,
+                 prepare_adapters: Callable[[nn.Module], None] | None = None) -> Engine:
     """``deepspeed.initialize`` on this rank's model with the engine config derived from ``cfg``.
 
     ``prepare_module`` runs on the module before the engine exists (e.g. to load weights, so that the
-    optimizer's master copies start from them); ``with_schedule`` attaches the LR schedule.
+    optimizer's master copies start from them); then LoRA adapters or freezing are applied
+    (:func:`make_trainable`) and ``prepare_adapters`` runs (e.g. to load a LoRA checkpoint's adapters);
+    ``with_schedule`` attaches the LR schedule. Only trainable parameters reach the optimizer.
     """
     import deepspeed
 
@@ -70,6 +89,15 @@ def setup_engine(cfg: Config, args: LlamaArgs, state: ParallelState, accelerator
                           partition_method=cfg.pipe_partition_method)
     if prepare_module is not None:
         prepare_module(module)
+    trainable, total = make_trainable(module, cfg, state)
+    if trainable < total:
+        logger.info("trainable parameters on this rank: %s of %s (%.3f%%)%s", f"{trainable:,}", f"{total:,}",
+                    100.0 * trainable / max(total, 1), f"; LoRA r {cfg.lora_r}, alpha {cfg.lora_alpha:g}, targets "
+                    f"{', '.join(cfg.lora_targets)}" if cfg.lora_r else f"; frozen: {', '.join(cfg.freeze)}")
+    if trainable == 0:
+        raise TrainingError("no parameter is trainable on this rank: freeze covers everything it holds; freeze less")
+    if prepare_adapters is not None:
+        prepare_adapters(module)
     groups = parameter_groups(module, cfg.optimizer.params.weight_decay, cfg.weight_decay_embeddings)
     with contextlib.redirect_stdout(io.StringIO()) as chatter:  # DeepSpeed prints memory reports on rank 0
         engine, _, _, _ = deepspeed.initialize(

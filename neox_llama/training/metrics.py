@@ -94,7 +94,8 @@ def _truncate_after(path: Path, step: int) -> None:
 
 def format_train(record: dict) -> str:
     """The console line of a training record."""
-    parts = [f"step {record['step']:>6}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.3e}",
+    parts = [f"step {record['step']:>6}"] + ([f"epoch {record['epoch']}"] if "epoch" in record else [])
+    parts += [f"loss {record['loss']:.4f}", f"lr {record['lr']:.3e}",
              f"grad_norm {record['grad_norm']:.3f}" if record.get("grad_norm") is not None else "grad_norm n/a",
              f"{record['tokens_per_sec']:,.0f} tok/s", f"{record['tflops_per_rank']:.2f} TFLOP/s/rank",
              f"MFU {record['mfu']:.1%}"]

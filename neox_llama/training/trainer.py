@@ -12,12 +12,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from neox_llama.checkpoint.metadata import Metadata, read_metadata
-from neox_llama.checkpoint.paths import BEST, LATEST, METADATA, CheckpointError, resolve_checkpoint
+from neox_llama.checkpoint.metadata import Metadata
+from neox_llama.checkpoint.paths import BEST
 from neox_llama.config.schema import Config
-from neox_llama.data.loader import build_datasets, build_loader
+from neox_llama.data.instruction import build_instruction_datasets
+from neox_llama.data.loader import build_datasets, build_loader, split_sample_counts
 from neox_llama.distributed import RankInfo, agree
-from neox_llama.errors import NeoxLlamaError
+from neox_llama.errors import TrainingError
 from neox_llama.model.args import LlamaArgs
 from neox_llama.model.flops import flops_per_token
 from neox_llama.model.loss import CausalLMLoss
@@ -25,6 +26,7 @@ from neox_llama.parallel.topology import ParallelState
 from neox_llama.tokenizers import Tokenizer
 from neox_llama.training import checkpointing as ckpt
 from neox_llama.training.engine import setup_engine
+from neox_llama.training.load_plan import plan_load
 from neox_llama.training.metrics import MetricsWriter, format_train
 from neox_llama.training.step import make_global_batch, next_samples, run_global_batch
 from neox_llama.utils.peak import measure_matmul_tflops
@@ -32,12 +34,6 @@ from neox_llama.utils.peak import measure_matmul_tflops
 logger = logging.getLogger("train")
 
 EXIT_NAN = 3
-
-
-class TrainingError(NeoxLlamaError):
-    """Training cannot go on (non-finite loss, data exhausted, bad checkpoint); the message says what to do."""
-
-    exit_code = 2
 
 
 class Trainer:
@@ -52,41 +48,45 @@ class Trainer:
         self.last_saved: Path | None = None
 
         # Every rank looks for itself (nodes need not share a filesystem) and all must find the same checkpoint.
-        load_folder, meta = agree(self._find_checkpoint, same_result="the checkpoint to load (load)")
-        weights_only = load_folder is not None and (cfg.finetune or not ckpt.same_layout(meta, cfg))
+        plan = agree(lambda: plan_load(cfg), same_result="the checkpoint to load (load)")
+        self.plan = plan
+        for note in plan.notes:
+            logger.info("%s", note)
+        resume, meta = plan.resume, plan.meta
+        lora_resume = plan.adapters is not None
+        weights_only = resume is not None and not lora_resume and not ckpt.same_layout(meta, cfg)
+        weights = plan.weights if plan.weights is not None else (resume if weights_only else None)
 
         def prepare(module):
-            if weights_only:
-                ckpt.load_layer_weights(module, self.state, load_folder, self.args)
-            elif load_folder is not None:  # one clear error naming the file, before DeepSpeed reads its state
-                ckpt.check_resume_files(module, self.state, load_folder, self.args)
+            if weights is not None:
+                ckpt.load_layer_weights(module, self.state, weights, self.args)
+            elif resume is not None:  # one clear error naming the file, before DeepSpeed reads its state
+                ckpt.check_resume_files(module, self.state, resume, self.args)
 
-        self.runner = setup_engine(cfg, self.args, self.state, accelerator, prepare_module=prepare, with_schedule=True)
+        def prepare_adapters(module):
+            if lora_resume:
+                ckpt.load_adapter_weights(module, self.state, plan.adapters)
+                if ckpt.same_layout(meta, cfg):
+                    agree(lambda: ckpt.check_engine_files(plan.adapters))
+
+        self.runner = setup_engine(cfg, self.args, self.state, accelerator, prepare_module=prepare, with_schedule=True,
+                                   prepare_adapters=prepare_adapters)
         self.engine = self.runner.engine
-        if load_folder is not None and not cfg.finetune:
-            self._resume(load_folder, meta, weights_only)
-        elif load_folder is not None:
-            logger.info("fine-tuning from the weights of %s (fresh optimizer, step 0)", load_folder)
+        self.finetune_info = ckpt.FinetuneInfo(base=plan.base, lora=plan.lora,
+                                               prompt_style=meta.prompt_style if resume is not None else None)
+        if resume is not None:
+            self._resume(resume, meta, weights_only or (lora_resume and not ckpt.same_layout(meta, cfg)),
+                         strict=not lora_resume)
+        elif plan.weights is not None:
+            what = f"LoRA r {cfg.lora_r} on the frozen weights" if plan.lora else "the weights"
+            logger.info("fine-tuning from %s of %s (fresh optimizer, step 0)", what, plan.weights)
         self.loss_fn = CausalLMLoss(self.runner.factory)
         self.metrics = agree(lambda: MetricsWriter(cfg, info.rank, resume_step=self.train_state.step))
         self.flops_per_token = flops_per_token(cfg)
         self.peak_tflops = cfg.peak_tflops or self._measure_peak()
 
     # ------------------------------------------------------------------ setup
-    def _find_checkpoint(self) -> tuple[Path | None, Metadata | None]:
-        cfg = self.cfg
-        if not cfg.load:
-            return None, None
-        try:
-            folder = resolve_checkpoint(cfg.load)
-        except CheckpointError as err:
-            if cfg.finetune or Path(cfg.load).joinpath(LATEST).exists() or Path(cfg.load, METADATA).exists():
-                raise TrainingError(str(err)) from None
-            logger.info("no checkpoint in %s yet: starting from scratch", cfg.load)
-            return None, None
-        return folder, read_metadata(folder)
-
-    def _resume(self, folder: Path, meta: Metadata, weights_only: bool) -> None:
+    def _resume(self, folder: Path, meta: Metadata, weights_only: bool, strict: bool = True) -> None:
         self.train_state = ckpt.TrainingState.from_metadata(meta)
         layout = meta.layout
         if weights_only:
@@ -99,7 +99,7 @@ class Trainer:
                            self.cfg.model_parallel_size, self.cfg.derived.data_parallel_size,
                            self.cfg.zero_optimization.stage, self.train_state.step)
         else:
-            ckpt.restore_engine_state(self.engine, folder)
+            ckpt.restore_engine_state(self.engine, folder, strict=strict)
             logger.info("resumed from %s at step %d (%d samples consumed)", folder, self.train_state.step,
                         self.train_state.consumed_samples)
         if layout.world_size == self.cfg.derived.world_size:
@@ -176,16 +176,26 @@ class Trainer:
         if not self.cfg.save:
             return
         files = self.tokenizer.files if self.tokenizer else []
-        folder = ckpt.save_checkpoint(self.engine, self.state, self.cfg, self.train_state, files, tag=tag)
+        folder = ckpt.save_checkpoint(self.engine, self.state, self.cfg, self.train_state, files, tag=tag,
+                                      info=self.finetune_info)
         if tag is None:
             self.last_saved = folder
 
     def train(self) -> int:
         """Run to ``train_iters`` (or a stop); returns the process exit code."""
         cfg, d, ts = self.cfg, self.cfg.derived, self.train_state
-        self.datasets = build_datasets(cfg)
+        if cfg.sft_data_path:
+            data = build_instruction_datasets(cfg, self.tokenizer, split_sample_counts(cfg))
+            saved_style = self.finetune_info.prompt_style
+            if saved_style is not None and saved_style != data.style:
+                raise TrainingError(f"the checkpoint's records were rendered in prompt style {saved_style}, this run "
+                                    f"renders them in {data.style}; set prompt_style: {saved_style}")
+            self.finetune_info.prompt_style = data.style
+            self.datasets = data.datasets
+        else:
+            self.datasets = build_datasets(cfg)
         if "train" not in self.datasets:
-            raise TrainingError("no training data: set data_path (split by `split`) or train_data_paths")
+            raise TrainingError("no training data: set data_path (split by `split`), train_data_paths or sft_data_path")
         eod = self.tokenizer.eod_id if self.tokenizer else None
         dp_rank, dp = self.state.dp_rank, d.data_parallel_size
         train_iter = iter(build_loader(self.datasets["train"], cfg, dp_rank, dp, ts.consumed_samples, eod))
@@ -212,6 +222,7 @@ class Trainer:
             batch = self._next_batch(train_iter)
             data_time = time.perf_counter() - start
             loss = run_global_batch(self.runner, batch, self.loss_fn, train=True)
+            self._log_epoch(ts.consumed_samples, d.train_batch_size)
             ts.step += 1
             ts.consumed_samples += d.train_batch_size
             step_time = time.perf_counter() - start
@@ -240,6 +251,12 @@ class Trainer:
             logger.info("step %6d | test_loss %.4f | test_ppl %.2f", ts.step, test_loss, record["test_ppl"])
         self.metrics.close()
         return 0
+
+    def _log_epoch(self, consumed: int, batch: int) -> None:
+        epoch_of = getattr(self.datasets["train"], "epoch_of", None)
+        if epoch_of is not None and (consumed == 0 or epoch_of(consumed + batch - 1) != epoch_of(consumed - 1)):
+            logger.info("step %d reads epoch %d of the instruction data", self.train_state.step + 1,
+                        epoch_of(consumed + batch - 1))
 
     def _evaluate_and_track(self, track: bool = True) -> bool:
         """Evaluate, log, keep the best; True when early stopping should end the run."""
@@ -280,6 +297,9 @@ class Trainer:
             "step_time": step_time, "time_data": data_time, "time_compute": step_time - data_time,
             "peak_memory_mb": peak_mem, "consumed_samples": self.train_state.consumed_samples,
         }
+        epoch_of = getattr(self.datasets["train"], "epoch_of", None)
+        if epoch_of is not None:  # instruction data: which pass over the records this step read
+            record["epoch"] = epoch_of(self.train_state.consumed_samples - 1)
         self.metrics.write(record)
         if self.info.rank == 0:
             logger.info("%s", format_train(record))

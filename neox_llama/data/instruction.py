@@ -1,0 +1,337 @@
+"""Instruction data for fine-tuning: JSON or JSONL records -> token ids with a response mask -> training samples.
+
+Records are Alpaca records (``instruction``, optional ``input``, ``output``) or chat records
+(``messages: [{role, content}, ...]``, roles system/user/assistant, multi-turn). Every record is checked
+before training starts; a bad one is an error naming the file and the record index.
+
+A record becomes ids through its prompt style (:mod:`neox_llama.tokenizers.prompts`, shared with generation)
+and is cut to ``seq_length + 1`` tokens: the prompt is cut from the left (BOS kept), then the response from
+the right, always keeping at least one response token; records with no response token left are dropped.
+Samples are one record each, padded (``sft_packing: false``; padding carries no loss, so it does not change
+it), or whole records packed into ``seq_length + 1`` tokens with positions restarting at every record, which
+the model reads as document boundaries (attention stays inside a record). Each epoch reads the records in a
+fresh order drawn from the seed and the epoch number, and epochs repeat until the run has its samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from neox_llama.data.gpt_dataset import DataError
+from neox_llama.distributed import agree
+from neox_llama.tokenizers.base import Tokenizer, TokenizerError
+from neox_llama.tokenizers.prompts import Message, check_conversation, check_style, default_chat_style, encode_dialog
+
+logger = logging.getLogger(__name__)
+
+IGNORE = -100
+"""The label of a position without loss (GPT-NeoX's and Hugging Face's convention)."""
+
+
+class InstructionDataError(DataError):
+    """An instruction file or record is malformed; the message names the file and the record index."""
+
+
+# --------------------------------------------------------------------------- records
+def _parse_file(path: Path) -> list:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InstructionDataError(f"{path}: cannot read it ({err})") from None
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise InstructionDataError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
+        return data
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise InstructionDataError(f"{path}: line {number} is not valid JSON ({err.msg}); a JSONL file holds one "
+                                       "record per line, a JSON file one list of records") from None
+    return records
+
+
+def _record_messages(record: object, where: str) -> list[Message]:
+    if not isinstance(record, dict):
+        raise InstructionDataError(f"{where}: a record must be an object, not {type(record).__name__}")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise InstructionDataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        out = []
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise InstructionDataError(f"{where}: messages[{i}] must be an object with role and content")
+            for key in ("role", "content"):
+                if not isinstance(message.get(key), str):
+                    found = "missing" if key not in message else f"a {type(message[key]).__name__}"
+                    raise InstructionDataError(f"{where}: messages[{i}].{key} is {found}; it must be a string")
+            if message["role"] not in ("system", "user", "assistant"):
+                raise InstructionDataError(f"{where}: messages[{i}].role {message['role']!r} is unknown; valid roles "
+                                           "are system, user, assistant")
+            out.append(Message(message["role"], message["content"]))
+        problem = check_conversation(out, open_turn=False)
+        if problem:
+            raise InstructionDataError(f"{where}: {problem}")
+        return out
+    for key in ("instruction", "output"):
+        if not isinstance(record.get(key), str):
+            found = "missing" if key not in record else f"a {type(record[key]).__name__}"
+            raise InstructionDataError(f"{where}: field {key!r} is {found}; an Alpaca record needs string fields "
+                                       "instruction and output (and optionally input), a chat record a 'messages' list")
+    extra = record.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise InstructionDataError(f"{where}: field 'input' is a {type(extra).__name__}; it must be a string")
+    return [Message("user", record["instruction"], extra or None), Message("assistant", record["output"])]
+
+
+def load_records(path: str | Path) -> tuple[list[list[Message]], bool]:
+    """Every record of ``path`` as a conversation, and whether any was a chat record."""
+    path = Path(path)
+    if not path.is_file():
+        raise InstructionDataError(f"{path}: instruction data file not found")
+    data = _parse_file(path)
+    if not isinstance(data, list):
+        raise InstructionDataError(f"{path}: the JSON must be a list of records")
+    if not data:
+        raise InstructionDataError(f"{path}: holds no records")
+    chat = any(isinstance(r, dict) and "messages" in r for r in data)
+    return [_record_messages(r, f"{path}: record {i}") for i, r in enumerate(data)], chat
+
+
+def split_records(records: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, validation) drawn with ``seed``: round(fraction x n) validation records, at least one when the
+    fraction is positive and there are two or more records, and at least one training record."""
+    n = len(records)
+    if fraction <= 0 or n < 2:
+        return list(records), []
+    count = min(max(1, round(fraction * n)), n - 1)
+    order = np.random.RandomState(seed % 2**32).permutation(n)
+    valid = set(order[:count].tolist())
+    return [r for i, r in enumerate(records) if i not in valid], [r for i, r in enumerate(records) if i in valid]
+
+
+def resolve_style(style: str | None, chat: bool, tokenizer: Tokenizer) -> str:
+    """The style to use: ``style`` when set, else alpaca for Alpaca records and the family's chat style for chat."""
+    chosen = style or (default_chat_style(tokenizer) if chat else "alpaca")
+    check_style(chosen, tokenizer)
+    return chosen
+
+
+# --------------------------------------------------------------------------- tokens
+@dataclass
+class Example:
+    """One record as ids and per-id response mask (an id's mask says whether predicting it carries loss)."""
+
+    ids: np.ndarray
+    trained: np.ndarray
+
+
+def truncate(ids: list[int], trained: list[bool], limit: int, keep_first: bool) -> tuple[list[int], list[bool]] | None:
+    """Cut to ``limit`` ids: the prompt from the left (keeping the first id when ``keep_first``, e.g. BOS), then
+    the response from the right, keeping at least one id of context; None when no response id is left."""
+    if len(ids) > limit:
+        first_response = next((i for i, t in enumerate(trained) if t), len(ids))
+        head = 1 if keep_first else 0
+        removable = max(0, first_response - head - 1)  # keep one prompt id before the response
+        cut = min(len(ids) - limit, removable)
+        ids, trained = ids[:head] + ids[head + cut:], trained[:head] + trained[head + cut:]
+        ids, trained = ids[:limit], trained[:limit]
+    if not any(trained[1:]):
+        return None
+    return ids, trained
+
+
+def tokenize(records: list[list[Message]], tokenizer: Tokenizer, style: str, seq_length: int,
+             mask_prompt: bool, where: str) -> list[Example]:
+    """Examples of ``records``; logs how many were truncated and dropped."""
+    examples, truncated, dropped = [], 0, 0
+    for index, messages in enumerate(records):
+        try:
+            ids, trained = encode_dialog(tokenizer, style, messages, open_turn=False)
+        except TokenizerError as err:
+            raise InstructionDataError(f"{where}: record {index}: {err}") from None
+        if not mask_prompt:
+            trained = [True] * len(ids)
+        trained[0] = False  # nothing predicts a record's first id (in packed samples: the previous record)
+        cut = truncate(ids, trained, seq_length + 1, keep_first=ids[0] == tokenizer.bos_id)
+        if cut is None:
+            dropped += 1
+            continue
+        truncated += len(cut[0]) < len(ids)
+        examples.append(Example(np.asarray(cut[0], dtype=np.int32), np.asarray(cut[1], dtype=np.bool_)))
+    if truncated or dropped:
+        logger.info("%s: %d of %d records truncated to seq_length + 1 = %d tokens, %d dropped (no response "
+                    "token left)", where, truncated, len(records), seq_length + 1, dropped)
+    if not examples:
+        raise InstructionDataError(f"{where}: no record has a response token within seq_length {seq_length}")
+    return examples
+
+
+def _cache_path(path: Path, key: dict) -> Path:
+    stat = path.stat()
+    key = dict(key, size=stat.st_size, mtime_ns=stat.st_mtime_ns, version=1)
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return path.with_name(f".{path.name}.{digest}.tokens.npz")
+
+
+def _tokenizer_digest(tokenizer: Tokenizer) -> str:
+    digest = hashlib.sha1(tokenizer.name.encode())
+    for file in tokenizer.files:
+        digest.update(Path(file).read_bytes())
+    return digest.hexdigest()
+
+
+def cached_examples(path: Path, records: list[list[Message]], name: str, tokenizer: Tokenizer, style: str,
+                    seq_length: int, mask_prompt: bool, seed: int, fraction: float) -> list[Example]:
+    """Tokenise ``records`` once (one builder per node) and keep them beside ``path``, keyed by everything that
+    shapes them (file, tokenizer files, style, masking, length, split)."""
+    cache = _cache_path(path, {"tokenizer": _tokenizer_digest(tokenizer), "style": style, "mask": mask_prompt,
+                               "seq": seq_length, "split": name, "seed": seed, "fraction": fraction})
+
+    def build() -> None:
+        if cache.exists():
+            return
+        examples = tokenize(records, tokenizer, style, seq_length, mask_prompt, f"{path} ({name})")
+        lengths = np.asarray([len(e.ids) for e in examples], dtype=np.int64)
+        tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, ids=np.concatenate([e.ids for e in examples]),
+                 trained=np.concatenate([e.trained for e in examples]), lengths=lengths)
+        os.replace(tmp, cache)
+
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        agree(build)
+    else:
+        agree(lambda: None)
+    with np.load(cache) as data:
+        ids, trained, lengths = data["ids"], data["trained"], data["lengths"]
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    return [Example(ids[a:b], trained[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+# --------------------------------------------------------------------------- samples
+class InstructionDataset:
+    """``num_samples`` training samples of ``seq_length + 1`` ids from ``examples``, epoch after epoch.
+
+    Each sample is a dict of ``tokens``, ``trained`` (loss on predicting that id) and ``positions``.
+    """
+
+    def __init__(self, name: str, examples: list[Example], seq_length: int, num_samples: int, seed: int,
+                 packing: bool, pad_id: int):
+        self.name, self.examples, self.length = name, examples, seq_length + 1
+        self.seed, self.packing, self.pad_id = seed, packing, pad_id
+        self.epoch_starts: list[int] = [0]  # sample index where each epoch starts
+        self.packs: list[list[int]] = []  # example indices of each sample, epoch after epoch
+        epoch = 0
+        while len(self.packs) < num_samples:
+            order = np.random.RandomState((seed + 7919 * epoch) % 2**32).permutation(len(examples)).tolist()
+            self.packs += self._pack(order) if packing else [[i] for i in order]
+            self.epoch_starts.append(len(self.packs))
+            epoch += 1
+        del self.packs[num_samples:]
+
+    def _pack(self, order: list[int]) -> list[list[int]]:
+        packs, current, used = [], [], 0
+        for index in order:
+            size = len(self.examples[index].ids)
+            if current and used + size > self.length:
+                packs.append(current)
+                current, used = [], 0
+            current.append(index)
+            used += size
+        if current:
+            packs.append(current)
+        return packs
+
+    def __len__(self) -> int:
+        return len(self.packs)
+
+    def epoch_of(self, sample: int) -> int:
+        """The epoch (from 1) that sample index ``sample`` belongs to."""
+        return int(np.searchsorted(self.epoch_starts, sample, side="right"))
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        tokens = np.full(self.length, self.pad_id, dtype=np.int64)
+        trained = np.zeros(self.length, dtype=np.bool_)
+        positions = np.zeros(self.length, dtype=np.int64)
+        at = 0
+        for example_index in self.packs[index]:
+            example = self.examples[example_index]
+            n = len(example.ids)
+            tokens[at:at + n], trained[at:at + n] = example.ids, example.trained
+            positions[at:at + n] = np.arange(n)
+            at += n
+        positions[at:] = np.arange(self.length - at)  # padding: a document of its own, without loss
+        return {"tokens": tokens, "trained": trained, "positions": positions}
+
+    @staticmethod
+    def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+        """Samples -> a batch: inputs, labels (the next ids), loss mask of the labels, positions of the inputs."""
+        tokens = torch.from_numpy(np.stack([s["tokens"] for s in samples]))
+        trained = torch.from_numpy(np.stack([s["trained"] for s in samples]))
+        positions = torch.from_numpy(np.stack([s["positions"] for s in samples]))
+        return {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
+                "loss_mask": trained[:, 1:].float().contiguous(), "position_ids": positions[:, :-1].contiguous()}
+
+
+def pad_id_of(tokenizer: Tokenizer) -> int:
+    """The id padding slots hold (no loss is taken there): the tokenizer's pad, else its EOS, else 0."""
+    for value in (tokenizer.pad_id, tokenizer.eos_id):
+        if value is not None:
+            return value
+    return 0
+
+
+@dataclass
+class InstructionData:
+    """The datasets of an instruction fine-tune and the prompt style they were rendered in."""
+
+    datasets: dict[str, InstructionDataset]
+    style: str
+
+
+def build_instruction_datasets(cfg, tokenizer: Tokenizer | None, counts: dict[str, int]) -> InstructionData:
+    """train (and valid) datasets from ``sft_data_path`` (``sft_valid_data_path`` or a seeded split)."""
+    if tokenizer is None:
+        raise InstructionDataError("sft_data_path needs a tokenizer (tokenizer_type and vocab_file) to turn records "
+                                   "into ids")
+    path = Path(cfg.sft_data_path)
+    records, chat = load_records(path)
+    valid_path = Path(cfg.sft_valid_data_path) if cfg.sft_valid_data_path else None
+    if valid_path is not None:
+        valid_records, valid_chat = load_records(valid_path)
+        chat = chat or valid_chat
+        train_records, fraction = records, 0.0
+    else:
+        train_records, valid_records = split_records(records, cfg.val_split_fraction, cfg.seed)
+        fraction = cfg.val_split_fraction
+    try:
+        style = resolve_style(cfg.prompt_style, chat, tokenizer)
+    except TokenizerError as err:
+        raise InstructionDataError(f"{path}: {err}") from None
+    pad = pad_id_of(tokenizer)
+    out: dict[str, InstructionDataset] = {}
+    sources = {"train": (path, train_records), "valid": (valid_path or path, valid_records)}
+    for name, (source, recs) in sources.items():
+        if not recs or counts.get(name, 0) <= 0:
+            continue
+        examples = cached_examples(source, recs, name if valid_path is None else "all", tokenizer, style,
+                                   cfg.seq_length, cfg.mask_prompt, cfg.seed, fraction)
+        out[name] = InstructionDataset(name, examples, cfg.seq_length, counts[name], cfg.seed, cfg.sft_packing, pad)
+    logger.info("instruction data %s: %d training and %d validation records, prompt style %s, %s", path,
+                len(train_records), len(valid_records), style, "packed" if cfg.sft_packing else "padded")
+    return InstructionData(out, style)
