@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from neox_llama.checkpoint.metadata import Metadata, read_metadata
 from neox_llama.checkpoint.paths import CheckpointError, resolve_checkpoint
-from neox_llama.checkpoint.weights import fill_layers
+from neox_llama.checkpoint.weights import fill_layer, fill_layers
 from neox_llama.config import Config, ConfigError, resolve
 from neox_llama.config.loading import build_config, load_raw
 from neox_llama.model.args import LlamaArgs
@@ -29,16 +29,38 @@ class Run:
     args: LlamaArgs
     true_vocab: int
     """The tokenizer's vocabulary before padding (padded rows are trimmed on export and in generation)."""
+    adapters: list = field(default_factory=list)
+    """LoRA checkpoints (:class:`neox_llama.checkpoint.merge.Adapter`) applied on top of this base."""
+
+    @property
+    def prompt_style(self) -> str | None:
+        """The prompt style the (last applied) adapter, or this checkpoint, was trained in."""
+        for adapter in reversed(self.adapters):
+            if adapter.metadata.prompt_style:
+                return adapter.metadata.prompt_style
+        return self.metadata.prompt_style
 
 
-def load_run(path: str | Path) -> Run:
+def load_run(path: str | Path, adapters: list[str | Path] | None = None, base: str | Path | None = None,
+             force: bool = False) -> Run:
     """Read a self-describing checkpoint (a save dir through ``latest``, or one ``global_stepN`` / ``best``).
 
     The tokenizer is the file saved inside the checkpoint, built once; the config is validated for the
-    world size that saved it.
+    world size that saved it. A LoRA checkpoint opens as its base (found through its metadata, or ``base``)
+    with the adapter in :attr:`Run.adapters`; ``adapters`` adds LoRA checkpoints to apply on ``path``, each
+    checked against the base's fingerprint (``force`` accepts another).
     """
+    from neox_llama.checkpoint.merge import Adapter, find_base
+
     folder = resolve_checkpoint(path)
     meta = read_metadata(folder)
+    if meta.is_adapter or adapters:
+        chain = [Adapter.open(folder)] if meta.is_adapter else []
+        chain += [Adapter.open(a) for a in adapters or []]
+        base_folder = find_base(chain, base if base is not None else (None if meta.is_adapter else folder), force)
+        run = load_run(base_folder)
+        run.adapters = chain
+        return run
     config_file = folder / "config.yml"
     tokenizer = None
     try:
@@ -69,7 +91,8 @@ def reset_buffers(model: torch.nn.Module) -> None:
 
 def load_model(path: str | Path | Run, device: torch.device | str = "cpu",
                dtype: torch.dtype | None = None) -> tuple[LlamaStack, Run]:
-    """The checkpoint's model on one device in eval mode, built on the meta device and filled from its weights.
+    """The checkpoint's model on one device in eval mode, built on the meta device and filled from its weights
+    (a LoRA checkpoint, or a Run with adapters: the base with every adapter merged in, layer by layer).
 
     Every tensor's name and shape is checked against the config, and no weight file may be left over;
     ``dtype`` None gives float32 (whatever precision the run trained in), else the model is cast to ``dtype``.
@@ -79,7 +102,20 @@ def load_model(path: str | Path | Run, device: torch.device | str = "cpu",
     model = model.to_empty(device=device)
     reset_buffers(model)
     layers = {int(i): layer for i, layer in model.named_children()}
-    fill_layers(layers, run.folder, expected={i for i, m in layers.items() if next(m.parameters(), None) is not None})
+    expected = {i for i, m in layers.items() if next(m.parameters(), None) is not None}
+    if run.adapters:  # merged as tools/merge_lora.py merges, so generation equals the merged checkpoint's
+        from neox_llama.checkpoint.merge import merged_layers
+
+        found = set()
+        for index, tensors in merged_layers(run.folder, run.adapters):
+            if index not in layers or index not in expected:
+                raise CheckpointError(f"{run.folder}: weights for layer {index}, which the model does not have")
+            fill_layer(layers[index], tensors, run.folder / "weights")
+            found.add(index)
+        if found != expected:
+            raise CheckpointError(f"{run.folder}: no weights for layer {min(expected - found)}")
+    else:
+        fill_layers(layers, run.folder, expected=expected)
     if dtype is not None:
         model = model.to(dtype)
     return model.eval(), run

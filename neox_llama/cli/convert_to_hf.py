@@ -3,7 +3,11 @@
 
     python tools/convert_to_hf.py --checkpoint runs/local/checkpoints --output runs/local/hf [--dtype bf16|fp16|fp32] [--force]
 
---checkpoint is a save directory (its `latest` checkpoint is used) or one global_stepN folder.
+    python tools/convert_to_hf.py --checkpoint runs/lora/global_step600 --output runs/lora_peft --peft
+
+--checkpoint is a save directory (its `latest` checkpoint is used) or one global_stepN folder. A LoRA checkpoint
+exports as its base with the adapter merged, or with --peft as a PEFT adapter (adapter_config.json +
+adapter_model.safetensors) for the base exported without it.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import argparse
 import sys
 
 from neox_llama.convert.hf_export import export_to_hf
+from neox_llama.convert.peft_export import export_peft
 from neox_llama.errors import NeoxLlamaError
 from neox_llama.utils.logging_setup import setup_logging
 
@@ -20,12 +25,18 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="save directory or global_stepN folder")
     parser.add_argument("--output", required=True, help="Hugging Face directory to write")
-    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default bf16 (fp32 with --peft)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument("--peft", action="store_true", help="a LoRA checkpoint as a PEFT adapter (default dtype fp32)")
     args = parser.parse_args(argv)
+    args.dtype_set = args.dtype is not None
+    args.dtype = args.dtype or "bf16"
     setup_logging("info")
     try:
-        out = export_to_hf(args.checkpoint, args.output, args.dtype, args.force)
+        if args.peft:
+            out = export_peft(args.checkpoint, args.output, args.dtype if args.dtype_set else "fp32", args.force)
+        else:
+            out = export_to_hf(args.checkpoint, args.output, args.dtype, args.force)
     except NeoxLlamaError as err:
         print(f"convert_to_hf.py: error: {err}", file=sys.stderr)
         return 2

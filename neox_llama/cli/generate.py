@@ -4,6 +4,11 @@
     python tools/generate.py --checkpoint runs/local/checkpoints --prompt "ROMEO:" --max-new-tokens 64
     python tools/generate.py --checkpoint DIR --prompts-file prompts.txt --temperature 0.8 --top-p 0.9
     python tools/generate.py --checkpoint DIR --chat [--system "You are terse."]
+    python tools/generate.py --checkpoint BASE --adapter runs/lora/global_step600 --chat
+
+--adapter applies a LoRA checkpoint (merged at load exactly as tools/merge_lora.py merges it); a LoRA checkpoint
+given as --checkpoint alone finds its base through its metadata. --chat is a multi-turn loop on stdin in the
+checkpoint's prompt style (/reset forgets the history, /exit or end of input leaves).
 """
 
 from __future__ import annotations
@@ -13,17 +18,22 @@ import sys
 
 from neox_llama.errors import NeoxLlamaError
 from neox_llama.generation.generator import GenerationSettings, Generator
-from neox_llama.generation.prompts import chat_prompt, default_style
+from neox_llama.tokenizers.prompts import STYLES, Message, check_style, default_chat_style, encode_dialog, stop_ids
 from neox_llama.utils.logging_setup import setup_logging
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="save directory (uses latest) or global_stepN folder")
+    parser.add_argument("--adapter", action="append", default=[], metavar="LORA_CHECKPOINT",
+                        help="LoRA checkpoint trained on --checkpoint, merged in at load (repeatable)")
+    parser.add_argument("--prompt-style", choices=STYLES,
+                        help="chat template for --chat; default: the one the checkpoint/adapter was trained with, "
+                             "else the model family's")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="text to continue")
     source.add_argument("--prompts-file", help="one prompt per line; each is generated in turn")
-    source.add_argument("--chat", action="store_true", help="interactive chat in the model family's prompt style")
+    source.add_argument("--chat", action="store_true", help="interactive multi-turn chat (reads stdin)")
     parser.add_argument("--system", help="system message for --chat")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -64,7 +74,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     setup_logging("warning")
     try:
-        generator = Generator.from_checkpoint(args.checkpoint, device=args.device)
+        generator = Generator.from_checkpoint(args.checkpoint, device=args.device, adapters=args.adapter)
     except NeoxLlamaError as err:
         print(f"generate.py: error: {err}", file=sys.stderr)
         return 2
@@ -78,24 +88,52 @@ def main(argv: list[str]) -> int:
         if args.prompt is not None or args.prompts_file:
             prompts = [args.prompt] if args.prompt is not None else _read_prompts(args.prompts_file)
             for prompt in prompts:
-                ids = tok.encode_document(prompt)  # the start-token policy (see Tokenizer.starts_with_bos)
-                sys.stdout.write(prompt)
+                if args.prompt_style:  # the prompt as one user turn of the style, answered by the model
+                    check_style(args.prompt_style, tok)
+                    ids, _ = encode_dialog(tok, args.prompt_style, [Message("user", prompt)], open_turn=True)
+                    settings.stop_ids = stop_ids(tok, args.prompt_style)
+                else:
+                    ids = tok.encode_document(prompt)  # the start-token policy (see Tokenizer.starts_with_bos)
+                    sys.stdout.write(prompt)
                 stream(generator, ids, settings)
             return 0
-        style = default_style(tok)
-        history: list[tuple[str, str]] = []
-        while True:
-            try:
-                message = input(">>> ")
-            except EOFError:
-                return 0
-            history.append(("user", message))
-            ids = tok.encode(chat_prompt(style, history, args.system), allow_special=True)
-            answer = stream(generator, ids, settings)
-            history.append(("assistant", answer.strip()))
+        style = args.prompt_style or generator.ckpt.prompt_style or default_chat_style(tok)
+        check_style(style, tok)
+        return chat(generator, style, settings, args.system)
     except NeoxLlamaError as err:
         print(f"generate.py: error: {err}", file=sys.stderr)
         return 2
+
+
+def chat(generator: Generator, style: str, settings: GenerationSettings, system: str | None) -> int:
+    """The multi-turn loop: every answer sees the whole history, rendered in ``style``."""
+    tok = generator.tokenizer
+    settings.stop_ids = stop_ids(tok, style)
+    history: list[Message] = [Message("system", system)] if system else []
+    start = len(history)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            sys.stdout.write(">>> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        message = line.rstrip("\n")
+        if message.strip() == "/exit":
+            return 0
+        if message.strip() == "/reset":
+            del history[start:]
+            sys.stdout.write("(history cleared)\n")
+            continue
+        if not message.strip():
+            continue
+        history.append(Message("user", message))
+        ids, _ = encode_dialog(tok, style, history, open_turn=True)
+        if not interactive:
+            sys.stdout.write(f">>> {message}\n")
+        answer = stream(generator, ids, settings)
+        history.append(Message("assistant", answer.strip()))
 
 
 def _read_prompts(path: str) -> list[str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from neox_llama.checkpoint.merge import merged_layers
 from neox_llama.checkpoint.paths import CheckpointError
 from neox_llama.checkpoint.run import Run, load_run
 from neox_llama.checkpoint.weights import read_full_state
@@ -25,8 +26,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def hf_state_dict(ckpt: Run, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Hugging Face tensors, vocabulary padding trimmed."""
-    ours = read_full_state(ckpt.folder)
+    """Hugging Face tensors, vocabulary padding trimmed (a LoRA checkpoint's base with its adapter merged)."""
+    if ckpt.adapters:
+        ours = {f"{index}.{name}": tensor for index, tensors in merged_layers(ckpt.folder, ckpt.adapters)
+                for name, tensor in tensors.items()}
+    else:
+        ours = read_full_state(ckpt.folder)
     out = {}
     for hf_name, our_name in hf_to_ours(ckpt.args).items():
         if our_name not in ours:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from neox_llama.checkpoint.run import Run, load_model
+from neox_llama.checkpoint.run import Run, load_model, load_run
 from neox_llama.errors import NeoxLlamaError
 from neox_llama.generation.sampling import next_token
 from neox_llama.model.kv_cache import KVCache
@@ -42,9 +42,12 @@ class Generator:
         self.tokenizer = ckpt.tokenizer
 
     @classmethod
-    def from_checkpoint(cls, path: str, device: str | None = None, dtype: torch.dtype | None = None) -> Generator:
+    def from_checkpoint(cls, path: str, device: str | None = None, dtype: torch.dtype | None = None,
+                        adapters: list[str] | None = None) -> Generator:
+        """The model of checkpoint ``path`` (a LoRA checkpoint: its base with it merged), with ``adapters``
+        (LoRA checkpoints trained on ``path``) merged in as tools/merge_lora.py merges them."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, run = load_model(path, device, dtype)
+        model, run = load_model(load_run(path, adapters), device, dtype)
         return cls(model, run, device)
 
     def default_stops(self) -> set[int]:

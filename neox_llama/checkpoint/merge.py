@@ -1,0 +1,134 @@
+"""Merging LoRA checkpoints into their base, one layer at a time: ``W + sum_i weight_i x (alpha_i / r_i) B_i A_i``.
+
+The same streaming merge serves ``tools/merge_lora.py`` (written as a full checkpoint), generation with
+``--adapter`` and the Hugging Face export of a LoRA checkpoint, through :func:`merged_weight`, so all of them
+compute the same tensors to the bit. Peak memory is about one layer of the base, never the whole model.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from neox_llama.checkpoint.adapter import adapter_layers, fingerprint, resolve_base, updates_by_weight
+from neox_llama.checkpoint.metadata import Layout, Metadata, read_metadata, write_metadata
+from neox_llama.checkpoint.paths import CheckpointError, layer_file, resolve_checkpoint
+from neox_llama.checkpoint.weights import layer_indices, read_layer_file, write_layer_file
+from neox_llama.model.lora import LoraSettings, merged_weight
+from neox_llama.utils.files import make_temporary_dir
+
+logger = logging.getLogger(__name__)
+
+LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+
+
+@dataclass
+class Adapter:
+    """A LoRA checkpoint to apply: its folder, metadata, settings and the weight of its update."""
+
+    folder: Path
+    metadata: Metadata
+    settings: LoraSettings
+    weight: float = 1.0
+
+    @classmethod
+    def open(cls, path: str | Path, weight: float = 1.0) -> Adapter:
+        folder = resolve_checkpoint(path)
+        meta = read_metadata(folder)
+        if not meta.is_adapter:
+            raise CheckpointError(f"{folder}: not a LoRA checkpoint (its metadata.json has no lora settings)")
+        return cls(folder, meta, LoraSettings.from_dict(meta.lora), weight)
+
+
+def find_base(adapters: list[Adapter], base: str | Path | None = None, force: bool = False) -> Path:
+    """The base every adapter was trained on (``base`` overrides the saved path); all must share it."""
+    folder = resolve_base(adapters[0].folder, adapters[0].metadata, base, force)
+    for adapter in adapters[1:]:
+        resolve_base(adapter.folder, adapter.metadata, folder, force)  # same base, same fingerprint
+    return folder
+
+
+def merged_layer(index: int, tensors: dict[str, torch.Tensor], adapters: list[Adapter],
+                 layers: list[dict[int, dict[str, torch.Tensor]]], path: Path) -> dict[str, torch.Tensor]:
+    """Layer ``index``'s base ``tensors`` with every adapter's update folded in (shapes checked)."""
+    updates: dict[str, list[tuple]] = {}
+    for adapter, per_layer in zip(adapters, layers, strict=True):
+        for name, (a, b, scale) in updates_by_weight(per_layer.get(index, {}), adapter.settings.scaling).items():
+            updates.setdefault(name, []).append((a, b, scale * adapter.weight))
+    out = dict(tensors)
+    for name, items in updates.items():
+        if name not in tensors:
+            raise CheckpointError(f"{path}: the base has no {name} for the adapter's update; the adapter was trained "
+                                  "on another model")
+        weight = tensors[name]
+        for a, b, _ in items:
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or (b.shape[0], a.shape[1]) != tuple(weight.shape):
+                raise CheckpointError(f"{path}: {name} has shape {tuple(weight.shape)}, but the adapter's update is "
+                                      f"{tuple(b.shape)} x {tuple(a.shape)}; the adapter was trained on another model")
+        out[name] = merged_weight(weight, items)
+    return out
+
+
+def merged_layers(base: Path, adapters: list[Adapter]) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(layer index, merged tensors) for every weight file of ``base``, one layer at a time."""
+    layers = [adapter_layers(a.folder) for a in adapters]
+    indices = layer_indices(base)
+    for adapter, per_layer in zip(adapters, layers, strict=True):
+        extra = sorted(set(per_layer) - set(indices))
+        if extra:
+            raise CheckpointError(f"{adapter.folder}: adapter tensors for layer {extra[0]}, which the base {base} "
+                                  "does not have; the adapter was trained on another model")
+    for index in indices:
+        path = layer_file(base, index)
+        yield index, merged_layer(index, read_layer_file(path), adapters, layers, path)
+
+
+def merge_to_checkpoint(adapters: list[Adapter], output: str | Path, base: str | Path | None = None,
+                        force: bool = False) -> Path:
+    """Write base + adapters as a full checkpoint folder ``output`` (through a temporary folder renamed at the end).
+
+    The merged checkpoint keeps the first adapter's config without its LoRA keys, the base's tokenizer files and
+    the adapter's prompt style; generate.py, convert_to_hf.py and further training take it like any checkpoint.
+    """
+    from neox_llama.config.loading import dump_raw, load_raw
+
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise CheckpointError(f"{output}: exists and is not empty; choose another --output")
+    base_folder = find_base(adapters, base, force)
+    base_meta = read_metadata(base_folder)
+    first = adapters[0]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temporary_dir(output.parent, f".{output.name}.")
+    try:
+        for index, tensors in merged_layers(base_folder, adapters):
+            write_layer_file(layer_file(tmp, index), tensors)
+        raw, _ = load_raw([first.folder / "config.yml"], apply_presets=False)
+        for key in LORA_KEYS:
+            raw.pop(key, None)
+        dump_raw(raw, tmp / "config.yml", header=f"# merged by tools/merge_lora.py from {first.folder}")
+        for name in base_meta.tokenizer_files:
+            shutil.copyfile(base_folder / name, tmp / name)
+        meta = Metadata(
+            tag="merged", step=first.metadata.step, layout=Layout(world_size=first.metadata.layout.world_size,
+                                                                  pipe_parallel_size=first.metadata.layout.pipe_parallel_size,
+                                                                  model_parallel_size=first.metadata.layout.model_parallel_size),
+            tokenizer_files=list(base_meta.tokenizer_files), precision=base_meta.precision,
+            prompt_style=first.metadata.prompt_style, base=first.metadata.base,
+            merged_from=[{"path": str(a.folder.resolve()), "fingerprint": fingerprint(a.folder), "weight": a.weight,
+                          "step": a.metadata.step, "lora": a.settings.to_dict()} for a in adapters])
+        write_metadata(tmp, meta)
+        if output.exists():
+            output.rmdir()  # an empty folder
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("merged %s into %s -> %s", ", ".join(f"{a.folder} x {a.weight:g}" for a in adapters), base_folder,
+                output)
+    return output
