@@ -10,7 +10,7 @@ import yaml
 from neox_llama.config import Config, deepspeed_config
 from neox_llama.config.typecheck import user_fields
 from neox_llama.launcher import LaunchCommand, LaunchPlan
-from neox_llama.model.flops import count_parameters, flops_per_token
+from neox_llama.model.flops import count_parameters, count_trainable, flops_per_token
 from neox_llama.model.memory import estimate_memory
 
 
@@ -54,8 +54,14 @@ def model_text(cfg: Config) -> str:
         return arch + "\nparameters: known once the tokenizer gives the vocabulary size"
     count = count_parameters(cfg)
     vocab = f"vocab {cfg.vocab_size} padded to {d.padded_vocab_size}"
+    trained = ""
+    if cfg.lora_r or cfg.freeze:
+        t = count_trainable(cfg)
+        how = f"LoRA r {cfg.lora_r} on {', '.join(cfg.lora_targets)}" if cfg.lora_r else f"freeze {', '.join(cfg.freeze)}"
+        trained = (f"trainable: {t.trainable:,} of {t.total:,} parameters ({100 * t.fraction:.3f}%, {how}); "
+                   "frozen matrices count 4 FLOPs per parameter, not 6\n")
     return (f"{arch}, {vocab}\n"
-            f"parameters: {count.total:,} total, {count.non_embedding:,} non-embedding (head included)\n"
+            f"parameters: {count.total:,} total, {count.non_embedding:,} non-embedding (head included)\n{trained}"
             f"training FLOPs per token: {flops_per_token(cfg):,} (6N + 12 x layers x heads x head_dim x seq_length)\n"
             f"{estimate_memory(cfg).text()}")
 

@@ -3,6 +3,12 @@
 
     python tools/preprocess_data.py --input data/a.jsonl,data/b.jsonl.gz --output-prefix data/corpus \\
         --tokenizer-type SPMTokenizer --vocab-file tokenizer.model --append-eod --workers 2
+    python tools/preprocess_data.py --instruction --input data/alpaca.json --output-prefix data/sft \
+        --tokenizer-type SPMTokenizer --vocab-file tokenizer.model [--prompt-style alpaca] [--no-mask-prompt]
+
+--instruction reads JSON/JSONL instruction records (Alpaca or chat) and writes PREFIX_text_document and the
+parallel PREFIX_label_document (GPT-NeoX's format: int32, -100 where there is no loss), for
+train_data_paths + train_label_data_paths.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from pathlib import Path
 from neox_llama.data.preprocess import output_prefix_for, preprocess
 from neox_llama.errors import NeoxLlamaError
 from neox_llama.tokenizers import TOKENIZER_TYPES
+from neox_llama.tokenizers.prompts import STYLES
 from neox_llama.utils.logging_setup import setup_logging
 
 
@@ -34,6 +41,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help=".txt inputs: one document per file, or per blank-line-separated paragraph")
     parser.add_argument("--strict", action="store_true", help="stop at the first malformed record instead of skipping it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--instruction", action="store_true",
+                        help="instruction records -> PREFIX_text_document + PREFIX_label_document")
+    parser.add_argument("--prompt-style", choices=STYLES, help="--instruction: the template (default: alpaca for "
+                                                               "Alpaca records, the family's chat style for chat)")
+    parser.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=True,
+                        help="--instruction: labels only on response tokens (default on)")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
@@ -45,6 +58,8 @@ def main(argv: list[str]) -> int:
     setup_logging("info")
     log = logging.getLogger("preprocess_data")
     inputs = [Path(p) for p in args.input.split(",") if p]
+    if args.instruction:
+        return _instruction(args, inputs)
     try:
         summary = preprocess(inputs, args.output_prefix, args.tokenizer_type, args.vocab_file,
                              keys=tuple(args.jsonl_keys), append_eod=args.append_eod, workers=args.workers,
@@ -59,6 +74,22 @@ def main(argv: list[str]) -> int:
     log.info("done: %s", summary.text())
     for key in args.jsonl_keys if not all(p.suffix == ".txt" for p in inputs) else ["text"]:
         log.info("wrote %s.{bin,idx}", output_prefix_for(args.output_prefix, key))
+    return 0
+
+
+def _instruction(args: argparse.Namespace, inputs: list[Path]) -> int:
+    from neox_llama.data.instruction import write_label_datasets
+    from neox_llama.tokenizers import build_tokenizer
+
+    try:
+        tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file)
+        text, labels, records, tokens = write_label_datasets(inputs, args.output_prefix, tokenizer, args.prompt_style,
+                                                             args.mask_prompt)
+    except NeoxLlamaError as err:
+        print(f"preprocess_data.py: error: {err}", file=sys.stderr)
+        return 2
+    logging.getLogger("preprocess_data").info("wrote %s.{bin,idx} and %s.{bin,idx}: %d records, %d tokens", text,
+                                              labels, records, tokens)
     return 0
 
 

@@ -119,19 +119,44 @@ class GPTDataset:
     def __len__(self) -> int:
         return len(self.shuffle)
 
-    def __getitem__(self, index: int) -> np.ndarray:
-        """The ``seq_length + 1`` tokens of sample ``index`` (int64)."""
+    def read(self, data: IndexedDataset, index: int) -> np.ndarray:
+        """Sample ``index``'s ``seq_length + 1`` values of ``data`` (the tokens, or a parallel label dataset)."""
         k = int(self.shuffle[index])
         (d0, o0), (d1, o1) = self.sample_starts[k], self.sample_starts[k + 1]
         d0, o0, d1, o1 = int(d0), int(o0), int(d1), int(o1)
         if d0 == d1:
-            tokens = self.data.get(int(self.doc_order[d0]), o0, o1 - o0 + 1)
+            values = data.get(int(self.doc_order[d0]), o0, o1 - o0 + 1)
         else:
-            parts = [self.data.get(int(self.doc_order[d0]), o0)]
-            parts += [self.data.get(int(self.doc_order[d])) for d in range(d0 + 1, d1)]
-            parts.append(self.data.get(int(self.doc_order[d1]), 0, o1 + 1))
-            tokens = np.concatenate(parts)
-        return tokens.astype(np.int64)
+            parts = [data.get(int(self.doc_order[d0]), o0)]
+            parts += [data.get(int(self.doc_order[d])) for d in range(d0 + 1, d1)]
+            parts.append(data.get(int(self.doc_order[d1]), 0, o1 + 1))
+            values = np.concatenate(parts)
+        return values.astype(np.int64)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        """The ``seq_length + 1`` tokens of sample ``index`` (int64)."""
+        return self.read(self.data, index)
+
+
+class LabeledGPTDataset:
+    """A token dataset and its parallel label dataset (GPT-NeoX's ``*_label_document``: the label of every token,
+    -100 where there is no loss), read through the same sample index. Samples are [2, seq_length + 1] arrays:
+    tokens, then labels."""
+
+    def __init__(self, tokens: GPTDataset, label_prefix: str):
+        self.tokens = tokens
+        self.labels = IndexedDataset(label_prefix)
+        docs = tokens.data.sizes
+        if len(self.labels.sizes) != len(docs) or not np.array_equal(self.labels.sizes, docs):
+            raise DataError(f"{label_prefix}: its documents do not match {tokens.prefix}'s ({len(self.labels.sizes)} vs "
+                            f"{len(docs)} documents, or different lengths); a label dataset must be made with its "
+                            "token dataset (tools/preprocess_data.py --instruction)")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return np.stack([self.tokens.read(self.tokens.data, index), self.tokens.read(self.labels, index)])
 
 
 class BlendedDataset:

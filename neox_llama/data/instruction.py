@@ -335,3 +335,38 @@ def build_instruction_datasets(cfg, tokenizer: Tokenizer | None, counts: dict[st
     logger.info("instruction data %s: %d training and %d validation records, prompt style %s, %s", path,
                 len(train_records), len(valid_records), style, "packed" if cfg.sft_packing else "padded")
     return InstructionData(out, style)
+
+
+def write_label_datasets(inputs: list[Path], output_prefix: str, tokenizer: Tokenizer, style: str | None,
+                         mask_prompt: bool = True) -> tuple[str, str, int, int]:
+    """Instruction records -> ``{prefix}_text_document`` (token ids) and ``{prefix}_label_document`` (int32 labels,
+    -100 without loss) in GPT-NeoX's format; for corpora too large to tokenise at start-up. Returns the two
+    prefixes, the records and the tokens written. Records are not truncated: training packs them by seq_length."""
+    from neox_llama.data.indexed import IndexedDatasetWriter, token_dtype
+
+    text_prefix, label_prefix = f"{output_prefix}_text_document", f"{output_prefix}_label_document"
+    conversations, chat = [], False
+    for path in inputs:
+        records, is_chat = load_records(path)
+        conversations += [(path, i, r) for i, r in enumerate(records)]
+        chat = chat or is_chat
+    try:
+        chosen = resolve_style(style, chat, tokenizer)
+    except TokenizerError as err:
+        raise InstructionDataError(f"{inputs[0]}: {err}") from None
+    tokens = 0
+    with IndexedDatasetWriter(text_prefix, token_dtype(tokenizer.vocab_size)) as text, \
+            IndexedDatasetWriter(label_prefix, np.int32) as labels:
+        for path, index, messages in conversations:
+            try:
+                ids, trained = encode_dialog(tokenizer, chosen, messages, open_turn=False)
+            except TokenizerError as err:
+                raise InstructionDataError(f"{path}: record {index}: {err}") from None
+            trained = trained if mask_prompt else [True] * len(ids)
+            trained[0] = False
+            text.add_document(ids)
+            labels.add_document([t if keep else IGNORE for t, keep in zip(ids, trained, strict=True)])
+            tokens += len(ids)
+    logger.info("%d records in prompt style %s -> %s.{bin,idx} and %s.{bin,idx} (%d tokens)", len(conversations),
+                chosen, text_prefix, label_prefix, tokens)
+    return text_prefix, label_prefix, len(conversations), tokens

@@ -10,7 +10,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from neox_llama.config.schema import Config
-from neox_llama.data.gpt_dataset import BlendedDataset, DataError, GPTDataset, blend_sizes, split_ranges
+from neox_llama.data.gpt_dataset import (
+    BlendedDataset,
+    DataError,
+    GPTDataset,
+    LabeledGPTDataset,
+    blend_sizes,
+    split_ranges,
+)
 from neox_llama.data.indexed import IndexedDataset
 
 SPLITS = ("train", "valid", "test")
@@ -50,9 +57,15 @@ class BatchMaker:
 
     def __call__(self, samples: list[np.ndarray]) -> dict[str, torch.Tensor]:
         tokens = torch.from_numpy(np.stack(samples))
+        given = None
+        if tokens.ndim == 3:  # [tokens; labels] from a label dataset: GPT-NeoX's rule, loss where label >= 0
+            tokens, given = tokens[:, 0], tokens[:, 1, 1:]
         inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
         batch, seq = inputs.shape
         loss_mask = torch.ones(batch, seq, dtype=torch.float32)
+        if given is not None:
+            loss_mask = (given >= 0).float()
+            labels = torch.where(given >= 0, given, torch.zeros_like(given)).contiguous()
         position_ids = torch.arange(seq).expand(batch, seq).contiguous()
         if self.eod_id is not None and (self.reset_position_ids or self.eod_mask_loss):
             is_eod = inputs == self.eod_id
@@ -74,13 +87,17 @@ def split_sample_counts(cfg: Config) -> dict[str, int]:
     return {"train": cfg.train_iters * batch, "valid": evals * cfg.eval_iters * batch, "test": cfg.eval_iters * batch}
 
 
-def _blend(name: str, prefixes: list[str], weights: list[float], size: int, cfg: Config):
+def _blend(name: str, prefixes: list[str], weights: list[float], size: int, cfg: Config, labels: list[str]):
     datasets_raw = [IndexedDataset(p) for p in prefixes]
     weights = weights or [float(ds.num_tokens) for ds in datasets_raw]
+
+    def part(i: int, samples: int, seed: int):
+        dataset = GPTDataset(name, prefixes[i], (0, len(datasets_raw[i])), cfg.seq_length, samples, seed, datasets_raw[i])
+        return LabeledGPTDataset(dataset, labels[i]) if labels else dataset
+
     if len(prefixes) == 1:
-        return GPTDataset(name, prefixes[0], (0, len(datasets_raw[0])), cfg.seq_length, size, cfg.seed, datasets_raw[0])
-    parts = [GPTDataset(name, p, (0, len(ds)), cfg.seq_length, n, cfg.seed + i, ds)
-             for i, (p, ds, n) in enumerate(zip(prefixes, datasets_raw, blend_sizes(weights, size), strict=True))]
+        return part(0, size, cfg.seed)
+    parts = [part(i, n, cfg.seed + i) for i, n in enumerate(blend_sizes(weights, size))]
     return BlendedDataset(parts, weights, size)
 
 
@@ -96,8 +113,9 @@ def build_datasets(cfg: Config) -> dict[str, object]:
         return out
     for name in SPLITS:
         paths, weights = getattr(cfg, f"{name}_data_paths"), getattr(cfg, f"{name}_data_weights")
+        labels = getattr(cfg, f"{name}_label_data_paths")
         if paths and counts[name] > 0:
-            out[name] = _blend(name, paths, weights, counts[name], cfg)
+            out[name] = _blend(name, paths, weights, counts[name], cfg, labels)
     return out
 
 

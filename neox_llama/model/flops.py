@@ -62,8 +62,58 @@ def count_parameters(cfg: Config, vocab_size: int | None = None) -> ParameterCou
                           final_norm=norm, head=head, head_compute=vocab * h)
 
 
+@dataclass
+class Trainable:
+    """What a fine-tune trains: LoRA adapters on a frozen base, or the base minus its ``freeze`` patterns."""
+
+    trainable: int
+    """Parameters that get gradients and optimizer state (LoRA: only the adapters)."""
+    total: int
+    """Every parameter, adapters included."""
+    frozen_compute: int
+    """Frozen parameters that multiply activations (a frozen embedding lookup is not counted; a tied head is)."""
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / max(self.total, 1)
+
+
+def count_trainable(cfg: Config, vocab_size: int | None = None) -> Trainable:
+    """Count from the model built on the meta device with the config's LoRA or freeze applied (no memory used)."""
+    from neox_llama.model.args import LlamaArgs
+    from neox_llama.model.factory import SINGLE_DEVICE
+    from neox_llama.model.freeze import apply_freeze
+    from neox_llama.model.llama import build_model
+    from neox_llama.model.lora import LoraSettings, apply_lora
+
+    args = LlamaArgs.from_config(cfg, vocab_size)
+    model = build_model(args, device="meta", initialize=False)
+    layers = {int(i): layer for i, layer in model.named_children()}
+    settings = LoraSettings.from_config(cfg)
+    if settings is not None:
+        apply_lora(layers, settings, SINGLE_DEVICE, cfg.seed)
+    elif cfg.freeze:
+        apply_freeze(layers, cfg.freeze, cfg.num_layers)
+    trainable = total = frozen_compute = 0
+    for name, param in model.named_parameters():
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+        elif not name.startswith("0.") or (args.tie_embeddings and name == "0.word_embeddings.weight"):
+            frozen_compute += param.numel()
+    return Trainable(trainable, total, frozen_compute)
+
+
 def flops_per_token(cfg: Config, vocab_size: int | None = None) -> int:
-    """Training FLOPs (forward + backward) per token at ``seq_length``."""
+    """Training FLOPs (forward + backward) per token at ``seq_length``.
+
+    A frozen matrix costs 4 FLOPs per parameter (forward, and the backward pass's input gradient), not 6:
+    its weight gradient is not computed. LoRA adapters are counted like any trained matrix.
+    """
     n = count_parameters(cfg, vocab_size).non_embedding
     attention = 12 * cfg.num_layers * cfg.num_attention_heads * cfg.derived.head_dim * cfg.seq_length
-    return 6 * n + attention
+    if not cfg.lora_r and not cfg.freeze:
+        return 6 * n + attention
+    counted = count_trainable(cfg, vocab_size)
+    adapters = counted.total - count_parameters(cfg, vocab_size).total
+    return 6 * n - 2 * counted.frozen_compute + 6 * adapters + attention

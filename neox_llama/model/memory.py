@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 
 from neox_llama.config.schema import Config
-from neox_llama.model.flops import count_parameters
+from neox_llama.model.flops import count_parameters, count_trainable
 
 GIB = 1024**3
 
@@ -71,10 +71,12 @@ def estimate_memory(cfg: Config) -> MemoryEstimate:
 
     mixed = cfg.precision != "fp32"
     weight_bytes, grad_bytes, optim_bytes = (2, 2, 12) if mixed else (4, 4, 8)
+    # Gradients and optimizer state exist only for what trains (LoRA adapters, or the base minus `freeze`).
+    fraction = count_trainable(cfg).fraction if (cfg.lora_r or cfg.freeze) else 1.0
     stage = cfg.zero_optimization.stage
     weights = params * weight_bytes / (dp if stage >= 3 else 1)
-    gradients = params * grad_bytes / (dp if stage >= 2 else 1)
-    optimizer = params * optim_bytes / (dp if stage >= 1 else 1)
+    gradients = params * fraction * grad_bytes / (dp if stage >= 2 else 1)
+    optimizer = params * fraction * optim_bytes / (dp if stage >= 1 else 1)
 
     s, b, h = cfg.seq_length, d.train_micro_batch_size_per_gpu, cfg.hidden_size
     kv = d.num_kv_heads * d.head_dim
