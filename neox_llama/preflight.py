@@ -62,7 +62,13 @@ def check_resume_target(cfg: Config) -> list[str]:
         if Path(cfg.load, LATEST).exists() or Path(cfg.load, METADATA).exists():  # not ours, or incomplete
             return [f"{cfg.sources.get('load', 'default')}: load: {err}"]
         return []  # nothing saved yet (a fresh run); finetune without a checkpoint is reported elsewhere
+    from neox_llama.checkpoint.adapter import resolve_base
+    from neox_llama.checkpoint.metadata import read_metadata
+
     try:
+        meta = read_metadata(folder)
+        if meta.is_adapter:  # a LoRA checkpoint: its base holds the weights
+            folder = resolve_base(folder, meta)
         check_shapes(folder, LlamaArgs.from_config(cfg))
     except CheckpointError as err:
         return [f"{cfg.sources.get('load', 'default')}: load: {err}"]

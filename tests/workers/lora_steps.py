@@ -1,0 +1,60 @@
+"""Worker run on every rank by tests/test_lora_layouts.py through DeepSpeed's launcher.
+
+Loads a base checkpoint into the tiny model at the layout given by the overrides, attaches LoRA as the
+trainer does (setup_engine), takes three optimizer steps on fixed batches (the loss before each step is
+recorded, and the loss with the adapters freshly attached), and writes this rank's full weights.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from parallel_step import fixed_batch, full_weights  # this script's folder is on sys.path
+
+from neox_llama.config import load_config
+from neox_llama.distributed import init_distributed, shutdown_distributed
+from neox_llama.model.args import LlamaArgs
+from neox_llama.model.loss import CausalLMLoss
+from neox_llama.parallel.topology import ParallelState
+from neox_llama.training.checkpointing import load_layer_weights
+from neox_llama.training.engine import setup_engine
+from neox_llama.training.step import make_global_batch, run_global_batch
+
+STEPS = 3
+
+
+def main() -> None:
+    out_dir, base, config_file, overrides = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4:]
+    cfg = load_config([config_file], overrides, world_size=int(os.environ["WORLD_SIZE"]))
+    info = init_distributed("cpu")
+    state = ParallelState(cfg.pipe_parallel_size, cfg.model_parallel_size)
+    args = LlamaArgs.from_config(cfg)
+    runner = setup_engine(cfg, args, state, prepare_module=lambda m: load_layer_weights(m, state, base, args))
+    engine = runner.engine
+    d = cfg.derived
+    micro = d.train_micro_batch_size_per_gpu
+    loss_fn = CausalLMLoss(runner.factory)
+    losses = []
+    for _ in range(STEPS):
+        ids, mask = fixed_batch(args.vocab_size, d.train_batch_size, cfg.seq_length)  # the same batch: loss falls
+        mine = [(ids[s:s + micro], mask[s:s + micro])
+                for s in range(0, len(ids), micro)][state.dp_rank::d.data_parallel_size]
+        samples = [{"input_ids": x[:, :-1], "labels": x[:, 1:], "loss_mask": m,
+                    "position_ids": torch.arange(cfg.seq_length).expand(len(x), -1)} for x, m in mine]
+        batch = make_global_batch(samples, runner, info.device)
+        losses.append(run_global_batch(runner, batch, loss_fn, train=False))
+        engine.train()
+        run_global_batch(runner, batch, loss_fn, train=True)
+    from neox_llama.training.checkpointing import gathered
+
+    with gathered(list(engine.module.parameters())):
+        weights = full_weights(engine.module, state)
+    torch.save({"losses": losses, "weights": weights}, out_dir / f"rank{info.rank}.pt")
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main()
