@@ -118,12 +118,12 @@ def test_weighted_merge_equals_the_hand_computed_combination(base, tmp_path):
 def test_a_different_base_is_refused_unless_forced_and_shapes_always_checked(base, tmp_path):
     adapter = adapter_checkpoint(tmp_path / "lora", base, SETTINGS, seed=1)
     save_random_checkpoint(tmp_path / "other", UNTIED, seed=77)  # same shapes, other weights
-    with pytest.raises(CheckpointError, match="fingerprint .* differs"):
+    with pytest.raises(CheckpointError, match=r"fingerprint .* differs"):
         merge_to_checkpoint([Adapter.open(adapter)], tmp_path / "m1", base=tmp_path / "other")
     assert not (tmp_path / "m1").exists()
     merge_to_checkpoint([Adapter.open(adapter)], tmp_path / "m2", base=tmp_path / "other", force=True)
     save_random_checkpoint(tmp_path / "wide", {**UNTIED, "intermediate_size": 128})
-    with pytest.raises(CheckpointError, match="mlp.(gate|up|down).weight has shape"):
+    with pytest.raises(CheckpointError, match=r"mlp\.(gate|up|down)\.weight has shape"):
         merge_to_checkpoint([Adapter.open(adapter)], tmp_path / "m3", base=tmp_path / "wide", force=True)
     assert not (tmp_path / "m3").exists() and not list(tmp_path.glob(".m3.*"))  # nothing half-written is left
     shutil.move(base, tmp_path / "moved")
