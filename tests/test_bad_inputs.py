@@ -187,6 +187,42 @@ def case_generate_prompt_longer_than_the_context(world, tmp_path):
         "the model's context is 256", []
 
 
+def _sft(world, tmp_path, records: str, *overrides: str):
+    path = tmp_path / "sft.jsonl"
+    path.write_text(records)
+    args = [sys.executable, str(ROOT / "deepy.py"), "train.py", "configs/llama3/tiny.yml", "tokenizer_type=SPMTokenizer",
+            f"vocab_file={world['tok']}", "finetune=true", f"load={world['w'] / 'run/ck'}", f"sft_data_path={path}",
+            f"save={tmp_path / 'ft'}", f"log_dir={tmp_path / 'ft/logs'}", "precision=fp32", "num_workers=0",
+            "train_iters=2", "seq_length=32", "lora_r=4", *overrides]
+    return run(args, timeout=300, retry_abort=True), path
+
+
+def case_finetune_record_with_an_unknown_role(world, tmp_path):
+    proc, path = _sft(world, tmp_path, '{"instruction": "a", "output": "b"}\n'
+                                       '{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}\n')
+    return proc, f"{path}: record 1: messages[1].role 'bot' is unknown", []
+
+
+def case_finetune_bad_freeze_pattern(world, tmp_path):
+    proc, _ = _sft(world, tmp_path, '{"instruction": "a", "output": "b"}\n', "lora_r=0", "freeze=[layers.9]")
+    return proc, "freeze entry 'layers.9': blocks 9-9 are not within the model's blocks 0-1", []
+
+
+def case_finetune_lora_without_a_base(world, tmp_path):
+    proc, _ = _sft(world, tmp_path, '{"instruction": "a", "output": "b"}\n', "load=null", "finetune=false")
+    return proc, "lora_r 4 adapts a trained base: set load", []
+
+
+def case_merge_lora_of_a_full_checkpoint(world, tmp_path):
+    return _tool("merge_lora.py", "--checkpoint", world["w"] / "run/ck", "--output", tmp_path / "m"), \
+        "not a LoRA checkpoint", []
+
+
+def case_generate_adapter_that_is_not_lora(world, tmp_path):
+    return _tool("generate.py", "--checkpoint", world["w"] / "run/ck", "--adapter", world["w"] / "run/ck", "--prompt",
+                 "x"), "not a LoRA checkpoint", []
+
+
 CASES = {name.removeprefix("case_"): fn for name, fn in dict(globals()).items() if name.startswith("case_")}
 
 

@@ -1,0 +1,222 @@
+"""Fine-tuning through deepy.py on real ranks: LoRA on JSON records with self-describing checkpoints at every
+step, merging an intermediate step, --adapter generation and chat, exact resume, and a full fine-tune with
+frozen layers from a Hugging Face import."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers.assets import asset
+from helpers.checkpoints import save_random_checkpoint
+from helpers.runner import ROOT, free_port
+from helpers.runner import run as run_command
+from test_lora import IDS, unmerged_logits
+
+from neox_llama.checkpoint.merge import Adapter
+from neox_llama.checkpoint.metadata import read_metadata
+from neox_llama.checkpoint.run import load_model
+from neox_llama.checkpoint.weights import read_layer_file
+from neox_llama.config.loading import load_raw
+from neox_llama.tokenizers.train import train_sentencepiece
+
+pytestmark = pytest.mark.dist
+
+PRESET = "configs/llama3/tiny.yml"
+WORDS = "apple river stone cloud green seven quiet ember violet north market candle".split()
+COMMON = ["seq_length=64", "precision=fp32", "log_interval=1", "num_workers=0", "tensorboard_dir=null",
+          "train_micro_batch_size_per_gpu=2", "warmup_iters=1", "eval_iters=1", "make_vocab_size_divisible_by=64"]
+LORA = ["lora_r=8", "lora_alpha=4", "lora_dropout=0", "lora_targets=[query,value,mlp]", "val_split_fraction=0.2",
+        "prompt_style=alpaca", "optimizer.params.lr=1e-2"]
+
+
+def records(n=40):
+    out = []
+    for i in range(n):
+        words = [WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(3)]
+        out.append({"instruction": f"Repeat the words: {' '.join(words)}", "input": "", "output": " ".join(words)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A sentencepiece tokenizer, instruction records, and a random base checkpoint of the tiny preset."""
+    tmp = tmp_path_factory.mktemp("ft")
+    data = tmp / "sft.json"
+    data.write_text(json.dumps(records()))
+    text = tmp / "text.jsonl"
+    text.write_text("\n".join(json.dumps({"text": f"{r['instruction']} {r['output']}"}) for r in records()) + "\n")
+    tokenizer = train_sentencepiece([text], tmp / "tok", 384)
+    raw, _ = load_raw([ROOT / PRESET], apply_presets=False)
+    keys = ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "intermediate_size",
+            "rotary_emb_base", "max_position_embeddings", "no_weight_tying", "make_vocab_size_divisible_by")
+    settings = {k: raw[k] for k in keys} | {"seq_length": 64, "precision": "fp32"}
+    save_random_checkpoint(tmp / "base", settings, tokenizer_type="SPMTokenizer", tokenizer_file=tokenizer, seed=5)
+    return tmp, data, tokenizer, tmp / "base"
+
+
+def deepy(save, tokenizer, *overrides, wait=True, timeout=400):
+    args = [sys.executable, str(ROOT / "deepy.py"), "train.py", PRESET, *COMMON, "tokenizer_type=SPMTokenizer",
+            f"vocab_file={tokenizer}", f"save={save}", f"log_dir={save}/logs", f"master_port={free_port()}", *overrides]
+    if not wait:
+        return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return run_command(args, timeout=timeout, retry_abort=True)
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def metrics(save, key="loss"):
+    return [r for r in map(json.loads, (save / "logs" / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+
+def tool(name, *args, stdin=None):
+    return subprocess.run([sys.executable, str(ROOT / "tools" / name), *args], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, input=stdin)
+
+
+@pytest.fixture(scope="module")
+def lora_run(setup):
+    tmp, data, tokenizer, base = setup
+    save = tmp / "lora"
+    proc = ok(deepy(save, tokenizer, "finetune=true", f"load={base}", f"sft_data_path={data}", *LORA, "train_iters=6",
+                    "checkpoint_factor=2", "eval_interval=2", "save_best=true"))
+    return save, proc
+
+
+def test_every_lora_step_is_a_self_describing_adapter_checkpoint(setup, lora_run):
+    base = setup[3]
+    save, proc = lora_run
+    assert "fine-tuning from LoRA r 8 on the frozen weights of" in proc.stderr
+    assert "32 training and 8 validation records, prompt style alpaca" in proc.stderr
+    for tag in ("global_step2", "global_step4", "global_step6", "best"):
+        folder = save / tag
+        assert (folder / "adapter").is_dir() and not (folder / "weights").exists(), tag
+        meta = read_metadata(folder)
+        assert meta.lora == {"r": 8, "alpha": 4.0, "dropout": 0.0, "targets": ["query", "value", "mlp"]}
+        assert meta.prompt_style == "alpaca" and meta.base.path == str(base.resolve())
+        names = {n for f in (folder / "adapter").iterdir() for n in read_layer_file(f)}
+        assert names == {f"{p}.lora.{x}" for p in ("attention.query", "attention.value", "mlp.gate", "mlp.up", "mlp.down")
+                         for x in "ab"}
+    engine_state = (save / "global_step2" / "mp_rank_00_model_states.pt").stat().st_size
+    base_weights = sum(f.stat().st_size for f in (base / "weights").iterdir())
+    assert engine_state < base_weights / 4  # the frozen base is not saved again
+    valid = metrics(save, "valid_loss")
+    assert [r["step"] for r in valid] == [2, 4, 6] and valid[-1]["valid_loss"] < valid[0]["valid_loss"]
+    assert [r["epoch"] for r in metrics(save)] == [1] * 6  # 32 records, 2 per step: one epoch is 16 steps
+
+
+def test_an_intermediate_step_merges_and_generates_like_base_plus_adapter(setup, lora_run):
+    tmp, _, _, base = setup
+    save, _ = lora_run
+    step4 = save / "global_step4"
+    proc = tool("merge_lora.py", "--checkpoint", str(step4), "--output", str(tmp / "merged4"))
+    assert proc.returncode == 0, proc.stderr
+    settings = Adapter.open(step4).settings
+    expected = unmerged_logits(base, step4, settings)
+    with torch.no_grad():
+        merged = load_model(tmp / "merged4")[0](IDS)
+    assert (merged - expected).abs().max().item() <= 1e-5
+    assert (merged - load_model(base)[0](IDS)).abs().max().item() > 1e-4  # step 4 is not the base
+    prompt = ["--prompt", "Repeat the words: apple river stone", "--max-new-tokens", "12", "--prompt-style", "alpaca"]
+    with_adapter = tool("generate.py", "--checkpoint", str(base), "--adapter", str(step4), *prompt)
+    alone = tool("generate.py", "--checkpoint", str(step4), *prompt)  # the base found through the metadata
+    from_merged = tool("generate.py", "--checkpoint", str(tmp / "merged4"), *prompt)
+    assert with_adapter.returncode == 0, with_adapter.stderr
+    assert with_adapter.stdout == alone.stdout == from_merged.stdout and with_adapter.stdout.strip()
+    chat = tool("generate.py", "--checkpoint", str(step4), "--chat", "--max-new-tokens", "4",
+                stdin="Repeat the words: apple\nAnd again\n/reset\nOnce more\n/exit\nnever read\n")
+    assert chat.returncode == 0, chat.stderr
+    assert [line for line in chat.stdout.splitlines() if line.startswith(">>> ")] == \
+        [">>> Repeat the words: apple", ">>> And again", ">>> Once more"]
+    assert "(history cleared)" in chat.stdout and "never read" not in chat.stdout
+
+
+def test_lora_kill_and_rerun_resumes_exactly(setup):
+    tmp, data, tokenizer, base = setup
+    common = ["finetune=true", f"load={base}", f"sft_data_path={data}", *LORA, "train_iters=8", "checkpoint_factor=2",
+              "eval_interval=100"]
+    straight = tmp / "straight"
+    ok(deepy(straight, tokenizer, *common))
+    broken = tmp / "broken"
+    proc = deepy(broken, tokenizer, *common, wait=False)
+    latest = broken / "latest"
+    while not latest.exists():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = int(latest.read_text().removeprefix("global_step"))
+    assert killed_at < 8
+    resumed = ok(deepy(broken, tokenizer, *common))  # the same command: save holds a checkpoint of this fine-tune
+    assert f"holds global_step{killed_at} of this fine-tune" in resumed.stderr
+    assert f"resumed from {broken / f'global_step{killed_at}'} at step {killed_at}" in resumed.stderr
+    assert [r["step"] for r in metrics(broken)] == list(range(1, 9))
+    assert [r["loss"] for r in metrics(broken)] == [r["loss"] for r in metrics(straight)]  # exactly equal
+    # load: a LoRA checkpoint with finetune false resumes it; the base comes from its metadata
+    cont = ok(deepy(tmp / "cont", tokenizer, "finetune=false", f"load={straight / 'global_step6'}",
+                    f"sft_data_path={data}", *LORA, "train_iters=8", "checkpoint_factor=2", "eval_interval=100"))
+    assert "at step 6" in cont.stderr
+    assert [r["loss"] for r in metrics(tmp / "cont")] == [r["loss"] for r in metrics(straight)][6:]
+    # a fine-tune of another base never overwrites the checkpoints already in save
+    shutil.copytree(base, tmp / "base2")
+    (tmp / "base2" / "metadata.json").write_text((base / "metadata.json").read_text().replace('"step": 7', '"step": 8'))
+    clash = deepy(straight, tokenizer, "finetune=true", f"load={tmp / 'base2'}", f"sft_data_path={data}", *LORA,
+                  "train_iters=2")
+    assert clash.returncode == 2 and "which is not a fine-tune of" in clash.stderr
+    assert [r["loss"] for r in metrics(straight)] == [r["loss"] for r in metrics(broken)]
+
+
+def test_bad_records_and_settings_stop_before_training(setup):
+    tmp, data, tokenizer, base = setup
+    bad = tmp / "bad.jsonl"
+    bad.write_text("\n".join(json.dumps(r) for r in records(3)) + '\n{"instruction": "x", "output": 5}\n')
+    proc = deepy(tmp / "bad", tokenizer, "finetune=true", f"load={base}", f"sft_data_path={bad}", *LORA, "train_iters=2")
+    assert proc.returncode == 2 and f"{bad}: record 3: field 'output' is a int" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    tied = deepy(tmp / "t", tokenizer, "finetune=true", f"load={base}", f"sft_data_path={data}", *LORA,
+                 "lora_targets=[head]", "no_weight_tying=false", "train_iters=2")
+    assert tied.returncode == 2 and "lora_targets head is refused while the head is tied" in tied.stderr
+    resume_full = deepy(tmp / "r", tokenizer, f"load={base}", f"sft_data_path={data}", *LORA, "train_iters=2")
+    assert resume_full.returncode == 2 and "set finetune: true to start LoRA from it" in resume_full.stderr
+
+
+def test_full_finetune_with_frozen_layers_from_a_hugging_face_import(tmp_path):
+    """The demo records on a tiny model imported from Hugging Face: validation loss falls; frozen tensors stay."""
+    transformers = pytest.importorskip("transformers")
+    alpaca = asset("alpaca")
+    text = tmp_path / "text.jsonl"
+    demo = json.loads(alpaca.read_text())
+    text.write_text("\n".join(json.dumps({"text": f"{r['instruction']} {r['input']} {r['output']}"}) for r in demo))
+    tokenizer = train_sentencepiece([text], tmp_path / "tok", 384)
+    config = transformers.LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    assert tool("convert_from_hf.py", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")).returncode == 0
+    save = tmp_path / "full"
+    args = [sys.executable, str(ROOT / "deepy.py"), "train.py", str(tmp_path / "ours" / "model.yml"),
+            "tokenizer_type=SPMTokenizer", f"vocab_file={tokenizer}", "make_vocab_size_divisible_by=1", "seq_length=96",
+            "precision=fp32", "num_workers=0", "log_interval=5", "tensorboard_dir=null", f"save={save}",
+            f"log_dir={save}/logs", f"master_port={free_port()}", "finetune=true", f"load={tmp_path / 'ours'}",
+            f"sft_data_path={alpaca}", "val_split_fraction=0.05", "train_iters=40", "eval_interval=5", "eval_iters=4",
+            "checkpoint_factor=40", "train_micro_batch_size_per_gpu=4", "optimizer.params.lr=3e-3", "warmup_iters=2",
+            "freeze=[embeddings, layers.0]"]
+    proc = ok(run_command(args, timeout=400, retry_abort=True))
+    assert "frozen: embeddings, layers.0" in proc.stderr
+    valid = [r["valid_loss"] for r in metrics(save, "valid_loss")]
+    assert valid[-1] < valid[0] - 0.3, valid
+    for index in (0, 1, 2):
+        before = read_layer_file(tmp_path / "ours" / "global_step0" / "weights" / f"layer_{index:03d}.safetensors")
+        after = read_layer_file(save / "global_step40" / "weights" / f"layer_{index:03d}.safetensors")
+        same = all(torch.equal(before[n], after[n]) for n in before)
+        assert same == (index < 2), index  # embedding and block 0 frozen bit for bit; block 1 trained
+    assert read_metadata(save / "global_step40").prompt_style == "alpaca"
