@@ -23,9 +23,9 @@ demo: setup
 	$(PY) tools/plot_metrics.py runs/local/logs/metrics.jsonl
 	DS_ACCELERATOR=cpu $(PY) deepy.py train.py configs/llama3/tiny.yml configs/finetune/lora.yml
 	rm -rf runs/lora/merged
-	$(PY) tools/merge_lora.py --checkpoint runs/lora/checkpoints/global_step50 --output runs/lora/merged
+	$(PY) tools/merge_lora.py --checkpoint runs/lora/checkpoints/global_step200 --output runs/lora/merged
 	printf 'Give three tips for staying healthy.\nAnd one more?\n' | \
-	  $(PY) tools/generate.py --checkpoint runs/lora/merged --chat --max-new-tokens 40
+	  $(PY) tools/generate.py --checkpoint runs/lora/merged --chat --max-new-tokens 24
 
 test: setup
 	$(PY) -m ruff check .

@@ -90,10 +90,13 @@ def setup_engine(cfg: Config, args: LlamaArgs, state: ParallelState, accelerator
     if prepare_module is not None:
         prepare_module(module)
     trainable, total = make_trainable(module, cfg, state)
-    if trainable < total:
-        logger.info("trainable parameters on this rank: %s of %s (%.3f%%)%s", f"{trainable:,}", f"{total:,}",
-                    100.0 * trainable / max(total, 1), f"; LoRA r {cfg.lora_r}, alpha {cfg.lora_alpha:g}, targets "
-                    f"{', '.join(cfg.lora_targets)}" if cfg.lora_r else f"; frozen: {', '.join(cfg.freeze)}")
+    how = ""
+    if cfg.lora_r:
+        how = f"; LoRA r {cfg.lora_r}, alpha {cfg.lora_alpha:g}, targets {', '.join(cfg.lora_targets)}"
+    elif cfg.freeze:
+        how = f"; frozen: {', '.join(cfg.freeze)}"
+    logger.info("trainable parameters on this rank: %s of %s (%.3f%%)%s", f"{trainable:,}", f"{total:,}",
+                100.0 * trainable / max(total, 1), how)
     if trainable == 0:
         raise TrainingError("no parameter is trainable on this rank: freeze covers everything it holds; freeze less")
     if prepare_adapters is not None:
