@@ -22,6 +22,11 @@ RUN_AS_WRITTEN = [
     "python tools/convert_to_hf.py --checkpoint runs/local/checkpoints --output runs/local/hf",
     "python deepy.py train.py configs/llama2/7B.yml configs/local.yml num_gpus=8 model_parallel_size=2 "
     "pipe_parallel_size=2 train_batch_size=64 --dry-run",
+    "python deepy.py train.py configs/llama3/tiny.yml configs/finetune/lora.yml",
+    "python tools/merge_lora.py --checkpoint runs/lora/checkpoints/global_step200 --output runs/lora/merged",
+    'python tools/generate.py --checkpoint runs/lora/checkpoints/global_step200 --prompt "Name a colour." '
+    "--prompt-style alpaca",
+    "python tools/convert_to_hf.py --checkpoint runs/lora/checkpoints/best --output runs/lora/peft --peft",
 ]
 """Run in this order in a copy of the repository (the demo makes the data and the checkpoint the rest use)."""
 
@@ -81,3 +86,4 @@ def test_the_listed_commands_run_as_written(tmp_path):
         proc = run([sys.executable, *words[1:]], cwd=copy, timeout=900)
         assert proc.returncode == 0, f"{command}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     assert (copy / "runs/local/hf/config.json").is_file() and (copy / "runs/local/logs/metrics.png").is_file()
+    assert (copy / "runs/lora/merged/metadata.json").is_file() and (copy / "runs/lora/peft/adapter_config.json").is_file()
