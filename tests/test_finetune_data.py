@@ -232,3 +232,12 @@ def test_padding_does_not_change_the_loss_and_packing_keeps_records_apart():
         alone = InstructionDataset("t", [a, b], seq_length=30, num_samples=2, seed=0, packing=False, pad_id=0)
         loss_alone, _, _ = batch_loss(model, [alone[0], alone[1]])  # the same tokens, one record per row
         assert abs(loss_packed - loss_alone) <= 1e-6  # attention and positions stay within each record
+
+
+def test_mask_prompt_false_still_truncates_by_the_response():
+    tok = build_tokenizer("SPMTokenizer", asset("spm-32k"))
+    record = [M("user", "word " * 60), M("assistant", "The answer is here.")]
+    [example] = tokenize([record], tok, "alpaca", 24, False, "t")
+    assert len(example.ids) == 25 and example.ids[0] == tok.bos_id
+    assert tok.decode(example.ids.tolist()).endswith("The answer is here.")  # the prompt was cut, not the response
+    assert example.trained[1:].all() and not example.trained[0]

@@ -127,7 +127,7 @@ def test_a_different_base_is_refused_unless_forced_and_shapes_always_checked(bas
         merge_to_checkpoint([Adapter.open(adapter)], tmp_path / "m3", base=tmp_path / "wide", force=True)
     assert not (tmp_path / "m3").exists() and not list(tmp_path.glob(".m3.*"))  # nothing half-written is left
     shutil.move(base, tmp_path / "moved")
-    with pytest.raises(CheckpointError, match="pass its new place with --base"):
+    with pytest.raises(CheckpointError, match="take its new place with --base"):
         load_run(adapter)
     assert load_run(adapter, base=tmp_path / "moved").folder == (tmp_path / "moved").resolve()
 
@@ -176,3 +176,49 @@ def test_peft_loads_the_export_with_our_logits(base, tmp_path):
     assert (merged - ours).abs().max().item() <= 1e-5
     proc = tool("convert_to_hf.py", "--checkpoint", str(base), "--output", str(tmp_path / "p2"), "--peft")
     assert proc.returncode == 2 and "this is a full checkpoint" in proc.stderr
+
+
+def plan(tmp_path, *overrides):
+    from neox_llama.config import load_config
+    from neox_llama.training.load_plan import plan_load
+
+    cfg = load_config([ROOT / "configs/llama3/tiny.yml"], ["tokenizer_type=null", "vocab_file=null", "vocab_size=128",
+                                                          *overrides])
+    return plan_load(cfg)
+
+
+def test_the_load_plan_resumes_a_fine_tune_in_save_and_protects_the_base(base, tmp_path):
+    from neox_llama.errors import TrainingError
+
+    lora = ["finetune=true", f"load={base}", "lora_r=3", "lora_alpha=7", "lora_targets=[head,mlp,output,key]"]
+    fresh = plan(tmp_path, *lora, f"save={tmp_path / 'runs'}")
+    assert fresh.resume is None and fresh.weights == base and fresh.base.path == str(base.resolve())
+    adapter = adapter_checkpoint(tmp_path / "runs" / "global_step6", base, SETTINGS, seed=1)
+    (tmp_path / "runs" / "latest").write_text("global_step6")
+    again = plan(tmp_path, *lora, f"save={tmp_path / 'runs'}")  # targets in another order: the same adapter
+    assert (again.resume, again.adapters, again.weights) == (adapter, adapter, base) and again.notes
+    with pytest.raises(TrainingError, match="the config says"):
+        plan(tmp_path, *lora, "lora_r=4", f"save={tmp_path / 'runs'}")
+    with pytest.raises(TrainingError, match="is the directory of the checkpoint being fine-tuned"):
+        plan(tmp_path, *lora, f"save={base.parent}")
+    (tmp_path / "runs" / "latest").write_text("global_step8")  # names a folder that is not complete
+    with pytest.raises(TrainingError, match=r"save: .*global_step8 is not a complete checkpoint"):
+        plan(tmp_path, *lora, f"save={tmp_path / 'runs'}")
+    resumed = plan(tmp_path, "finetune=false", f"load={adapter}", *lora[2:], "lora_dropout=0.2")
+    assert resumed.resume == adapter and resumed.weights == base.resolve()
+
+
+def test_freeze_head_freezes_the_embedding_only_when_tied():
+    from neox_llama.model.freeze import FreezeError, is_frozen, parse_freeze
+
+    rules = parse_freeze(["head"], 4)
+    assert not is_frozen(rules, 0, "word_embeddings.weight", 4, tied=False)
+    assert is_frozen(rules, 0, "word_embeddings.weight", 4, tied=True)
+    assert is_frozen(rules, 6, "head.weight", 4)
+    rules = parse_freeze(["layers.1-2.mlp", "norms"], 4)
+    assert is_frozen(rules, 2, "mlp.up.weight", 4) and is_frozen(rules, 3, "mlp.down.weight", 4)
+    assert not is_frozen(rules, 2, "attention.query.weight", 4) and not is_frozen(rules, 4, "mlp.up.weight", 4)
+    assert is_frozen(rules, 1, "input_norm.weight", 4) and is_frozen(rules, 5, "norm.weight", 4)
+    for bad in ("layer.1", "layers.3-1", "layers.0.ffn", "embedding"):
+        with pytest.raises(FreezeError, match="freeze entry"):
+            parse_freeze([bad], 4)

@@ -64,7 +64,9 @@ def resolve_base(adapter_folder: Path, meta: Metadata, override: str | Path | No
     try:
         folder = resolve_checkpoint(candidate)
     except CheckpointError as err:
-        hint = "" if override is not None else " (the base moved? pass its new place with --base)"
+        hint = "" if override is not None else (" (the base moved? merge_lora.py, generate.py and convert_to_hf.py "
+                                                "take its new place with --base; resuming training needs it back at "
+                                                "the saved path)")
         raise CheckpointError(f"the base of the LoRA checkpoint {adapter_folder}: {err}{hint}") from None
     if read_metadata(folder).is_adapter:
         raise CheckpointError(f"{folder}: is itself a LoRA checkpoint; the base must be a full checkpoint")
@@ -72,7 +74,7 @@ def resolve_base(adapter_folder: Path, meta: Metadata, override: str | Path | No
     if found != meta.base.fingerprint and not force:
         raise CheckpointError(f"{folder}: its fingerprint {found[:12]} differs from the one the LoRA checkpoint "
                               f"{adapter_folder} was trained on ({meta.base.fingerprint[:12]}, {meta.base.path}); "
-                              "it is another checkpoint (pass --force to use it anyway)")
+                              "it is another checkpoint (merge_lora.py --force uses it anyway)")
     return folder
 
 

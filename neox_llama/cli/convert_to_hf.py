@@ -27,6 +27,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--output", required=True, help="Hugging Face directory to write")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default bf16 (fp32 with --peft)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument("--base", help="a LoRA --checkpoint's base, when it is no longer where its metadata says")
     parser.add_argument("--peft", action="store_true", help="a LoRA checkpoint as a PEFT adapter (default dtype fp32)")
     args = parser.parse_args(argv)
     args.dtype_set = args.dtype is not None
@@ -34,9 +35,10 @@ def main(argv: list[str]) -> int:
     setup_logging("info")
     try:
         if args.peft:
-            out = export_peft(args.checkpoint, args.output, args.dtype if args.dtype_set else "fp32", args.force)
+            out = export_peft(args.checkpoint, args.output, args.dtype if args.dtype_set else "fp32", args.force,
+                              args.base)
         else:
-            out = export_to_hf(args.checkpoint, args.output, args.dtype, args.force)
+            out = export_to_hf(args.checkpoint, args.output, args.dtype, args.force, args.base)
     except NeoxLlamaError as err:
         print(f"convert_to_hf.py: error: {err}", file=sys.stderr)
         return 2

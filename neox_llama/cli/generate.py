@@ -27,6 +27,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, help="save directory (uses latest) or global_stepN folder")
     parser.add_argument("--adapter", action="append", default=[], metavar="LORA_CHECKPOINT",
                         help="LoRA checkpoint trained on --checkpoint, merged in at load (repeatable)")
+    parser.add_argument("--base", help="a LoRA --checkpoint's base, when it is no longer where its metadata says")
     parser.add_argument("--prompt-style", choices=STYLES,
                         help="chat template for --chat; default: the one the checkpoint/adapter was trained with, "
                              "else the model family's")
@@ -74,7 +75,8 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     setup_logging("warning")
     try:
-        generator = Generator.from_checkpoint(args.checkpoint, device=args.device, adapters=args.adapter)
+        generator = Generator.from_checkpoint(args.checkpoint, device=args.device, adapters=args.adapter,
+                                              base=args.base)
     except NeoxLlamaError as err:
         print(f"generate.py: error: {err}", file=sys.stderr)
         return 2

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from neox_llama.checkpoint.run import Run, load_run
 from neox_llama.checkpoint.weights import read_full_state
 from neox_llama.convert.hf_names import expected_shape, hf_config_dict, hf_to_ours
 from neox_llama.convert.hf_tokenizer_export import write_tokenizer_files
-from neox_llama.utils.files import default_file_mode, make_temporary_dir
+from neox_llama.utils.files import default_file_mode, make_temporary_dir, replace_dir
 
 logger = logging.getLogger(__name__)
 
@@ -76,14 +75,17 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], output: Path) -> None:
     (output / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def export_to_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bf16", force: bool = False) -> Path:
+def export_to_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bf16", force: bool = False,
+                 base: str | Path | None = None) -> Path:
     """Write the Hugging Face directory ``output`` (through a temporary directory renamed at the end)."""
     from transformers import GenerationConfig, LlamaConfig
 
     output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise CheckpointError(f"{output}: exists and is not a directory; choose another --output")
     if output.exists() and any(output.iterdir()) and not force:
         raise CheckpointError(f"{output}: exists and is not empty; choose another --output or pass --force")
-    ckpt = load_run(checkpoint)
+    ckpt = load_run(checkpoint, base=base)
     try:
         config_kwargs = hf_config_dict(ckpt.args, ckpt.true_vocab)
     except ValueError as err:
@@ -99,9 +101,7 @@ def export_to_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bf16"
         stops = [i for i in (ids.get("eos_token_id"), getattr(ckpt.tokenizer, "eot_id", None)) if i is not None]
         GenerationConfig(bos_token_id=ids.get("bos_token_id"), eos_token_id=stops or None).save_pretrained(tmp)
         _write_safetensors(tensors, tmp)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
+        replace_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -19,24 +18,31 @@ from neox_llama.checkpoint.adapter import adapter_layers
 from neox_llama.checkpoint.paths import CheckpointError
 from neox_llama.checkpoint.run import load_run
 from neox_llama.convert.hf_export import DTYPES
-from neox_llama.convert.hf_names import hf_to_ours
-from neox_llama.utils.files import default_file_mode, make_temporary_dir
+from neox_llama.convert.hf_names import hf_config_dict, hf_to_ours
+from neox_llama.utils.files import default_file_mode, make_temporary_dir, replace_dir
 
 logger = logging.getLogger(__name__)
 
 PEFT_PREFIX = "base_model.model."
 
 
-def export_peft(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", force: bool = False) -> Path:
+def export_peft(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", force: bool = False,
+                base: str | Path | None = None) -> Path:
     """Write the PEFT adapter of LoRA checkpoint ``checkpoint`` to ``output`` (temporary folder, then renamed)."""
     output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise CheckpointError(f"{output}: exists and is not a directory; choose another --output")
     if output.exists() and any(output.iterdir()) and not force:
         raise CheckpointError(f"{output}: exists and is not empty; choose another --output or pass --force")
-    run = load_run(checkpoint)
+    run = load_run(checkpoint, base=base)
     if len(run.adapters) != 1:
         raise CheckpointError(f"{checkpoint}: --peft exports a LoRA checkpoint; this is a full checkpoint "
                               "(export it without --peft)")
     adapter = run.adapters[0]
+    try:
+        hf_config_dict(run.args, run.true_vocab)  # the base must have a Hugging Face Llama form for PEFT to apply to
+    except ValueError as err:
+        raise CheckpointError(f"{run.folder}: {err}") from None
     ours_to_hf = {ours: hf for hf, ours in hf_to_ours(run.args).items()}
     tensors, modules = {}, set()
     for index, layer in adapter_layers(adapter.folder).items():
@@ -64,9 +70,7 @@ def export_peft(checkpoint: str | Path, output: str | Path, dtype: str = "fp32",
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_model.safetensors").chmod(default_file_mode())
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
+        replace_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -157,27 +157,30 @@ def truncate(ids: list[int], trained: list[bool], limit: int, keep_first: bool) 
 
 
 def tokenize(records: list[list[Message]], tokenizer: Tokenizer, style: str, seq_length: int,
-             mask_prompt: bool, where: str) -> list[Example]:
-    """Examples of ``records``; logs how many were truncated and dropped."""
+             mask_prompt: bool, where: str, allow_empty: bool = False) -> list[Example]:
+    """Examples of ``records``; logs how many were truncated and dropped (none left: an error unless
+    ``allow_empty``)."""
     examples, truncated, dropped = [], 0, 0
     for index, messages in enumerate(records):
         try:
             ids, trained = encode_dialog(tokenizer, style, messages, open_turn=False)
         except TokenizerError as err:
             raise InstructionDataError(f"{where}: record {index}: {err}") from None
-        if not mask_prompt:
-            trained = [True] * len(ids)
         trained[0] = False  # nothing predicts a record's first id (in packed samples: the previous record)
+        # Truncate by the real prompt/response boundary, then widen the loss to the prompt if asked.
         cut = truncate(ids, trained, seq_length + 1, keep_first=ids[0] == tokenizer.bos_id)
         if cut is None:
             dropped += 1
             continue
-        truncated += len(cut[0]) < len(ids)
-        examples.append(Example(np.asarray(cut[0], dtype=np.int32), np.asarray(cut[1], dtype=np.bool_)))
+        kept, mask = cut
+        if not mask_prompt:
+            mask = [False] + [True] * (len(kept) - 1)
+        truncated += len(kept) < len(ids)
+        examples.append(Example(np.asarray(kept, dtype=np.int32), np.asarray(mask, dtype=np.bool_)))
     if truncated or dropped:
         logger.info("%s: %d of %d records truncated to seq_length + 1 = %d tokens, %d dropped (no response "
                     "token left)", where, truncated, len(records), seq_length + 1, dropped)
-    if not examples:
+    if not examples and not allow_empty:
         raise InstructionDataError(f"{where}: no record has a response token within seq_length {seq_length}")
     return examples
 
@@ -197,7 +200,8 @@ def _tokenizer_digest(tokenizer: Tokenizer) -> str:
 
 
 def cached_examples(path: Path, records: list[list[Message]], name: str, tokenizer: Tokenizer, style: str,
-                    seq_length: int, mask_prompt: bool, seed: int, fraction: float) -> list[Example]:
+                    seq_length: int, mask_prompt: bool, seed: int, fraction: float,
+                    allow_empty: bool = False) -> list[Example]:
     """Tokenise ``records`` once (one builder per node) and keep them beside ``path``, keyed by everything that
     shapes them (file, tokenizer files, style, masking, length, split)."""
     cache = _cache_path(path, {"tokenizer": _tokenizer_digest(tokenizer), "style": style, "mask": mask_prompt,
@@ -206,17 +210,24 @@ def cached_examples(path: Path, records: list[list[Message]], name: str, tokeniz
     def build() -> None:
         if cache.exists():
             return
-        examples = tokenize(records, tokenizer, style, seq_length, mask_prompt, f"{path} ({name})")
+        examples = tokenize(records, tokenizer, style, seq_length, mask_prompt, f"{path} ({name})", allow_empty)
         lengths = np.asarray([len(e.ids) for e in examples], dtype=np.int64)
         tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, ids=np.concatenate([e.ids for e in examples]),
-                 trained=np.concatenate([e.trained for e in examples]), lengths=lengths)
-        os.replace(tmp, cache)
+        try:
+            np.savez(tmp, ids=np.concatenate([e.ids for e in examples] or [np.zeros(0, np.int32)]),
+                     trained=np.concatenate([e.trained for e in examples] or [np.zeros(0, np.bool_)]), lengths=lengths)
+            os.replace(tmp, cache)
+        except OSError as err:  # e.g. a read-only data folder: every rank tokenises for itself instead
+            tmp.unlink(missing_ok=True)
+            logger.warning("%s: cannot cache the tokenised records beside it (%s); tokenising them on every rank",
+                           path, err)
 
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         agree(build)
     else:
         agree(lambda: None)
+    if not cache.exists():
+        return tokenize(records, tokenizer, style, seq_length, mask_prompt, f"{path} ({name})", allow_empty)
     with np.load(cache) as data:
         ids, trained, lengths = data["ids"], data["trained"], data["lengths"]
     bounds = np.concatenate([[0], np.cumsum(lengths)])
@@ -316,9 +327,11 @@ def build_instruction_datasets(cfg, tokenizer: Tokenizer | None, counts: dict[st
         valid_records, valid_chat = load_records(valid_path)
         chat = chat or valid_chat
         train_records, fraction = records, 0.0
-    else:
+    elif counts.get("valid", 0) > 0:
         train_records, valid_records = split_records(records, cfg.val_split_fraction, cfg.seed)
         fraction = cfg.val_split_fraction
+    else:  # no evaluation in this run (eval_iters 0): every record trains
+        train_records, valid_records, fraction = records, [], 0.0
     try:
         style = resolve_style(cfg.prompt_style, chat, tokenizer)
     except TokenizerError as err:
@@ -330,7 +343,11 @@ def build_instruction_datasets(cfg, tokenizer: Tokenizer | None, counts: dict[st
         if not recs or counts.get(name, 0) <= 0:
             continue
         examples = cached_examples(source, recs, name if valid_path is None else "all", tokenizer, style,
-                                   cfg.seq_length, cfg.mask_prompt, cfg.seed, fraction)
+                                   cfg.seq_length, cfg.mask_prompt, cfg.seed, fraction, allow_empty=name == "valid")
+        if not examples:
+            logger.warning("%s: no validation record has a response token within seq_length %d; running without "
+                           "validation", source, cfg.seq_length)
+            continue
         out[name] = InstructionDataset(name, examples, cfg.seq_length, counts[name], cfg.seed, cfg.sft_packing, pad)
     logger.info("instruction data %s: %d training and %d validation records, prompt style %s, %s", path,
                 len(train_records), len(valid_records), style, "packed" if cfg.sft_packing else "padded")

@@ -43,11 +43,12 @@ class Generator:
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str | None = None, dtype: torch.dtype | None = None,
-                        adapters: list[str] | None = None) -> Generator:
+                        adapters: list[str] | None = None, base: str | None = None) -> Generator:
         """The model of checkpoint ``path`` (a LoRA checkpoint: its base with it merged), with ``adapters``
-        (LoRA checkpoints trained on ``path``) merged in as tools/merge_lora.py merges them."""
+        (LoRA checkpoints trained on ``path``) merged in as tools/merge_lora.py merges them; ``base``: where a LoRA
+        checkpoint's base is now."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, run = load_model(load_run(path, adapters), device, dtype)
+        model, run = load_model(load_run(path, adapters, base=base), device, dtype)
         return cls(model, run, device)
 
     def default_stops(self) -> set[int]:

@@ -93,7 +93,7 @@ def count_trainable(cfg: Config, vocab_size: int | None = None) -> Trainable:
     if settings is not None:
         apply_lora(layers, settings, SINGLE_DEVICE, cfg.seed)
     elif cfg.freeze:
-        apply_freeze(layers, cfg.freeze, cfg.num_layers)
+        apply_freeze(layers, cfg.freeze, cfg.num_layers, tied=args.tie_embeddings)
     trainable = total = frozen_compute = 0
     for name, param in model.named_parameters():
         total += param.numel()

@@ -58,14 +58,15 @@ def parse_freeze(entries: list[str], num_layers: int) -> list[FreezeRule]:
     return rules
 
 
-def is_frozen(rules: list[FreezeRule], layer_index: int, name: str, num_layers: int) -> bool:
+def is_frozen(rules: list[FreezeRule], layer_index: int, name: str, num_layers: int, tied: bool = False) -> bool:
     """Whether parameter ``name`` of global layer ``layer_index`` (0 embedding, 1..N blocks, N+1 final norm,
-    N+2 head) is frozen by ``rules``."""
+    N+2 head) is frozen by ``rules``; ``tied``: the head is the embedding matrix."""
     block = layer_index - 1 if 1 <= layer_index <= num_layers else None
     for rule in rules:
         if rule.group == "embeddings" and layer_index == 0:
             return True
-        if rule.group == "head" and (layer_index == num_layers + 2 or (layer_index == 0 and name.startswith("word_"))):
+        if rule.group == "head" and (layer_index == num_layers + 2 or (tied and layer_index == 0
+                                                                       and name.startswith("word_"))):
             return True  # a tied head is the embedding matrix
         if rule.group in ("final_norm", "norms") and layer_index == num_layers + 1:
             return True
@@ -79,14 +80,14 @@ def is_frozen(rules: list[FreezeRule], layer_index: int, name: str, num_layers: 
     return False
 
 
-def apply_freeze(layers: dict[int, nn.Module], entries: list[str], num_layers: int) -> int:
+def apply_freeze(layers: dict[int, nn.Module], entries: list[str], num_layers: int, tied: bool = False) -> int:
     """Turn off ``requires_grad`` of the frozen parameters of ``layers`` (global index -> module); returns how
-    many tensors were frozen."""
+    many tensors were frozen. ``tied``: the head shares the embedding matrix (``head`` then freezes it)."""
     rules = parse_freeze(entries, num_layers)
     frozen = 0
     for index, layer in layers.items():
         for name, param in layer.named_parameters():
-            if is_frozen(rules, index, name, num_layers):
+            if is_frozen(rules, index, name, num_layers, tied):
                 param.requires_grad_(False)
                 frozen += 1
     return frozen

@@ -26,30 +26,10 @@ def layer_factory(state: ParallelState) -> LayerFactory:
     return TensorParallelFactory(state.tp_group) if state.tp_size > 1 else SINGLE_DEVICE
 
 
-def _pipeline_class():
-    """DeepSpeed's PipelineModule, with tied-weight gradients reduced only when they exist.
-
-    DeepSpeed 0.19.8 all-reduces ``weight.grad`` of every tied weight unguarded (DeepSpeed #5477): a frozen tied
-    embedding (LoRA, ``freeze: [embeddings]``) has no gradient and would fail there.
-    """
-    import deepspeed.comm as ds_dist
-    from deepspeed.pipe import PipelineModule
-
-    class LlamaPipelineModule(PipelineModule):
-        def allreduce_tied_weight_gradients(self):
-            for key, comm in self.tied_comms.items():
-                for attr_name in comm["weight_attr"]:
-                    weight = self._recursive_getattr(self.tied_modules[key], attr_name)
-                    if weight.grad is not None:
-                        ds_dist.all_reduce(weight.grad, group=comm["group"])
-
-    return LlamaPipelineModule
-
-
 def build_pipeline_module(args: LlamaArgs, state: ParallelState, *, partition_method: str = "type:TransformerBlock",
                           checkpoint_every: int = 0) -> nn.Module:
     """This rank's stage of a ``deepspeed.pipe.PipelineModule`` with the loss attached."""
-    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
     from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
 
     factory = layer_factory(state)
@@ -62,8 +42,10 @@ def build_pipeline_module(args: LlamaArgs, state: ParallelState, *, partition_me
         else:
             ds_specs.append(LayerSpec(spec.cls, **spec.kwargs))
     # Non-reentrant recomputation: a block whose input needs no gradient (a frozen embedding before it) still
-    # gives its trainable parameters theirs (the reentrant kind fails there, DeepSpeed #3339).
-    module = _pipeline_class()(
+    # gives its trainable parameters theirs (the reentrant kind fails there, DeepSpeed #3339). A frozen tied
+    # embedding has no gradient to reduce: DeepSpeed 0.19.8's engine skips it (_exec_reduce_tied_grads; its
+    # unguarded PipelineModule.allreduce_tied_weight_gradients is never called), tested with pp 2 + LoRA.
+    module = PipelineModule(
         layers=ds_specs, loss_fn=CausalLMLoss(factory), topology=state.topology,
         partition_method=partition_method, activation_checkpoint_interval=checkpoint_every,
         activation_checkpoint_func=non_reentrant_checkpoint, checkpointable_layers=["TransformerBlock"],

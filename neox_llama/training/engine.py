@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from neox_llama.config import Config, deepspeed_config
+from neox_llama.distributed import agree
 from neox_llama.errors import TrainingError
 from neox_llama.model.args import LlamaArgs
 from neox_llama.model.factory import LayerFactory
@@ -63,7 +64,7 @@ def make_trainable(module: nn.Module, cfg: Config, state: ParallelState) -> tupl
     if settings is not None:
         apply_lora(layers, settings, layer_factory(state), cfg.seed)
     elif cfg.freeze:
-        apply_freeze(layers, cfg.freeze, cfg.num_layers)
+        apply_freeze(layers, cfg.freeze, cfg.num_layers, tied=not cfg.no_weight_tying)
     params = {id(p): p for p in module.parameters()}.values()
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
@@ -97,8 +98,12 @@ def setup_engine(cfg: Config, args: LlamaArgs, state: ParallelState, accelerator
         how = f"; frozen: {', '.join(cfg.freeze)}"
     logger.info("trainable parameters on this rank: %s of %s (%.3f%%)%s", f"{trainable:,}", f"{total:,}",
                 100.0 * trainable / max(total, 1), how)
-    if trainable == 0:
-        raise TrainingError("no parameter is trainable on this rank: freeze covers everything it holds; freeze less")
+    def check() -> None:  # shared, so every rank stops instead of waiting in deepspeed.initialize
+        if trainable == 0:
+            raise TrainingError("no parameter is trainable on this rank: freeze covers everything its pipeline stage "
+                                "holds; freeze less")
+
+    agree(check)
     if prepare_adapters is not None:
         prepare_adapters(module)
     groups = parameter_groups(module, cfg.optimizer.params.weight_decay, cfg.weight_decay_embeddings)

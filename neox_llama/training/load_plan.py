@@ -45,26 +45,42 @@ class LoadPlan:
 
 
 def _complete(path: str | Path) -> tuple[Path, Metadata] | None:
+    """The checkpoint ``path`` holds, None when it holds none yet; a damaged one (``latest`` naming an incomplete
+    folder) is an error, so a fine-tune never silently starts over on top of it."""
     try:
         folder = resolve_checkpoint(path)
-    except CheckpointError:
+    except CheckpointError as err:
+        if Path(path, LATEST).exists() or Path(path, METADATA).exists():
+            raise TrainingError(f"save: {err}") from None
         return None
     return folder, read_metadata(folder)
 
 
-def _resume_plan(folder: Path, meta: Metadata, lora: LoraSettings | None) -> LoadPlan:
+def _same_lora(saved: LoraSettings, lora: LoraSettings) -> bool:
+    """Whether the config's LoRA fits the checkpoint's (targets in any order; dropout may change)."""
+    return (saved.r, saved.alpha, sorted(saved.targets)) == (lora.r, lora.alpha, sorted(lora.targets))
+
+
+def _resume_plan(folder: Path, meta: Metadata, lora: LoraSettings | None, finetune: bool = False,
+                 base: Path | None = None) -> LoadPlan:
     if meta.is_adapter:
         saved = LoraSettings.from_dict(meta.lora)
         if lora is None:
             raise TrainingError(f"{folder} is a LoRA checkpoint (r {saved.r}, alpha {saved.alpha:g}, targets "
                                 f"{', '.join(saved.targets)}); resume it with the same lora_* keys, or merge it "
                                 "(tools/merge_lora.py) and load the merged checkpoint")
-        if saved != lora:
+        if not _same_lora(saved, lora):
             raise TrainingError(f"{folder} was trained with LoRA {saved.to_dict()}, but the config says "
-                                f"{lora.to_dict()}; resume with the checkpoint's settings")
-        base = resolve_base(folder, meta)
-        return LoadPlan(resume=folder, meta=meta, weights=base, adapters=folder, base=meta.base, lora=lora)
+                                f"{lora.to_dict()}; resume with the checkpoint's r, alpha and targets")
+        if saved.dropout != lora.dropout:
+            logger.warning("resuming %s with lora_dropout %g (it was trained with %g)", folder, lora.dropout,
+                           saved.dropout)
+        base_folder = resolve_base(folder, meta, base)
+        return LoadPlan(resume=folder, meta=meta, weights=base_folder, adapters=folder, base=meta.base, lora=lora)
     if lora is not None:
+        if finetune:
+            raise TrainingError(f"save holds {folder}, a full fine-tune of this base, but the config sets lora_r "
+                                f"{lora.r}; choose another save directory for a LoRA run")
         raise TrainingError(f"lora_r {lora.r} with load {folder} (a full checkpoint) and finetune false: set "
                             "finetune: true to start LoRA from it")
     return LoadPlan(resume=folder, meta=meta, base=meta.base)
@@ -89,14 +105,17 @@ def plan_load(cfg: Config) -> LoadPlan:
         raise TrainingError(f"load {folder} is a LoRA checkpoint: to continue it set finetune: false; to fine-tune "
                             "further from it, merge it first (tools/merge_lora.py) and load the merged checkpoint")
     base = base_ref(folder)
-    if cfg.save and _save_dir(cfg.save) != _save_dir(folder):
+    if cfg.save and _save_dir(cfg.save) == _save_dir(folder):
+        raise TrainingError(f"save {cfg.save} is the directory of the checkpoint being fine-tuned ({folder}): the "
+                            "fine-tune's global_stepN and latest would overwrite or prune it; choose another save")
+    if cfg.save:
         saved = _complete(cfg.save)
         if saved is not None:
             saved_folder, saved_meta = saved
             if saved_meta.base is None or saved_meta.base.fingerprint != base.fingerprint:
                 raise TrainingError(f"save {cfg.save} already holds {saved_folder}, which is not a fine-tune of "
                                     f"{folder}; choose another save directory (or remove it) so nothing is overwritten")
-            plan = _resume_plan(saved_folder, saved_meta, lora)
+            plan = _resume_plan(saved_folder, saved_meta, lora, finetune=True, base=folder)
             plan.notes.append(f"{cfg.save} holds {saved_folder.name} of this fine-tune of {folder}: resuming it")
             return plan
     return LoadPlan(weights=folder, base=base, lora=lora, meta=meta)
