@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint: loss, perplexity and bits per byte over text, JSONL or a token dataset.
+
+    python tools/evaluate.py --checkpoint runs/local/checkpoints                      # the run's own test split
+    python tools/evaluate.py --checkpoint DIR --text data/book.txt --seq-length 128 [--stride 64] [--output r.json]
+    python tools/evaluate.py --checkpoint DIR --jsonl data/x.jsonl --jsonl-keys text
+    python tools/evaluate.py --checkpoint DIR --data-path data/shakespeare_text_document
+    python tools/evaluate.py --checkpoint BASE --adapter runs/lora/checkpoints/best --jsonl data/x.jsonl
+
+Sliding window as Hugging Face's perplexity recipe (default stride: half the window, so every token after the
+first is scored with context). A checkpoint trained at any pipeline/tensor layout is scored on one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from neox_llama.errors import NeoxLlamaError
+from neox_llama.utils.files import atomic_write_text
+from neox_llama.utils.logging_setup import setup_logging
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="save directory (uses latest) or global_stepN folder")
+    parser.add_argument("--adapter", action="append", default=[], metavar="LORA_CHECKPOINT",
+                        help="LoRA checkpoint trained on --checkpoint, merged in at load (repeatable)")
+    parser.add_argument("--base", help="a LoRA --checkpoint's base, when it is no longer where its metadata says")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--data-path", help="a .bin/.idx dataset prefix (every document)")
+    source.add_argument("--text", help="a UTF-8 text file, scored as one document")
+    source.add_argument("--jsonl", help="a JSONL file; each --jsonl-keys field is one document")
+    parser.add_argument("--jsonl-keys", nargs="+", default=["text"])
+    parser.add_argument("--seq-length", type=int, help="window length (default: the run's seq_length)")
+    parser.add_argument("--stride", type=int, help="tokens between window starts (default: half the window)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    parser.add_argument("--output", help="write the result as JSON here")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.seq_length is not None and args.seq_length < 2:
+        parser.error("--seq-length must be at least 2")
+    if args.stride is not None and args.stride < 1:
+        parser.error("--stride must be at least 1")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    setup_logging("warning")
+    from neox_llama.evaluation import perplexity as ppl
+    from neox_llama.generation.language_model import LanguageModel
+
+    try:
+        lm = LanguageModel.from_checkpoint(args.checkpoint, adapters=args.adapter, base=args.base, device=args.device)
+        if lm.tokenizer is None:
+            raise NeoxLlamaError("the checkpoint has no tokenizer to turn text into ids (and bytes)")
+        seq_length = args.seq_length or lm.run.cfg.seq_length
+        stride = args.stride or max(1, seq_length // 2)
+        if stride > seq_length:
+            raise NeoxLlamaError(f"--stride {stride} is longer than the window {seq_length}; tokens between windows "
+                                 "would not be scored")
+        total = None
+        if args.text:
+            documents = ppl.text_documents(lm, ppl.read_text(args.text))
+        elif args.jsonl:
+            documents = ppl.text_documents(lm, ppl.read_jsonl(args.jsonl, args.jsonl_keys))
+        else:
+            sources = [(args.data_path, 0, None)] if args.data_path else ppl.test_split_sources(lm)
+            documents = (doc for prefix, first, last in sources for doc in ppl.dataset_documents(lm, prefix, first, last))
+        result = ppl.evaluate_documents(lm, documents, seq_length, stride, args.batch_size,
+                                        progress=not args.no_progress, total=total)
+        if args.output:
+            atomic_write_text(args.output, result.to_json() + "\n")
+    except NeoxLlamaError as err:
+        print(f"evaluate.py: error: {err}", file=sys.stderr)
+        return 2
+    print(result.summary())
+    return 0
+
+
+def console_main() -> int:
+    """The ``neox-*`` console script."""
+    return main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

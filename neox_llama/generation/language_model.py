@@ -1,0 +1,88 @@
+"""A checkpoint as a language model to score text with: loaded once, batched, on one device.
+
+:class:`LanguageModel` loads a checkpoint (a LoRA checkpoint, or a base with ``adapters``, merged as
+tools/merge_lora.py merges them) through :mod:`neox_llama.checkpoint` and scores token sequences in padded
+batches (right padding; causal attention, so padding never reaches a real token). Evaluation is built on it;
+a checkpoint trained with any pipeline/tensor layout is scored on one process from its layout-free weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from neox_llama.checkpoint.run import Run, load_model, load_run
+from neox_llama.model.llama import LlamaStack
+
+
+@dataclass
+class Window:
+    """Token ids to run and the position from which their log-probabilities count (context before it)."""
+
+    ids: list[int]
+    first_scored: int
+    """Index in ``ids`` of the first token whose log-probability is summed (>= 1: it needs a token before it)."""
+
+
+def sliding_windows(ids: Sequence[int], seq_length: int, stride: int) -> list[Window]:
+    """Hugging Face's perplexity recipe: windows of ``seq_length`` starting every ``stride`` tokens, each scoring
+    only the tokens the previous window did not; the first token of the text has no context and is not scored
+    (with ``stride == seq_length`` neither is each window's first token)."""
+    if seq_length < 2 or not 0 < stride <= seq_length:
+        raise ValueError(f"need seq_length >= 2 and 0 < stride <= seq_length (got {seq_length}, {stride})")
+    windows, prev_end = [], 0
+    for begin in range(0, max(len(ids) - 1, 1), stride):
+        end = min(begin + seq_length, len(ids))
+        first = max(prev_end, begin + 1) - begin
+        if end - begin >= 2 and first < end - begin:
+            windows.append(Window(list(ids[begin:end]), first))
+        prev_end = end
+        if end == len(ids):
+            break
+    return windows
+
+
+class LanguageModel:
+    """A checkpoint's model and tokenizer, ready to score token sequences."""
+
+    def __init__(self, model: LlamaStack, run: Run, device: str = "cpu"):
+        self.model, self.run, self.device = model.eval().to(device), run, device
+        self.tokenizer = run.tokenizer
+
+    @classmethod
+    def from_checkpoint(cls, path: str, adapters: list[str] | None = None, base: str | None = None,
+                        device: str | None = None, dtype: torch.dtype | None = None) -> LanguageModel:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, run = load_model(load_run(path, adapters, base=base), device, dtype)
+        return cls(model, run, device)
+
+    @property
+    def max_length(self) -> int:
+        return self.run.args.max_position_embeddings
+
+    @torch.no_grad()
+    def token_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """For each sequence, the float32 log-probability of every token after the first given those before it."""
+        if not sequences:
+            return []
+        longest = max(len(s) for s in sequences)
+        ids = torch.zeros(len(sequences), longest, dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+        ids = ids.to(self.device)
+        logits = self.model(ids[:, :-1])[..., : self.run.true_vocab].float()
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None])[..., 0].cpu()
+        return [logprobs[row, : len(seq) - 1] for row, seq in enumerate(sequences)]
+
+    def score_windows(self, windows: Sequence[Window], batch_size: int = 8) -> tuple[float, int]:
+        """(sum of negative log-likelihoods in nats, number of scored tokens) over ``windows``, in batches."""
+        total, count = 0.0, 0
+        for start in range(0, len(windows), batch_size):
+            chunk = windows[start:start + batch_size]
+            for window, logprobs in zip(chunk, self.token_logprobs([w.ids for w in chunk]), strict=True):
+                scored = logprobs[window.first_scored - 1:]  # logprobs[k] is token k + 1
+                total -= float(scored.double().sum())
+                count += scored.numel()
+        return total, count

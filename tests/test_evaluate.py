@@ -1,0 +1,158 @@
+"""tools/evaluate.py: perplexity equal to transformers' sliding-window recipe, bits per byte by hand, the run's
+own test split found, adapters evaluated, and bad inputs as one line."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from helpers.checkpoints import save_random_checkpoint
+from helpers.runner import ROOT
+
+from neox_llama.convert.hf_export import export_to_hf
+from neox_llama.data.indexed import IndexedDatasetWriter
+from neox_llama.generation.language_model import LanguageModel, sliding_windows
+from neox_llama.tokenizers import build_tokenizer
+from neox_llama.tokenizers.train import train_sentencepiece
+
+TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+        "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, "
+        "it was the season of Darkness. ") * 3
+SETTINGS = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_kv_heads": 2, "intermediate_size": 96,
+            "seq_length": 32, "max_position_embeddings": 64, "make_vocab_size_divisible_by": 64, "precision": "fp32",
+            "rotary_emb_base": 500000.0, "no_weight_tying": True}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    (tmp / "text.jsonl").write_text(json.dumps({"text": TEXT}) + "\n")
+    tokenizer = train_sentencepiece([tmp / "text.jsonl"], tmp / "tok", 320)
+    tok = build_tokenizer("SPMTokenizer", tokenizer)
+    with IndexedDatasetWriter(tmp / "docs", np.uint16) as writer:  # 10 documents; split 8,1,1 -> the last is test
+        for i in range(10):
+            writer.add_document(tok.encode_document(f"Document {i}: " + TEXT[: 60 + 9 * i]))
+    settings = {**SETTINGS, "data_path": str(tmp / "docs"), "split": "8,1,1"}
+    save_random_checkpoint(tmp / "ck", settings, tokenizer_type="SPMTokenizer", tokenizer_file=tokenizer)
+    return tmp
+
+
+def tool(*args):
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"), *map(str, args), "--no-progress"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+@pytest.mark.parametrize(("n", "length", "stride"), [(10, 4, 2), (10, 4, 4), (7, 8, 4), (33, 16, 5), (2, 4, 2)])
+def test_sliding_windows_score_each_token_once(n, length, stride):
+    windows = sliding_windows(list(range(n)), length, stride)
+    scored = [w.ids[k] for w in windows for k in range(w.first_scored, len(w.ids))]
+    assert all(len(w.ids) <= length for w in windows)
+    assert len(scored) == len(set(scored))
+    unscored = set(range(n)) - set(scored)
+    if stride < length:
+        assert unscored == {0}  # every token after the first is scored with context
+    else:
+        assert unscored == set(range(0, n, length))  # independent windows: each window's first token
+
+
+@pytest.mark.parametrize(("length", "stride"), [(32, 16), (24, 24)])
+def test_perplexity_equals_transformers_sliding_window(checkpoint, tmp_path, length, stride):
+    from transformers import AutoModelForCausalLM
+
+    export_to_hf(checkpoint / "ck", tmp_path / "hf", dtype="fp32")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    lm = LanguageModel.from_checkpoint(str(checkpoint / "ck"), device="cpu")
+    ids = torch.tensor([lm.tokenizer.encode_document(TEXT)])
+    # Hugging Face's perplexity recipe (docs: "Perplexity of fixed-length models"), summing nats per window
+    nlls, counted, prev_end = [], 0, 0
+    for begin in range(0, ids.size(1), stride):
+        end = min(begin + length, ids.size(1))
+        target = ids[:, begin:end].clone()
+        target[:, : -(end - prev_end)] = -100
+        with torch.no_grad():
+            out = hf(ids[:, begin:end], labels=target)
+        valid = int((target[:, 1:] != -100).sum())
+        nlls.append(out.loss.item() * valid)
+        counted += valid
+        prev_end = end
+        if end == ids.size(1):
+            break
+    expected = sum(nlls) / counted
+    proc = tool("--checkpoint", checkpoint / "ck", "--text", _text(tmp_path),
+                "--seq-length", length, "--stride", stride, "--output", tmp_path / "r.json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["tokens"] == counted
+    assert abs(result["loss"] - expected) <= 1e-4 * expected
+    assert abs(result["perplexity"] - math.exp(expected)) <= 1e-4 * math.exp(expected)
+    assert result["bytes"] == len(TEXT.encode("utf-8"))
+    assert "perplexity" in proc.stdout and "bits per byte" in proc.stdout
+
+
+def _text(tmp_path):
+    path = tmp_path / "book.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+def test_bits_per_byte_by_hand(checkpoint, tmp_path):
+    from neox_llama.evaluation.perplexity import evaluate_documents, text_documents
+
+    text = "naïve café: ok"  # multi-byte characters: bytes, not characters, count
+    lm = LanguageModel.from_checkpoint(str(checkpoint / "ck"), device="cpu")
+    ids = lm.tokenizer.encode_document(text)
+    nats = -float(lm.token_logprobs([ids])[0].double().sum())
+    result = evaluate_documents(lm, text_documents(lm, [text]), 32, 16, progress=False)
+    assert result.tokens == len(ids) - 1 and result.bytes == 16 == len(text) + 2  # ï and é are two bytes each
+    assert result.bits_per_byte == pytest.approx(nats / math.log(2) / 16, rel=1e-9)
+    assert result.bits_per_byte == pytest.approx(result.loss * result.tokens / math.log(2) / result.bytes, rel=1e-9)
+
+
+def test_the_runs_test_split_is_found_and_scored(checkpoint, tmp_path):
+    proc = tool("--checkpoint", checkpoint / "ck", "--output", tmp_path / "t.json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert result["documents"] == 1 and result["tokens"] > 0  # split 8,1,1 of 10 documents
+    tok = build_tokenizer("SPMTokenizer", checkpoint / "tok.model")
+    assert result["bytes"] == len(tok.decode(tok.encode_document("Document 9: " + TEXT[:141])).encode("utf-8"))
+    every = tool("--checkpoint", checkpoint / "ck", "--data-path", checkpoint / "docs", "--output", tmp_path / "a.json")
+    assert every.returncode == 0 and json.loads((tmp_path / "a.json").read_text())["documents"] == 10
+
+
+def test_bad_inputs_are_one_line(checkpoint, tmp_path):
+    for args, message in (
+        (["--checkpoint", tmp_path / "none"], "checkpoint directory not found"),
+        (["--checkpoint", checkpoint / "ck", "--text", tmp_path / "missing.txt"], "missing.txt: cannot read it"),
+        (["--checkpoint", checkpoint / "ck", "--text", _text(tmp_path), "--seq-length", "500"],
+         "exceeds the model's context of 64 tokens"),
+        (["--checkpoint", checkpoint / "ck", "--text", _text(tmp_path), "--seq-length", "8", "--stride", "9"],
+         "--stride 9 is longer than the window 8"),
+    ):
+        proc = tool(*args)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"body": "no text"}\n')
+    proc = tool("--checkpoint", checkpoint / "ck", "--jsonl", tmp_path / "bad.jsonl")
+    assert proc.returncode == 2 and "line 2 has no string field 'text'" in proc.stderr
+
+
+def test_a_lora_checkpoint_evaluates_as_its_merged_model(checkpoint, tmp_path):
+    from test_lora import SETTINGS as LORA
+    from test_lora import adapter_checkpoint
+
+    from neox_llama.checkpoint.merge import Adapter, merge_to_checkpoint
+
+    adapter = adapter_checkpoint(tmp_path / "lora", checkpoint / "ck", LORA, seed=4)
+    merged = merge_to_checkpoint([Adapter.open(adapter)], tmp_path / "merged")
+    text = _text(tmp_path)
+    results = []
+    for args in (["--checkpoint", adapter], ["--checkpoint", checkpoint / "ck", "--adapter", adapter],
+                 ["--checkpoint", merged], ["--checkpoint", checkpoint / "ck"]):
+        proc = tool(*args, "--text", text, "--output", tmp_path / "x.json")
+        assert proc.returncode == 0, proc.stderr
+        results.append(json.loads((tmp_path / "x.json").read_text())["loss"])
+    assert results[0] == results[1] == results[2] != results[3]
