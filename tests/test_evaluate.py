@@ -156,3 +156,53 @@ def test_a_lora_checkpoint_evaluates_as_its_merged_model(checkpoint, tmp_path):
         assert proc.returncode == 0, proc.stderr
         results.append(json.loads((tmp_path / "x.json").read_text())["loss"])
     assert results[0] == results[1] == results[2] != results[3]
+
+
+def local_task(tmp_path):
+    """The repository's local multiple-choice task, its data file path made absolute."""
+    data = ROOT / "tests" / "data" / "lm_eval"
+    (tmp_path / "tasks").mkdir(parents=True)
+    text = (data / "neox_tiny_mc.yaml").read_text().replace("tests/data/lm_eval/neox_tiny_mc.jsonl",
+                                                           str(data / "neox_tiny_mc.jsonl"))
+    (tmp_path / "tasks" / "neox_tiny_mc.yaml").write_text(text)
+    return tmp_path / "tasks"
+
+
+def test_lm_eval_adapter_equals_the_hf_backend_on_our_export(checkpoint, tmp_path):
+    pytest.importorskip("lm_eval")
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from neox_llama.evaluation.harness import run_tasks
+
+    tasks = local_task(tmp_path)
+    lm = LanguageModel.from_checkpoint(str(checkpoint / "ck"), device="cpu")
+    ours = run_tasks(lm, ["neox_tiny_mc"], include_path=tasks, batch_size=4, log_samples=True)
+    export_to_hf(checkpoint / "ck", tmp_path / "hf", dtype="fp32")
+    from lm_eval.models.huggingface import HFLM
+
+    theirs = simple_evaluate(model=HFLM(pretrained=str(tmp_path / "hf"), dtype="float32", batch_size=4, device="cpu"),
+                             tasks=["neox_tiny_mc"], task_manager=TaskManager(include_path=str(tasks)),
+                             log_samples=True, batch_size=4)
+    a, b = ours["samples"]["neox_tiny_mc"], theirs["samples"]["neox_tiny_mc"]
+    assert len(a) == len(b) == 6
+    for x, y in zip(sorted(a, key=lambda s: s["doc_id"]), sorted(b, key=lambda s: s["doc_id"]), strict=True):
+        for (lx, gx), (ly, gy) in zip((r[0] for r in x["resps"]), (r[0] for r in y["resps"]), strict=True):
+            assert abs(float(lx) - float(ly)) <= 1e-4 * max(1.0, abs(float(ly))) and bool(gx) == bool(gy)
+    assert ours["results"]["neox_tiny_mc"]["acc,none"] == theirs["results"]["neox_tiny_mc"]["acc,none"]
+
+
+def test_evaluate_tasks_command_line_with_an_adapter(checkpoint, tmp_path):
+    pytest.importorskip("lm_eval")
+    from test_lora import SETTINGS as LORA
+    from test_lora import adapter_checkpoint
+
+    adapter = adapter_checkpoint(tmp_path / "lora", checkpoint / "ck", LORA, seed=4)
+    proc = tool("--checkpoint", adapter, "--tasks", "neox_tiny_mc", "--include-path", local_task(tmp_path),
+                "--output", tmp_path / "tasks.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "tasks.json").read_text())
+    assert 0.0 <= result["results"]["neox_tiny_mc"]["acc,none"] <= 1.0
+    assert "neox_tiny_mc" in proc.stdout and "acc" in proc.stdout
+    bad = tool("--checkpoint", checkpoint / "ck", "--tasks", "no_such_task", "--include-path", local_task(tmp_path / "x"))
+    assert bad.returncode == 2 and "no_such_task" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]

@@ -6,9 +6,12 @@
     python tools/evaluate.py --checkpoint DIR --jsonl data/x.jsonl --jsonl-keys text
     python tools/evaluate.py --checkpoint DIR --data-path data/shakespeare_text_document
     python tools/evaluate.py --checkpoint BASE --adapter runs/lora/checkpoints/best --jsonl data/x.jsonl
+    python tools/evaluate.py --checkpoint DIR --tasks hellaswag,my_task [--include-path DIR] [--num-fewshot N] [--limit N]
 
 Sliding window as Hugging Face's perplexity recipe (default stride: half the window, so every token after the
 first is scored with context). A checkpoint trained at any pipeline/tensor layout is scored on one process.
+--tasks runs lm-evaluation-harness through the registered `neox_llama` model (local task YAMLs with
+--include-path work offline).
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     source.add_argument("--text", help="a UTF-8 text file, scored as one document")
     source.add_argument("--jsonl", help="a JSONL file; each --jsonl-keys field is one document")
     parser.add_argument("--jsonl-keys", nargs="+", default=["text"])
+    parser.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks (instead of perplexity)")
+    parser.add_argument("--include-path", help="folder of local lm-eval task YAMLs")
+    parser.add_argument("--num-fewshot", type=int)
+    parser.add_argument("--limit", type=int, help="at most this many documents per task")
     parser.add_argument("--seq-length", type=int, help="window length (default: the run's seq_length)")
     parser.add_argument("--stride", type=int, help="tokens between window starts (default: half the window)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
@@ -58,6 +65,8 @@ def main(argv: list[str]) -> int:
         lm = LanguageModel.from_checkpoint(args.checkpoint, adapters=args.adapter, base=args.base, device=args.device)
         if lm.tokenizer is None:
             raise NeoxLlamaError("the checkpoint has no tokenizer to turn text into ids (and bytes)")
+        if args.tasks:
+            return _tasks(lm, args)
         seq_length = args.seq_length or lm.run.cfg.seq_length
         stride = args.stride or max(1, seq_length // 2)
         if stride > seq_length:
@@ -79,6 +88,27 @@ def main(argv: list[str]) -> int:
         print(f"evaluate.py: error: {err}", file=sys.stderr)
         return 2
     print(result.summary())
+    return 0
+
+
+def _tasks(lm, args: argparse.Namespace) -> int:
+    import json
+
+    from neox_llama.evaluation.harness import run_tasks
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    try:
+        out = run_tasks(lm, tasks, args.include_path, args.num_fewshot, args.limit, args.batch_size)
+    except (ValueError, KeyError, FileNotFoundError) as err:  # lm-eval's own errors for unknown tasks and data
+        raise NeoxLlamaError(f"--tasks {args.tasks}: lm-eval: {str(err).splitlines()[0] if str(err) else err!r}") from None
+    if out is None:
+        raise NeoxLlamaError(f"--tasks {args.tasks}: lm-eval returned no results")
+    if args.output:
+        atomic_write_text(args.output, json.dumps({k: out[k] for k in ("results", "versions", "n-shot") if k in out},
+                                                  indent=2, default=str) + "\n")
+    for task, metrics in out["results"].items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        print(f"{task}: {shown}")
     return 0
 
 

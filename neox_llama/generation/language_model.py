@@ -63,8 +63,9 @@ class LanguageModel:
         return self.run.args.max_position_embeddings
 
     @torch.no_grad()
-    def token_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        """For each sequence, the float32 log-probability of every token after the first given those before it."""
+    def token_logprobs(self, sequences: Sequence[Sequence[int]], with_greedy: bool = False) -> list:
+        """For each sequence, the float32 log-probability of every token after the first given those before it;
+        ``with_greedy``: (log-probabilities, whether each token is the most likely one) per sequence."""
         if not sequences:
             return []
         longest = max(len(s) for s in sequences)
@@ -74,7 +75,11 @@ class LanguageModel:
         ids = ids.to(self.device)
         logits = self.model(ids[:, :-1])[..., : self.run.true_vocab].float()
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None])[..., 0].cpu()
-        return [logprobs[row, : len(seq) - 1] for row, seq in enumerate(sequences)]
+        rows = [logprobs[row, : len(seq) - 1] for row, seq in enumerate(sequences)]
+        if not with_greedy:
+            return rows
+        greedy = (logits.argmax(dim=-1) == ids[:, 1:]).cpu()
+        return [(rows[row], greedy[row, : len(seq) - 1]) for row, seq in enumerate(sequences)]
 
     def score_windows(self, windows: Sequence[Window], batch_size: int = 8) -> tuple[float, int]:
         """(sum of negative log-likelihoods in nats, number of scored tokens) over ``windows``, in batches."""
