@@ -112,6 +112,7 @@ def test_every_lora_step_is_a_self_describing_adapter_checkpoint(setup, lora_run
     assert engine_state < base_weights / 4  # the frozen base is not saved again
     valid = metrics(save, "valid_loss")
     assert [r["step"] for r in valid] == [2, 4, 6] and valid[-1]["valid_loss"] < valid[0]["valid_loss"]
+    assert all(0 < r["valid_bpb"] < r["valid_loss"] for r in valid)  # bits per byte of the scored responses
     assert [r["epoch"] for r in metrics(save)] == [1] * 6  # 32 records, 2 per step: one epoch is 16 steps
 
 

@@ -1,7 +1,7 @@
 """Training metrics to the console, ``{log_dir}/metrics.jsonl``, TensorBoard and Weights & Biases (rank 0 only).
 
 metrics.jsonl keys are a contract (README, docs/architecture.md): training records carry ``step, loss, lr, grad_norm,
-tokens_per_sec, mfu``; evaluation records ``step, valid_loss, valid_ppl``; the end-of-run test evaluation ``step, test_loss, test_ppl``.
+tokens_per_sec, mfu``; evaluation records ``step, valid_loss, valid_ppl`` (and ``valid_bpb``, bits per byte, with a tokenizer); the end-of-run test evaluation ``step, test_loss, test_ppl`` (``test_bpb``).
 """
 
 from __future__ import annotations

@@ -127,7 +127,7 @@ class Trainer:
         it is used up; the test split is read from its start.
         """
         self.engine.eval()
-        loss_sum, tokens = 0.0, 0.0
+        loss_sum, tokens, nbytes = 0.0, 0.0, 0
         for _ in range(self.cfg.eval_iters):
             samples = next_samples(self.eval_streams[split], self.cfg.derived.gradient_accumulation_steps)
             if samples is None:  # the split is used up: start it over
@@ -142,10 +142,28 @@ class Trainer:
             mean = run_global_batch(self.runner, batch, self.loss_fn, train=False)
             loss_sum += mean * batch.valid_tokens
             tokens += batch.valid_tokens
+            nbytes += self._scored_bytes(samples)
             if split == "valid":
                 self.train_state.consumed_valid_samples += self.cfg.derived.train_batch_size
         self.engine.train()
+        self.last_bits_per_byte = None
+        if self.tokenizer is not None and self.cfg.eval_iters:
+            # Collective device: a host tensor over the data-parallel group (gloo, the CPU backend on GPUs too).
+            total = torch.tensor([nbytes], dtype=torch.float64)
+            dist.all_reduce(total, group=self.state.dp_group)
+            if total.item() > 0:
+                self.last_bits_per_byte = loss_sum / math.log(2) / total.item()
         return loss_sum / max(tokens, 1.0)
+
+    def _scored_bytes(self, samples: list[dict]) -> int:
+        """UTF-8 bytes of the tokens this rank's ``samples`` score (their loss-bearing labels, decoded)."""
+        if self.tokenizer is None:
+            return 0
+        size = 0
+        for micro in samples:
+            for labels, mask in zip(micro["labels"], micro["loss_mask"], strict=True):
+                size += len(self.tokenizer.decode(labels[mask > 0].tolist()).encode("utf-8"))
+        return size
 
     def _eval_iterator(self, split: str, consumed: int):
         """A stream of ``split``'s micro-batches from ``consumed`` samples on (from the start when none are left)."""
@@ -247,6 +265,8 @@ class Trainer:
             self.eval_streams["test"] = self._eval_iterator("test", 0)
             test_loss = self.evaluate("test")
             record = {"step": ts.step, "test_loss": test_loss, "test_ppl": math.exp(min(test_loss, 50.0))}
+            if self.last_bits_per_byte is not None:
+                record["test_bpb"] = self.last_bits_per_byte
             self.metrics.write(record)
             logger.info("step %6d | test_loss %.4f | test_ppl %.2f", ts.step, test_loss, record["test_ppl"])
         self.metrics.close()
@@ -263,9 +283,12 @@ class Trainer:
         cfg, ts = self.cfg, self.train_state
         valid_loss = self.evaluate("valid")
         record = {"step": ts.step, "valid_loss": valid_loss, "valid_ppl": math.exp(min(valid_loss, 50.0))}
+        if self.last_bits_per_byte is not None:  # known whenever there is a tokenizer to decode the scored tokens
+            record["valid_bpb"] = self.last_bits_per_byte
         if track or not self.metrics.has_record(ts.step, "valid_loss"):  # a finished job re-run: logged once
             self.metrics.write(record)
-        logger.info("step %6d | valid_loss %.4f | valid_ppl %.2f", ts.step, valid_loss, record["valid_ppl"])
+        logger.info("step %6d | valid_loss %.4f | valid_ppl %.2f%s", ts.step, valid_loss, record["valid_ppl"],
+                    f" | valid_bpb {record['valid_bpb']:.4f}" if "valid_bpb" in record else "")
         if not track:
             return False
         if ts.best_valid_loss is None or valid_loss < ts.best_valid_loss:
