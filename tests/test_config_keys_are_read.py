@@ -15,7 +15,7 @@ SKIP = {"schema.py", "docs.py"}  # where keys are defined and documented, not re
 DYNAMIC = {
     "model_name": ("config/loading.py", r'mapping\["model_name"\]'),
     **{f"{kind}_data_{what}": ("data/loader.py", r'getattr\(cfg, f"\{name\}_data_(?:paths|weights)"\)')
-       for kind in ("train", "valid", "test") for what in ("paths", "weights") if f"{kind}_data_{what}" != "train_data_paths"},
+       for kind in ("train", "valid", "test") for what in ("paths", "weights") if f"{kind}_data_{what}" not in ("train_data_paths", "test_data_paths")},
     **{f"{kind}_label_data_paths": ("data/loader.py", r'getattr\(cfg, f"\{name\}_label_data_paths"\)')
        for kind in ("train", "valid", "test")},
 }
