@@ -22,11 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
-from benchmarks.model_step import ARGS, MICRO
-from benchmarks.train_step import SHAPE
-from neox_llama.data.indexed import IndexedDatasetWriter
+from benchmarks.model_step import MICRO
+from benchmarks.train_step import SHAPE, write_random_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,10 +58,7 @@ def main() -> None:
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        rng = np.random.RandomState(0)
-        with IndexedDatasetWriter(work / "data", np.uint16) as writer:
-            for _ in range(400):
-                writer.add_document(rng.randint(0, ARGS.vocab_size, size=rng.randint(100, 2000)))
+        write_random_corpus(work / "data")
         deepy(work, "base", "train_iters=1", "checkpoint_factor=1")
         full = measure(work, "full", opts.steps)
         runs = {"full fine-tuning": full,

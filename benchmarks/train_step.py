@@ -72,16 +72,21 @@ def deepy_tokens_per_sec(work: Path, name: str, steps: int, *extra: str) -> floa
     return statistics.median(r["tokens_per_sec"] for r in records if "loss" in r and r["step"] > 1)
 
 
+def write_random_corpus(prefix: Path) -> None:
+    """400 documents of 100-2000 random ids of the benchmark vocabulary (the benchmarks' shared corpus)."""
+    rng = np.random.RandomState(0)
+    with IndexedDatasetWriter(prefix, np.uint16) as writer:
+        for _ in range(400):
+            writer.add_document(rng.randint(0, ARGS.vocab_size, size=rng.randint(100, 2000)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        rng = np.random.RandomState(0)
-        with IndexedDatasetWriter(work / "data", np.uint16) as writer:
-            for _ in range(400):
-                writer.add_document(rng.randint(0, ARGS.vocab_size, size=rng.randint(100, 2000)))
+        write_random_corpus(work / "data")
         bare = bare_step_tokens_per_sec(opts.steps)
         hf = bare_step_tokens_per_sec(opts.steps, hf=True)
         one = deepy_tokens_per_sec(work, "one", opts.steps, f"train_micro_batch_size_per_gpu={MICRO}",

@@ -20,7 +20,7 @@ from neox_llama.checkpoint.metadata import Layout, Metadata, read_metadata, writ
 from neox_llama.checkpoint.paths import CheckpointError, layer_file, resolve_checkpoint
 from neox_llama.checkpoint.weights import layer_indices, read_layer_file, write_layer_file
 from neox_llama.model.lora import LoraSettings, merged_weight
-from neox_llama.utils.files import make_temporary_dir
+from neox_llama.utils.files import building_dir, output_dir_problem
 
 logger = logging.getLogger(__name__)
 
@@ -98,14 +98,13 @@ def merge_to_checkpoint(adapters: list[Adapter], output: str | Path, base: str |
     from neox_llama.config.loading import dump_raw, load_raw
 
     output = Path(output)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise CheckpointError(f"{output}: exists and is not empty; choose another --output")
+    problem = output_dir_problem(output, force=False)
+    if problem:
+        raise CheckpointError(problem.removesuffix(" or pass --force"))  # --force here is about the base's hash
     base_folder = find_base(adapters, base, force)
     base_meta = read_metadata(base_folder)
     first = adapters[0]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temporary_dir(output.parent, f".{output.name}.")
-    try:
+    with building_dir(output) as tmp:
         for index, tensors in merged_layers(base_folder, adapters):
             write_layer_file(layer_file(tmp, index), tensors)
         raw, _ = load_raw([first.folder / "config.yml"], apply_presets=False)
@@ -123,12 +122,6 @@ def merge_to_checkpoint(adapters: list[Adapter], output: str | Path, base: str |
             merged_from=[{"path": str(a.folder.resolve()), "fingerprint": fingerprint(a.folder), "weight": a.weight,
                           "step": a.metadata.step, "lora": a.settings.to_dict()} for a in adapters])
         write_metadata(tmp, meta)
-        if output.exists():
-            output.rmdir()  # an empty folder
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("merged %s into %s -> %s", ", ".join(f"{a.folder} x {a.weight:g}" for a in adapters), base_folder,
                 output)
     return output

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ from neox_llama.checkpoint.run import Run, load_run
 from neox_llama.checkpoint.weights import read_full_state
 from neox_llama.convert.hf_names import expected_shape, hf_config_dict, hf_to_ours
 from neox_llama.convert.hf_tokenizer_export import write_tokenizer_files
-from neox_llama.utils.files import default_file_mode, make_temporary_dir, replace_dir
+from neox_llama.utils.files import building_dir, default_file_mode, output_dir_problem
 
 logger = logging.getLogger(__name__)
 
@@ -81,19 +80,16 @@ def export_to_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bf16"
     from transformers import GenerationConfig, LlamaConfig
 
     output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise CheckpointError(f"{output}: exists and is not a directory; choose another --output")
-    if output.exists() and any(output.iterdir()) and not force:
-        raise CheckpointError(f"{output}: exists and is not empty; choose another --output or pass --force")
+    problem = output_dir_problem(output, force)
+    if problem:
+        raise CheckpointError(problem)
     ckpt = load_run(checkpoint, base=base)
     try:
         config_kwargs = hf_config_dict(ckpt.args, ckpt.true_vocab)
     except ValueError as err:
         raise CheckpointError(f"{ckpt.folder}: {err}") from None
     tensors = hf_state_dict(ckpt, DTYPES[dtype])
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temporary_dir(output.parent, f".{output.name}.")
-    try:
+    with building_dir(output) as tmp:
         ids = write_tokenizer_files(ckpt.tokenizer, tmp) if ckpt.tokenizer else {}
         config = LlamaConfig(**config_kwargs, **ids, dtype=dtype_name(dtype), architectures=["LlamaForCausalLM"])
         config.save_pretrained(tmp)
@@ -101,10 +97,6 @@ def export_to_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bf16"
         stops = [i for i in (ids.get("eos_token_id"), getattr(ckpt.tokenizer, "eot_id", None)) if i is not None]
         GenerationConfig(bos_token_id=ids.get("bos_token_id"), eos_token_id=stops or None).save_pretrained(tmp)
         _write_safetensors(tensors, tmp)
-        replace_dir(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("exported %s to %s (%s)", ckpt.folder, output, dtype)
     return output
 

@@ -26,7 +26,7 @@ from neox_llama.checkpoint.weights import write_layer_file
 from neox_llama.config import load_config
 from neox_llama.convert.hf_names import expected_shape, hf_to_ours
 from neox_llama.model.args import LlamaArgs
-from neox_llama.utils.files import atomic_write_text, make_temporary_dir
+from neox_llama.utils.files import atomic_write_text, building_dir, output_dir_problem
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +125,9 @@ def import_from_hf(hf_dir: str | Path, output: str | Path, pipe_parallel_size: i
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
-    if output.exists() and any(output.iterdir()) and not force:
-        raise CheckpointError(f"{output}: exists and is not empty; choose another --output or pass --force")
+    problem = output_dir_problem(output, force)
+    if problem:
+        raise CheckpointError(problem)
     try:
         hf = json.loads(config_path.read_text())
         settings = _model_settings(hf, config_path, pipe_parallel_size, model_parallel_size)
@@ -135,9 +136,7 @@ def import_from_hf(hf_dir: str | Path, output: str | Path, pipe_parallel_size: i
     except KeyError as err:
         raise CheckpointError(f"{config_path}: missing key {err}") from None
     tok_settings, tok_file = _tokenizer_settings(hf_dir)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temporary_dir(output.parent, f".{output.name}.")
-    try:
+    with building_dir(output) as tmp:
         folder = tmp / "global_step0"
         (folder / "weights").mkdir(parents=True)
         raw = {**settings, **tok_settings}
@@ -159,14 +158,8 @@ def import_from_hf(hf_dir: str | Path, output: str | Path, pipe_parallel_size: i
         if tok_file is not None:
             model_yml["vocab_file"] = str((output / "global_step0" / tok_file.name).resolve())
         model_yml.update(finetune=True, load=str(output.resolve()))
-        atomic_write_text(tmp / "model.yml", "# fine-tune this model: python deepy.py train.py THIS.yml configs/local.yml\n"
-                          + yaml.safe_dump(model_yml, sort_keys=False))
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_text(tmp / "model.yml", "# fine-tune this model: python deepy.py train.py THIS.yml "
+                          "configs/finetune/full.yml load=THIS_FOLDER\n" + yaml.safe_dump(model_yml, sort_keys=False))
     logger.info("converted %s to %s", hf_dir, output)
     return output / "global_step0"
 

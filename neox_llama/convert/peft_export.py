@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -19,7 +18,7 @@ from neox_llama.checkpoint.paths import CheckpointError
 from neox_llama.checkpoint.run import load_run
 from neox_llama.convert.hf_export import DTYPES
 from neox_llama.convert.hf_names import hf_config_dict, hf_to_ours
-from neox_llama.utils.files import default_file_mode, make_temporary_dir, replace_dir
+from neox_llama.utils.files import building_dir, default_file_mode, output_dir_problem
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +29,9 @@ def export_peft(checkpoint: str | Path, output: str | Path, dtype: str = "fp32",
                 base: str | Path | None = None) -> Path:
     """Write the PEFT adapter of LoRA checkpoint ``checkpoint`` to ``output`` (temporary folder, then renamed)."""
     output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise CheckpointError(f"{output}: exists and is not a directory; choose another --output")
-    if output.exists() and any(output.iterdir()) and not force:
-        raise CheckpointError(f"{output}: exists and is not empty; choose another --output or pass --force")
+    problem = output_dir_problem(output, force)
+    if problem:
+        raise CheckpointError(problem)
     run = load_run(checkpoint, base=base)
     if len(run.adapters) != 1:
         raise CheckpointError(f"{checkpoint}: --peft exports a LoRA checkpoint; this is a full checkpoint "
@@ -64,15 +62,9 @@ def export_peft(checkpoint: str | Path, output: str | Path, dtype: str = "fp32",
         "target_modules": sorted(modules), "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
         "use_rslora": False, "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temporary_dir(output.parent, f".{output.name}.")
-    try:
+    with building_dir(output) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_model.safetensors").chmod(default_file_mode())
-        replace_dir(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("exported the LoRA adapter %s (base %s) as a PEFT adapter to %s", adapter.folder, run.folder, output)
     return output

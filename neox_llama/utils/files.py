@@ -7,8 +7,10 @@ written through here gets the mode ``open()``/``mkdir()`` would give (0644 / 075
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -72,3 +74,28 @@ def replace_dir(new: Path, target: Path) -> None:
         os.replace(target, old)
     os.replace(new, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def output_dir_problem(output: Path, force: bool, flag: str = "--output") -> str | None:
+    """Why ``output`` cannot be written as a new folder (a file; a non-empty folder without ``force``), or None."""
+    if output.exists() and not output.is_dir():
+        return f"{output}: exists and is not a directory; choose another {flag}"
+    if output.exists() and any(output.iterdir()) and not force:
+        return f"{output}: exists and is not empty; choose another {flag} or pass --force"
+    return None
+
+
+@contextlib.contextmanager
+def building_dir(output: Path) -> Iterator[Path]:
+    """A temporary folder beside ``output`` to write into; when the block ends it replaces ``output`` (an old one
+    is removed last, :func:`replace_dir`); when the block fails it is removed and ``output`` is untouched."""
+    import shutil
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temporary_dir(output.parent, f".{output.name}.")
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, output)
