@@ -12,7 +12,7 @@ import pytest
 from helpers.runner import ROOT, run
 
 SCRIPTS = {"neox-train", "neox-preprocess", "neox-convert-to-hf", "neox-convert-from-hf", "neox-generate",
-           "neox-convert-neox-config", "neox-merge-lora", "neox-evaluate"}
+           "neox-convert-neox-config", "neox-merge-lora", "neox-evaluate", "neox-serve"}
 
 
 def _bin(name: str) -> str:
