@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: request bodies, the decoding engine thread, the FastAPI app."""

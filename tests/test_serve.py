@@ -1,0 +1,244 @@
+"""The OpenAI-compatible server, run as users run it (tools/serve.py in a subprocess on a free port) and spoken to
+with the official openai client and raw HTTP: completions and chat, streamed and not, equal to tools/generate.py
+and to each adapter's own model; concurrent requests batched; bad requests answered with OpenAI's error body."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from helpers.checkpoints import save_random_checkpoint
+from helpers.runner import ROOT, free_port
+from test_evaluate import SETTINGS, TEXT
+from test_lora import adapter_checkpoint
+
+from neox_llama.generation.generator import GenerationSettings
+from neox_llama.generation.language_model import LanguageModel
+from neox_llama.model.lora import LoraSettings
+from neox_llama.serving.text import TextStream
+from neox_llama.tokenizers import build_tokenizer
+from neox_llama.tokenizers.prompts import Message, encode_dialog
+from neox_llama.tokenizers.train import train_sentencepiece
+
+PROMPT = "it was the age of"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    (root / "text.jsonl").write_text(json.dumps({"text": TEXT}) + "\n")
+    tokenizer = train_sentencepiece([root / "text.jsonl"], root / "tok", 320)
+    settings = {**SETTINGS, "max_position_embeddings": 256}
+    save_random_checkpoint(root / "base", settings, tokenizer_type="SPMTokenizer", tokenizer_file=tokenizer)
+    adapter_checkpoint(root / "a", root / "base", LoraSettings(4, 8.0, 0.0, ("query", "value", "head")), seed=1)
+    adapter_checkpoint(root / "b", root / "base", LoraSettings(2, 4.0, 0.0, ("mlp",)), seed=2,
+                       style="llama2-chat")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(folders):
+    port = free_port()
+    log = open(folders / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "serve.py"), "--checkpoint", str(folders / "base"),
+                             "--adapter", f"a={folders / 'a'}", "--adapter", f"b={folders / 'b'}", "--port", str(port),
+                             "--max-batch-size", "8"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.5)
+        if proc.poll() is not None:
+            pytest.fail((folders / "serve.log").read_text())
+    yield url, proc
+    if proc.poll() is None:
+        proc.kill()
+    log.close()
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def alone(folder, ids: list[int], n: int) -> list[int]:
+    """Greedy ids from a model of its own (a LoRA checkpoint merged into its base)."""
+    lm = LanguageModel.from_checkpoint(str(folder), device="cpu")
+    return lm.generate([ids], [GenerationSettings(max_new_tokens=n)])[0]
+
+
+def test_models_lists_the_base_and_each_adapter(server):
+    url, _ = server
+    models = client(url).models.list()
+    assert [m.id for m in models.data] == ["base", "a", "b"]
+
+
+def test_completion_equals_generate_py_streamed_or_not(server, folders):
+    url, _ = server
+    c = client(url)
+    done = c.completions.create(model="base", prompt=PROMPT, max_tokens=20, temperature=0)
+    cli = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), "--checkpoint", str(folders / "base"),
+                          "--prompt", PROMPT, "--max-new-tokens", "20"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert PROMPT + done.choices[0].text + "\n" == cli.stdout
+    assert done.choices[0].finish_reason == "length"
+    assert done.usage.completion_tokens == 20
+    tok = build_tokenizer("SPMTokenizer", folders / "base" / "tok.model")
+    assert done.usage.prompt_tokens == len(tok.encode_document(PROMPT))
+    chunks = list(c.completions.create(model="base", prompt=PROMPT, max_tokens=20, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == done.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 20 and not chunks[-1].choices
+    raw = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "stream": True}).text
+    assert raw.rstrip("\n").endswith("data: [DONE]")  # no "model": the base answers
+
+
+def test_chat_in_the_adapters_prompt_style_equals_its_merged_model(server, folders):
+    url, _ = server
+    c = client(url)
+    tok = build_tokenizer("SPMTokenizer", folders / "base" / "tok.model")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say it was the best."}]
+    ids, _ = encode_dialog(tok, "llama2-chat", [Message(m["role"], m["content"]) for m in messages], open_turn=True)
+    expected = tok.decode(alone(folders / "b", ids, 16))
+    done = c.chat.completions.create(model="b", messages=messages, max_tokens=16, temperature=0)
+    assert done.choices[0].message.content == expected and done.choices[0].message.role == "assistant"
+    assert done.usage.prompt_tokens == len(ids)
+    chunks = list(c.chat.completions.create(model="b", messages=messages, max_tokens=16, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_the_base_and_two_adapters_in_one_batch_each_equal_their_own_model(server, folders):
+    url, _ = server
+    tok = build_tokenizer("SPMTokenizer", folders / "base" / "tok.model")
+    prompts = {"base": "it was the", "a": "the age of wisdom", "b": "Document 2"}
+    before = httpx.get(f"{url}/health").json()["peak_running"]
+
+    def ask(name):
+        return client(url).completions.create(model=name, prompt=prompts[name], max_tokens=40, temperature=0)
+
+    with ThreadPoolExecutor(6) as pool:  # each model twice, all at once
+        results = list(pool.map(ask, list(prompts) * 2))
+    answers = dict(zip(prompts, results[:3], strict=True))
+    assert [r.choices[0].text for r in results[3:]] == [r.choices[0].text for r in results[:3]]
+    for name, folder in (("base", "base"), ("a", "a"), ("b", "b")):
+        want = tok.decode(alone(folders / folder, tok.encode_document(prompts[name]), 40))
+        assert answers[name].choices[0].text == want, name
+    assert httpx.get(f"{url}/health").json()["peak_running"] >= max(before, 2)  # they were decoded together
+
+
+def test_concurrent_requests_all_succeed(server, capsys):
+    url, _ = server
+    c = client(url)
+    start = time.perf_counter()
+    c.completions.create(model="a", prompt=PROMPT, max_tokens=32, temperature=0.7, seed=5)
+    one = time.perf_counter() - start
+
+    def ask(i):
+        return c.completions.create(model="ab"[i % 2], prompt=f"{PROMPT} {i}", max_tokens=32, temperature=0.7, seed=i)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    total = time.perf_counter() - start
+    assert all(a.choices[0].finish_reason in ("stop", "length") for a in answers)
+    same = c.completions.create(model="a", prompt=PROMPT, max_tokens=32, temperature=0.7, seed=5)
+    first = c.completions.create(model="a", prompt=PROMPT, max_tokens=32, temperature=0.7, seed=5)
+    assert same.choices[0].text == first.choices[0].text  # a seed fixes sampling
+    two = c.completions.create(model="a", prompt=PROMPT, max_tokens=8, temperature=1.0, seed=5, n=3)
+    assert [ch.index for ch in two.choices] == [0, 1, 2] and two.usage.completion_tokens <= 24
+    with capsys.disabled():
+        print(f"\n8 concurrent requests: {total:.2f} s; one request alone: {one:.2f} s")
+
+
+def test_stop_strings_end_the_text_before_them(server):
+    url, _ = server
+    c = client(url)
+    full = c.completions.create(model="base", prompt=PROMPT, max_tokens=30, temperature=0).choices[0].text
+    stop = full[10:13]
+    cut = c.completions.create(model="base", prompt=PROMPT, max_tokens=30, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[: full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    chunks = c.completions.create(model="base", prompt=PROMPT, max_tokens=30, temperature=0, stop=stop, stream=True)
+    assert "".join(ch.choices[0].text for ch in chunks) == cut.choices[0].text
+
+
+BAD = [
+    ("/v1/completions", {"max_tokens": 4}, 400, "prompt"),
+    ("/v1/completions", {"prompt": 5}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "temperature": 9}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "model": "nope"}, 404, "model"),
+    ("/v1/completions", {"prompt": "word " * 400}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [1, 99999]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "bot", "content": "x"}]}, 400, "messages.0.role"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "zz", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), BAD)
+def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, path, body, status, param):
+    url, _ = server
+    answer = httpx.post(f"{url}{path}", json=body)
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"] == "invalid_request_error"
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_not_json_and_unknown_routes(server):
+    url, _ = server
+    answer = httpx.post(f"{url}/v1/completions", content=b"{bad", headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400 and "not valid JSON" in answer.json()["error"]["message"]
+    assert httpx.get(f"{url}/v1/nothing").status_code == 404
+    with pytest.raises(openai.NotFoundError):
+        client(url).completions.create(model="nope", prompt="x")
+
+
+def test_a_client_that_disconnects_frees_its_slot(server):
+    url, _ = server
+    before = httpx.get(f"{url}/health").json()["cancelled"]
+    with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 240, "stream": True,
+                                                             "temperature": 0}) as response:
+        next(response.iter_lines())  # the first chunk, then hang up
+    for _ in range(100):
+        health = httpx.get(f"{url}/health").json()
+        if health["running"] == 0 and health["cancelled"] > before:
+            break
+        time.sleep(0.05)
+    assert health["running"] == 0 and health["cancelled"] == before + 1
+
+
+def test_sigterm_stops_the_server_cleanly(server, folders):
+    _, proc = server
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    log = (folders / "serve.log").read_text()
+    assert "Traceback" not in log and "stopped" in log
+
+
+def test_text_stream_holds_back_partial_stop_strings_and_characters():
+    class Chars:  # a tokenizer whose ids are characters (\ufffd: half of a multi-byte character)
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    s = TextStream(Chars(), ["END"])
+    sent = [s.push(ord(ch)) for ch in "abE"]
+    assert sent == ["a", "b", ""]  # "E" could start "END"
+    assert s.push(ord("x")) == "Ex"
+    assert [s.push(ord(ch)) for ch in "ENDzz"] == ["", "", "", "", ""] and s.stopped
+    assert s.text == "abEx" and s.finish() == ""
+    s = TextStream(Chars(), [])
+    assert s.push(ord("a")) == "a" and s.push(0xFFFD) == "" and s.push(ord("é")) == "\ufffdé"
