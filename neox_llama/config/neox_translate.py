@@ -28,7 +28,7 @@ SAME = {
     "layernorm_epsilon", "pos_emb", "rotary_pct", "no_weight_tying", "use_bias_in_attn_linear", "use_bias_in_mlp",
     "init_method_std", "hidden_dropout", "attention_dropout", "train_micro_batch_size_per_gpu",
     "gradient_accumulation_steps", "train_batch_size", "train_iters", "lr_decay_iters", "warmup", "min_lr",
-    "gradient_clipping", "eval_interval", "eval_iters", "log_interval", "checkpoint_factor", "keep_last_n_checkpoints",
+    "gradient_clipping", "eval_interval", "eval_iters", "eval_tasks", "log_interval", "checkpoint_factor", "keep_last_n_checkpoints",
     "save", "load", "finetune", "data_path", "train_data_paths", "valid_data_paths", "test_data_paths",
     "train_data_weights", "valid_data_weights", "test_data_weights", "split", "vocab_file", "seed",
     "checkpoint_activations", "checkpoint_num_layers", "tensorboard_dir", "log_dir", "use_wandb", "wandb_project",

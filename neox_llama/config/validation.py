@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from neox_llama.config.loading import ConfigError
 from neox_llama.config.schema import Config, Derived
@@ -205,6 +206,18 @@ def _check_training(cfg: Config, problems: _Problems, d: Derived) -> None:
             raise ValueError
     except ValueError:
         problems.add("split", f"split '{cfg.split}' must be up to three non-negative numbers like '969,30,1'")
+    if cfg.eval_tasks:
+        if pp > 1 or cfg.model_parallel_size > 1:
+            problems.add(("eval_tasks", "pipe_parallel_size", "model_parallel_size"),
+                         f"eval_tasks runs lm-eval on the training model without pipeline or tensor parallelism "
+                         f"(here pipe_parallel_size {pp}, model_parallel_size {cfg.model_parallel_size}); drop "
+                         "eval_tasks and evaluate the checkpoints with tools/evaluate.py --tasks")
+        if cfg.tokenizer_type is None:
+            problems.add("eval_tasks", "eval_tasks needs a tokenizer (tokenizer_type and vocab_file) to encode the "
+                                       "tasks' text")
+        if cfg.eval_tasks_include_path and not Path(cfg.eval_tasks_include_path).is_dir():
+            problems.add("eval_tasks_include_path", f"eval_tasks_include_path {cfg.eval_tasks_include_path}: no such "
+                                                    "folder (it holds local lm-eval task YAMLs)")
     if cfg.vocab_file is not None and cfg.tokenizer_type is None:
         problems.add(("tokenizer_type", "vocab_file"),
                      "vocab_file is set but tokenizer_type is not (SPMTokenizer, Llama3Tokenizer or HFTokenizer)")

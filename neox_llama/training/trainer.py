@@ -84,6 +84,12 @@ class Trainer:
         self.metrics = agree(lambda: MetricsWriter(cfg, info.rank, resume_step=self.train_state.step))
         self.flops_per_token = flops_per_token(cfg)
         self.peak_tflops = cfg.peak_tflops or self._measure_peak()
+        self.task_evaluator = None
+        if cfg.eval_tasks:
+            from neox_llama.training.eval_tasks import TaskEvaluator
+
+            self.task_evaluator = TaskEvaluator(cfg, self.args, self.engine.module, tokenizer, info.device,
+                                                self.state.dp_group, info.rank)
 
     # ------------------------------------------------------------------ setup
     def _resume(self, folder: Path, meta: Metadata, weights_only: bool, strict: bool = True) -> None:
@@ -285,10 +291,13 @@ class Trainer:
         record = {"step": ts.step, "valid_loss": valid_loss, "valid_ppl": math.exp(min(valid_loss, 50.0))}
         if self.last_bits_per_byte is not None:  # known whenever there is a tokenizer to decode the scored tokens
             record["valid_bpb"] = self.last_bits_per_byte
+        tasks = self.task_evaluator.run() if self.task_evaluator is not None else {}
+        record.update(tasks)
         if track or not self.metrics.has_record(ts.step, "valid_loss"):  # a finished job re-run: logged once
             self.metrics.write(record)
-        logger.info("step %6d | valid_loss %.4f | valid_ppl %.2f%s", ts.step, valid_loss, record["valid_ppl"],
-                    f" | valid_bpb {record['valid_bpb']:.4f}" if "valid_bpb" in record else "")
+        logger.info("step %6d | valid_loss %.4f | valid_ppl %.2f%s%s", ts.step, valid_loss, record["valid_ppl"],
+                    f" | valid_bpb {record['valid_bpb']:.4f}" if "valid_bpb" in record else "",
+                    "".join(f" | {k} {v:.4f}" for k, v in tasks.items()))
         if not track:
             return False
         if ts.best_valid_loss is None or valid_loss < ts.best_valid_loss:
