@@ -17,7 +17,8 @@ import argparse
 import sys
 
 from neox_llama.errors import NeoxLlamaError
-from neox_llama.generation.generator import GenerationSettings, Generator
+from neox_llama.generation.generator import GenerationSettings
+from neox_llama.generation.language_model import LanguageModel
 from neox_llama.tokenizers.prompts import STYLES, Message, check_style, default_chat_style, encode_dialog, stop_ids
 from neox_llama.utils.logging_setup import setup_logging
 
@@ -51,7 +52,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def stream(generator: Generator, prompt_ids: list[int], settings: GenerationSettings) -> str:
+def stream(generator: LanguageModel, prompt_ids: list[int], settings: GenerationSettings) -> str:
     printed = ""
     produced: list[int] = []
 
@@ -64,7 +65,7 @@ def stream(generator: Generator, prompt_ids: list[int], settings: GenerationSett
             sys.stdout.flush()
             printed = text
 
-    ids = generator.generate_ids(prompt_ids, settings, on_token=show)
+    ids = generator.generate_one(prompt_ids, settings, on_token=show)
     text = generator.tokenizer.decode(ids)
     sys.stdout.write(text[len(printed):] + "\n")
     sys.stdout.flush()
@@ -75,8 +76,8 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     setup_logging("warning")
     try:
-        generator = Generator.from_checkpoint(args.checkpoint, device=args.device, adapters=args.adapter,
-                                              base=args.base)
+        generator = LanguageModel.from_checkpoint(args.checkpoint, adapters=args.adapter, base=args.base,
+                                                  device=args.device)
     except NeoxLlamaError as err:
         print(f"generate.py: error: {err}", file=sys.stderr)
         return 2
@@ -99,7 +100,7 @@ def main(argv: list[str]) -> int:
                     sys.stdout.write(prompt)
                 stream(generator, ids, settings)
             return 0
-        style = args.prompt_style or generator.ckpt.prompt_style or default_chat_style(tok)
+        style = args.prompt_style or generator.run.prompt_style or default_chat_style(tok)
         check_style(style, tok)
         return chat(generator, style, settings, args.system)
     except NeoxLlamaError as err:
@@ -107,7 +108,7 @@ def main(argv: list[str]) -> int:
         return 2
 
 
-def chat(generator: Generator, style: str, settings: GenerationSettings, system: str | None) -> int:
+def chat(generator: LanguageModel, style: str, settings: GenerationSettings, system: str | None) -> int:
     """The multi-turn loop: every answer sees the whole history, rendered in ``style``."""
     tok = generator.tokenizer
     settings.stop_ids = stop_ids(tok, style)

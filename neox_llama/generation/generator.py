@@ -1,4 +1,6 @@
-"""Generate from a checkpoint with a KV cache: prefill the prompt once, then one token per step."""
+"""Batch-1 generation with a KV cache (prefill the prompt once, then one token per step): the plain reference the
+batched facade (:class:`~neox_llama.generation.language_model.LanguageModel`) is tested against, and the settings
+every generation path shares."""
 
 from __future__ import annotations
 

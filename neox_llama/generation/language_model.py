@@ -8,7 +8,7 @@ a checkpoint trained with any pipeline/tensor layout is scored on one process fr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -137,6 +137,21 @@ class LanguageModel:
         while batch.running:
             batch.step()
         return [row.output for row in rows]
+
+    @torch.no_grad()
+    def generate_one(self, prompt: Sequence[int], settings: GenerationSettings,
+                     on_token: Callable[[int], None] | None = None, stop_ids: set[int] | None = None) -> list[int]:
+        """New ids for one prompt, each passed to ``on_token`` as soon as it is chosen (streaming)."""
+        from neox_llama.generation.batch import DecodingBatch
+
+        batch = DecodingBatch(self, 1, capacity=min(self.max_length, len(prompt) + settings.max_new_tokens))
+        batch.check(prompt)
+        row = batch.add(prompt, settings, stop_ids)
+        while batch.running:
+            for _, token in batch.step():
+                if token is not None and on_token is not None:
+                    on_token(token)
+        return row.output
 
     def score_windows(self, windows: Sequence[Window], batch_size: int = 8) -> tuple[float, int]:
         """(sum of negative log-likelihoods in nats, number of scored tokens) over ``windows``, in batches."""
