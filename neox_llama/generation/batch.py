@@ -65,8 +65,9 @@ class _Decode:
         c.keys[rows, :, at] = k[:, :, 0]
         c.values[rows, :, at] = v[:, :, 0]
         c.lengths[rows] = at + 1
-        mask = torch.arange(c.keys.shape[2], device=k.device)[None, :] < c.lengths[rows][:, None]
-        return c.keys[rows], c.values[rows], mask[:, None, None, :]
+        longest = int(at.max()) + 1  # attend over the filled positions only, not the whole capacity
+        mask = torch.arange(longest, device=k.device)[None, :] < c.lengths[rows][:, None]
+        return c.keys[rows, :, :longest], c.values[rows, :, :longest], mask[:, None, None, :]
 
 
 @dataclass(eq=False)

@@ -122,7 +122,8 @@ class Service:
     async def respond(self, request: Request, kind: str, req, model: ServedModel, prompts: list[list[int]],
                       max_tokens: int | None, stops: set[int]) -> Response:
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        choices = self._choices(req, prompts, max_tokens, stops, model.adapter, loop, queue)
+        choices = self._choices(req, prompts, max_tokens, set() if req.ignore_eos else stops, model.adapter, loop,
+                                queue)
         self.engine.submit([c.job for c in choices])
         head = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": model.name}

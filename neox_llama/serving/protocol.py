@@ -51,6 +51,8 @@ class _Sampling(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict | None = None
     logprobs: bool | int | None = None
+    ignore_eos: bool = False
+    """Keep generating past end-of-sequence ids (as vLLM's ``ignore_eos``; for benchmarks)."""
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
