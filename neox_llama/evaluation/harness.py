@@ -114,6 +114,9 @@ class NeoxLlamaLM(TemplateLM):
             self.lm.token_logprobs([[self.prefix_token_id] * 2])
         return out
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
+
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         windows, owners = [], []
         for index, (string,) in enumerate(req.args for req in requests):
