@@ -22,12 +22,13 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("bank")
     save_random_checkpoint(root / "base", UNTIED)
     adapter_checkpoint(root / "a", root / "base", LoraSettings(3, 7.0, 0.0, ("query", "value", "head")), seed=1)
-    adapter_checkpoint(root / "b", root / "base", LoraSettings(5, 4.0, 0.0, ("key", "output", "mlp")), seed=2)
+    adapter_checkpoint(root / "b", root / "base", LoraSettings(5, 4.0, 0.0, ("query", "key", "output", "mlp")), seed=2)
     save_random_checkpoint(root / "other", UNTIED, seed=9)
     return root
 
 
 def test_rows_of_one_batch_each_use_their_own_adapter(folders):
+    # query is adapted by both, at ranks 3 and 5: the bank pads the smaller rank with zeros
     lm = LanguageModel.from_checkpoint(str(folders / "base"), device="cpu")
     AdapterBank.attach(lm, {"a": str(folders / "a"), "b": str(folders / "b")})
     which = [1, 0, 2, 1]

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 from helpers.runner import ROOT
-from helpers.training import deepy_train, records
+from helpers.training import deepy_train, losses, records
 from test_evaluate import TEXT
 
 from neox_llama.config import ConfigError, load_config
@@ -31,11 +31,13 @@ def test_eval_tasks_during_training_equal_the_checkpoints_evaluation(tmp_path):
     with IndexedDatasetWriter(tmp_path / "docs", np.uint16) as writer:
         for i in range(40):
             writer.add_document(tok.encode_document(TEXT[i * 7:] + TEXT[: i * 7]))
-    proc = deepy_train(tmp_path / "run", tmp_path / "docs", "tokenizer_type=SPMTokenizer", f"vocab_file={tokenizer}",
-                       "vocab_size=null", "num_gpus=2", "zero_optimization.stage=3",
-                       "zero_optimization.stage3_param_persistence_threshold=0", "train_iters=4", "eval_interval=2",
-                       "checkpoint_factor=4", "train_micro_batch_size_per_gpu=2", "gradient_accumulation_steps=1",
-                       "train_batch_size=null", *TASKS)
+    # Batches of one and a document longer than the context: the ranks score different numbers of windows, and
+    # under ZeRO-3 must still run the same number of forward passes. Dropout on: lm-eval must not change training.
+    common = ["tokenizer_type=SPMTokenizer", f"vocab_file={tokenizer}", "vocab_size=null", "num_gpus=2",
+              "zero_optimization.stage=3", "zero_optimization.stage3_param_persistence_threshold=0", "train_iters=4",
+              "eval_interval=2", "checkpoint_factor=4", "train_micro_batch_size_per_gpu=2",
+              "gradient_accumulation_steps=1", "train_batch_size=null", "hidden_dropout=0.1", "attention_dropout=0.1"]
+    proc = deepy_train(tmp_path / "run", tmp_path / "docs", *common, *TASKS, "eval_tasks_batch_size=1")
     assert proc.returncode == 0, proc.stdout[-3000:]
     logged = {r["step"]: r for r in records(tmp_path / "run", "neox_tiny_mc/acc")}
     assert sorted(logged) == [2, 4] and all("valid_loss" in r for r in logged.values())
@@ -46,6 +48,9 @@ def test_eval_tasks_during_training_equal_the_checkpoints_evaluation(tmp_path):
     for metric in ("bits_per_byte", "word_perplexity"):
         assert alone[f"neox_tiny_ppl/{metric}"] == pytest.approx(logged[4][f"neox_tiny_ppl/{metric}"], rel=1e-5)
     assert logged[2]["neox_tiny_ppl/bits_per_byte"] != logged[4]["neox_tiny_ppl/bits_per_byte"]
+    plain = deepy_train(tmp_path / "plain", tmp_path / "docs", *common)
+    assert plain.returncode == 0, plain.stdout[-3000:]
+    assert losses(tmp_path / "plain") == losses(tmp_path / "run")  # the same steps, to the bit
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -53,6 +58,8 @@ def test_eval_tasks_during_training_equal_the_checkpoints_evaluation(tmp_path):
     (["model_parallel_size=2"], "pipe_parallel_size 1, model_parallel_size 2"),
     (["tokenizer_type=null", "vocab_file=null", "vocab_size=256"], "eval_tasks needs a tokenizer"),
     (["eval_tasks_include_path=/nowhere"], "eval_tasks_include_path /nowhere: no such folder"),
+    (["eval_iters=0"], "eval_iters 0 turns evaluation off"),
+    (["eval_tasks_limit=3"], "eval_tasks_limit 3 is below the data parallel size 4"),
 ])
 def test_layouts_eval_tasks_cannot_run_are_refused_at_config_time(overrides, message):
     spm = ROOT / "configs" / "llama2" / "tiny.yml"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -181,6 +182,11 @@ BAD = [
     ("/v1/completions", {"prompt": "word " * 400}, 400, "prompt"),
     ("/v1/completions", {"prompt": [1, 99999]}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x", "seed": 2**70}, 400, "seed"),
+    ("/v1/completions", {"prompt": "x", "stop": "y" * 300}, 400, "stop"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 5000}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": ["x"] * 9, "n": 8}, 400, "n"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "bot", "content": "x"}]}, 400, "messages.0.role"),
     ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x"}]}, 400, "messages"),
@@ -219,6 +225,24 @@ def test_a_client_that_disconnects_frees_its_slot(server):
             break
         time.sleep(0.05)
     assert health["running"] == 0 and health["cancelled"] == before + 1
+
+
+def test_a_client_that_disconnects_before_a_whole_answer_frees_its_slots(server):
+    url, _ = server
+    before = httpx.get(f"{url}/health").json()
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 240, "n": 16, "temperature": 1.0, "seed": 1}).encode()
+    with socket.create_connection((host, int(port))) as raw:  # a non-streaming request, abandoned
+        raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        time.sleep(0.3)
+    for _ in range(100):
+        health = httpx.get(f"{url}/health").json()
+        if health["running"] == 0 and health["waiting"] == 0:
+            break
+        time.sleep(0.05)
+    assert health["running"] == 0 and health["cancelled"] > before["cancelled"]
+    assert health["finished"] - before["finished"] < 16  # not all 16 choices were decoded to the end
 
 
 def test_sigterm_stops_the_server_cleanly(server, folders):

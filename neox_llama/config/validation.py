@@ -212,6 +212,12 @@ def _check_training(cfg: Config, problems: _Problems, d: Derived) -> None:
                          f"eval_tasks runs lm-eval on the training model without pipeline or tensor parallelism "
                          f"(here pipe_parallel_size {pp}, model_parallel_size {cfg.model_parallel_size}); drop "
                          "eval_tasks and evaluate the checkpoints with tools/evaluate.py --tasks")
+        if cfg.eval_iters == 0:
+            problems.add(("eval_tasks", "eval_iters"), "eval_tasks run at every evaluation, but eval_iters 0 turns "
+                                                       "evaluation off; set eval_iters >= 1")
+        if cfg.eval_tasks_limit is not None and cfg.eval_tasks_limit < d.data_parallel_size:
+            problems.add(("eval_tasks_limit",), f"eval_tasks_limit {cfg.eval_tasks_limit} is below the data parallel "
+                                                f"size {d.data_parallel_size}: every rank needs a document of each task")
         if cfg.tokenizer_type is None:
             problems.add("eval_tasks", "eval_tasks needs a tokenizer (tokenizer_type and vocab_file) to encode the "
                                        "tasks' text")

@@ -69,7 +69,7 @@ class AdapterBank:
         for k, adapter in enumerate(opened, start=1):
             for index, tensors in adapter_layers(adapter.folder).items():
                 for name, (a, b, scale) in updates_by_weight(tensors, adapter.settings.scaling).items():
-                    updates.setdefault((index, name.removesuffix(".weight")), {})[k] = (a, b * scale, adapter)
+                    updates.setdefault((index, name.removesuffix(".weight")), {})[k] = (a, b.float() * scale, adapter)
         layers = dict(lm.model.named_children())
         for (index, path), per_adapter in updates.items():
             modules = dict(layers[str(index)].named_modules()) if str(index) in layers else {}

@@ -151,11 +151,12 @@ class DecodingBatch:
             self._finish(seq, "stop")
             return None
         seq.output.append(token)
-        if len(seq.output) >= seq.budget:
-            self._finish(seq, "length")
-        elif s.stop_strings and self.lm.tokenizer is not None and any(
-                stop in self.lm.tokenizer.decode(seq.output) for stop in s.stop_strings):
+        stops = [stop for stop in s.stop_strings if stop]
+        if stops and self.lm.tokenizer is not None and any(stop in self.lm.tokenizer.decode(seq.output)
+                                                          for stop in stops):
             self._finish(seq, "stop")
+        elif len(seq.output) >= seq.budget:
+            self._finish(seq, "length")
         return token
 
     @torch.no_grad()

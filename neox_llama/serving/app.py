@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 from neox_llama.errors import NeoxLlamaError
 from neox_llama.generation.generator import GenerationError, GenerationSettings
 from neox_llama.serving.engine import Engine, Event, Job
-from neox_llama.serving.protocol import ApiError, ChatRequest, CompletionRequest
+from neox_llama.serving.protocol import MAX_CHOICES, ApiError, ChatRequest, CompletionRequest
 from neox_llama.serving.text import TextStream
 from neox_llama.tokenizers.prompts import Message, encode_dialog, stop_ids
 
@@ -83,12 +83,19 @@ class Service:
 
     def _settings(self, req, max_tokens: int | None, prompt: list[int], seed: int) -> GenerationSettings:
         room = self.engine.batch.capacity - len(prompt)
+        if max_tokens is not None and max_tokens > room and _asked_for_max_tokens(req):
+            raise ApiError(400, f"the prompt has {len(prompt)} tokens and max_tokens is {max_tokens}, but the context "
+                                f"holds {self.engine.batch.capacity} (at most {room} new tokens)", "max_tokens",
+                           "context_length_exceeded")
         return GenerationSettings(min(max_tokens or room, room), req.temperature, req.top_k,
                                   None if req.top_p >= 1.0 else req.top_p, seed, stop_strings=req.stop_strings())
 
     def _choices(self, req, prompts: list[list[int]], max_tokens: int | None, stops: set[int], adapter: int,
                  loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> list[_Choice]:
         seed = req.seed if req.seed is not None else random.SystemRandom().randrange(2**31)
+        if len(prompts) * req.n > MAX_CHOICES:
+            raise ApiError(400, f"{len(prompts)} prompts x n {req.n} = {len(prompts) * req.n} sequences; at most "
+                                f"{MAX_CHOICES} per request", "n")
         choices = []
         for p, prompt in enumerate(prompts):
             for i in range(req.n):
@@ -102,7 +109,9 @@ class Service:
         prompts = []
         for k, p in enumerate(req.prompts()):
             if isinstance(p, str):
-                ids = self.tokenizer.encode_document(p) if p else []
+                if not p:
+                    raise ApiError(400, "prompt is empty", "prompt")
+                ids = self.tokenizer.encode_document(p)
             elif isinstance(p, list) and all(isinstance(x, int) for x in p):
                 ids = list(p)
             else:
@@ -124,23 +133,22 @@ class Service:
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         choices = self._choices(req, prompts, max_tokens, set() if req.ignore_eos else stops, model.adapter, loop,
                                 queue)
-        self.engine.submit([c.job for c in choices])
         head = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": model.name}
         usage_prompt = sum(len(p) for p in prompts)
-        if req.stream:
+        if req.stream:  # the jobs start with the stream, so a client gone before it starts costs nothing
             return StreamingResponse(self._stream(kind, req, head, choices, queue, usage_prompt),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.engine.submit([c.job for c in choices])
+        watcher = asyncio.create_task(_watch_disconnect(request, queue))
         try:
             while any(c.finish_reason is None for c in choices):
-                try:
-                    event = await asyncio.wait_for(queue.get(), 0.5)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        return Response(status_code=499)
-                    continue
+                event = await queue.get()
+                if event is _GONE:
+                    return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
                 self._apply(choices, event)
         finally:
+            watcher.cancel()
             self.engine.cancel([c.job for c in choices if c.finish_reason is None])
         body = {**head, "object": "chat.completion" if kind == "chat" else "text_completion",
                 "choices": [self._final(kind, i, c) for i, c in enumerate(choices)],
@@ -184,6 +192,7 @@ class Service:
                 part = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
             return _sse({**head, "object": obj, "choices": [part]})
 
+        self.engine.submit([c.job for c in choices])
         try:
             if kind == "chat":
                 for i in range(len(choices)):
@@ -204,6 +213,21 @@ class Service:
             yield "data: [DONE]\n\n"
         finally:  # also when the client disconnects: the task is cancelled at the await above
             self.engine.cancel([c.job for c in choices if c.finish_reason is None])
+
+
+_GONE = Event(-1, error="the client disconnected")
+"""Put into a request's event queue when its client has gone away."""
+
+
+async def _watch_disconnect(request: Request, queue: asyncio.Queue) -> None:
+    """Tell a non-streaming handler, through its queue, as soon as its client disconnects."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.2)
+    queue.put_nowait(_GONE)
+
+
+def _asked_for_max_tokens(req) -> bool:
+    return bool({"max_tokens", "max_completion_tokens"} & req.model_fields_set)
 
 
 def _sse(data: dict) -> str:

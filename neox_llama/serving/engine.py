@@ -115,42 +115,50 @@ class Engine:
             admitted = self._admit()
             if admitted is None:
                 break
-            for job in admitted:
-                if job.cancelled:
-                    continue
-                try:
-                    job.sequence = self.batch.add(job.prompt, job.settings, job.stops, job.adapter)
-                    self._jobs[job.sequence] = job
-                except GenerationError as err:
-                    job.emit(Event(job.choice, error=str(err)))
-                except Exception as err:
-                    logger.exception("prefill failed")
-                    job.emit(Event(job.choice, error=f"internal error: {err}"))
-            for seq, job in list(self._jobs.items()):
-                if job.cancelled:
-                    self.batch.cancel(seq)
-                    del self._jobs[seq]
-                    self.stats["cancelled"] += 1
-            if not self.batch.running:
-                continue
-            self.stats["peak_running"] = max(self.stats["peak_running"], len(self.batch.running))
             try:
-                events = self.batch.step()
-            except Exception as err:
-                logger.exception("decoding step failed")
+                self._iterate(admitted)
+            except Exception as err:  # a bug here must fail these requests, not every later one
+                logger.exception("the decoding loop failed")
                 self._fail_running(f"internal error: {err}")
-                continue
-            for seq, token in events:
-                job = self._jobs[seq]
-                job.emit(Event(job.choice, token=token, finish_reason=seq.finish_reason))
-                if seq.finish_reason is not None:
-                    del self._jobs[seq]
-                    self.stats["finished"] += 1
         self._fail_running("the server is shutting down")
         with self._wake:
             for job in self._waiting:
                 job.emit(Event(job.choice, error="the server is shutting down"))
             self._waiting.clear()
+
+    def _iterate(self, admitted: list[Job]) -> None:
+        """Admit ``admitted``, drop cancelled sequences, take one step and hand out its tokens."""
+        for job in admitted:
+            if job.cancelled:
+                continue
+            try:
+                job.sequence = self.batch.add(job.prompt, job.settings, job.stops, job.adapter)
+                self._jobs[job.sequence] = job
+            except GenerationError as err:
+                job.emit(Event(job.choice, error=str(err)))
+            except Exception as err:
+                logger.exception("prefill failed")
+                job.emit(Event(job.choice, error=f"internal error: {err}"))
+        for seq, job in list(self._jobs.items()):
+            if job.cancelled:
+                self.batch.cancel(seq)
+                del self._jobs[seq]
+                self.stats["cancelled"] += 1
+        if not self.batch.running:
+            return
+        self.stats["peak_running"] = max(self.stats["peak_running"], len(self.batch.running))
+        try:
+            events = self.batch.step()
+        except Exception as err:
+            logger.exception("decoding step failed")
+            self._fail_running(f"internal error: {err}")
+            return
+        for seq, token in events:
+            job = self._jobs[seq]
+            job.emit(Event(job.choice, token=token, finish_reason=seq.finish_reason))
+            if seq.finish_reason is not None:
+                del self._jobs[seq]
+                self.stats["finished"] += 1
 
     def _fail_running(self, message: str) -> None:
         for seq, job in list(self._jobs.items()):

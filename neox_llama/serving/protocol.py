@@ -17,6 +17,10 @@ from neox_llama.errors import NeoxLlamaError
 
 MAX_N = 16
 """At most this many choices per request."""
+MAX_CHOICES = 64
+"""At most this many sequences (prompts x n) per request."""
+MAX_STOP_LENGTH = 256
+"""The longest stop string accepted (each is searched for at every token)."""
 
 
 class ApiError(NeoxLlamaError):
@@ -43,7 +47,7 @@ class _Sampling(BaseModel):
     top_k: Annotated[int, Field(ge=1)] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1 - MAX_N)] | None = None
     stream: bool = False
     stream_options: dict | None = None
     user: str | None = None
@@ -58,6 +62,8 @@ class _Sampling(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not s for s in stops):
             raise ApiError(400, "stop strings must not be empty", "stop")
+        if any(len(s) > MAX_STOP_LENGTH for s in stops):
+            raise ApiError(400, f"stop strings may be at most {MAX_STOP_LENGTH} characters long", "stop")
         return stops
 
     def include_usage(self) -> bool:

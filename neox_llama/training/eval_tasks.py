@@ -57,13 +57,18 @@ class TaskEvaluator:
             raise TrainingError(f"eval_tasks: unknown lm-eval task {unknown[0]!r} (local tasks come from "
                                 f"eval_tasks_include_path {cfg.eval_tasks_include_path})")
         self.group, self.even = group, cfg.zero_optimization.stage == 3
-        if self.even and torch.distributed.get_world_size(group) > 1:
-            tasks = get_task_dict(list(cfg.eval_tasks), self.manager)
-            generating = [name for name, task in _leaves(tasks) if task.OUTPUT_TYPE == "generate_until"]
-            if generating:
-                raise TrainingError(f"eval_tasks: {generating[0]} generates text, which cannot run under ZeRO-3 with "
-                                    "data parallelism (ranks would decode different numbers of steps); use "
-                                    "loglikelihood tasks, or tools/evaluate.py --tasks on the checkpoints")
+        ranks = torch.distributed.get_world_size(group)
+        if ranks == 1:
+            return
+        for name, task in _leaves(get_task_dict(list(cfg.eval_tasks), self.manager)):
+            if self.even and task.OUTPUT_TYPE == "generate_until":
+                raise TrainingError(f"eval_tasks: {name} generates text, which cannot run under ZeRO-3 with data "
+                                    "parallelism (ranks would decode different numbers of steps); use loglikelihood "
+                                    "tasks, or tools/evaluate.py --tasks on the checkpoints")
+            docs = len(list(task.eval_docs))
+            if min(docs, cfg.eval_tasks_limit or docs) < ranks:  # lm-eval deals documents out by rank
+                raise TrainingError(f"eval_tasks: {name} has {docs} documents for {ranks} data-parallel ranks; every "
+                                    "rank needs at least one (use a bigger task, or fewer ranks)")
 
     @torch.no_grad()
     def run(self) -> dict[str, float]:

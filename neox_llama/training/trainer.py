@@ -88,8 +88,8 @@ class Trainer:
         if cfg.eval_tasks:
             from neox_llama.training.eval_tasks import TaskEvaluator
 
-            self.task_evaluator = TaskEvaluator(cfg, self.args, self.engine.module, tokenizer, info.device,
-                                                self.state.dp_group, info.rank)
+            self.task_evaluator = agree(lambda: TaskEvaluator(cfg, self.args, self.engine.module, tokenizer,
+                                                              info.device, self.state.dp_group, info.rank))
 
     # ------------------------------------------------------------------ setup
     def _resume(self, folder: Path, meta: Metadata, weights_only: bool, strict: bool = True) -> None:
@@ -227,6 +227,9 @@ class Trainer:
         if "valid" in self.datasets:
             self.eval_streams["valid"] = self._eval_iterator("valid", ts.consumed_valid_samples)
         evaluating = "valid" in self.eval_streams and cfg.eval_iters > 0
+        if self.task_evaluator is not None and not evaluating:
+            logger.warning("eval_tasks will not run: there is no validation split to evaluate at (split, "
+                           "valid_data_paths or sft_valid_data_path)")
         self._install_signal_handlers()
         tokens_per_step = d.train_batch_size * cfg.seq_length
         if ts.step >= cfg.train_iters:
