@@ -86,7 +86,8 @@ def reset_buffers(model: torch.nn.Module) -> None:
     """Recompute the buffers that are not saved (rotary frequencies) after a meta-device build."""
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
-            module.inv_freq = inverse_frequencies(module.rot_dim, module.base, module.scaling).to(module.inv_freq.device)
+            inv_freq, _ = inverse_frequencies(module.rot_dim, module.base, module.scaling, context=module.context)
+            module.inv_freq = inv_freq.to(module.inv_freq.device)
 
 
 def load_model(path: str | Path | Run, device: torch.device | str = "cpu",

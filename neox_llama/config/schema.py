@@ -30,13 +30,21 @@ OffloadDevice = Literal["none", "cpu"]
 # --------------------------------------------------------------------------- nested mappings
 @dataclass
 class RopeScaling:
-    """Llama-3.1 frequency-dependent rotary scaling, as in Hugging Face ``config.json``."""
+    """Rotary context extension, as transformers' Llama reads it from ``config.json`` (``rope_parameters``)."""
 
-    rope_type: Literal["llama3"] = doc_field("llama3", "Scaling rule; only the Llama-3.1 rule `llama3` is supported.")
-    factor: float = doc_field(8.0, "Wavelength stretch applied to low frequencies.", minimum=1.0)
-    low_freq_factor: float = doc_field(1.0, "Wavelengths above original_max_position_embeddings / this are fully scaled.", minimum=0.0)
-    high_freq_factor: float = doc_field(4.0, "Wavelengths below original_max_position_embeddings / this are left alone.", minimum=0.0)
-    original_max_position_embeddings: int = doc_field(8192, "Context length the rotary base was trained for.", minimum=1)
+    rope_type: Literal["linear", "dynamic", "yarn", "longrope", "llama3"] = doc_field("llama3", "Scaling rule: linear (position interpolation), dynamic (NTK base growth past max_position_embeddings, at inference), yarn, longrope, or llama3 (Llama-3.1's frequency bands).")
+    factor: float | None = doc_field(8.0, "Context extension factor (llama3: wavelength stretch of low frequencies); yarn/longrope: null = max_position_embeddings / original_max_position_embeddings.", minimum=1.0)
+    low_freq_factor: float = doc_field(1.0, "llama3: wavelengths above original_max_position_embeddings / this are fully scaled.", minimum=0.0)
+    high_freq_factor: float = doc_field(4.0, "llama3: wavelengths below original_max_position_embeddings / this are left alone.", minimum=0.0)
+    original_max_position_embeddings: int = doc_field(8192, "llama3, yarn, longrope: the context length the rotary base was trained for.", minimum=1)
+    attention_factor: float | None = doc_field(None, "yarn, longrope: factor on cos/sin; null = the paper's rule from factor.", minimum=0.0)
+    beta_fast: float | None = doc_field(None, "yarn: rotations above which dimensions extrapolate (null = 32).", minimum=0.0)
+    beta_slow: float | None = doc_field(None, "yarn: rotations below which dimensions interpolate (null = 1).", minimum=0.0)
+    mscale: float | None = doc_field(None, "yarn: with mscale_all_dim, the attention factor's numerator scale.", minimum=0.0)
+    mscale_all_dim: float | None = doc_field(None, "yarn: with mscale, the attention factor's denominator scale.", minimum=0.0)
+    truncate: bool = doc_field(True, "yarn: round the correction range to whole dimensions.")
+    long_factor: list[float] = doc_field([], "longrope: per-frequency divisors past original_max_position_embeddings (rotary dims / 2 values).")
+    short_factor: list[float] = doc_field([], "longrope: per-frequency divisors within original_max_position_embeddings (rotary dims / 2 values).")
 
 
 @dataclass

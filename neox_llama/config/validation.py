@@ -95,7 +95,9 @@ def _check_model(cfg: Config, tp: int, problems: _Problems, d: Derived, tokenize
     d.max_position_embeddings = cfg.max_position_embeddings or cfg.seq_length or 0
     if cfg.seq_length and cfg.seq_length > d.max_position_embeddings:
         problems.add(("seq_length", "max_position_embeddings"),
-                     f"seq_length {cfg.seq_length} exceeds max_position_embeddings {d.max_position_embeddings}")
+                     f"seq_length {cfg.seq_length} exceeds max_position_embeddings {d.max_position_embeddings} (for a "
+                     "longer context raise max_position_embeddings and set rope_scaling, e.g. rope_type linear, yarn "
+                     "or llama3 with original_max_position_embeddings the trained length)")
     if cfg.rope_scaling is not None and cfg.pos_emb != "rotary":
         problems.add(("rope_scaling", "pos_emb"), f"rope_scaling needs pos_emb rotary, not {cfg.pos_emb}")
     if cfg.pos_emb == "rotary" and d.head_dim:
@@ -103,6 +105,14 @@ def _check_model(cfg: Config, tp: int, problems: _Problems, d: Derived, tokenize
         if rot == 0 or rot % 2:
             problems.add("rotary_pct", f"rotary_pct {cfg.rotary_pct} x head dim {d.head_dim} = {rot} "
                                        "rotary dimensions; it must be a positive even number")
+        rs = cfg.rope_scaling
+        if rs is not None and rs.rope_type == "longrope":
+            for key in ("long_factor", "short_factor"):
+                if len(getattr(rs, key)) != rot // 2:
+                    problems.add(f"rope_scaling.{key}", f"rope_scaling.{key} has {len(getattr(rs, key))} values; "
+                                                        f"longrope needs one per rotary frequency ({rot // 2})")
+        if rs is not None and rs.factor is None and rs.rope_type in ("linear", "dynamic", "llama3"):
+            problems.add("rope_scaling.factor", f"rope_scaling.factor is required for rope_type {rs.rope_type}")
     vocab = cfg.vocab_size or tokenizer_vocab
     if cfg.vocab_size is not None and tokenizer_vocab is not None and tokenizer_vocab > cfg.vocab_size:
         problems.add(("vocab_size", "vocab_file"), f"vocab_size {cfg.vocab_size} is smaller than the tokenizer's "

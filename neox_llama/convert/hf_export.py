@@ -109,6 +109,6 @@ def _add_legacy_rope_keys(path: Path, rope: dict) -> None:
     """Also write ``rope_theta`` / ``rope_scaling`` (transformers 4 reads only these; 5 reads rope_parameters)."""
     data = json.loads(path.read_text())
     data.setdefault("rope_theta", rope["rope_theta"])
-    if rope.get("rope_type") == "llama3":
+    if rope.get("rope_type") not in (None, "default"):
         data.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

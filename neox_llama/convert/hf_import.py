@@ -25,7 +25,7 @@ from neox_llama.checkpoint.paths import CheckpointError, layer_file
 from neox_llama.checkpoint.weights import write_layer_file
 from neox_llama.config import load_config
 from neox_llama.convert.hf_names import expected_shape, hf_to_ours
-from neox_llama.model.args import LlamaArgs
+from neox_llama.model.args import ROPE_KEYS, LlamaArgs
 from neox_llama.utils.files import atomic_write_text, building_dir, output_dir_problem
 
 logger = logging.getLogger(__name__)
@@ -37,9 +37,10 @@ def _model_settings(hf: dict, path: Path, pp: int, tp: int) -> dict:
                               "(only LlamaForCausalLM directories can be imported)")
     rope = hf.get("rope_parameters") or {}
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type") == "llama3" else None)
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default", None):
-        raise CheckpointError(f"{path}: rope scaling {scaling.get('rope_type')!r} is not supported (only llama3)")
+    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type") not in (None, "default") else None)
+    kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
+    if kind not in (*ROPE_KEYS, "default", None):
+        raise CheckpointError(f"{path}: rope scaling {kind!r} is not supported ({', '.join(ROPE_KEYS)} are)")
     heads = hf["num_attention_heads"]
     if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
         raise CheckpointError(f"{path}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
@@ -58,11 +59,11 @@ def _model_settings(hf: dict, path: Path, pp: int, tp: int) -> dict:
         "pipe_parallel_size": pp, "model_parallel_size": tp,
         "precision": "fp32" if str(hf.get("dtype", hf.get("torch_dtype"))) == "float32" else "bf16",
     }
-    if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
-        settings["rope_scaling"] = {"rope_type": "llama3", "factor": float(scaling["factor"]),
-                                    "low_freq_factor": float(scaling["low_freq_factor"]),
-                                    "high_freq_factor": float(scaling["high_freq_factor"]),
-                                    "original_max_position_embeddings": int(scaling["original_max_position_embeddings"])}
+    if kind in ROPE_KEYS:
+        settings["rope_scaling"] = {"rope_type": kind, **{k: scaling[k] for k in ROPE_KEYS[kind][1:]
+                                                          if scaling.get(k) is not None}}
+        if kind in ("yarn", "longrope") and "original_max_position_embeddings" not in settings["rope_scaling"]:
+            raise CheckpointError(f"{path}: {kind} rope scaling without original_max_position_embeddings")
     return settings
 
 

@@ -48,7 +48,8 @@ def hf_config_dict(args: LlamaArgs, true_vocab_size: int | None = None) -> dict:
         raise ValueError("only Llama models (rmsnorm, rotary on every dimension, swiglu) have a Hugging Face Llama form")
     rope: dict = {"rope_type": "default", "rope_theta": args.rotary_emb_base}
     if args.rope_scaling:
-        rope = {"rope_type": "llama3", "rope_theta": args.rotary_emb_base, **dict(args.rope_scaling)}
+        rope = {"rope_theta": args.rotary_emb_base,
+                **{k: list(v) if isinstance(v, tuple) else v for k, v in args.rope_scaling}}
     return {
         "vocab_size": true_vocab_size or args.vocab_size,
         "hidden_size": args.hidden_size,

@@ -6,6 +6,17 @@ from dataclasses import dataclass
 
 from neox_llama.config.schema import Config
 
+ROPE_KEYS: dict[str, tuple[str, ...]] = {
+    "linear": ("rope_type", "factor"),
+    "dynamic": ("rope_type", "factor"),
+    "llama3": ("rope_type", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("rope_type", "factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
+             "mscale", "mscale_all_dim", "truncate"),
+    "longrope": ("rope_type", "factor", "original_max_position_embeddings", "attention_factor", "long_factor",
+                 "short_factor"),
+}
+"""The rope_scaling keys each rule reads (the others are left out of the model's arguments and of config.json)."""
+
 
 @dataclass(frozen=True)
 class LlamaArgs:
@@ -25,8 +36,8 @@ class LlamaArgs:
     pos_emb: str = "rotary"
     rotary_emb_base: float = 10000.0
     rotary_pct: float = 1.0
-    rope_scaling: tuple[tuple[str, float], ...] | None = None
-    """Llama-3.1 scaling as sorted (key, value) pairs (hashable), or None."""
+    rope_scaling: tuple[tuple[str, object], ...] | None = None
+    """Rotary scaling as (key, value) pairs, ``rope_type`` first, lists as tuples (hashable), or None."""
     activation: str = "swiglu"
     use_bias_in_attn_linear: bool = False
     use_bias_in_mlp: bool = False
@@ -48,9 +59,8 @@ class LlamaArgs:
         scaling = None
         if cfg.rope_scaling is not None:
             rs = cfg.rope_scaling
-            scaling = (("factor", rs.factor), ("high_freq_factor", rs.high_freq_factor),
-                       ("low_freq_factor", rs.low_freq_factor),
-                       ("original_max_position_embeddings", rs.original_max_position_embeddings))
+            scaling = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in
+                            ((k, getattr(rs, k)) for k in ROPE_KEYS[rs.rope_type]) if v is not None)
         return cls(
             num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
             num_kv_heads=d.num_kv_heads, head_dim=d.head_dim, intermediate_size=d.intermediate_size,

@@ -35,7 +35,8 @@ class Attention(nn.Module):
         self.rotary = None
         if args.pos_emb == "rotary":
             scaling = dict(args.rope_scaling) if args.rope_scaling else None
-            self.rotary = RotaryEmbedding(args.head_dim, args.rotary_emb_base, args.rotary_pct, scaling)
+            self.rotary = RotaryEmbedding(args.head_dim, args.rotary_emb_base, args.rotary_pct, scaling,
+                                          context=args.max_position_embeddings)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
