@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers.runner import ROOT, launch
@@ -45,7 +47,10 @@ def reference(preset: str, overrides: list[str]):
     (2, "configs/llama3/tiny.yml", ["pipe_parallel_size=2", "checkpoint_activations=true"]),
     (2, "configs/llama3/tiny.yml", ["model_parallel_size=2", "checkpoint_activations=true"]),
     (2, "configs/llama3/tiny.yml", ["num_gpus=2"]),
-], ids=["pp2", "tp2", "pp2-tied", "tp2-tied", "pp2xtp2-tied", "pp2-checkpointed", "tp2-checkpointed", "dp2"])
+    (2, "configs/llama3.2/tiny.yml", ["num_gpus=2", "zero_optimization.stage=3",
+                                      "zero_optimization.stage3_param_persistence_threshold=0"]),
+], ids=["pp2", "tp2", "pp2-tied", "tp2-tied", "pp2xtp2-tied", "pp2-checkpointed", "tp2-checkpointed", "dp2",
+        "zero3-dp2-tied"])
 def test_parallel_layouts_match_one_device(tmp_path, ranks, preset, layout):
     proc = launch(ranks, WORKER, str(tmp_path), str(ROOT / preset), *COMMON, *layout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -61,3 +66,8 @@ def test_parallel_layouts_match_one_device(tmp_path, ranks, preset, layout):
     assert set(merged) == set(ref_weights)
     worst = max((merged[n] - ref_weights[n]).abs().max().item() for n in ref_weights)
     assert worst <= 1e-5, worst
+    for rank in range(ranks):  # ZeRO-3 is built partitioned: each rank holds its half, never the whole model
+        held = tmp_path / f"rank{rank}.held.json"
+        if held.exists():
+            numbers = json.loads(held.read_text())
+            assert numbers["held"] <= numbers["total"] / ranks + 1024, numbers

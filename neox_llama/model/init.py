@@ -24,12 +24,17 @@ def _generator(seed: int, layer_index: int, name: str) -> torch.Generator:
 
 
 def full_shape(param: nn.Parameter) -> tuple[int, ...]:
-    """The unsharded shape of ``param``."""
-    shape = list(param.shape)
+    """The unsharded shape of ``param`` (a ZeRO-3 partitioned parameter: the shape it has when gathered)."""
+    shape = list(getattr(param, "ds_shape", param.shape))
     dim = getattr(param, "partition_dim", None)
     if dim is not None:
         shape[dim] *= getattr(param, "tp_size", 1)
     return tuple(shape)
+
+
+def held_numel(param: nn.Parameter) -> int:
+    """Elements of ``param`` on this rank before ZeRO-3 partitioning (its tensor-parallel shard)."""
+    return getattr(param, "ds_numel", param.numel())
 
 
 def shard(full: torch.Tensor, param: nn.Parameter) -> torch.Tensor:

@@ -68,11 +68,12 @@ def stage_layers(module: nn.Module) -> dict[int, nn.Module]:
 
 
 def build_module(args: LlamaArgs, state: ParallelState, *, checkpoint_every: int = 0,
-                 partition_method: str = "type:TransformerBlock") -> nn.Module:
-    """The runnable model for this rank: a PipelineModule stage (pp > 1) or the whole (tensor-parallel) model."""
+                 partition_method: str = "type:TransformerBlock", initialize: bool = True) -> nn.Module:
+    """The runnable model for this rank: a PipelineModule stage (pp > 1) or the whole (tensor-parallel) model;
+    ``initialize`` False leaves the weights to the caller (ZeRO-3 builds under ``deepspeed.zero.Init``)."""
     if state.pp_size > 1:
         return build_pipeline_module(args, state, partition_method=partition_method, checkpoint_every=checkpoint_every)
-    return build_model(args, layer_factory(state), checkpoint_every=checkpoint_every)
+    return build_model(args, layer_factory(state), checkpoint_every=checkpoint_every, initialize=initialize)
 
 
 def rank_layers(module: nn.Module, state: ParallelState) -> dict[int, nn.Module]:

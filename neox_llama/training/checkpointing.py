@@ -27,7 +27,14 @@ import torch.distributed as dist
 from neox_llama.checkpoint.adapter import adapter_file, fill_adapters
 from neox_llama.checkpoint.metadata import BaseRef, Layout, Metadata, write_metadata
 from neox_llama.checkpoint.paths import BEST, LATEST, METADATA, CheckpointError, layer_file, tag_for
-from neox_llama.checkpoint.weights import check_shapes, fill_layers, layers_with_weights, write_layer_file
+from neox_llama.checkpoint.weights import (
+    check_shapes,
+    fill_layer,
+    fill_layers,
+    layers_with_weights,
+    read_layer_file,
+    write_layer_file,
+)
 from neox_llama.config.loading import dump_raw
 from neox_llama.config.schema import Config
 from neox_llama.distributed import agree
@@ -103,10 +110,35 @@ def load_adapter_weights(module: torch.nn.Module, state: ParallelState, folder: 
 def load_layer_weights(module: torch.nn.Module, state: ParallelState, folder: Path, args: LlamaArgs) -> None:
     """Fill this rank's layers from ``weights/`` (cut to its tensor-parallel shard), whatever layout wrote them.
 
-    Runs before the engine exists (parameters are not partitioned yet). Every rank reads only its own
-    stage's files; the outcome is shared, so a bad file on one stage stops every rank with its name.
+    Runs before the engine exists. Every rank reads only its own stage's files; the outcome is shared, so a bad
+    file on one stage stops every rank with its name. Under ZeRO-3 (parameters partitioned from construction)
+    the files' names and shapes are checked first from their headers, then each layer is gathered in turn, filled
+    by the first data-parallel rank from its file and partitioned again: at most one layer is whole at a time.
     """
-    agree(lambda: fill_layers(rank_layers(module, state), folder, expected=layers_with_weights(args)))
+    if not any(hasattr(p, "ds_id") for p in module.parameters()):
+        agree(lambda: fill_layers(rank_layers(module, state), folder, expected=layers_with_weights(args)))
+        return
+    import deepspeed
+
+    agree(lambda: check_shapes(folder, args))
+    for index, layer in rank_layers(module, state).items():
+        params = list(layer.parameters())
+        if not params:
+            continue  # a tied head
+        failure: CheckpointError | None = None
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            if state.dp_rank == 0:
+                path = layer_file(folder, index)
+                try:
+                    fill_layer(layer, read_layer_file(path), path)
+                except CheckpointError as err:  # shared below, so no rank waits in a later collective
+                    failure = err
+        agree(lambda failure=failure: _raise(failure))
+
+
+def _raise(error: Exception | None) -> None:
+    if error is not None:
+        raise error
 
 
 def _rng_state() -> dict:

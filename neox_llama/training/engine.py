@@ -17,6 +17,7 @@ from neox_llama.errors import TrainingError
 from neox_llama.model.args import LlamaArgs
 from neox_llama.model.factory import LayerFactory
 from neox_llama.model.freeze import apply_freeze
+from neox_llama.model.init import full_shape, held_numel, init_weights
 from neox_llama.model.lora import LoraSettings, apply_lora
 from neox_llama.parallel.pipeline import build_module, layer_factory, rank_layers
 from neox_llama.parallel.topology import ParallelState
@@ -33,7 +34,7 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_embeddings: bo
         if not param.requires_grad:
             continue
         is_embedding = name.endswith(EMBEDDING_NAMES)
-        if param.ndim < 2 or (is_embedding and not decay_embeddings):
+        if len(full_shape(param)) < 2 or (is_embedding and not decay_embeddings):
             no_decay.append(param)
         else:
             decay.append(param)
@@ -66,7 +67,35 @@ def make_trainable(module: nn.Module, cfg: Config, state: ParallelState) -> tupl
     elif cfg.freeze:
         apply_freeze(layers, cfg.freeze, cfg.num_layers, tied=not cfg.no_weight_tying)
     params = {id(p): p for p in module.parameters()}.values()
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return sum(held_numel(p) for p in params if p.requires_grad), sum(held_numel(p) for p in params)
+
+
+def is_partitioned(module: nn.Module) -> bool:
+    """Whether ``module``'s parameters are ZeRO-3 partitions (built under ``deepspeed.zero.Init``)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def build_partitioned(cfg: Config, args: LlamaArgs, state: ParallelState, accelerator: str,
+                      checkpoint_every: int) -> nn.Module:
+    """The model under ZeRO-3 with every rank holding only its partition from the start.
+
+    Built under ``deepspeed.zero.Init``, each submodule's parameters are partitioned over the data-parallel ranks
+    as soon as it is made; then each layer is gathered in turn (at most one full layer in memory), given the
+    layout-free initial values on the first data-parallel rank, and partitioned again (DeepSpeed broadcasts them).
+    The values equal the full build's: the same draw per (seed, layer, name), cast as the engine would cast it.
+    """
+    import deepspeed
+
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, accelerator), mpu=state):
+        module = build_module(args, state, checkpoint_every=checkpoint_every, initialize=False)
+    for index, layer in module.named_children():
+        params = list(layer.parameters())
+        if not params:
+            continue  # a tied head
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            if state.dp_rank == 0:
+                init_weights(layer, int(index), args)
+    return module
 
 
 def setup_engine(cfg: Config, args: LlamaArgs, state: ParallelState, accelerator: str = "cpu", *,
@@ -86,8 +115,11 @@ def setup_engine(cfg: Config, args: LlamaArgs, state: ParallelState, accelerator
     # Dropout: tensor-parallel ranks share a stream (their activations are replicated); data-parallel ranks and
     # pipeline stages draw different masks. Initialisation does not use this stream (see model/init.py).
     torch.manual_seed(cfg.seed + 100_003 * state.dp_rank + 10_007 * state.pp_rank)
-    module = build_module(args, state, checkpoint_every=cfg.checkpoint_num_layers if cfg.checkpoint_activations else 0,
-                          partition_method=cfg.pipe_partition_method)
+    every = cfg.checkpoint_num_layers if cfg.checkpoint_activations else 0
+    if cfg.zero_optimization.stage == 3:  # (ZeRO-3 has no pipeline: config validation refuses it)
+        module = build_partitioned(cfg, args, state, accelerator, every)
+    else:
+        module = build_module(args, state, checkpoint_every=every, partition_method=cfg.pipe_partition_method)
     if prepare_module is not None:
         prepare_module(module)
     trainable, total = make_trainable(module, cfg, state)

@@ -19,7 +19,7 @@ from neox_llama.model.args import LlamaArgs
 from neox_llama.model.loss import CausalLMLoss
 from neox_llama.parallel.pipeline import rank_layers
 from neox_llama.parallel.topology import ParallelState
-from neox_llama.training.checkpointing import full_tensor
+from neox_llama.training.checkpointing import full_tensor, gathered
 from neox_llama.training.engine import setup_engine
 from neox_llama.training.step import make_global_batch, run_global_batch
 
@@ -33,9 +33,12 @@ def fixed_batch(vocab: int, batch: int, seq: int, seed: int = 0):
 
 
 def full_weights(model: torch.nn.Module, state: ParallelState) -> dict[str, torch.Tensor]:
-    """This rank's layers as full tensors, gathered as checkpoints gather them."""
-    return {f"{index}.{name}": full_tensor(param, state).float()
-            for index, layer in rank_layers(model, state).items() for name, param in layer.named_parameters()}
+    """This rank's layers as full tensors, gathered as checkpoints gather them (ZeRO-3: a layer at a time)."""
+    out = {}
+    for index, layer in rank_layers(model, state).items():
+        with gathered(list(layer.parameters())):
+            out.update({f"{index}.{name}": full_tensor(param, state).float() for name, param in layer.named_parameters()})
+    return out
 
 
 def main() -> None:
@@ -46,6 +49,10 @@ def main() -> None:
     args = LlamaArgs.from_config(cfg)
     runner = setup_engine(cfg, args, state)
     engine = runner.engine
+    if cfg.zero_optimization.stage == 3:  # built partitioned: no rank ever held the whole model
+        sizes = [p.ds_tensor.numel() for p in engine.module.parameters()]
+        (out_dir / f"rank{info.rank}.held.json").write_text(json.dumps(
+            {"held": sum(sizes), "total": sum(p.ds_numel for p in engine.module.parameters())}))
     d = cfg.derived
     ids, mask = fixed_batch(args.vocab_size, d.train_batch_size, cfg.seq_length)
     micro = d.train_micro_batch_size_per_gpu

@@ -1,0 +1,124 @@
+"""Host memory per rank at scale: construction, the first step and a checkpoint save of a ~0.75 B model through
+`deepy.py train.py`, at 1 rank, ZeRO-3 on 2 ranks, a 2-stage pipeline and 2-way tensor parallelism.
+
+    python -m benchmarks.memory [--cases one,zero3,pp2,tp2]
+
+Shape: hidden 2048, 12 layers, 16 heads, intermediate 5632, vocab 32000 (753 M parameters), seq 256, micro
+batch 1, bf16, ZeRO 1 unless the case says otherwise. Every rank's resident memory (RSS) is sampled from outside
+every 0.1 s with psutil; phases are cut at the run's own log lines (construction and loading until "training ...
+steps", the step until its log line, the save until "saved checkpoint"). Printed per case and rank: the peak of
+each phase, and the largest peak against the 1-rank run's and against one fp32 copy of the model (3.0 GB).
+Targets: ZeRO-3 / pp 2 / tp 2 peak per rank <= 0.6 x the 1-rank peak; under ZeRO-3 every rank below one fp32
+copy of the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from neox_llama.data.indexed import IndexedDatasetWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = ["num_layers=12", "hidden_size=2048", "num_attention_heads=16", "num_kv_heads=16", "intermediate_size=5632",
+         "vocab_size=32000", "make_vocab_size_divisible_by=128", "seq_length=256", "max_position_embeddings=256",
+         "tokenizer_type=null", "vocab_file=null", "precision=bf16", "train_micro_batch_size_per_gpu=1",
+         "gradient_accumulation_steps=1", "train_batch_size=null", "train_iters=1", "checkpoint_factor=1",
+         "eval_iters=0", "log_interval=1", "num_workers=0", "tensorboard_dir=null", "split=100,0,0",
+         "peak_tflops=1.0"]
+CASES = {
+    "one": ["zero_optimization.stage=1"],
+    "zero3": ["num_gpus=2", "zero_optimization.stage=3"],
+    "pp2": ["pipe_parallel_size=2", "zero_optimization.stage=1"],
+    "tp2": ["model_parallel_size=2", "zero_optimization.stage=1"],
+}
+PHASES = ("construction", "step", "save")
+MARKS = {"construction": "INFO train: training ", "step": "INFO train: step ", "save": "saved checkpoint"}
+FP32_MODEL = 753_000_000 * 4
+
+
+def write_corpus(prefix: Path) -> None:
+    rng = np.random.RandomState(0)
+    with IndexedDatasetWriter(prefix, np.uint16) as writer:
+        for _ in range(64):
+            writer.add_document(rng.randint(0, 32000, size=600))
+
+
+def _ranks(root: psutil.Process) -> dict[int, psutil.Process]:
+    """The launched training processes under ``root``, by their RANK."""
+    found = {}
+    for proc in root.children(recursive=True):
+        try:
+            if "train.py" in " ".join(proc.cmdline()) and "--config" in proc.cmdline():
+                found[int(proc.environ().get("RANK", "0"))] = proc
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def run_case(work: Path, name: str) -> dict[int, dict[str, float]]:
+    """Peak RSS (bytes) per rank and phase."""
+    cmd = [sys.executable, str(ROOT / "deepy.py"), "train.py", "configs/llama3/tiny.yml", *SHAPE,
+           f"data_path={work / 'data'}", f"save={work / name}", f"log_dir={work / name / 'logs'}", *CASES[name]]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    phase = {"now": "construction"}
+    log: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            log.append(line)
+            for p, mark in MARKS.items():
+                if mark in line:
+                    phase["now"] = PHASES[min(PHASES.index(p) + 1, len(PHASES) - 1)]
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    peaks: dict[int, dict[str, float]] = {}
+    root = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        for rank, p in _ranks(root).items():
+            try:
+                rss = p.memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+            slot = peaks.setdefault(rank, dict.fromkeys(PHASES, 0.0))
+            slot[phase["now"]] = max(slot[phase["now"]], rss)
+        time.sleep(0.1)
+    reader.join(5)
+    if proc.returncode:
+        raise SystemExit(f"{name}: deepy.py failed:\n{''.join(log[-40:])}")
+    return peaks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=",".join(CASES))
+    opts = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        write_corpus(work / "data")
+        for name in opts.cases.split(","):
+            results[name] = run_case(work, name)
+            print(f"{name}: done", flush=True)
+    one = max(max(p.values()) for p in results["one"].values()) if "one" in results else None
+    print("case    rank  construction GB  step GB  save GB  peak / 1 rank  peak / fp32 model")
+    for name, ranks in results.items():
+        for rank, p in sorted(ranks.items()):
+            peak = max(p.values())
+            ratio = f"{peak / one:13.2f}" if one else " " * 13
+            print(f"{name:7s} {rank:4d}  {p['construction'] / 1e9:15.2f}  {p['step'] / 1e9:7.2f}  "
+                  f"{p['save'] / 1e9:7.2f}  {ratio}  {peak / FP32_MODEL:17.2f}")
+    print("targets: zero3 / pp2 / tp2 peak per rank <= 0.6 x one rank; zero3 below one fp32 copy (1.00)")
+
+
+if __name__ == "__main__":
+    main()
