@@ -30,7 +30,8 @@ def deepspeed_config(cfg: Config, accelerator: str = "cpu") -> dict[str, Any]:
                 "eps": params.eps,
                 "weight_decay": params.weight_decay,
                 "adam_w_mode": cfg.optimizer.type == "AdamW",  # DeepSpeed's "Adam" means AdamW unless told
-                **({"torch_adam": True} if accelerator != "cuda" else {}),
+                **({"torch_adam": True} if (params.torch_adam if params.torch_adam is not None
+                                            else accelerator != "cuda") else {}),
             },
         },
         "zero_optimization": {

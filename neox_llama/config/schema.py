@@ -55,6 +55,7 @@ class OptimizerParams:
     betas: list[float] = doc_field([0.9, 0.95], "Adam beta1 and beta2.")
     eps: float = doc_field(1.0e-8, "Adam epsilon.", minimum=0.0)
     weight_decay: float = doc_field(0.1, "Decoupled weight decay, applied to matrices only (see weight_decay_embeddings).", minimum=0.0)
+    torch_adam: bool | None = doc_field(None, "Use torch's AdamW instead of DeepSpeed's fused CUDA Adam (nothing for DeepSpeed to compile at start-up); null: torch's on CPU, fused on GPUs.")
 
 
 @dataclass
