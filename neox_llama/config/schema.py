@@ -103,7 +103,7 @@ class ModelArgs:
     pos_emb: PosEmbType = doc_field("rotary", "Positional encoding: rotary (RoPE), learned absolute, or none.")
     rotary_emb_base: float = doc_field(10000.0, "RoPE base theta (10000 for Llama-2, 500000 for Llama-3).", minimum=1.0)
     rotary_pct: float = doc_field(1.0, "Fraction of each head's dimensions that rotary embeddings rotate.", minimum=0.0, maximum=1.0)
-    rope_scaling: RopeScaling | None = doc_field(None, "Llama-3.1 rope scaling mapping (rope_type: llama3, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings).")
+    rope_scaling: RopeScaling | None = doc_field(None, "Rotary context extension: rope_type linear, dynamic, yarn, longrope or llama3 with its parameters (the keys below), as in Hugging Face config.json.")
     activation: ActivationType = doc_field("swiglu", "MLP activation: swiglu (gated, three matrices) or gelu (two matrices).")
     use_bias_in_attn_linear: bool = doc_field(False, "Biases on the query/key/value/output projections.")
     use_bias_in_mlp: bool = doc_field(False, "Biases on the MLP projections.")

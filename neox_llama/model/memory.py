@@ -14,6 +14,11 @@ key, value and rotated query/key (sb(2h + 3kv)/t), attention output (sbh/t), and
 activation and product (4sbI/t). Checkpointing keeps only the block input (sbh) per block, plus one
 block's full set during recomputation. The float32 logits and their gradient add 8sbV/t bytes. With a
 pipeline, the first stage holds up to min(pp, accumulation steps) micro-batches in flight (1F1B).
+
+Host memory at start-up (before the engine moves the model to its device; on CPU the model stays there): the
+rank's model is built on the host in float32 and each parameter's full tensor is drawn before it is cut to the
+rank's tensor-parallel shard; under ZeRO-3 the model is built partitioned (``deepspeed.zero.Init``), so a rank
+holds its 1/dp share in the training precision plus one gathered layer and one full float32 tensor.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ class MemoryEstimate:
     activations: float
     activations_checkpointed: float
     checkpointing: bool
+    startup_host: float = 0.0
+    """Host RAM per rank while the model is built and loaded."""
 
     @property
     def total(self) -> float:
@@ -50,7 +57,8 @@ class MemoryEstimate:
                 f"weights {self.weights / GIB:.2f} GiB, gradients {self.gradients / GIB:.2f} GiB, "
                 f"optimizer {self.optimizer / GIB:.2f} GiB, activations {self.activations / GIB:.2f} GiB "
                 f"without checkpointing / {self.activations_checkpointed / GIB:.2f} GiB with; "
-                f"total {self.total / GIB:.2f} GiB ({chosen} activation checkpointing)")
+                f"total {self.total / GIB:.2f} GiB ({chosen} activation checkpointing); host RAM at start-up "
+                f"{self.startup_host / GIB:.2f} GiB")
 
 
 def estimate_memory(cfg: Config) -> MemoryEstimate:
@@ -86,4 +94,10 @@ def estimate_memory(cfg: Config) -> MemoryEstimate:
     in_flight = min(pp, d.gradient_accumulation_steps) if pp > 1 else 1
     full = (blocks_per_stage * per_block) * in_flight + logits
     checkpointed = (blocks_per_stage * s * b * h * act_bytes) * in_flight + per_block + logits
-    return MemoryEstimate(params, weights, gradients, optimizer, full, checkpointed, cfg.checkpoint_activations)
+    largest_tensor = max(count.embedding, count.head_compute, d.intermediate_size * h) * 4
+    if stage >= 3:
+        startup = params * weight_bytes / dp + max(count.per_layer, count.embedding) * weight_bytes + largest_tensor
+    else:
+        startup = params * 4 + largest_tensor
+    return MemoryEstimate(params, weights, gradients, optimizer, full, checkpointed, cfg.checkpoint_activations,
+                          startup)
