@@ -48,10 +48,8 @@ def main() -> None:
         losses.append(run_global_batch(runner, batch, loss_fn, train=False))
         engine.train()
         run_global_batch(runner, batch, loss_fn, train=True)
-    from neox_llama.training.checkpointing import gathered
 
-    with gathered(list(engine.module.parameters())):
-        weights = full_weights(engine.module, state)
+    weights = full_weights(engine.module, state)  # gathers ZeRO-3 partitions a layer at a time
     torch.save({"losses": losses, "weights": weights}, out_dir / f"rank{info.rank}.pt")
     shutdown_distributed()
 
