@@ -128,6 +128,9 @@ def rank_environment(cfg: Config, plan: LaunchPlan) -> dict[str, str]:
     env = {"OMP_NUM_THREADS": str(threads_per_rank(cfg, plan))}
     if plan.accelerator == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
+        # glibc keeps freed large buffers (gathered ZeRO-3 layers, communication buckets) in the heap once its
+        # mmap threshold has grown; a fixed threshold returns every allocation over 1 MiB to the system on free.
+        env["MALLOC_MMAP_THRESHOLD_"] = os.environ.get("MALLOC_MMAP_THRESHOLD_") or str(1 << 20)
     return env
 
 

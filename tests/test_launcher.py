@@ -66,7 +66,7 @@ def test_multi_node_passes_the_rank_environment_and_the_config_on_the_command_li
     cmd = build_launch_command(cfg, plan, "train.py", "/run/config.yml", "num_layers: 2\n# merged\n")
     script = cmd.argv[cmd.argv.index("train.py"):]
     envs = [script[i + 1] for i, a in enumerate(script) if a == "--env"]
-    assert envs == ["DS_ACCELERATOR=cpu", "OMP_NUM_THREADS=3"]
+    assert envs == ["DS_ACCELERATOR=cpu", "MALLOC_MMAP_THRESHOLD_=1048576", "OMP_NUM_THREADS=3"]
     data = script[script.index("--config-data") + 1]
     assert base64.b64decode(data).decode() == "num_layers: 2\n# merged\n"
     assert "<the merged config, base64>" in cmd.shell(abbreviate=True) and data not in cmd.shell(abbreviate=True)

@@ -14,6 +14,7 @@ def deepspeed_config(cfg: Config, accelerator: str = "cpu") -> dict[str, Any]:
     """
     d = cfg.derived
     zero = cfg.zero_optimization
+    gpu = accelerator == "cuda"
     params = cfg.optimizer.params
     ds: dict[str, Any] = {
         "train_batch_size": d.train_batch_size,
@@ -37,12 +38,16 @@ def deepspeed_config(cfg: Config, accelerator: str = "cpu") -> dict[str, Any]:
         "zero_optimization": {
             "stage": zero.stage,
             "allgather_partitions": zero.allgather_partitions,
-            "allgather_bucket_size": zero.allgather_bucket_size,
+            "allgather_bucket_size": _auto(zero.allgather_bucket_size, 500_000_000, 50_000_000, gpu),
             "reduce_scatter": zero.reduce_scatter,
-            "reduce_bucket_size": zero.reduce_bucket_size,
+            "reduce_bucket_size": _auto(zero.reduce_bucket_size, 500_000_000, 50_000_000, gpu),
             "overlap_comm": zero.overlap_comm,
             "contiguous_gradients": zero.contiguous_gradients,
-            **({"stage3_param_persistence_threshold": zero.stage3_param_persistence_threshold} if zero.stage == 3 else {}),
+            **({"stage3_param_persistence_threshold": zero.stage3_param_persistence_threshold,
+                "stage3_prefetch_bucket_size": _auto(zero.stage3_prefetch_bucket_size, 50_000_000, 0, gpu),
+                "stage3_max_live_parameters": _auto(zero.stage3_max_live_parameters, 1_000_000_000, 1_000_000_000, gpu),
+                "stage3_max_reuse_distance": _auto(zero.stage3_max_reuse_distance, 1_000_000_000, 0, gpu)}
+               if zero.stage == 3 else {}),
         },
         "zero_allow_untested_optimizer": True,
         "activation_checkpointing": {
@@ -72,3 +77,12 @@ def deepspeed_config(cfg: Config, accelerator: str = "cpu") -> dict[str, Any]:
             "min_loss_scale": cfg.min_loss_scale,
         }
     return ds
+
+
+def _auto(value: int | None, on_gpu: int, on_cpu: int, gpu: bool) -> int:
+    """A ZeRO size the config left to the accelerator (null): GPU memory can hold DeepSpeed's large buffers;
+    on CPU they are host memory, so smaller ones (measured by benchmarks/memory.py)."""
+    if value is not None:
+        return value
+    return on_gpu if gpu else on_cpu
+

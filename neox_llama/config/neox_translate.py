@@ -68,7 +68,8 @@ GATED = {"swiglu"}
 """GPT-NeoX's gated activations that neox_llama has (geglu, reglu, bilinear and glu have no equivalent)."""
 
 ZERO_KEYS = {"stage", "allgather_partitions", "allgather_bucket_size", "reduce_scatter", "reduce_bucket_size",
-             "overlap_comm", "contiguous_gradients", "stage3_param_persistence_threshold"}
+             "overlap_comm", "contiguous_gradients", "stage3_param_persistence_threshold", "stage3_prefetch_bucket_size",
+             "stage3_max_live_parameters", "stage3_max_reuse_distance"}
 FP16_KEYS = {"loss_scale", "loss_scale_window", "hysteresis", "min_loss_scale", "initial_scale_power"}
 
 

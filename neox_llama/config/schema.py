@@ -72,13 +72,16 @@ class ZeroConfig:
 
     stage: int = doc_field(1, "ZeRO stage: 0 off, 1 optimizer states, 2 + gradients, 3 + weights sharded over data parallel.", minimum=0, maximum=3)
     allgather_partitions: bool = doc_field(True, "Gather updated partitions with allgather (else broadcasts).")
-    allgather_bucket_size: int = doc_field(500_000_000, "Elements gathered at once.", minimum=1)
+    allgather_bucket_size: int | None = doc_field(None, "Elements gathered at once; null: 5e8 on GPUs, 5e7 on CPU (each bucket is a buffer in host memory there).", minimum=1)
     reduce_scatter: bool = doc_field(True, "Average gradients with reduce-scatter (else all-reduce).")
-    reduce_bucket_size: int = doc_field(500_000_000, "Elements reduced at once.", minimum=1)
+    reduce_bucket_size: int | None = doc_field(None, "Elements reduced at once; null: 5e8 on GPUs, 5e7 on CPU.", minimum=1)
     overlap_comm: bool = doc_field(False, "Overlap gradient reduction with the backward pass.")
     contiguous_gradients: bool = doc_field(True, "Copy gradients into one buffer as they are produced.")
     offload_optimizer: OffloadDevice = doc_field("none", "Keep optimizer states in host memory (ZeRO >= 1; needs DeepSpeedCPUAdam).")
     offload_param: OffloadDevice = doc_field("none", "Keep weights in host memory (ZeRO 3 only).")
+    stage3_prefetch_bucket_size: int | None = doc_field(None, "ZeRO 3: elements of the next layers gathered ahead of use; null: DeepSpeed's 5e7 on GPUs, 0 on CPU (no prefetch: gathered weights do not pile up in host memory).", minimum=0)
+    stage3_max_live_parameters: int | None = doc_field(None, "ZeRO 3: at most this many gathered elements kept at once; null: DeepSpeed's 1e9.", minimum=0)
+    stage3_max_reuse_distance: int | None = doc_field(None, "ZeRO 3: keep a gathered parameter if it is used again within this many elements; null: DeepSpeed's 1e9 on GPUs, 0 on CPU.", minimum=0)
     stage3_param_persistence_threshold: int = doc_field(100_000, "ZeRO 3: tensors with fewer elements than this stay whole on every rank (DeepSpeed's default 1e5); 0 partitions every tensor.", minimum=0)
 
 
