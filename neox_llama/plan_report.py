@@ -44,7 +44,7 @@ def layout_text(cfg: Config, plan: LaunchPlan) -> str:
             f"precision {cfg.precision}, ZeRO stage {cfg.zero_optimization.stage}")
 
 
-def model_text(cfg: Config) -> str:
+def model_text(cfg: Config, accelerator: str = "cpu") -> str:
     d = cfg.derived
     arch = (f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads "
             f"({d.num_kv_heads} kv heads, head dim {d.head_dim}), {cfg.activation} {d.intermediate_size}, "
@@ -63,7 +63,7 @@ def model_text(cfg: Config) -> str:
     return (f"{arch}, {vocab}\n"
             f"parameters: {count.total:,} total, {count.non_embedding:,} non-embedding (head included)\n{trained}"
             f"training FLOPs per token: {flops_per_token(cfg):,} (6N + 12 x layers x heads x head_dim x seq_length)\n"
-            f"{estimate_memory(cfg).text()}")
+            f"{estimate_memory(cfg, accelerator).text()}")
 
 
 def dry_run_text(cfg: Config, plan: LaunchPlan, command: LaunchCommand, config_file: str) -> str:
@@ -72,7 +72,7 @@ def dry_run_text(cfg: Config, plan: LaunchPlan, command: LaunchCommand, config_f
     sections = [
         ("merged config", merged_config_text(cfg)),
         ("layout", layout_text(cfg, plan)),
-        ("model", model_text(cfg)),
+        ("model", model_text(cfg, plan.accelerator)),
         ("DeepSpeed config (derived)", ds),
         (f"launch command (the merged config goes to {config_file})", command.shell(abbreviate=True)),
     ]

@@ -36,11 +36,15 @@ def test_memory_estimate_follows_zero_stages_and_checkpointing(write_yaml):
     base = [*TINY, "precision=bf16", "train_micro_batch_size_per_gpu=2"]
     one = estimate_memory(load_config([write_yaml("a.yml", "")], [*base, "zero_optimization.stage=0"]))
     n = sum(p.numel() for p in build_model(LlamaArgs.from_config(load_config([write_yaml("a.yml", "")], base))).parameters())
-    assert one.parameters == n and (one.weights, one.gradients, one.optimizer) == (2 * n, 2 * n, 12 * n)
-    for stage, expected in ((1, (2 * n, 2 * n, 3 * n)), (2, (2 * n, n / 2, 3 * n)), (3, (n / 2, n / 2, 3 * n))):
+    # bf16: 16-bit weights and gradients, the optimizer's fp32 gradient, master weights and Adam, torch's step
+    # workspace on CPU (none with DeepSpeed's fused GPU Adam)
+    assert one.parameters == n and (one.weights, one.gradients, one.optimizer) == (2 * n, 6 * n, 12 * n)
+    assert one.workspace == 4 * n and estimate_memory(
+        load_config([write_yaml("a.yml", "")], [*base, "zero_optimization.stage=0"]), "cuda").workspace == 0
+    for stage, expected in ((1, (2 * n, 3 * n, 3 * n)), (2, (2 * n, 1.5 * n, 3 * n)), (3, (n / 2, 1.5 * n, 3 * n))):
         est = estimate_memory(load_config([write_yaml("a.yml", "")], [*base, f"zero_optimization.stage={stage}"],
                                           world_size=4))
-        assert (est.weights, est.gradients, est.optimizer) == expected, stage
+        assert (est.weights, est.gradients, est.optimizer, est.workspace) == (*expected, n), stage
     assert one.activations_checkpointed < one.activations
     tp = estimate_memory(load_config([write_yaml("a.yml", "")], [*base, "model_parallel_size=2"], world_size=2))
     assert tp.parameters < n and tp.activations < one.activations

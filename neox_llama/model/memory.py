@@ -4,8 +4,12 @@ An estimate, not a measurement: it counts the largest pipeline stage, ignores al
 communication buffers and temporary workspaces.
 
 Model states per parameter (ZeRO paper): fp32 training keeps weights 4 + gradients 4 + Adam 8 bytes;
-mixed precision keeps 16-bit weights 2 + 16-bit gradients 2 + fp32 master weights and Adam 12 bytes.
-ZeRO stage 1 shards the optimizer part over data-parallel ranks, stage 2 also gradients, stage 3 also weights.
+mixed precision keeps 16-bit weights 2 + 16-bit gradients 2 + fp32 master weights and Adam 12 bytes, and
+DeepSpeed's ZeRO optimizers also keep the fp32 gradient of the partition they update (4 bytes; measured by
+benchmarks/memory.py, where the paper's 16 bytes per parameter left a 1-rank run 36 % above the estimate).
+ZeRO stage 1 shards the optimizer part (fp32 gradient included) over data-parallel ranks, stage 2 also the
+16-bit gradients, stage 3 also weights. torch's AdamW (on CPU, or ``optimizer.params.torch_adam``) adds a
+step workspace of one fp32 temporary per updated element (its foreach kernels); DeepSpeed's fused GPU Adam none.
 
 Activations stored for backward per transformer block and micro-batch, in elements (s = seq, b = micro
 batch, h = hidden, I = intermediate, kv = key/value width, t = tensor-parallel size), assuming a fused
@@ -45,24 +49,27 @@ class MemoryEstimate:
     checkpointing: bool
     startup_host: float = 0.0
     """Host RAM per rank while the model is built and loaded."""
+    workspace: float = 0.0
+    """The optimizer step's temporaries: torch's foreach AdamW makes one fp32 tensor per updated element."""
 
     @property
     def total(self) -> float:
         acts = self.activations_checkpointed if self.checkpointing else self.activations
-        return self.weights + self.gradients + self.optimizer + acts
+        return self.weights + self.gradients + self.optimizer + self.workspace + acts
 
     def text(self) -> str:
         chosen = "with" if self.checkpointing else "without"
         return (f"per-rank memory estimate ({self.parameters:,} parameters on the largest stage): "
                 f"weights {self.weights / GIB:.2f} GiB, gradients {self.gradients / GIB:.2f} GiB, "
-                f"optimizer {self.optimizer / GIB:.2f} GiB, activations {self.activations / GIB:.2f} GiB "
+                f"optimizer {self.optimizer / GIB:.2f} GiB, optimizer step workspace {self.workspace / GIB:.2f} GiB, "
+                f"activations {self.activations / GIB:.2f} GiB "
                 f"without checkpointing / {self.activations_checkpointed / GIB:.2f} GiB with; "
                 f"total {self.total / GIB:.2f} GiB ({chosen} activation checkpointing); host RAM at start-up "
                 f"{self.startup_host / GIB:.2f} GiB")
 
 
-def estimate_memory(cfg: Config) -> MemoryEstimate:
-    """Estimate for a resolved config whose vocabulary size is known."""
+def estimate_memory(cfg: Config, accelerator: str = "cpu") -> MemoryEstimate:
+    """Estimate for a resolved config whose vocabulary size is known, on ``accelerator`` (cpu or cuda)."""
     d = cfg.derived
     count = count_parameters(cfg)
     tp, pp, dp = cfg.model_parallel_size, cfg.pipe_parallel_size, d.data_parallel_size
@@ -84,6 +91,8 @@ def estimate_memory(cfg: Config) -> MemoryEstimate:
     stage = cfg.zero_optimization.stage
     weights = params * weight_bytes / (dp if stage >= 3 else 1)
     gradients = params * fraction * grad_bytes / (dp if stage >= 2 else 1)
+    if mixed:  # the optimizer's fp32 copy of its partition's gradient
+        gradients += params * fraction * 4 / (dp if stage >= 1 else 1)
     optimizer = params * fraction * optim_bytes / (dp if stage >= 1 else 1)
 
     s, b, h = cfg.seq_length, d.train_micro_batch_size_per_gpu, cfg.hidden_size
@@ -99,5 +108,8 @@ def estimate_memory(cfg: Config) -> MemoryEstimate:
         startup = params * weight_bytes / dp + max(count.per_layer, count.embedding) * weight_bytes + largest_tensor
     else:
         startup = params * 4 + largest_tensor
+    torch_adam = cfg.optimizer.params.torch_adam if cfg.optimizer.params.torch_adam is not None else \
+        accelerator != "cuda"
+    workspace = params * fraction * 4 / (dp if stage >= 1 else 1) if torch_adam else 0.0
     return MemoryEstimate(params, weights, gradients, optimizer, full, checkpointed, cfg.checkpoint_activations,
-                          startup)
+                          startup, workspace)

@@ -120,6 +120,10 @@ def setup_engine(cfg: Config, args: LlamaArgs, state: ParallelState, accelerator
         module = build_partitioned(cfg, args, state, accelerator, every)
     else:
         module = build_module(args, state, checkpoint_every=every, partition_method=cfg.pipe_partition_method)
+    held = sum(p.numel() for p in module.parameters())
+    logger.info("built the model on this rank: %s parameters held of %s on this stage/slice%s", f"{held:,}",
+                f"{sum(held_numel(p) for p in module.parameters()):,}",
+                " (ZeRO-3 partitions)" if cfg.zero_optimization.stage == 3 else "")
     if prepare_module is not None:
         prepare_module(module)
     trainable, total = make_trainable(module, cfg, state)
