@@ -63,6 +63,43 @@ def read_full_state(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _check_names(params: dict, names: set[str], path: Path) -> None:
+    missing = sorted(set(params) - names)
+    if missing:
+        raise CheckpointError(f"{path}: no tensor for {', '.join(missing)}; the checkpoint is of a different model")
+    extra = sorted(names - set(params))
+    if extra:
+        raise CheckpointError(f"{path}: tensor {', '.join(extra)} has no place in the model; the checkpoint is of a "
+                              "different model (biases, tying or layer kinds differ)")
+
+
+@torch.no_grad()
+def fill_layer_from_file(layer: nn.Module, path: Path) -> None:
+    """Fill ``layer`` from its layout-free file reading only this rank's tensor-parallel slice of each tensor
+    (safetensors reads a slice without the rest), so a rank never holds another rank's part of the layer."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (the checkpoint has no weights for this layer)")
+    params = dict(layer.named_parameters())
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            _check_names(params, set(handle.keys()), path)
+            for name, param in params.items():
+                part = handle.get_slice(name)
+                shape, expected = tuple(part.get_shape()), full_shape(param)
+                if shape != expected:
+                    raise CheckpointError(f"{path}: {name} has shape {shape}, the model expects {expected}; the "
+                                          "checkpoint is of a different model")
+                dim = getattr(param, "partition_dim", None)
+                index = [slice(None)] * len(shape)
+                if dim is not None and getattr(param, "tp_size", 1) > 1:
+                    size = shape[dim] // param.tp_size
+                    index[dim] = slice(param.tp_rank * size, (param.tp_rank + 1) * size)
+                param.copy_(part[tuple(index)].to(param.dtype))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable weight file ({err}); the checkpoint is damaged, "
+                              "use another one (e.g. an earlier global_stepN)") from None
+
+
 @torch.no_grad()
 def fill_layer(layer: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Copy ``tensors`` (full, layout-free) into ``layer``, each cut to this rank's tensor-parallel shard.
@@ -70,13 +107,7 @@ def fill_layer(layer: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -
     Every parameter must be present with its full shape, and no tensor may be left over.
     """
     params = dict(layer.named_parameters())
-    missing = sorted(set(params) - set(tensors))
-    if missing:
-        raise CheckpointError(f"{path}: no tensor for {', '.join(missing)}; the checkpoint is of a different model")
-    extra = sorted(set(tensors) - set(params))
-    if extra:
-        raise CheckpointError(f"{path}: tensor {', '.join(extra)} has no place in the model; the checkpoint is of a "
-                              "different model (biases, tying or layer kinds differ)")
+    _check_names(params, set(tensors), path)
     for name, param in params.items():
         full = tensors[name]
         expected = full_shape(param)
@@ -140,5 +171,4 @@ def fill_layers(layers: dict[int, nn.Module], folder: Path, expected: set[int] |
     for index, layer in layers.items():
         if next(layer.parameters(), None) is None:
             continue  # e.g. a tied head, which reuses the embedding's weight
-        path = layer_file(folder, index)
-        fill_layer(layer, read_layer_file(path), path)
+        fill_layer_from_file(layer, layer_file(folder, index))

@@ -29,10 +29,9 @@ from neox_llama.checkpoint.metadata import BaseRef, Layout, Metadata, write_meta
 from neox_llama.checkpoint.paths import BEST, LATEST, METADATA, CheckpointError, layer_file, tag_for
 from neox_llama.checkpoint.weights import (
     check_shapes,
-    fill_layer,
+    fill_layer_from_file,
     fill_layers,
     layers_with_weights,
-    read_layer_file,
     write_layer_file,
 )
 from neox_llama.config.loading import dump_raw
@@ -130,7 +129,7 @@ def load_layer_weights(module: torch.nn.Module, state: ParallelState, folder: Pa
             if state.dp_rank == 0:
                 path = layer_file(folder, index)
                 try:
-                    fill_layer(layer, read_layer_file(path), path)
+                    fill_layer_from_file(layer, path)
                 except CheckpointError as err:  # shared below, so no rank waits in a later collective
                     failure = err
         agree(lambda failure=failure: _raise(failure))
