@@ -17,7 +17,9 @@ attention kernel (no s x s matrix): the block input, both norm inputs and output
 key, value and rotated query/key (sb(2h + 3kv)/t), attention output (sbh/t), and the MLP's gate, up,
 activation and product (4sbI/t). Checkpointing keeps only the block input (sbh) per block, plus one
 block's full set during recomputation. The float32 logits and their gradient add 8sbV/t bytes. With a
-pipeline, the first stage holds up to min(pp, accumulation steps) micro-batches in flight (1F1B).
+pipeline, the first stage holds up to min(pp, accumulation steps) micro-batches in flight (1F1B). Document
+attention (``reset_attention_mask``, packed instruction data) adds its boolean s x s mask per block, and on CPU,
+where a masked attention runs PyTorch's math path, the scores and probabilities of every head (2 x heads x s^2).
 
 Host memory at start-up (before the engine moves the model to its device; on CPU the model stays there): the
 rank's model is built on the host in float32 and each parameter's full tensor is drawn before it is cut to the
@@ -99,6 +101,10 @@ def estimate_memory(cfg: Config, accelerator: str = "cpu") -> MemoryEstimate:
     kv = d.num_kv_heads * d.head_dim
     act_bytes = 2 if mixed else 4
     per_block = s * b * (4 * h + (3 * h + 3 * kv + 4 * d.intermediate_size) / tp) * act_bytes
+    if cfg.reset_attention_mask or (cfg.sft_data_path and cfg.sft_packing):
+        # Document attention passes an explicit [b, 1, s, s] mask (kept for backward); with a mask, CPU attention
+        # takes the math path, which also keeps the scores and probabilities of every head.
+        per_block += b * s * s + (2 * b * cfg.num_attention_heads / tp * s * s * act_bytes if accelerator != "cuda" else 0)
     logits = 8 * s * b * (d.padded_vocab_size or 0) / tp
     in_flight = min(pp, d.gradient_accumulation_steps) if pp > 1 else 1
     full = (blocks_per_stage * per_block) * in_flight + logits
