@@ -84,3 +84,14 @@ def test_bad_shapes_never_reach_the_model(write_yaml, bad):
     with pytest.raises(ConfigError):
         cfg = load_config([write_yaml("a.yml", "")], [*TINY, *bad])
         build_model(LlamaArgs.from_config(cfg))  # not reached
+
+
+def test_document_attention_adds_its_mask_and_the_cpu_scores(write_yaml):
+    base = [*TINY, "precision=bf16", "train_micro_batch_size_per_gpu=2"]
+    docs = [*base, "reset_position_ids=true", "reset_attention_mask=true"]
+    cfg, masked = (load_config([write_yaml("a.yml", "")], o) for o in (base, docs))
+    s, b, heads, blocks = cfg.seq_length, 2, cfg.num_attention_heads, cfg.num_layers
+    cpu = estimate_memory(masked).activations - estimate_memory(cfg).activations
+    gpu = estimate_memory(masked, "cuda").activations - estimate_memory(cfg, "cuda").activations
+    assert gpu == blocks * b * s * s  # the boolean mask kept for backward
+    assert cpu == blocks * (b * s * s + 2 * b * heads * s * s * 2)  # + bf16 scores and probabilities (math path)
