@@ -37,7 +37,8 @@ SHAPE = ["num_layers=12", "hidden_size=2048", "num_attention_heads=16", "num_kv_
          "peak_tflops=1.0"]
 CASES = {
     "one": ["zero_optimization.stage=1"],
-    "zero3": ["num_gpus=2", "zero_optimization.stage=3"],
+    "zero3": ["num_gpus=2", "zero_optimization.stage=3", "zero_optimization.stage3_prefetch_bucket_size=0",
+              "zero_optimization.stage3_max_reuse_distance=0"],
     "pp2": ["pipe_parallel_size=2", "zero_optimization.stage=1"],
     "tp2": ["model_parallel_size=2", "zero_optimization.stage=1"],
 }

@@ -44,9 +44,9 @@ def deepspeed_config(cfg: Config, accelerator: str = "cpu") -> dict[str, Any]:
             "overlap_comm": zero.overlap_comm,
             "contiguous_gradients": zero.contiguous_gradients,
             **({"stage3_param_persistence_threshold": zero.stage3_param_persistence_threshold,
-                "stage3_prefetch_bucket_size": _auto(zero.stage3_prefetch_bucket_size, 50_000_000, 0, gpu),
+                "stage3_prefetch_bucket_size": _auto(zero.stage3_prefetch_bucket_size, 50_000_000, 50_000_000, gpu),
                 "stage3_max_live_parameters": _auto(zero.stage3_max_live_parameters, 1_000_000_000, 1_000_000_000, gpu),
-                "stage3_max_reuse_distance": _auto(zero.stage3_max_reuse_distance, 1_000_000_000, 0, gpu)}
+                "stage3_max_reuse_distance": _auto(zero.stage3_max_reuse_distance, 1_000_000_000, 1_000_000_000, gpu)}
                if zero.stage == 3 else {}),
         },
         "zero_allow_untested_optimizer": True,

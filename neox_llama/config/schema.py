@@ -79,9 +79,9 @@ class ZeroConfig:
     contiguous_gradients: bool = doc_field(True, "Copy gradients into one buffer as they are produced.")
     offload_optimizer: OffloadDevice = doc_field("none", "Keep optimizer states in host memory (ZeRO >= 1; needs DeepSpeedCPUAdam).")
     offload_param: OffloadDevice = doc_field("none", "Keep weights in host memory (ZeRO 3 only).")
-    stage3_prefetch_bucket_size: int | None = doc_field(None, "ZeRO 3: elements of the next layers gathered ahead of use; null: DeepSpeed's 5e7 on GPUs, 0 on CPU (no prefetch: gathered weights do not pile up in host memory).", minimum=0)
+    stage3_prefetch_bucket_size: int | None = doc_field(None, "ZeRO 3: elements of the next layers gathered ahead of use; null: DeepSpeed's 5e7. 0 keeps host memory lowest on CPU, but hangs DeepSpeed 0.19 when forward passes vary between ranks (lm-eval tasks during training).", minimum=0)
     stage3_max_live_parameters: int | None = doc_field(None, "ZeRO 3: at most this many gathered elements kept at once; null: DeepSpeed's 1e9.", minimum=0)
-    stage3_max_reuse_distance: int | None = doc_field(None, "ZeRO 3: keep a gathered parameter if it is used again within this many elements; null: DeepSpeed's 1e9 on GPUs, 0 on CPU.", minimum=0)
+    stage3_max_reuse_distance: int | None = doc_field(None, "ZeRO 3: keep a gathered parameter if it is used again within this many elements; null: DeepSpeed's 1e9 (0: see stage3_prefetch_bucket_size).", minimum=0)
     stage3_param_persistence_threshold: int = doc_field(100_000, "ZeRO 3: tensors with fewer elements than this stay whole on every rank (DeepSpeed's default 1e5); 0 partitions every tensor.", minimum=0)
 
 
