@@ -65,6 +65,19 @@ def test_export_loads_in_transformers_with_equal_logits_and_ids(trained, tmp_pat
     for text in TEXTS:
         assert tok(text, add_special_tokens=False).input_ids == ck.tokenizer.encode(text, allow_special=True), text
     assert (hf.config.bos_token_id, hf.config.eos_token_id) == (1, 2)
+    # Streamed into shards of at most 40 kB (a larger tensor gets its own): the same tensors, an index naming each.
+    proc = export(trained / "run" / "ck", tmp_path / "sharded", "--dtype", "fp32", "--max-shard-size", "40kB")
+    assert proc.returncode == 0, proc.stderr
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 3 and files[-1] == f"model-{len(files):05d}-of-{len(files):05d}.safetensors"
+    assert not (tmp_path / "sharded" / "model.safetensors").exists()
+    sharded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sharded").eval()
+    single = hf.state_dict()
+    assert sharded.state_dict().keys() == single.keys()
+    assert all(torch.equal(t, single[k]) for k, t in sharded.state_dict().items())
+    assert export(trained / "run" / "ck", tmp_path / "bad", "--max-shard-size", "5 parsecs").stderr.strip() == \
+        "convert_to_hf.py: error: --max-shard-size '5 parsecs': not a size (e.g. 5GB, 500MB or a number of bytes)"
 
 
 @pytest.mark.parametrize("kind", ["spm-32k", "llama3-tokenizer"])
@@ -93,7 +106,7 @@ def test_bad_checkpoints_fail_clearly_and_write_nothing(trained, tmp_path):
     shutil.copytree(trained / "run" / "ck" / "global_step3", broken)
     (broken / "weights" / "layer_001.safetensors").unlink()
     proc = export(broken, tmp_path / "out2")
-    assert proc.returncode == 2 and "tensor 1.input_norm.weight (for model.layers.0.input_layernorm.weight) is missing" in proc.stderr
+    assert proc.returncode == 2 and "layer_001.safetensors: missing (the checkpoint has no weights for layer 1)" in proc.stderr
     wrong = tmp_path / "wrong"
     shutil.copytree(trained / "run" / "ck" / "global_step3", wrong)
     text = (wrong / "config.yml").read_text()

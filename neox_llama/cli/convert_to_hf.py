@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Export a neox_llama checkpoint to a Hugging Face Llama directory (loads with transformers, offline).
 
-    python tools/convert_to_hf.py --checkpoint runs/local/checkpoints --output runs/local/hf [--dtype bf16|fp16|fp32] [--force]
+    python tools/convert_to_hf.py --checkpoint runs/local/checkpoints --output runs/local/hf [--dtype bf16|fp16|fp32] [--max-shard-size 5GB] [--force]
 
     python tools/convert_to_hf.py --checkpoint runs/lora/global_step600 --output runs/lora_peft --peft
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from neox_llama.convert.hf_export import export_to_hf
+from neox_llama.convert.hf_export import DEFAULT_SHARD_SIZE, export_to_hf
 from neox_llama.convert.peft_export import export_peft
 from neox_llama.errors import NeoxLlamaError
 from neox_llama.utils.logging_setup import setup_logging
@@ -29,6 +29,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--base", help="a LoRA --checkpoint's base, when it is no longer where its metadata says")
     parser.add_argument("--peft", action="store_true", help="a LoRA checkpoint as a PEFT adapter (default dtype fp32)")
+    parser.add_argument("--max-shard-size", default=DEFAULT_SHARD_SIZE,
+                        help=f"largest safetensors file, e.g. 5GB or 500MB (default {DEFAULT_SHARD_SIZE}); memory "
+                             "while exporting is about one shard plus one layer")
     args = parser.parse_args(argv)
     args.dtype_set = args.dtype is not None
     args.dtype = args.dtype or "bf16"
@@ -38,7 +41,7 @@ def main(argv: list[str]) -> int:
             out = export_peft(args.checkpoint, args.output, args.dtype if args.dtype_set else "fp32", args.force,
                               args.base)
         else:
-            out = export_to_hf(args.checkpoint, args.output, args.dtype, args.force, args.base)
+            out = export_to_hf(args.checkpoint, args.output, args.dtype, args.force, args.base, args.max_shard_size)
     except NeoxLlamaError as err:
         print(f"convert_to_hf.py: error: {err}", file=sys.stderr)
         return 2

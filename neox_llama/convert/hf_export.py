@@ -4,79 +4,131 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from neox_llama.checkpoint.merge import merged_layers
-from neox_llama.checkpoint.paths import CheckpointError
+from neox_llama.checkpoint.paths import CheckpointError, layer_file
 from neox_llama.checkpoint.run import Run, load_run
-from neox_llama.checkpoint.weights import read_full_state
+from neox_llama.checkpoint.weights import layer_indices, read_layer_file
 from neox_llama.convert.hf_names import expected_shape, hf_config_dict, hf_to_ours
 from neox_llama.convert.hf_tokenizer_export import write_tokenizer_files
 from neox_llama.utils.files import building_dir, default_file_mode, output_dir_problem
 
 logger = logging.getLogger(__name__)
 
-SHARD_BYTES = 5 * 1024**3
+DEFAULT_SHARD_SIZE = "5GB"
+"""Hugging Face's usual shard size; memory while exporting is about one shard."""
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def hf_state_dict(ckpt: Run, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Hugging Face tensors, vocabulary padding trimmed (a LoRA checkpoint's base with its adapter merged)."""
+def _layer_table(args) -> dict[int, list[tuple[str, str]]]:
+    """Layer index -> [(Hugging Face name, our name inside the layer)], in Hugging Face's order."""
+    table: dict[int, list[tuple[str, str]]] = {}
+    for hf_name, ours in hf_to_ours(args).items():
+        index, name = ours.split(".", 1)
+        table.setdefault(int(index), []).append((hf_name, name))
+    return table
+
+
+def hf_tensors(ckpt: Run, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, tensor) one layer at a time, vocabulary padding trimmed (a LoRA checkpoint's base with its
+    adapter merged); at most one layer of the checkpoint is read at once."""
+    table = _layer_table(ckpt.args)
+    indices = layer_indices(ckpt.folder)
+    extra = sorted(set(indices) - set(table))
+    if extra:
+        raise CheckpointError(f"{layer_file(ckpt.folder, extra[0])}: the model in its config.yml has no layer "
+                              f"{extra[0]} with weights")
+    missing = sorted(set(table) - set(indices))
+    if missing:
+        raise CheckpointError(f"{layer_file(ckpt.folder, missing[0])}: missing (the checkpoint has no weights for "
+                              f"layer {missing[0]})")
     if ckpt.adapters:
-        ours = {f"{index}.{name}": tensor for index, tensors in merged_layers(ckpt.folder, ckpt.adapters)
-                for name, tensor in tensors.items()}
+        layers = merged_layers(ckpt.folder, ckpt.adapters)
     else:
-        ours = read_full_state(ckpt.folder)
-    out = {}
-    for hf_name, our_name in hf_to_ours(ckpt.args).items():
-        if our_name not in ours:
-            if hf_name.endswith(".bias") and our_name.endswith(".bias"):
-                continue  # the model has no biases
-            raise CheckpointError(f"{ckpt.folder}: tensor {our_name} (for {hf_name}) is missing")
-        tensor = ours.pop(our_name)
-        expected = expected_shape(ckpt.args, our_name.split(".", 1)[1])
-        if tuple(tensor.shape) != expected:
-            raise CheckpointError(f"{ckpt.folder}: {our_name} has shape {tuple(tensor.shape)}, but its config.yml "
-                                  f"implies {expected}")
-        if hf_name in ("model.embed_tokens.weight", "lm_head.weight"):
-            tensor = tensor[: ckpt.true_vocab]
-        out[hf_name] = tensor.to(dtype).contiguous()
-    if ours:
-        raise CheckpointError(f"{ckpt.folder}: tensors with no Hugging Face name: {', '.join(sorted(ours)[:5])}")
-    return out
+        layers = ((index, read_layer_file(layer_file(ckpt.folder, index))) for index in sorted(table))
+    for index, ours in layers:
+        for hf_name, name in table.get(index, []):
+            if name not in ours:
+                if name.endswith(".bias"):
+                    continue  # the model has no biases
+                raise CheckpointError(f"{ckpt.folder}: tensor {index}.{name} (for {hf_name}) is missing")
+            tensor = ours.pop(name)
+            expected = expected_shape(ckpt.args, name)
+            if tuple(tensor.shape) != expected:
+                raise CheckpointError(f"{ckpt.folder}: {index}.{name} has shape {tuple(tensor.shape)}, but its "
+                                      f"config.yml implies {expected}")
+            if hf_name in ("model.embed_tokens.weight", "lm_head.weight"):
+                tensor = tensor[: ckpt.true_vocab]
+            yield hf_name, tensor.to(dtype).contiguous()
+        if ours:
+            raise CheckpointError(f"{ckpt.folder}: tensors with no Hugging Face name: "
+                                  f"{', '.join(f'{index}.{n}' for n in sorted(ours)[:5])}")
 
 
-def _write_safetensors(tensors: dict[str, torch.Tensor], output: Path) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in tensors.items():
+def parse_size(text: str) -> int:
+    """Bytes from ``5GB``, ``500MB``, ``2GiB`` or a plain number (Hugging Face's ``max_shard_size`` style)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise CheckpointError(f"--max-shard-size {text!r}: not a size (e.g. 5GB, 500MB or a number of bytes)")
+    unit = (match.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    size = int(float(match.group(1)) * scale)
+    if size <= 0:
+        raise CheckpointError(f"--max-shard-size {text!r}: must be more than 0 bytes")
+    return size
+
+
+def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    path.chmod(default_file_mode())  # safetensors creates 0600 files
+
+
+def write_safetensors(tensors: Iterable[tuple[str, torch.Tensor]], output: Path, max_shard_bytes: int) -> None:
+    """Write ``tensors`` as Hugging Face safetensors shards of at most ``max_shard_bytes`` each (a tensor larger than
+    that gets a shard of its own), holding one shard in memory at a time; one shard is ``model.safetensors``."""
+    shard: dict[str, torch.Tensor] = {}
+    written: list[tuple[Path, list[str]]] = []
+    size = total = 0
+
+    def flush() -> None:
+        path = output / f".shard-{len(written) + 1:05d}.safetensors"
+        _save_shard(shard, path)
+        written.append((path, list(shard)))
+        shard.clear()
+
+    for name, tensor in tensors:
         nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards.append({})
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
             size = 0
-        shards[-1][name] = tensor
+        shard[name] = tensor
         size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(output / "model.safetensors"), metadata={"format": "pt"})
-        (output / "model.safetensors").chmod(default_file_mode())  # safetensors creates 0600 files
+        total += nbytes
+    if shard or not written:
+        flush()
+    if len(written) == 1:
+        written[0][0].rename(output / "model.safetensors")
         return
     weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(output / name), metadata={"format": "pt"})
-        (output / name).chmod(default_file_mode())
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    for i, (path, names) in enumerate(written, 1):
+        final = f"model-{i:05d}-of-{len(written):05d}.safetensors"
+        path.rename(output / final)
+        weight_map.update(dict.fromkeys(names, final))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (output / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def export_to_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bf16", force: bool = False,
-                 base: str | Path | None = None) -> Path:
-    """Write the Hugging Face directory ``output`` (through a temporary directory renamed at the end)."""
+                 base: str | Path | None = None, max_shard_size: str = DEFAULT_SHARD_SIZE) -> Path:
+    """Write the Hugging Face directory ``output`` (through a temporary directory renamed at the end), reading the
+    checkpoint one layer at a time: memory stays near one output shard (``max_shard_size``) plus one layer."""
     from transformers import GenerationConfig, LlamaConfig
 
     output = Path(output)
@@ -88,7 +140,7 @@ def export_to_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bf16"
         config_kwargs = hf_config_dict(ckpt.args, ckpt.true_vocab)
     except ValueError as err:
         raise CheckpointError(f"{ckpt.folder}: {err}") from None
-    tensors = hf_state_dict(ckpt, DTYPES[dtype])
+    shard_bytes = parse_size(max_shard_size)
     with building_dir(output) as tmp:
         ids = write_tokenizer_files(ckpt.tokenizer, tmp) if ckpt.tokenizer else {}
         config = LlamaConfig(**config_kwargs, **ids, dtype=dtype_name(dtype), architectures=["LlamaForCausalLM"])
@@ -96,7 +148,7 @@ def export_to_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bf16"
         _add_legacy_rope_keys(tmp / "config.json", config_kwargs["rope_parameters"])
         stops = [i for i in (ids.get("eos_token_id"), getattr(ckpt.tokenizer, "eot_id", None)) if i is not None]
         GenerationConfig(bos_token_id=ids.get("bos_token_id"), eos_token_id=stops or None).save_pretrained(tmp)
-        _write_safetensors(tensors, tmp)
+        write_safetensors(hf_tensors(ckpt, DTYPES[dtype]), tmp, shard_bytes)
     logger.info("exported %s to %s (%s)", ckpt.folder, output, dtype)
     return output
 
