@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from helpers.runner import ROOT, launch
 from workers.parallel_step import fixed_batch
 
@@ -56,8 +57,10 @@ def test_parallel_layouts_match_one_device(tmp_path, ranks, preset, layout):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     ref_loss, ref_weights = reference(preset, [])
     merged: dict[str, torch.Tensor] = {}
+    wrote: dict[int, list[int]] = {}
     for rank in range(ranks):
         result = torch.load(tmp_path / f"rank{rank}.pt")
+        wrote[rank] = result["wrote"]
         assert abs(result["loss"] - ref_loss) <= 1e-5, (rank, result["loss"], ref_loss)
         for name, tensor in result["weights"].items():
             if name in merged:  # replicated (e.g. the tied embedding on both pipeline ends) must agree
@@ -66,6 +69,14 @@ def test_parallel_layouts_match_one_device(tmp_path, ranks, preset, layout):
     assert set(merged) == set(ref_weights)
     worst = max((merged[n] - ref_weights[n]).abs().max().item() for n in ref_weights)
     assert worst <= 1e-5, worst
+    # Saved as disjoint whole-layer files, shared out over the data-parallel ranks, equal to the gathered weights.
+    files = [i for layers in wrote.values() for i in layers]
+    assert len(files) == len(set(files)) and set(files) == {int(n.split(".")[0]) for n in merged}, wrote
+    if "num_gpus=2" in layout:
+        assert all(wrote.values()), wrote  # both data-parallel ranks wrote some layers
+    for index in files:
+        saved = load_file(str(tmp_path / "saved" / "weights" / f"layer_{index:03d}.safetensors"))
+        assert all(torch.equal(t.float(), merged[f"{index}.{n}"]) for n, t in saved.items()), index
     for rank in range(ranks):  # ZeRO-3 is built partitioned: each rank holds its half, never the whole model
         held = tmp_path / f"rank{rank}.held.json"
         if held.exists():

@@ -1,7 +1,8 @@
 """The distributed half of checkpoints: every rank saves and restores its part (format: :mod:`neox_llama.checkpoint`).
 
 A save writes DeepSpeed's engine state (exact resumption at the same layout), the layout-free
-``weights/`` (tensor-parallel shards gathered; ZeRO-3 partitions gathered one layer at a time), every
+``weights/`` (whole-layer files shared out over the data-parallel ranks; tensor-parallel shards gathered, ZeRO-3
+partitions gathered one layer at a time), every
 rank's random state, then, on rank 0, ``config.yml``, the tokenizer files and ``metadata.json``, and last
 ``{save}/latest``. Rank 0's part is shared with the other ranks (:func:`neox_llama.distributed.agree`),
 so a failure there stops every rank with its message instead of leaving them in a barrier.
@@ -72,25 +73,37 @@ def full_tensor(param: torch.Tensor, state: ParallelState) -> torch.Tensor:
     return torch.cat(parts, dim=dim).cpu()
 
 
-def save_layer_weights(module: torch.nn.Module, state: ParallelState, folder: Path, adapters_only: bool = False) -> None:
-    """Write this stage's layers as full tensors (every rank gathers; one rank per stage writes).
+def save_layer_weights(module: torch.nn.Module, state: ParallelState, folder: Path,
+                       adapters_only: bool = False) -> list[int]:
+    """Write this stage's layers as full, layout-free tensors, one whole-layer file each; returns the global indices
+    of the files this rank wrote.
 
-    ``adapters_only`` (a LoRA run): only the LoRA tensors, into ``adapter/`` instead of ``weights/``.
+    The files are shared out over the stage's data-parallel ranks (layer i by data-parallel rank i mod dp, on its
+    first tensor-parallel rank), so no rank writes the whole model and writes run in parallel. Tensor-parallel
+    shards are gathered, and ZeRO-3 partitions (on every data-parallel rank, as DeepSpeed gathers) one layer at a
+    time: at most one full layer is in memory. ``adapters_only`` (a LoRA run): only the LoRA tensors, into
+    ``adapter/`` instead of ``weights/``.
     """
-    writer = state.dp_rank == 0 and state.tp_rank == 0
     failure: CheckpointError | None = None
+    wrote: list[int] = []
     for index, layer in rank_layers(module, state).items():
         if index == 0 and state.pp_rank != 0:
             continue  # the tied embedding's copy on the last stage: the first stage writes layer 0
         params = adapter_tensors(layer) if adapters_only else dict(layer.named_parameters())
         if not params:
             continue
+        chosen = state.dp_rank == index % state.dp_size  # this data-parallel replica writes the layer
+        writer = chosen and state.tp_rank == 0
+        if not chosen and not any(_is_zero3_partitioned(p) for p in params.values()):
+            continue  # another replica writes it; nothing to gather with
         with gathered(list(params.values())):  # ZeRO-3: one layer at a time, on every data-parallel rank
-            tensors = {name: full_tensor(p, state) for name, p in params.items()}
+            # The chosen replica's tensor-parallel ranks gather its shards (a collective in their own group).
+            tensors = {name: full_tensor(p, state) for name, p in params.items()} if chosen else {}
         target = adapter_file(folder, index) if adapters_only else layer_file(folder, index)
         if writer and failure is None:
             try:
                 write_layer_file(target, tensors)
+                wrote.append(int(index))
             except OSError as err:  # e.g. a full disk: finish the gathers the other ranks are in, then share it
                 failure = CheckpointError(f"{target}: cannot write ({err})")
 
@@ -99,6 +112,7 @@ def save_layer_weights(module: torch.nn.Module, state: ParallelState, folder: Pa
             raise failure
 
     agree(report)
+    return wrote
 
 
 def load_adapter_weights(module: torch.nn.Module, state: ParallelState, folder: Path) -> None:

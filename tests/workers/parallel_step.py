@@ -1,7 +1,8 @@
 """Worker run on every rank by tests/test_parallel_parity.py through DeepSpeed's launcher.
 
 Builds the tiny model at the layout given by the overrides, evaluates the loss on a fixed batch,
-takes one optimizer step, and writes this rank's full (tensor-parallel gathered) weights.
+takes one optimizer step, and writes this rank's full (tensor-parallel gathered) weights, and saves the layout-free
+weight files as a checkpoint does (recording which layers this rank wrote).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from neox_llama.model.args import LlamaArgs
 from neox_llama.model.loss import CausalLMLoss
 from neox_llama.parallel.pipeline import rank_layers
 from neox_llama.parallel.topology import ParallelState
-from neox_llama.training.checkpointing import full_tensor, gathered
+from neox_llama.training.checkpointing import full_tensor, gathered, save_layer_weights
 from neox_llama.training.engine import setup_engine
 from neox_llama.training.step import make_global_batch, run_global_batch
 
@@ -66,7 +67,8 @@ def main() -> None:
     engine.train()
     run_global_batch(runner, batch, loss_fn, train=True)
     weights = full_weights(engine.module, state)
-    torch.save({"loss": before, "weights": weights}, out_dir / f"rank{info.rank}.pt")
+    wrote = save_layer_weights(engine.module, state, out_dir / "saved")  # the checkpoint's layout-free weights
+    torch.save({"loss": before, "weights": weights, "wrote": wrote}, out_dir / f"rank{info.rank}.pt")
     (out_dir / f"rank{info.rank}.json").write_text(json.dumps({"loss": before}))
     shutdown_distributed()
 
