@@ -66,17 +66,77 @@ def test_same_seed_same_weights_and_names_are_stable(write_yaml):
 
 
 def test_activation_checkpointing_gives_the_same_gradients(write_yaml):
-    cfg = load_config([write_yaml("a.yml", "precision: fp32\n")], TINY)
-    args = LlamaArgs.from_config(cfg)
-    ids = torch.randint(0, 256, (2, 16))
+    """Full (every 1 or 2 blocks) and selective recomputation, with dropout and document attention: gradients equal
+    no recomputation (checkpoint replays the random state)."""
+    docs = [*TINY, "attention_dropout=0.1", "hidden_dropout=0.1", "reset_position_ids=true", "reset_attention_mask=true"]
+    ids, positions = torch.randint(0, 256, (2, 16)), torch.arange(16).repeat(2, 1)
+    positions[:, 9:] -= 9  # two documents per row
     grads = []
-    for every in (0, 1, 2):
+    for every, extra in ((0, []), (1, []), (2, []), (0, ["checkpoint_activations=true", "checkpoint_granularity=selective"])):
+        args = LlamaArgs.from_config(load_config([write_yaml("a.yml", "precision: fp32\n")], [*docs, *extra]))
         model = build_model(args, checkpoint_every=every).train()
-        model(ids).float().pow(2).mean().backward()
+        torch.manual_seed(5)
+        model(ids, positions).float().pow(2).mean().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for other in grads[1:]:
         for name, grad in grads[0].items():
             assert torch.allclose(grad, other[name], atol=1e-7), name
+
+
+def saved_bytes(cfg, every: int) -> int:
+    """Bytes of the distinct storages autograd keeps for backward after one forward of a micro-batch."""
+    model = build_model(LlamaArgs.from_config(cfg), checkpoint_every=every).train()
+    s = cfg.seq_length
+    ids, positions = torch.randint(0, 256, (2, s)), torch.arange(s).repeat(2, 1)
+    positions[:, s // 2:] -= s // 2
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(ids, positions)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("case", ["dropout", "documents"])
+def test_selective_checkpointing_drops_the_attention_core_as_estimated(write_yaml, case):
+    """What selective recomputation keeps out of memory, measured with saved-tensor hooks, is within 10 % of the
+    estimate's attention core (math path with dropout on CPU; the document mask otherwise)."""
+    extra = ["attention_dropout=0.1"] if case == "dropout" else ["reset_position_ids=true", "reset_attention_mask=true"]
+    base = [*TINY, "seq_length=128", "precision=fp32", "train_micro_batch_size_per_gpu=2", *extra]
+    plain = load_config([write_yaml("a.yml", "")], base)
+    selective = load_config([write_yaml("a.yml", "")], [*base, "checkpoint_activations=true",
+                                                       "checkpoint_granularity=selective"])
+    kept_out = saved_bytes(plain, 0) - saved_bytes(selective, 0)
+    est = estimate_memory(selective)
+    core = (est.activations - est.activations_checkpointed) / (plain.num_layers - 1)  # one core is rebuilt at a time
+    assert abs(kept_out / plain.num_layers - core) <= 0.1 * core, (kept_out, core)
+    assert "with selective activation checkpointing" in est.text()
+
+
+def test_memory_estimate_counts_checkpoint_groups_buffers_and_offload(write_yaml):
+    base = [*TINY, "num_layers=8", "precision=bf16", "train_micro_batch_size_per_gpu=2", "zero_optimization.stage=2"]
+    cfg = load_config([write_yaml("a.yml", "")], [*base, "checkpoint_activations=true"])
+    by4 = load_config([write_yaml("a.yml", "")], [*base, "checkpoint_activations=true", "checkpoint_num_layers=4"])
+    one, four = estimate_memory(cfg), estimate_memory(by4)
+    s, b, h = 16, 2, 64
+    per_block = (one.activations - 8 * s * b * 256) / 8  # the float32 logits and their gradient taken out
+    # every 4 blocks: 2 group inputs instead of 8 block inputs, and 4 blocks rebuilt at once instead of 1
+    assert four.activations_checkpointed - one.activations_checkpointed == pytest.approx(-6 * s * b * h * 2 + 3 * per_block)
+    n = one.parameters
+    assert one.buffers == 2 * n + 2 * n  # both buckets (5e7 elements) hold the whole tiny model, 16-bit
+    overlap = estimate_memory(load_config([write_yaml("a.yml", "")], [*base, "zero_optimization.overlap_comm=true"]))
+    assert overlap.buffers == one.buffers + 2 * n
+    small = estimate_memory(load_config([write_yaml("a.yml", "")], [*base, "zero_optimization.reduce_bucket_size=1000"]))
+    assert small.buffers == 2 * 1000 + 2 * n
+    offload = load_config([write_yaml("a.yml", "")], [*base, "zero_optimization.offload_optimizer=cpu"])
+    gpu, cpu = estimate_memory(offload, "cuda"), estimate_memory(offload)
+    plain_gpu = estimate_memory(load_config([write_yaml("a.yml", "")], base), "cuda")
+    assert gpu.offloaded_host == plain_gpu.optimizer + 4 * n and gpu.total == plain_gpu.total - gpu.offloaded_host
+    assert cpu.offloaded_host == 0 and cpu.workspace == 0  # on CPU the host is the device; CPU Adam steps in place
+    assert "offloaded (not in the total)" in gpu.text()
 
 
 @pytest.mark.parametrize("bad", [["hidden_size=66"], ["num_kv_heads=3"], ["seq_length=4096", "max_position_embeddings=64"]])
@@ -86,12 +146,15 @@ def test_bad_shapes_never_reach_the_model(write_yaml, bad):
         build_model(LlamaArgs.from_config(cfg))  # not reached
 
 
-def test_document_attention_adds_its_mask_and_the_cpu_scores(write_yaml):
+def test_document_attention_and_cpu_dropout_add_their_attention_terms(write_yaml):
     base = [*TINY, "precision=bf16", "train_micro_batch_size_per_gpu=2"]
     docs = [*base, "reset_position_ids=true", "reset_attention_mask=true"]
-    cfg, masked = (load_config([write_yaml("a.yml", "")], o) for o in (base, docs))
+    dropout = [*base, "attention_dropout=0.1"]
+    cfg, masked, dropped = (load_config([write_yaml("a.yml", "")], o) for o in (base, docs, dropout))
     s, b, heads, blocks = cfg.seq_length, 2, cfg.num_attention_heads, cfg.num_layers
-    cpu = estimate_memory(masked).activations - estimate_memory(cfg).activations
-    gpu = estimate_memory(masked, "cuda").activations - estimate_memory(cfg, "cuda").activations
-    assert gpu == blocks * b * s * s  # the boolean mask kept for backward
-    assert cpu == blocks * (b * s * s + 2 * b * heads * s * s * 2)  # + bf16 scores and probabilities (math path)
+    for accelerator in ("cpu", "cuda"):  # the mask, in bf16
+        assert estimate_memory(masked, accelerator).activations - estimate_memory(cfg, accelerator).activations == \
+            blocks * b * s * s * 2
+    # CPU attention with dropout runs the math path: s x s scores, probabilities, dropped ones and the mask per head
+    assert estimate_memory(dropped).activations - estimate_memory(cfg).activations == blocks * b * heads * s * s * 7
+    assert estimate_memory(dropped, "cuda").activations == estimate_memory(cfg, "cuda").activations

@@ -48,6 +48,8 @@ class LlamaArgs:
     seed: int = 1234
     document_attention: bool = False
     """Attend only within the document: documents start where position_ids restart at 0."""
+    recompute_attention: bool = False
+    """Selective activation checkpointing: recompute each attention core (mask, scores, softmax) in backward."""
 
     @classmethod
     def from_config(cls, cfg: Config, vocab_size: int | None = None) -> LlamaArgs:
@@ -73,4 +75,5 @@ class LlamaArgs:
             hidden_dropout=cfg.hidden_dropout, seed=cfg.seed,
             # packed instruction records restart their positions: attention stays within each record
             document_attention=cfg.reset_attention_mask or bool(cfg.sft_data_path and cfg.sft_packing),
+            recompute_attention=cfg.checkpoint_activations and cfg.checkpoint_granularity == "selective",
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from neox_llama.model.args import LlamaArgs
 from neox_llama.model.factory import LayerFactory
@@ -32,6 +33,7 @@ class Attention(nn.Module):
         self.dense = factory.row(args.num_attention_heads * args.head_dim, args.hidden_size, bias)
         self.dropout = args.attention_dropout
         self.document_attention = args.document_attention
+        self.recompute = args.recompute_attention
         self.rotary = None
         if args.pos_emb == "rotary":
             scaling = dict(args.rope_scaling) if args.rope_scaling else None
@@ -48,12 +50,23 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v, mask = cache.append(k, v)
+            out = self._core(q, k, v, mask)
+        elif self.recompute and self.training and torch.is_grad_enabled():
+            # Selective checkpointing: keep only q, k, v; the mask, scores and softmax are rebuilt in backward (the
+            # dropout mask too: checkpoint replays the RNG state).
+            out = checkpoint(self._masked_core, q, k, v, position_ids, use_reentrant=False)
         else:
-            mask = document_causal_mask(position_ids) if self.document_attention else None
-        out = F.scaled_dot_product_attention(
+            out = self._masked_core(q, k, v, position_ids)
+        return self.dense(out.transpose(1, 2).reshape(batch, seq, self.local_heads * self.head_dim))
+
+    def _masked_core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self._core(q, k, v, document_causal_mask(position_ids) if self.document_attention else None)
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d) + mask) v over [batch, heads, seq, head_dim] (causal when there is no mask)."""
+        return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.local_kv_heads != self.local_heads)
-        return self.dense(out.transpose(1, 2).reshape(batch, seq, self.local_heads * self.head_dim))
 
 
 def document_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """Per-rank memory estimate for ``deepy.py --dry-run``: model states under ZeRO, and activations.
 
-An estimate, not a measurement: it counts the largest pipeline stage, ignores allocator slack,
-communication buffers and temporary workspaces.
+An estimate, not a measurement: it counts the largest pipeline stage and ignores allocator slack. DeepSpeed's
+communication buffers are counted at their configured sizes (reduce bucket, doubled with ``overlap_comm``;
+allgather bucket at ZeRO 1/2; prefetched plus one gathered layer at ZeRO 3); ZeRO-Offload's share is reported apart
+and left out of the device total.
 
 Model states per parameter (ZeRO paper): fp32 training keeps weights 4 + gradients 4 + Adam 8 bytes;
 mixed precision keeps 16-bit weights 2 + 16-bit gradients 2 + fp32 master weights and Adam 12 bytes, and
@@ -15,11 +17,14 @@ Activations stored for backward per transformer block and micro-batch, in elemen
 batch, h = hidden, I = intermediate, kv = key/value width, t = tensor-parallel size), assuming a fused
 attention kernel (no s x s matrix): the block input, both norm inputs and outputs (4sbh), the query,
 key, value and rotated query/key (sb(2h + 3kv)/t), attention output (sbh/t), and the MLP's gate, up,
-activation and product (4sbI/t). Checkpointing keeps only the block input (sbh) per block, plus one
-block's full set during recomputation. The float32 logits and their gradient add 8sbV/t bytes. With a
-pipeline, the first stage holds up to min(pp, accumulation steps) micro-batches in flight (1F1B). Document
-attention (``reset_attention_mask``, packed instruction data) adds its boolean s x s mask per block, and on CPU,
-where a masked attention runs PyTorch's math path, the scores and probabilities of every head (2 x heads x s^2).
+activation and product (4sbI/t). Full checkpointing keeps only the input (sbh) of each group of
+``checkpoint_num_layers`` blocks, plus one group's full set during recomputation; selective checkpointing keeps
+everything but each block's attention core (the s x s terms below), plus one core while it is rebuilt. The
+float32 logits and their gradient add 8sbV/t bytes. With a pipeline, the first stage holds up to min(pp, accumulation steps) micro-batches in flight (1F1B). The attention
+core adds s x s terms (measured with torch 2.13's saved-tensor hooks): on CPU with ``attention_dropout`` > 0
+PyTorch's math path keeps per head the scores, probabilities, dropped probabilities and boolean dropout mask
+(heads x s^2 x (3 x bytes + 1)); otherwise document attention (``reset_attention_mask``, packed instruction
+data) keeps its [b, 1, s, s] mask in the activation dtype; plain causal attention keeps nothing s x s.
 
 Host memory at start-up (before the engine moves the model to its device; on CPU the model stays there): the
 rank's model is built on the host in float32 and each parameter's full tensor is drawn before it is cut to the
@@ -53,20 +58,35 @@ class MemoryEstimate:
     """Host RAM per rank while the model is built and loaded."""
     workspace: float = 0.0
     """The optimizer step's temporaries: torch's foreach AdamW makes one fp32 tensor per updated element."""
+    buffers: float = 0.0
+    """DeepSpeed's communication buffers: the gradient reduce bucket (twice with overlap_comm), the ZeRO 1/2
+    allgather bucket, or under ZeRO-3 the gathered parameters (prefetch bucket plus the largest layer)."""
+    offloaded_host: float = 0.0
+    """Model states ZeRO-Offload keeps in host RAM instead of device memory (on GPUs; on CPU the host is the device)."""
+    offloaded_nvme: float = 0.0
+    """Model states ZeRO-Infinity keeps on NVMe (out of both)."""
+    granularity: str = "full"
 
     @property
     def total(self) -> float:
+        """Bytes per rank on its device (on CPU: host RAM, where everything lives)."""
         acts = self.activations_checkpointed if self.checkpointing else self.activations
-        return self.weights + self.gradients + self.optimizer + self.workspace + acts
+        states = self.weights + self.gradients + self.optimizer + self.workspace
+        return states + acts + self.buffers - self.offloaded_host - self.offloaded_nvme
 
     def text(self) -> str:
-        chosen = "with" if self.checkpointing else "without"
+        chosen = f"with {self.granularity} activation checkpointing" if self.checkpointing else \
+            "without activation checkpointing"
+        offload = ""
+        if self.offloaded_host or self.offloaded_nvme:
+            offload = (f"; offloaded (not in the total): {self.offloaded_host / GIB:.2f} GiB to host RAM, "
+                       f"{self.offloaded_nvme / GIB:.2f} GiB to NVMe")
         return (f"per-rank memory estimate ({self.parameters:,} parameters on the largest stage): "
                 f"weights {self.weights / GIB:.2f} GiB, gradients {self.gradients / GIB:.2f} GiB, "
                 f"optimizer {self.optimizer / GIB:.2f} GiB, optimizer step workspace {self.workspace / GIB:.2f} GiB, "
-                f"activations {self.activations / GIB:.2f} GiB "
-                f"without checkpointing / {self.activations_checkpointed / GIB:.2f} GiB with; "
-                f"total {self.total / GIB:.2f} GiB ({chosen} activation checkpointing); host RAM at start-up "
+                f"communication buffers {self.buffers / GIB:.2f} GiB, activations {self.activations / GIB:.2f} GiB "
+                f"without checkpointing / {self.activations_checkpointed / GIB:.2f} GiB with ({self.granularity}); "
+                f"total {self.total / GIB:.2f} GiB ({chosen}){offload}; host RAM at start-up "
                 f"{self.startup_host / GIB:.2f} GiB")
 
 
@@ -101,21 +121,53 @@ def estimate_memory(cfg: Config, accelerator: str = "cpu") -> MemoryEstimate:
     kv = d.num_kv_heads * d.head_dim
     act_bytes = 2 if mixed else 4
     per_block = s * b * (4 * h + (3 * h + 3 * kv + 4 * d.intermediate_size) / tp) * act_bytes
-    if cfg.reset_attention_mask or (cfg.sft_data_path and cfg.sft_packing):
-        # Document attention passes an explicit [b, 1, s, s] mask (kept for backward); with a mask, CPU attention
-        # takes the math path, which also keeps the scores and probabilities of every head.
-        per_block += b * s * s + (2 * b * cfg.num_attention_heads / tp * s * s * act_bytes if accelerator != "cuda" else 0)
+    attention_core = 0.0  # what selective checkpointing recomputes instead of keeping (measured on torch 2.13)
+    if cfg.attention_dropout > 0 and accelerator != "cuda":
+        # CPU attention with dropout takes PyTorch's math path: per head the probabilities, the dropped
+        # probabilities, the scores and the boolean dropout mask, each s x s
+        attention_core = b * cfg.num_attention_heads / tp * s * s * (3 * act_bytes + 1)
+    elif cfg.reset_attention_mask or (cfg.sft_data_path and cfg.sft_packing):
+        # Document attention's [b, 1, s, s] mask, kept by the fused kernel as an additive mask in the activation dtype
+        attention_core = b * s * s * act_bytes
+    per_block += attention_core
     logits = 8 * s * b * (d.padded_vocab_size or 0) / tp
     in_flight = min(pp, d.gradient_accumulation_steps) if pp > 1 else 1
     full = (blocks_per_stage * per_block) * in_flight + logits
-    checkpointed = (blocks_per_stage * s * b * h * act_bytes) * in_flight + per_block + logits
+    if cfg.checkpoint_granularity == "selective":  # every block keeps all but its attention core; one core rebuilt
+        checkpointed = blocks_per_stage * (per_block - attention_core) * in_flight + attention_core + logits
+    else:  # each group of checkpoint_num_layers blocks keeps its input; one group is rebuilt at a time
+        group = min(cfg.checkpoint_num_layers, blocks_per_stage)
+        checkpointed = math.ceil(blocks_per_stage / group) * s * b * h * act_bytes * in_flight + group * per_block + logits
     largest_tensor = max(count.embedding, count.head_compute, d.intermediate_size * h) * 4
+    largest_layer = max(count.per_layer, count.embedding)
     if stage >= 3:
-        startup = params * weight_bytes / dp + max(count.per_layer, count.embedding) * weight_bytes + largest_tensor
+        startup = params * weight_bytes / dp + largest_layer * weight_bytes + largest_tensor
     else:
         startup = params * 4 + largest_tensor
+    zero = cfg.zero_optimization
     torch_adam = cfg.optimizer.params.torch_adam if cfg.optimizer.params.torch_adam is not None else \
         accelerator != "cuda"
+    if zero.offload_optimizer != "none":
+        torch_adam = False  # ZeRO-Offload steps with DeepSpeedCPUAdam, in place
     workspace = params * fraction * 4 / (dp if stage >= 1 else 1) if torch_adam else 0.0
+
+    default_bucket = 5e8 if accelerator == "cuda" else 5e7  # config/deepspeed_json.py's null
+    reduce_bucket = zero.reduce_bucket_size or default_bucket
+    buffers = min(reduce_bucket, params * fraction) * grad_bytes * (2 if zero.overlap_comm else 1) if stage >= 1 else 0.0
+    if stage == 3:
+        prefetch = 5e7 if zero.stage3_prefetch_bucket_size is None else zero.stage3_prefetch_bucket_size
+        buffers += min(prefetch + largest_layer, params) * weight_bytes
+    elif stage >= 1:
+        buffers += min(zero.allgather_bucket_size or default_bucket, params) * weight_bytes
+
+    # ZeRO-Offload: the optimizer's partition (its fp32 master weights, Adam moments and fp32 gradients) and, at
+    # stage 3, the weights' partition live off the device. On CPU "host" is the device: only NVMe moves anything.
+    moved_optimizer = optimizer + (params * fraction * 4 / (dp if stage >= 1 else 1) if mixed else 0.0)
+    host = nvme = 0.0
+    for device, amount in ((zero.offload_optimizer, moved_optimizer), (zero.offload_param, weights)):
+        if device == "nvme":
+            nvme += amount
+        elif device == "cpu" and accelerator == "cuda":
+            host += amount
     return MemoryEstimate(params, weights, gradients, optimizer, full, checkpointed, cfg.checkpoint_activations,
-                          startup, workspace)
+                          startup, workspace, buffers, host, nvme, cfg.checkpoint_granularity)

@@ -115,7 +115,8 @@ def setup_engine(cfg: Config, args: LlamaArgs, state: ParallelState, accelerator
     # Dropout: tensor-parallel ranks share a stream (their activations are replicated); data-parallel ranks and
     # pipeline stages draw different masks. Initialisation does not use this stream (see model/init.py).
     torch.manual_seed(cfg.seed + 100_003 * state.dp_rank + 10_007 * state.pp_rank)
-    every = cfg.checkpoint_num_layers if cfg.checkpoint_activations else 0
+    # full: groups of blocks recomputed; selective: only attention cores (LlamaArgs.recompute_attention)
+    every = cfg.checkpoint_num_layers if cfg.checkpoint_activations and cfg.checkpoint_granularity == "full" else 0
     if cfg.zero_optimization.stage == 3:  # (ZeRO-3 has no pipeline: config validation refuses it)
         module = build_partitioned(cfg, args, state, accelerator, every)
     else:
