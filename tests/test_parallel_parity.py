@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from helpers.runner import ROOT, launch
+from safetensors.torch import load_file
 from workers.parallel_step import fixed_batch
 
 from neox_llama.config import load_config
