@@ -2,7 +2,8 @@
 
 - every dataset prefix exists and is readable, and its largest token id fits the model's vocabulary;
 - a resume target's tensors have the shapes this config builds (safetensors headers only);
-- on a machine without GPUs, where every rank lives in host memory, the node's estimated total fits its RAM.
+- on a machine without GPUs, where every rank lives in host memory, the node's estimated total fits its RAM;
+- NVMe offload can run: DeepSpeed's async_io op builds here and ``nvme_path`` is a writable folder.
 
 Each returns one-line problems naming the file or key; deepy.py refuses to launch on them (``--force``
 overrides the memory check) and ``--dry-run`` prints them as warnings.
@@ -72,6 +73,25 @@ def check_resume_target(cfg: Config) -> list[str]:
         check_shapes(folder, LlamaArgs.from_config(cfg))
     except CheckpointError as err:
         return [f"{cfg.sources.get('load', 'default')}: load: {err}"]
+    return []
+
+
+def check_offload(cfg: Config) -> list[str]:
+    """NVMe offload: DeepSpeed's async_io op can be built here (it needs libaio), and nvme_path is a writable folder."""
+    zero = cfg.zero_optimization
+    keys = [k for k in ("offload_optimizer", "offload_param") if getattr(zero, k) == "nvme"]
+    if not keys:
+        return []
+    origin = cfg.sources.get(f"zero_optimization.{keys[0]}", "default")
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        return [f"{origin}: zero_optimization.{keys[0]}: nvme needs DeepSpeed's async_io op, which cannot be built on "
+                "this machine (install libaio-dev, e.g. apt install libaio-dev); or offload to cpu"]
+    path = zero.nvme_path
+    if path and not (os.path.isdir(path) and os.access(path, os.W_OK)):
+        return [f"{cfg.sources.get('zero_optimization.nvme_path', origin)}: zero_optimization.nvme_path {path}: not "
+                "a writable folder"]
     return []
 
 

@@ -140,7 +140,7 @@ def main(argv: list[str]) -> int:
         from neox_llama import preflight
 
         vocab = cfg.vocab_size or tokenizer_vocab
-        checks = preflight.check_datasets(cfg, vocab) + preflight.check_resume_target(cfg)
+        checks = preflight.check_datasets(cfg, vocab) + preflight.check_resume_target(cfg) + preflight.check_offload(cfg)
         # This machine's RAM and files stand for the ranks' only when they run here (not on a hostfile's nodes).
         memory = preflight.check_host_memory(cfg, plan.ranks_per_node) \
             if accelerator == "cpu" and not plan.multi_node else []

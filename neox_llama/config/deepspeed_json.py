@@ -10,7 +10,8 @@ from neox_llama.config.schema import Config
 def deepspeed_config(cfg: Config, accelerator: str = "cpu") -> dict[str, Any]:
     """The ``config`` dict for ``deepspeed.initialize``. ``cfg`` must have been resolved.
 
-    On CPU the optimizer is torch's (``torch_adam``), so nothing has to be compiled at start-up.
+    On CPU the optimizer is torch's (``torch_adam``), so nothing has to be compiled at start-up, unless ZeRO-Offload
+    asks for DeepSpeedCPUAdam.
     """
     d = cfg.derived
     zero = cfg.zero_optimization
@@ -31,8 +32,7 @@ def deepspeed_config(cfg: Config, accelerator: str = "cpu") -> dict[str, Any]:
                 "eps": params.eps,
                 "weight_decay": params.weight_decay,
                 "adam_w_mode": cfg.optimizer.type == "AdamW",  # DeepSpeed's "Adam" means AdamW unless told
-                **({"torch_adam": True} if (params.torch_adam if params.torch_adam is not None
-                                            else accelerator != "cuda") else {}),
+                **({"torch_adam": True} if _torch_adam(cfg, accelerator) else {}),
             },
         },
         "zero_optimization": {
@@ -59,10 +59,11 @@ def deepspeed_config(cfg: Config, accelerator: str = "cpu") -> dict[str, Any]:
             "profile": False,
         },
     }
-    if zero.offload_optimizer != "none":
-        ds["zero_optimization"]["offload_optimizer"] = {"device": zero.offload_optimizer, "pin_memory": accelerator == "cuda"}
-    if zero.offload_param != "none":
-        ds["zero_optimization"]["offload_param"] = {"device": zero.offload_param, "pin_memory": accelerator == "cuda"}
+    for key in ("offload_optimizer", "offload_param"):
+        device = getattr(zero, key)
+        if device != "none":
+            ds["zero_optimization"][key] = {"device": device, "pin_memory": gpu,
+                                            **({"nvme_path": zero.nvme_path} if device == "nvme" else {})}
     if cfg.precision == "bf16":
         ds["bf16"] = {"enabled": True}
         # Accumulate micro-batch gradients in fp32: summing them in bf16 loses precision with every step.
@@ -77,6 +78,14 @@ def deepspeed_config(cfg: Config, accelerator: str = "cpu") -> dict[str, Any]:
             "min_loss_scale": cfg.min_loss_scale,
         }
     return ds
+
+
+def _torch_adam(cfg: Config, accelerator: str) -> bool:
+    """torch's AdamW (nothing to compile) unless asked otherwise; ZeRO-Offload needs DeepSpeedCPUAdam."""
+    if cfg.zero_optimization.offload_optimizer != "none":
+        return False
+    chosen = cfg.optimizer.params.torch_adam
+    return chosen if chosen is not None else accelerator != "cuda"
 
 
 def _auto(value: int | None, on_gpu: int, on_cpu: int, gpu: bool) -> int:

@@ -185,6 +185,14 @@ def _check_training(cfg: Config, problems: _Problems, d: Derived) -> None:
         problems.add("zero_optimization.offload_param", "zero_optimization.offload_param needs ZeRO stage 3")
     if cfg.zero_optimization.offload_optimizer != "none" and zero == 0:
         problems.add("zero_optimization.offload_optimizer", "zero_optimization.offload_optimizer needs ZeRO stage >= 1")
+    if cfg.zero_optimization.offload_optimizer != "none" and cfg.optimizer.params.torch_adam:
+        problems.add(("zero_optimization.offload_optimizer", "optimizer.params.torch_adam"),
+                     "zero_optimization.offload_optimizer steps with DeepSpeedCPUAdam: leave optimizer.params.torch_adam "
+                     "unset (or false)")
+    nvme = [k for k in ("offload_optimizer", "offload_param") if getattr(cfg.zero_optimization, k) == "nvme"]
+    if nvme and not cfg.zero_optimization.nvme_path:
+        problems.add(("zero_optimization.nvme_path", f"zero_optimization.{nvme[0]}"),
+                     f"zero_optimization.{nvme[0]} nvme needs zero_optimization.nvme_path (a folder on a local NVMe drive)")
     betas = cfg.optimizer.params.betas
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         problems.add("optimizer.params.betas", f"optimizer.params.betas {betas} must be two numbers in [0, 1)")

@@ -152,4 +152,9 @@ def setup_engine(cfg: Config, args: LlamaArgs, state: ParallelState, accelerator
         )
     if chatter.getvalue().strip():
         logger.debug("deepspeed.initialize printed:\n%s", chatter.getvalue().rstrip())
+    zero = cfg.zero_optimization
+    offload = [f"{what} offloaded to {device}" for what, device in (("optimizer state", zero.offload_optimizer),
+                                                                     ("weights", zero.offload_param)) if device != "none"]
+    logger.info("optimizer %s, ZeRO stage %d%s", type(getattr(engine, "basic_optimizer", None) or engine.optimizer).__name__,
+                zero.stage, f" ({', '.join(offload)})" if offload else "")
     return Engine(engine, state, layer_factory(state), args)
