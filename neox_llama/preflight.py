@@ -1,7 +1,8 @@
 """Checks deepy.py runs before any rank starts, so that a mistake costs seconds, not a model build.
 
 - every dataset prefix exists and is readable, and its largest token id fits the model's vocabulary;
-- a resume target's tensors have the shapes this config builds (safetensors headers only);
+- a resume target's tensors have the shapes this config builds (safetensors headers only), and a fine-tune
+  beyond the context the checkpoint was trained for sets rope_scaling;
 - on a machine without GPUs, where every rank lives in host memory, the node's estimated total fits its RAM;
 - NVMe offload can run: DeepSpeed's async_io op builds here and ``nvme_path`` is a writable folder.
 
@@ -71,6 +72,15 @@ def check_resume_target(cfg: Config) -> list[str]:
         if meta.is_adapter:  # a LoRA checkpoint: its base holds the weights
             folder = resolve_base(folder, meta)
         check_shapes(folder, LlamaArgs.from_config(cfg))
+        if cfg.finetune and cfg.rope_scaling is None:
+            from neox_llama.checkpoint.run import load_run
+
+            trained = load_run(folder).args.max_position_embeddings
+            if cfg.seq_length > trained:
+                return [f"{cfg.sources.get('seq_length', 'default')}: seq_length {cfg.seq_length} is beyond the "
+                        f"max_position_embeddings {trained} that {folder} was trained for, without rope_scaling: set "
+                        f"rope_scaling (e.g. {{rope_type: yarn, factor: {-(-cfg.seq_length // trained)}, "
+                        f"original_max_position_embeddings: {trained}}}) and max_position_embeddings {cfg.seq_length}"]
     except CheckpointError as err:
         return [f"{cfg.sources.get('load', 'default')}: load: {err}"]
     return []

@@ -10,6 +10,7 @@ pytestmark = pytest.mark.dist
 
 ZERO3 = ["num_gpus=2", "zero_optimization.stage=3", "zero_optimization.stage3_param_persistence_threshold=0"]
 COMMON = ["train_iters=4", "eval_interval=4", "precision=fp32"]
+NVME_ZERO = ["zero_optimization.stage=3", "zero_optimization.stage3_param_persistence_threshold=0"]
 
 
 def ok(proc):
@@ -39,14 +40,17 @@ def test_nvme_offload(tmp_path, corpus):
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
     if not AsyncIOBuilder().is_compatible(verbose=False):
-        proc = deepy_train(tmp_path / "run", corpus, *COMMON, "zero_optimization.stage=2",
+        proc = deepy_train(tmp_path / "run", corpus, *COMMON, *NVME_ZERO,
                            "zero_optimization.offload_optimizer=nvme", f"zero_optimization.nvme_path={tmp_path}")
         assert proc.returncode == 2 and "nvme needs DeepSpeed's async_io op, which cannot be built on this machine " \
             "(install libaio-dev" in proc.stderr and "Traceback" not in proc.stderr
         pytest.skip("DeepSpeed's async_io cannot be built here (no libaio): checked the clear refusal only")
     plain, nvme = tmp_path / "plain", tmp_path / "nvme"
-    ok(deepy_train(plain, corpus, *COMMON, "zero_optimization.stage=2"))
+    ok(deepy_train(plain, corpus, *COMMON, *NVME_ZERO))
     (tmp_path / "swap").mkdir()
-    ok(deepy_train(nvme, corpus, *COMMON, "zero_optimization.stage=2", "zero_optimization.offload_optimizer=nvme",
-                   f"zero_optimization.nvme_path={tmp_path / 'swap'}"))
+    proc = ok(deepy_train(nvme, corpus, *COMMON, *NVME_ZERO, "zero_optimization.offload_optimizer=nvme",
+                          "zero_optimization.offload_param=nvme", f"zero_optimization.nvme_path={tmp_path / 'swap'}"))
+    assert "(optimizer state offloaded to nvme, weights offloaded to nvme)" in proc.stderr
+    swap = tmp_path / "swap" / "zero_stage_3"  # DeepSpeed's swap folders (the files are removed at exit)
+    assert (swap / "optimizer" / "rank0").is_dir() and (swap / "float32params").is_dir()
     assert max(abs(a - b) for a, b in zip(losses(nvme), losses(plain), strict=True)) <= 1e-5

@@ -77,7 +77,7 @@ class ZeroConfig:
     reduce_bucket_size: int | None = doc_field(None, "Elements reduced at once; null: 5e8 on GPUs, 5e7 on CPU.", minimum=1)
     overlap_comm: bool = doc_field(False, "Overlap gradient reduction with the backward pass.")
     contiguous_gradients: bool = doc_field(True, "Copy gradients into one buffer as they are produced.")
-    offload_optimizer: OffloadDevice = doc_field("none", "ZeRO-Offload: keep the optimizer's partition (fp32 master weights, Adam moments, fp32 gradients) in host memory (cpu) or on NVMe (nvme, needs nvme_path), stepped there by DeepSpeedCPUAdam (compiled by DeepSpeed on first use); ZeRO >= 1.")
+    offload_optimizer: OffloadDevice = doc_field("none", "ZeRO-Offload: keep the optimizer's partition (fp32 master weights, Adam moments, fp32 gradients) in host memory (cpu) or, at ZeRO 3, on NVMe (nvme, needs nvme_path), stepped there by DeepSpeedCPUAdam (compiled by DeepSpeed on first use); ZeRO >= 1.")
     offload_param: OffloadDevice = doc_field("none", "ZeRO-3 only: keep the weights' partition in host memory (cpu) or on NVMe (nvme, needs nvme_path), gathered to the device layer by layer.")
     nvme_path: str | None = doc_field(None, "Folder on a fast local NVMe drive for offload_optimizer/offload_param nvme (needs DeepSpeed's async_io op: libaio-dev installed).")
     stage3_prefetch_bucket_size: int | None = doc_field(None, "ZeRO 3: elements of the next layers gathered ahead of use; null: DeepSpeed's 5e7. 0 keeps host memory lowest on CPU, but hangs DeepSpeed 0.19 when forward passes vary between ranks (lm-eval tasks during training).", minimum=0)

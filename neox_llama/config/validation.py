@@ -190,6 +190,9 @@ def _check_training(cfg: Config, problems: _Problems, d: Derived) -> None:
                      "zero_optimization.offload_optimizer steps with DeepSpeedCPUAdam: leave optimizer.params.torch_adam "
                      "unset (or false)")
     nvme = [k for k in ("offload_optimizer", "offload_param") if getattr(cfg.zero_optimization, k) == "nvme"]
+    if nvme and zero != 3:
+        problems.add((f"zero_optimization.{nvme[0]}", "zero_optimization.stage"),
+                     f"zero_optimization.{nvme[0]} nvme needs ZeRO stage 3 (ZeRO-Infinity); stages 1-2 offload to cpu only")
     if nvme and not cfg.zero_optimization.nvme_path:
         problems.add(("zero_optimization.nvme_path", f"zero_optimization.{nvme[0]}"),
                      f"zero_optimization.{nvme[0]} nvme needs zero_optimization.nvme_path (a folder on a local NVMe drive)")
