@@ -82,3 +82,4 @@ def test_parallel_layouts_match_one_device(tmp_path, ranks, preset, layout):
         if held.exists():
             numbers = json.loads(held.read_text())
             assert numbers["held"] <= numbers["total"] / ranks + 1024, numbers
+            assert numbers["meta"] == ["meta"], numbers

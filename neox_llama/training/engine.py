@@ -86,6 +86,11 @@ def build_partitioned(cfg: Config, args: LlamaArgs, state: ParallelState, accele
     """
     import deepspeed
 
+    # torch caches the set of tensor constructors that `with torch.device(...)` redirects on its first use; made
+    # inside zero.Init, that set holds DeepSpeed's patched constructors, and every later `torch.device("meta")`
+    # build (checkpoint shape checks) silently allocates full float32 tensors on the CPU. Fill it first.
+    with torch.device("cpu"):
+        torch.empty(0)
     with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, accelerator), mpu=state):
         module = build_module(args, state, checkpoint_every=checkpoint_every, initialize=False)
     for index, layer in module.named_children():
@@ -121,7 +126,7 @@ def setup_engine(cfg: Config, args: LlamaArgs, state: ParallelState, accelerator
         module = build_partitioned(cfg, args, state, accelerator, every)
     else:
         module = build_module(args, state, checkpoint_every=every, partition_method=cfg.pipe_partition_method)
-    held = sum(p.numel() for p in module.parameters())
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in module.parameters())
     logger.info("built the model on this rank: %s parameters held of %s on this stage/slice%s", f"{held:,}",
                 f"{sum(held_numel(p) for p in module.parameters()):,}",
                 " (ZeRO-3 partitions)" if cfg.zero_optimization.stage == 3 else "")

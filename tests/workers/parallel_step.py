@@ -17,6 +17,7 @@ import torch
 from neox_llama.config import load_config
 from neox_llama.distributed import init_distributed, shutdown_distributed
 from neox_llama.model.args import LlamaArgs
+from neox_llama.model.llama import build_model
 from neox_llama.model.loss import CausalLMLoss
 from neox_llama.parallel.pipeline import rank_layers
 from neox_llama.parallel.topology import ParallelState
@@ -52,8 +53,10 @@ def main() -> None:
     engine = runner.engine
     if cfg.zero_optimization.stage == 3:  # built partitioned: no rank ever held the whole model
         sizes = [p.ds_tensor.numel() for p in engine.module.parameters()]
+        # and a meta-device build after zero.Init (checkpoint shape checks) still allocates nothing
+        meta = {p.device.type for p in build_model(args, device="meta", initialize=False).parameters()}
         (out_dir / f"rank{info.rank}.held.json").write_text(json.dumps(
-            {"held": sum(sizes), "total": sum(p.ds_numel for p in engine.module.parameters())}))
+            {"held": sum(sizes), "total": sum(p.ds_numel for p in engine.module.parameters()), "meta": sorted(meta)}))
     d = cfg.derived
     ids, mask = fixed_batch(args.vocab_size, d.train_batch_size, cfg.seq_length)
     micro = d.train_micro_batch_size_per_gpu
