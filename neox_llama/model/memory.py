@@ -2,8 +2,9 @@
 
 An estimate, not a measurement: it counts the largest pipeline stage and ignores allocator slack. DeepSpeed's
 communication buffers are counted at their configured sizes (reduce bucket, doubled with ``overlap_comm``;
-allgather bucket at ZeRO 1/2; prefetched plus one gathered layer at ZeRO 3); ZeRO-Offload's share is reported apart
-and left out of the device total.
+allgather bucket at ZeRO 1/2; prefetched plus one gathered layer at ZeRO 3, twice on CPU, where a gather stages
+the partitions beside the full tensor); ZeRO-Offload's share is reported apart and left out of the device total.
+LoRA adapters with ``lora_dropout`` keep their dropped input and its mask per target.
 
 Model states per parameter (ZeRO paper): fp32 training keeps weights 4 + gradients 4 + Adam 8 bytes;
 mixed precision keeps 16-bit weights 2 + 16-bit gradients 2 + fp32 master weights and Adam 12 bytes, and
@@ -130,6 +131,9 @@ def estimate_memory(cfg: Config, accelerator: str = "cpu") -> MemoryEstimate:
         # Document attention's [b, 1, s, s] mask, kept by the fused kernel as an additive mask in the activation dtype
         attention_core = b * s * s * act_bytes
     per_block += attention_core
+    if cfg.lora_r and cfg.lora_dropout > 0:  # each adapter keeps its dropped input and the boolean mask
+        widths = {"query": h, "key": h, "value": h, "output": h / tp, "mlp": 2 * h + d.intermediate_size / tp}
+        per_block += s * b * sum(widths.get(t, 0) for t in cfg.lora_targets) * (act_bytes + 1)
     logits = 8 * s * b * (d.padded_vocab_size or 0) / tp
     in_flight = min(pp, d.gradient_accumulation_steps) if pp > 1 else 1
     full = (blocks_per_stage * per_block) * in_flight + logits
@@ -156,7 +160,8 @@ def estimate_memory(cfg: Config, accelerator: str = "cpu") -> MemoryEstimate:
     buffers = min(reduce_bucket, params * fraction) * grad_bytes * (2 if zero.overlap_comm else 1) if stage >= 1 else 0.0
     if stage == 3:
         prefetch = 5e7 if zero.stage3_prefetch_bucket_size is None else zero.stage3_prefetch_bucket_size
-        buffers += min(prefetch + largest_layer, params) * weight_bytes
+        # a gather stages the partitions beside the full tensor on CPU (measured: 2x the 16-bit layer)
+        buffers += min(prefetch + largest_layer, params) * weight_bytes * (1 if accelerator == "cuda" else 2)
     elif stage >= 1:
         buffers += min(zero.allgather_bucket_size or default_bucket, params) * weight_bytes
 
