@@ -29,6 +29,7 @@ def reference(preset: str, overrides: list[str]):
     cfg = load_config([ROOT / preset], COMMON + overrides)
     args = LlamaArgs.from_config(cfg)
     model = build_model(args)
+    initial = {n: t.detach().clone() for n, t in model.named_parameters()}
     ids, mask = fixed_batch(args.vocab_size, cfg.derived.train_batch_size, cfg.seq_length)
     loss = CausalLMLoss()(model(ids[:, :-1]), (ids[:, 1:], token_weights(mask, mask.sum())))
     loss.backward()
@@ -36,7 +37,7 @@ def reference(preset: str, overrides: list[str]):
     p = cfg.optimizer.params
     opt = torch.optim.AdamW(parameter_groups(model, p.weight_decay), lr=p.lr, betas=tuple(p.betas), eps=p.eps)
     opt.step()
-    return loss.item(), {n: t.detach() for n, t in model.named_parameters()}
+    return loss.item(), {n: t.detach() for n, t in model.named_parameters()}, initial
 
 
 @pytest.mark.parametrize(("ranks", "preset", "layout"), [
@@ -55,12 +56,14 @@ def reference(preset: str, overrides: list[str]):
 def test_parallel_layouts_match_one_device(tmp_path, ranks, preset, layout):
     proc = launch(ranks, WORKER, str(tmp_path), str(ROOT / preset), *COMMON, *layout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    ref_loss, ref_weights = reference(preset, [])
+    ref_loss, ref_weights, ref_initial = reference(preset, [])
     merged: dict[str, torch.Tensor] = {}
     wrote: dict[int, list[int]] = {}
     for rank in range(ranks):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         wrote[rank] = result["wrote"]
+        for name, tensor in result["initial"].items():  # built sharded, initialised exactly as one device
+            assert torch.equal(tensor, ref_initial[name]), (rank, name)
         assert abs(result["loss"] - ref_loss) <= 1e-5, (rank, result["loss"], ref_loss)
         for name, tensor in result["weights"].items():
             if name in merged:  # replicated (e.g. the tied embedding on both pipeline ends) must agree

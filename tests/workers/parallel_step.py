@@ -66,12 +66,13 @@ def main() -> None:
                 "position_ids": torch.arange(cfg.seq_length).expand(len(x), -1)} for x, m in mine]
     batch = make_global_batch(samples, runner, info.device)
     loss_fn = CausalLMLoss(runner.factory)
+    initial = full_weights(engine.module, state)  # layout-free initialisation: equal to the 1-rank build, exactly
     before = run_global_batch(runner, batch, loss_fn, train=False)
     engine.train()
     run_global_batch(runner, batch, loss_fn, train=True)
     weights = full_weights(engine.module, state)
     wrote = save_layer_weights(engine.module, state, out_dir / "saved")  # the checkpoint's layout-free weights
-    torch.save({"loss": before, "weights": weights, "wrote": wrote}, out_dir / f"rank{info.rank}.pt")
+    torch.save({"loss": before, "weights": weights, "wrote": wrote, "initial": initial}, out_dir / f"rank{info.rank}.pt")
     (out_dir / f"rank{info.rank}.json").write_text(json.dumps({"loss": before}))
     shutdown_distributed()
 
