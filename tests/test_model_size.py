@@ -9,9 +9,10 @@ from test_presets import OFFICIAL_TOTALS
 from neox_llama.config import ConfigError, load_config
 from neox_llama.config.presets import CONFIG_DIR, PRESETS
 from neox_llama.model.args import LlamaArgs
-from neox_llama.model.flops import count_parameters, flops_per_token
+from neox_llama.model.flops import count_parameters, flops_per_token, recompute_flops_per_token
 from neox_llama.model.llama import build_model
 from neox_llama.model.memory import estimate_memory
+from neox_llama.utils.peak import known_peak_tflops
 
 TINY = ["num_layers=2", "hidden_size=64", "num_attention_heads=4", "num_kv_heads=2", "intermediate_size=192",
         "seq_length=16", "vocab_size=256", "make_vocab_size_divisible_by=1"]
@@ -30,6 +31,25 @@ def test_flops_per_token_by_hand(write_yaml):
     # final norm 64, head 256*64 -> non-embedding 115,008; attention term 12 * 2 layers * 4 heads * 16 * 16.
     assert count_parameters(cfg).non_embedding == 115_008
     assert flops_per_token(cfg) == 6 * 115_008 + 12 * 2 * 4 * 16 * 16
+
+
+def test_recomputed_flops_by_hand(write_yaml):
+    """HFU adds what checkpointing recomputes: a second forward of every block (2 x 49,280 per block and the
+    scores' forward 4 x 2 layers x 4 heads x 16 x 16), only the attention cores when selective, LoRA adapters too
+    (query A 4x64 + B 64x4, value A 4x64 + B 32x4 = 896 per block); MFU's FLOPs stay the model's."""
+    def cfg(*extra):
+        return load_config([write_yaml("a.yml", "precision: fp32\n")], [*TINY, *extra])
+
+    scores = 4 * 2 * 4 * 16 * 16
+    assert recompute_flops_per_token(cfg()) == 0
+    assert recompute_flops_per_token(cfg("checkpoint_activations=true")) == 2 * 2 * 49_280 + scores
+    assert recompute_flops_per_token(cfg("checkpoint_activations=true", "checkpoint_granularity=selective")) == scores
+    lora = ["lora_r=4", "lora_targets=[query,value]", "finetune=true", "load=/nonexistent/base"]
+    assert recompute_flops_per_token(cfg("checkpoint_activations=true", *lora)) == 2 * 2 * (49_280 + 896) + scores
+    assert flops_per_token(cfg("checkpoint_activations=true")) == flops_per_token(cfg())
+    assert known_peak_tflops("NVIDIA H200", torch.bfloat16) == 989.0
+    assert known_peak_tflops("NVIDIA H100 PCIe", torch.bfloat16) == 756.0
+    assert known_peak_tflops("NVIDIA A100-SXM4-80GB", torch.float32) is None
 
 
 def test_memory_estimate_follows_zero_stages_and_checkpointing(write_yaml):

@@ -173,7 +173,7 @@ class TrainingArgs:
     checkpoint_activations: bool = doc_field(False, "Recompute activations in backward to save memory.")
     checkpoint_num_layers: int = doc_field(1, "Transformer blocks per activation-checkpoint segment (checkpoint_granularity full).", minimum=1)
     checkpoint_granularity: Literal["full", "selective"] = doc_field("full", "What checkpoint_activations recomputes: full = whole groups of checkpoint_num_layers blocks (only each group's input is kept); selective = only each block's attention core (scores, softmax, weighted sum; Megatron's selective recomputation): keeps the s x s scores, probabilities and mask out of memory where attention runs PyTorch's math path (document attention on CPU), for one extra attention pass.")
-    peak_tflops: float | None = doc_field(None, "Per-rank peak TFLOP/s for MFU; unset = measured at start-up on CPU.", minimum=0.0)
+    peak_tflops: float | None = doc_field(None, "Per-rank peak TFLOP/s for MFU and HFU; unset = the datasheet dense 16-bit peak of a known GPU (A100, H100, H200, L40S, A10G), else measured at start-up.", minimum=0.0)
     wall_clock_breakdown: bool = doc_field(False, "Ask DeepSpeed to time forward, backward and optimizer step.")
     distributed_timeout_minutes: float = doc_field(10.0, "Process-group timeout: a collective waiting longer than this fails the run instead of hanging it.", minimum=0.1)
 

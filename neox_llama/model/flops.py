@@ -3,7 +3,8 @@
 FLOPs per token follow the formula torchtitan and nanoGPT use (see docs/architecture.md and the README):
 ``6 x (non-embedding parameters, lm head included) + 12 x layers x heads x head_dim x seq_length``,
 which counts SwiGLU's third matrix and grouped-query attention's smaller key/value projections
-through the parameter count, and ignores causal sparsity in the attention term.
+through the parameter count, and ignores causal sparsity in the attention term. That is the model's FLOPs
+(MFU); activation checkpointing's recomputation is counted apart (:func:`recompute_flops_per_token`, for HFU).
 """
 
 from __future__ import annotations
@@ -117,3 +118,29 @@ def flops_per_token(cfg: Config, vocab_size: int | None = None) -> int:
     counted = count_trainable(cfg, vocab_size)
     adapters = counted.total - count_parameters(cfg, vocab_size).total
     return 6 * n - 2 * counted.frozen_compute + 6 * adapters + attention
+
+
+def recompute_flops_per_token(cfg: Config, vocab_size: int | None = None) -> int:
+    """FLOPs per token that activation checkpointing adds by recomputing in backward (for HFU; MFU leaves them out).
+
+    ``full``: one more forward of every transformer block (2 per block parameter, LoRA adapters included, and the
+    attention scores' forward 4 x layers x heads x head_dim x seq_length); ``selective``: only the attention cores.
+    """
+    if not cfg.checkpoint_activations:
+        return 0
+    attention = 4 * cfg.num_layers * cfg.num_attention_heads * cfg.derived.head_dim * cfg.seq_length
+    if cfg.checkpoint_granularity == "selective":
+        return attention
+    blocks = count_parameters(cfg, vocab_size).layers
+    if cfg.lora_r:
+        counted = count_trainable(cfg, vocab_size)
+        blocks += counted.total - count_parameters(cfg, vocab_size).total - _head_adapters(cfg, vocab_size)
+    return 2 * blocks + attention
+
+
+def _head_adapters(cfg: Config, vocab_size: int | None) -> int:
+    """Parameters of a LoRA adapter on the head (outside the blocks: not recomputed)."""
+    if "head" not in cfg.lora_targets:
+        return 0
+    vocab = vocab_size if vocab_size is not None else cfg.derived.padded_vocab_size
+    return cfg.lora_r * (cfg.hidden_size + vocab)

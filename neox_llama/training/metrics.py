@@ -1,7 +1,7 @@
 """Training metrics to the console, ``{log_dir}/metrics.jsonl``, TensorBoard and Weights & Biases (rank 0 only).
 
 metrics.jsonl keys are a contract (README, docs/architecture.md): training records carry ``step, loss, lr, grad_norm,
-tokens_per_sec, mfu``; evaluation records ``step, valid_loss, valid_ppl`` (and ``valid_bpb``, bits per byte, with a tokenizer); the end-of-run test evaluation ``step, test_loss, test_ppl`` (``test_bpb``).
+tokens_per_sec, mfu`` (and ``hfu``: MFU plus activation checkpointing's recomputation); evaluation records ``step, valid_loss, valid_ppl`` (and ``valid_bpb``, bits per byte, with a tokenizer); the end-of-run test evaluation ``step, test_loss, test_ppl`` (``test_bpb``).
 """
 
 from __future__ import annotations
@@ -99,6 +99,8 @@ def format_train(record: dict) -> str:
              f"grad_norm {record['grad_norm']:.3f}" if record.get("grad_norm") is not None else "grad_norm n/a",
              f"{record['tokens_per_sec']:,.0f} tok/s", f"{record['tflops_per_rank']:.2f} TFLOP/s/rank",
              f"MFU {record['mfu']:.1%}"]
+    if record.get("hfu") and abs(record["hfu"] - record["mfu"]) > 1e-12:
+        parts.append(f"HFU {record['hfu']:.1%}")
     if record.get("loss_scale") is not None:
         parts.append(f"loss_scale {record['loss_scale']:g}")
     parts.append(f"step {record['step_time']:.2f}s (data {record['time_data']:.2f}s)")

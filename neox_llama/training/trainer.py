@@ -20,7 +20,7 @@ from neox_llama.data.loader import build_datasets, build_loader, split_sample_co
 from neox_llama.distributed import RankInfo, agree
 from neox_llama.errors import TrainingError
 from neox_llama.model.args import LlamaArgs
-from neox_llama.model.flops import flops_per_token
+from neox_llama.model.flops import flops_per_token, recompute_flops_per_token
 from neox_llama.model.loss import CausalLMLoss
 from neox_llama.parallel.topology import ParallelState
 from neox_llama.tokenizers import Tokenizer
@@ -29,7 +29,7 @@ from neox_llama.training.engine import setup_engine
 from neox_llama.training.load_plan import plan_load
 from neox_llama.training.metrics import MetricsWriter, format_train
 from neox_llama.training.step import make_global_batch, next_samples, run_global_batch
-from neox_llama.utils.peak import measure_matmul_tflops
+from neox_llama.utils.peak import known_peak_tflops, measure_matmul_tflops
 
 logger = logging.getLogger("train")
 
@@ -83,6 +83,7 @@ class Trainer:
         self.loss_fn = CausalLMLoss(self.runner.factory)
         self.metrics = agree(lambda: MetricsWriter(cfg, info.rank, resume_step=self.train_state.step))
         self.flops_per_token = flops_per_token(cfg)
+        self.recompute_flops_per_token = recompute_flops_per_token(cfg)
         self.peak_tflops = cfg.peak_tflops or self._measure_peak()
         self.task_evaluator = None
         if cfg.eval_tasks:
@@ -114,6 +115,13 @@ class Trainer:
     def _measure_peak(self) -> float:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.cfg.precision]
         device = "cuda" if self.accelerator == "cuda" else "cpu"
+        if device == "cuda":
+            name = torch.cuda.get_device_name()
+            known = known_peak_tflops(name, dtype)
+            if known is not None:
+                logger.info("peak_tflops not set: %s's dense %s peak, %.0f TFLOP/s, for MFU", name, self.cfg.precision,
+                            known)
+                return known
         peak = measure_matmul_tflops(dtype, device=device)
         logger.info("peak_tflops not set: measured %.3f TFLOP/s per rank (%s matmul) for MFU", peak, self.cfg.precision)
         return peak
@@ -328,6 +336,8 @@ class Trainer:
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_sec": tokens_per_sec, "samples_per_sec": self.cfg.derived.train_batch_size / step_time,
             "tflops_per_rank": tflops, "mfu": tflops / self.peak_tflops if self.peak_tflops else 0.0,
+            "hfu": (tflops * (1 + self.recompute_flops_per_token / self.flops_per_token) / self.peak_tflops
+                    if self.peak_tflops else 0.0),
             "loss_scale": scale, "skipped_steps": int(getattr(self.engine, "skipped_steps", 0)),
             "step_time": step_time, "time_data": data_time, "time_compute": step_time - data_time,
             "peak_memory_mb": peak_mem, "consumed_samples": self.train_state.consumed_samples,

@@ -1,4 +1,5 @@
-"""Measuring this machine's matmul peak (for MFU when ``peak_tflops`` is not configured)."""
+"""This machine's matmul peak for MFU when ``peak_tflops`` is not configured: the datasheet's dense 16-bit figure
+for known GPUs, otherwise measured."""
 
 from __future__ import annotations
 
@@ -21,3 +22,15 @@ def measure_matmul_tflops(dtype: torch.dtype, size: int = 1024, repeats: int = 8
     if device != "cpu":
         torch.cuda.synchronize()
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+DENSE_16BIT_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+"""NVIDIA's dense (no sparsity) bf16/fp16 tensor-core peaks per GPU, by a substring of the device name (SXM unless
+named; checked in this order)."""
+
+
+def known_peak_tflops(device_name: str, dtype: torch.dtype) -> float | None:
+    """The datasheet peak for a 16-bit ``dtype`` on a GPU named ``device_name``, or None (then measure it)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    return next((peak for key, peak in DENSE_16BIT_TFLOPS.items() if key in device_name), None)
