@@ -73,10 +73,8 @@ def check_resume_target(cfg: Config) -> list[str]:
             folder = resolve_base(folder, meta)
         check_shapes(folder, LlamaArgs.from_config(cfg))
         if cfg.finetune and cfg.rope_scaling is None:
-            from neox_llama.checkpoint.run import load_run
-
-            trained = load_run(folder).args.max_position_embeddings
-            if cfg.seq_length > trained:
+            trained = _trained_context(folder)
+            if trained and cfg.seq_length > trained:
                 return [f"{cfg.sources.get('seq_length', 'default')}: seq_length {cfg.seq_length} is beyond the "
                         f"max_position_embeddings {trained} that {folder} was trained for, without rope_scaling: set "
                         f"rope_scaling (e.g. {{rope_type: yarn, factor: {-(-cfg.seq_length // trained)}, "
@@ -84,6 +82,19 @@ def check_resume_target(cfg: Config) -> list[str]:
     except CheckpointError as err:
         return [f"{cfg.sources.get('load', 'default')}: load: {err}"]
     return []
+
+
+def _trained_context(folder) -> int | None:
+    """The ``max_position_embeddings`` (else ``seq_length``) in a checkpoint's saved config, read without validating
+    it here (a base trained on GPUs with fp16 is still a valid base on this machine); None when it does not say."""
+    from neox_llama.config.loading import ConfigError, load_raw
+
+    try:
+        raw, _ = load_raw([folder / "config.yml"], apply_presets=False)
+    except (ConfigError, OSError):
+        return None
+    value = raw.get("max_position_embeddings") or raw.get("seq_length")
+    return value if isinstance(value, int) else None
 
 
 def check_offload(cfg: Config) -> list[str]:

@@ -51,8 +51,11 @@ def reference(preset: str, overrides: list[str]):
     (2, "configs/llama3/tiny.yml", ["num_gpus=2"]),
     (2, "configs/llama3.2/tiny.yml", ["num_gpus=2", "zero_optimization.stage=3",
                                       "zero_optimization.stage3_param_persistence_threshold=0"]),
+    (4, "configs/llama3/tiny.yml", ["pipe_parallel_size=2"]),
+    (4, "configs/llama3/tiny.yml", ["model_parallel_size=2", "zero_optimization.stage=3",
+                                    "zero_optimization.stage3_param_persistence_threshold=0"]),
 ], ids=["pp2", "tp2", "pp2-tied", "tp2-tied", "pp2xtp2-tied", "pp2-checkpointed", "tp2-checkpointed", "dp2",
-        "zero3-dp2-tied"])
+        "zero3-dp2-tied", "pp2xdp2", "tp2xdp2-zero3"])
 def test_parallel_layouts_match_one_device(tmp_path, ranks, preset, layout):
     proc = launch(ranks, WORKER, str(tmp_path), str(ROOT / preset), *COMMON, *layout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -75,10 +78,11 @@ def test_parallel_layouts_match_one_device(tmp_path, ranks, preset, layout):
     # Saved as disjoint whole-layer files, shared out over the data-parallel ranks, equal to the gathered weights.
     files = [i for layers in wrote.values() for i in layers]
     assert len(files) == len(set(files)) and set(files) == {int(n.split(".")[0]) for n in merged}, wrote
-    if "num_gpus=2" in layout:
-        assert all(wrote.values()), wrote  # both data-parallel ranks wrote some layers
-    for index in files:
+    dp = ranks // ((2 if "pipe_parallel_size=2" in layout else 1) * (2 if "model_parallel_size=2" in layout else 1))
+    assert len([rank for rank, layers in wrote.items() if layers]) >= dp * (2 if "pipe_parallel_size=2" in layout else 1)
+    for index in files:  # every data-parallel replica (and every stage) wrote some layers
         saved = load_file(str(tmp_path / "saved" / "weights" / f"layer_{index:03d}.safetensors"))
+        assert {f"{index}.{n}" for n in saved} == {n for n in merged if n.split(".")[0] == str(index)}, index
         assert all(torch.equal(t.float(), merged[f"{index}.{n}"]) for n, t in saved.items()), index
     for rank in range(ranks):  # ZeRO-3 is built partitioned: each rank holds its half, never the whole model
         held = tmp_path / f"rank{rank}.held.json"

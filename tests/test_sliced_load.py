@@ -45,3 +45,14 @@ def test_wrong_shapes_names_and_damage_are_named(tmp_path):
     path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json")
     with pytest.raises(CheckpointError, match="unreadable weight file"):
         fill_layer_from_file(sharded_layer(0), path)
+
+
+def test_a_failed_write_is_an_oserror_and_leaves_no_file(tmp_path):
+    """safetensors' own error becomes an OSError, which every save path turns into one shared, named failure (a
+    SafetensorError escaping the writing rank would leave the other ranks waiting in the next gather)."""
+    from neox_llama.checkpoint.weights import write_layer_file
+
+    (tmp_path / ".layer.safetensors.tmp").mkdir()  # the temporary name cannot be written
+    with pytest.raises(OSError):
+        write_layer_file(tmp_path / "layer.safetensors", {"norm": torch.zeros(5)})
+    assert not (tmp_path / "layer.safetensors").exists()

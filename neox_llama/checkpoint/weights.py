@@ -36,10 +36,16 @@ def read_layer_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def write_layer_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write one layer file through a temporary name, so a reader never sees half of it."""
+    """Write one layer file through a temporary name, so a reader never sees half of it; a failed write is an
+    ``OSError`` (safetensors' own error converted)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    except SafetensorError as err:  # e.g. a full disk: an OSError for callers, like every other write failure
+        if tmp.is_file():
+            tmp.unlink()
+        raise OSError(str(err)) from None
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())  # on disk before metadata.json (written last, also fsynced) says complete
     tmp.chmod(default_file_mode())  # safetensors creates 0600 files

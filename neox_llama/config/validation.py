@@ -181,7 +181,7 @@ def _check_training(cfg: Config, problems: _Problems, d: Derived) -> None:
         problems.add(("zero_optimization.stage", "pipe_parallel_size"),
                      f"zero_optimization.stage 0 with pipe_parallel_size {pp}: use stage 1 with a pipeline (DeepSpeed "
                      "0.19 miscomputes the clipping norm of fp32 pipelines at stage 0 and cannot reload bf16 ones)")
-    if cfg.zero_optimization.offload_param != "none" and zero != 3:
+    if cfg.zero_optimization.offload_param == "cpu" and zero != 3:
         problems.add("zero_optimization.offload_param", "zero_optimization.offload_param needs ZeRO stage 3")
     if cfg.zero_optimization.offload_optimizer != "none" and zero == 0:
         problems.add("zero_optimization.offload_optimizer", "zero_optimization.offload_optimizer needs ZeRO stage >= 1")
@@ -192,7 +192,7 @@ def _check_training(cfg: Config, problems: _Problems, d: Derived) -> None:
     nvme = [k for k in ("offload_optimizer", "offload_param") if getattr(cfg.zero_optimization, k) == "nvme"]
     if nvme and zero != 3:
         problems.add((f"zero_optimization.{nvme[0]}", "zero_optimization.stage"),
-                     f"zero_optimization.{nvme[0]} nvme needs ZeRO stage 3 (ZeRO-Infinity); stages 1-2 offload to cpu only")
+                     f"zero_optimization.{nvme[0]} nvme needs ZeRO stage 3 (ZeRO-Infinity)")
     if nvme and not cfg.zero_optimization.nvme_path:
         problems.add(("zero_optimization.nvme_path", f"zero_optimization.{nvme[0]}"),
                      f"zero_optimization.{nvme[0]} nvme needs zero_optimization.nvme_path (a folder on a local NVMe drive)")

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from neox_llama.checkpoint.merge import merged_layers
@@ -86,7 +87,10 @@ def parse_size(text: str) -> int:
 
 
 def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except (SafetensorError, OSError) as err:  # e.g. a full disk
+        raise CheckpointError(f"{path}: cannot write ({err})") from None
     path.chmod(default_file_mode())  # safetensors creates 0600 files
 
 
@@ -132,6 +136,7 @@ def export_to_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bf16"
     from transformers import GenerationConfig, LlamaConfig
 
     output = Path(output)
+    shard_bytes = parse_size(max_shard_size)
     problem = output_dir_problem(output, force)
     if problem:
         raise CheckpointError(problem)
@@ -140,7 +145,6 @@ def export_to_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bf16"
         config_kwargs = hf_config_dict(ckpt.args, ckpt.true_vocab)
     except ValueError as err:
         raise CheckpointError(f"{ckpt.folder}: {err}") from None
-    shard_bytes = parse_size(max_shard_size)
     with building_dir(output) as tmp:
         ids = write_tokenizer_files(ckpt.tokenizer, tmp) if ckpt.tokenizer else {}
         config = LlamaConfig(**config_kwargs, **ids, dtype=dtype_name(dtype), architectures=["LlamaForCausalLM"])

@@ -143,7 +143,7 @@ def estimate_memory(cfg: Config, accelerator: str = "cpu") -> MemoryEstimate:
         group = min(cfg.checkpoint_num_layers, blocks_per_stage)
         checkpointed = math.ceil(blocks_per_stage / group) * s * b * h * act_bytes * in_flight + group * per_block + logits
     largest_tensor = max(count.embedding, count.head_compute, d.intermediate_size * h) * 4
-    largest_layer = max(count.per_layer, count.embedding)
+    largest_layer = max(sharded_block / tp + 2 * norm, count.embedding / tp)  # as this rank holds it
     if stage >= 3:
         startup = params * weight_bytes / dp + largest_layer * weight_bytes + largest_tensor
     else:

@@ -24,7 +24,7 @@ def measure_matmul_tflops(dtype: torch.dtype, size: int = 1024, repeats: int = 8
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
-DENSE_16BIT_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+DENSE_16BIT_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 """NVIDIA's dense (no sparsity) bf16/fp16 tensor-core peaks per GPU, by a substring of the device name (SXM unless
 named; checked in this order)."""
 
