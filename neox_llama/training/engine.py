@@ -91,7 +91,10 @@ def build_partitioned(cfg: Config, args: LlamaArgs, state: ParallelState, accele
     # build (checkpoint shape checks) silently allocates full float32 tensors on the CPU. Fill it first.
     with torch.device("cpu"):
         torch.empty(0)
-    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, accelerator), mpu=state):
+    # Partitioned over the data-parallel group only: zero.Init's default is the whole world, which under tensor
+    # parallelism would mix different ranks' shards into one partitioned tensor (mpu= does not change that).
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, accelerator), mpu=state,
+                             data_parallel_group=state.dp_group):
         module = build_module(args, state, checkpoint_every=checkpoint_every, initialize=False)
     for index, layer in module.named_children():
         params = list(layer.parameters())
