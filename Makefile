@@ -1,12 +1,13 @@
 # neox_llama: the two commands of the README, and helpers.
 #   make demo   set up .venv and run the main job on the embedded default
 #   make test   set up .venv and run lint + the test suite
+#   make bench  every speed benchmark, ours vs a reference in the same run (BENCH_ARGS=--quick)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint docs clean
+.PHONY: setup demo test test-fast lint docs bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "neox_llama needs Python 3.11 (the pinned torch 2.13.0 CPU wheel); set PYTHON=python3.11")'
@@ -36,6 +37,9 @@ test-fast: setup
 
 lint: setup
 	$(PY) -m ruff check .
+
+bench: setup
+	DS_ACCELERATOR=cpu $(PY) benchmarks/run.py $(BENCH_ARGS)
 
 docs: setup
 	$(PY) -m neox_llama.config.docs

@@ -9,19 +9,32 @@ import torch
 
 
 def measure_matmul_tflops(dtype: torch.dtype, size: int = 1024, repeats: int = 8, device: str = "cpu") -> float:
-    """TFLOP/s of a square matmul in ``dtype`` with the current thread count."""
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
-    for _ in range(2):
+    """TFLOP/s of a square matmul in ``dtype`` with the current thread count, in about a quarter of a second.
+
+    A CPU without native bf16 (no AVX-512-BF16/AMX) emulates it at about 1 % of its fp32 speed, where one
+    1024-square matmul takes seconds; a first timing at size 256 then picks a smaller size and fewer repeats.
+    """
+
+    def sync() -> None:
+        if device != "cpu":
+            torch.cuda.synchronize()
+
+    def timed(n: int, times: int) -> float:
+        a = torch.randn(n, n, dtype=dtype, device=device)
+        b = torch.randn(n, n, dtype=dtype, device=device)
         a @ b
-    if device != "cpu":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    if device != "cpu":
-        torch.cuda.synchronize()
-    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
+        sync()
+        start = time.perf_counter()
+        for _ in range(times):
+            a @ b
+        sync()
+        return 2 * n**3 * times / (time.perf_counter() - start)
+
+    rough = timed(256, 1)  # FLOP/s
+    if rough * 0.05 < 2 * size**3:  # one matmul at `size` would take more than 50 ms
+        size = 256
+    times = max(1, min(repeats, int(0.25 * rough / (2 * size**3))))
+    return timed(size, times) / 1e12
 
 
 DENSE_16BIT_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
