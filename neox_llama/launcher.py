@@ -129,8 +129,12 @@ def rank_environment(cfg: Config, plan: LaunchPlan) -> dict[str, str]:
     if plan.accelerator == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
         # glibc keeps freed large buffers (gathered ZeRO-3 layers, communication buckets) in the heap once its
-        # mmap threshold has grown; a fixed threshold returns every allocation over 1 MiB to the system on free.
-        env["MALLOC_MMAP_THRESHOLD_"] = os.environ.get("MALLOC_MMAP_THRESHOLD_") or str(1 << 20)
+        # mmap threshold has grown; under ZeRO-3 a fixed threshold returns every allocation over 1 MiB to the
+        # system on free. Elsewhere glibc's own threshold is kept: the fixed one makes every large activation
+        # a fresh mmap whose pages fault in again, 20-40 % of a CPU step (benchmarks/run.py, docs/benchmarks.md).
+        chosen = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+        if chosen or cfg.zero_optimization.stage == 3:
+            env["MALLOC_MMAP_THRESHOLD_"] = chosen or str(1 << 20)
     return env
 
 

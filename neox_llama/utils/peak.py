@@ -30,10 +30,10 @@ def measure_matmul_tflops(dtype: torch.dtype, size: int = 1024, repeats: int = 8
         sync()
         return 2 * n**3 * times / (time.perf_counter() - start)
 
-    rough = timed(256, 1)  # FLOP/s
-    if rough * 0.05 < 2 * size**3:  # one matmul at `size` would take more than 50 ms
+    rough = max(timed(256, 2) for _ in range(3))  # FLOP/s, warm
+    if rough * 0.25 < 2 * size**3:  # one matmul at `size` would take more than a quarter of a second
         size = 256
-    times = max(1, min(repeats, int(0.25 * rough / (2 * size**3))))
+    times = max(2, min(repeats, int(0.25 * rough / (2 * size**3))))
     return timed(size, times) / 1e12
 
 
