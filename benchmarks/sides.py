@@ -87,7 +87,7 @@ def model_step(opts) -> dict:
 def deepy(opts) -> dict:
     """``deepy.py train.py`` at the benchmark shape (1 rank, or a 2-stage pipeline), tokens/s from its metrics."""
     from benchmarks.model_step import MICRO
-    from benchmarks.train_step import SHAPE, write_random_corpus
+    from benchmarks.train_step import write_random_corpus
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

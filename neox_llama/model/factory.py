@@ -9,7 +9,6 @@ factory whose layers hold one rank's shard. The model code is the same either wa
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -56,9 +55,11 @@ class LayerFactory:
         return hidden
 
     def token_cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-token cross-entropy in float32 (logits may be one rank's vocabulary shard)."""
-        flat = logits.float().reshape(-1, logits.shape[-1])
-        return F.cross_entropy(flat, labels.reshape(-1), reduction="none").view(labels.shape)
+        """Per-token cross-entropy in float32 (logits may be one rank's vocabulary shard); chunked, so no float32
+        copy of the whole batch's logits is made (neox_llama/model/cross_entropy.py)."""
+        from neox_llama.model.cross_entropy import token_cross_entropy
+
+        return token_cross_entropy(logits, labels)
 
 
 SINGLE_DEVICE = LayerFactory()
