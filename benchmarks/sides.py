@@ -109,8 +109,30 @@ def deepy(opts) -> dict:
                                            "save=null", *(["load=null"] if not opts.finetune else []), *extra])
         train = [r for r in records if "loss" in r and r["step"] > 2]
         tokens = statistics.median(r["tokens_per_sec"] for r in train)
-        return {"rate": tokens, "peak_rss_mb": max(r["peak_memory_mb"] for r in train),
+        peak = max(r["peak_memory_mb"] for r in train)
+        return {"rate": peak if opts.report_peak else tokens, "peak_rss_mb": peak,
                 "step_time": statistics.median(r["step_time"] for r in train)}
+
+
+def dry_run(opts) -> dict:
+    """deepy.py --dry-run's per-rank memory estimate (MB, without activation checkpointing) for the deepy side's
+    1-rank run at the benchmark shape."""
+    import re
+
+    from benchmarks.train_step import SHAPE
+
+    with tempfile.TemporaryDirectory() as tmp:
+        from benchmarks.model_step import MICRO
+
+        cmd = [sys.executable, str(ROOT / "deepy.py"), "train.py", "configs/llama3/tiny.yml", *SHAPE,
+               f"data_path={tmp}/data", f"log_dir={tmp}/logs", f"train_micro_batch_size_per_gpu={MICRO}",
+               "gradient_accumulation_steps=1", f"precision={opts.precision}", "save=null", "load=null",
+               *(opts.set or []), "--dry-run"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    match = re.search(r"total ([\d.]+) GiB \(without activation checkpointing\)", proc.stdout + proc.stderr)
+    if not match:
+        raise SystemExit(f"no memory estimate in the dry run:\n{(proc.stdout + proc.stderr)[-2000:]}")
+    return {"rate": float(match.group(1)) * 1024, "peak_rss_mb": _rss_mb()}
 
 
 def _deepy_run(work: Path, name: str, settings: list[str]) -> list[dict]:
@@ -224,7 +246,7 @@ def generate(opts) -> dict:
     return {"rate": new / seconds, "peak_rss_mb": _rss_mb()}
 
 
-SIDES = {"model_step": model_step, "deepy": deepy, "reference_loop": reference_loop, "preprocess": preprocess,
+SIDES = {"model_step": model_step, "deepy": deepy, "dry_run": dry_run, "reference_loop": reference_loop, "preprocess": preprocess,
          "dataloader": dataloader, "generate": generate}
 
 
@@ -240,7 +262,8 @@ def main() -> None:
     parser.add_argument("--pipeline", action="store_true", help="deepy: 2-stage pipeline on 2 ranks")
     parser.add_argument("--global-batch", action="store_true", help="deepy: 2 micro-batches per step (as --pipeline)")
     parser.add_argument("--finetune", action="store_true", help="deepy: fine-tune a one-step base")
-    parser.add_argument("--set", action="append", help="deepy: an extra key=value")
+    parser.add_argument("--set", action="append", help="deepy, dry_run: an extra key=value")
+    parser.add_argument("--report-peak", action="store_true", help="deepy: report the rank's peak RSS (MB) as the rate")
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
     print(json.dumps(SIDES[opts.side](opts)))

@@ -51,6 +51,17 @@ class RankInfo:
     device: torch.device
 
 
+def bind_cores(local_rank: int, threads: int) -> list[int] | None:
+    """Pin this process to its own ``threads`` cores (local rank i: the i-th group of the cores it may use), so
+    ranks sharing a machine do not contend for cores; returns them, or None where there are too few cores."""
+    available = sorted(os.sched_getaffinity(0))
+    mine = available[local_rank * threads:(local_rank + 1) * threads]
+    if len(mine) < threads:
+        return None
+    os.sched_setaffinity(0, mine)
+    return mine
+
+
 def init_distributed(accelerator: str, timeout_minutes: float = 10.0) -> RankInfo:
     """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (set by deepy.py or a launcher).
 
@@ -63,9 +74,11 @@ def init_distributed(accelerator: str, timeout_minutes: float = 10.0) -> RankInf
         raise LaunchError(f"{', '.join(missing)} not set: start training through deepy.py "
                           "(python deepy.py train.py CONFIG.yml ...), not train.py directly")
     threads = os.environ.get("OMP_NUM_THREADS")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if threads and os.environ.get("NEOX_LLAMA_BIND_CORES") == "1":
+        bind_cores(local_rank, int(threads))
     if threads:
         torch.set_num_threads(int(threads))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accelerator == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)

@@ -128,6 +128,8 @@ def rank_environment(cfg: Config, plan: LaunchPlan) -> dict[str, str]:
     env = {"OMP_NUM_THREADS": str(threads_per_rank(cfg, plan))}
     if plan.accelerator == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
+        if cfg.bind_cores and plan.ranks_per_node > 1:  # each rank on its own cores (distributed.bind_cores)
+            env["NEOX_LLAMA_BIND_CORES"] = "1"
         # glibc keeps freed large buffers (gathered ZeRO-3 layers, communication buckets) in the heap once its
         # mmap threshold has grown; under ZeRO-3 a fixed threshold returns every allocation over 1 MiB to the
         # system on free. Elsewhere glibc's own threshold is kept: the fixed one makes every large activation

@@ -51,6 +51,7 @@ def problem(write_yaml, overrides, world_size=1, accelerator="cpu") -> str:
     (["vocab_size=null"], 1, "vocab_size is not set and there is no tokenizer"),
     (["vocab_file=tok.model"], 1, "vocab_file is set but tokenizer_type is not"),
     (["zero_optimization.offload_param=cpu"], 1, "zero_optimization.offload_param needs ZeRO stage 3"),
+    (["compile=true", "zero_optimization.stage=3"], 1, "compile: true with zero_optimization.stage 3"),
     (["pos_emb=learned", "rope_scaling={factor: 8.0}"], 1, "rope_scaling needs pos_emb rotary"),
     (["rotary_pct=0.01"], 1, "rotary dimensions; it must be a positive even number"),
 ])

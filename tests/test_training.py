@@ -89,10 +89,12 @@ def one_rank_curve(tmp_path_factory, corpus):
     return losses(run)
 
 
-@pytest.mark.parametrize("layout", [["num_gpus=2"], ["pipe_parallel_size=2"], ["model_parallel_size=2"]],
-                         ids=["dp2", "pp2", "tp2"])
+@pytest.mark.parametrize("layout", [["num_gpus=2"], ["pipe_parallel_size=2"], ["model_parallel_size=2"],
+                                    ["pipe_parallel_size=2", "compile=true", "checkpoint_activations=true"]],
+                         ids=["dp2", "pp2", "tp2", "pp2-compiled-checkpointed"])
 def test_two_ranks_follow_the_one_rank_loss_curve(tmp_path, corpus, one_rank_curve, layout):
-    two, _ = run_ok(tmp_path, corpus, "two", *SAME_BATCH, *layout)
+    two, proc = run_ok(tmp_path, corpus, "two", *SAME_BATCH, *layout)
+    assert ("runs through torch.compile" in proc.stderr) == ("compile=true" in layout)
     assert max(abs(a - b) for a, b in zip(one_rank_curve, losses(two), strict=True)) <= 1e-4, (one_rank_curve, losses(two))
 
 

@@ -196,6 +196,10 @@ def _check_training(cfg: Config, problems: _Problems, d: Derived) -> None:
     if nvme and not cfg.zero_optimization.nvme_path:
         problems.add(("zero_optimization.nvme_path", f"zero_optimization.{nvme[0]}"),
                      f"zero_optimization.{nvme[0]} nvme needs zero_optimization.nvme_path (a folder on a local NVMe drive)")
+    if cfg.compile and zero == 3:
+        problems.add(("compile", "zero_optimization.stage"),
+                     "compile: true with zero_optimization.stage 3: ZeRO-3 gathers each layer's weights in module hooks "
+                     "that torch.compile cannot trace; use ZeRO 1/2, or compile: false")
     betas = cfg.optimizer.params.betas
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         problems.add("optimizer.params.betas", f"optimizer.params.betas {betas} must be two numbers in [0, 1)")

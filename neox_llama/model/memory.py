@@ -44,6 +44,11 @@ from neox_llama.model.flops import count_parameters, count_trainable
 GIB = 1024**3
 
 
+CPU_RUNTIME = 0.3 * GIB
+"""A CPU rank's own resident memory before any model state: Python with torch 2.13, DeepSpeed 0.19 and the trainer
+imported measures 0.25 GB (ru_maxrss), plus thread stacks and the allocator's arenas."""
+
+
 @dataclass
 class MemoryEstimate:
     """Bytes per rank on the most loaded pipeline stage."""
@@ -67,13 +72,16 @@ class MemoryEstimate:
     offloaded_nvme: float = 0.0
     """Model states ZeRO-Infinity keeps on NVMe (out of both)."""
     granularity: str = "full"
+    runtime: float = 0.0
+    """On CPU, the rank process itself (CPU_RUNTIME): its RSS counts against host RAM; a GPU's device memory does
+    not hold it."""
 
     @property
     def total(self) -> float:
         """Bytes per rank on its device (on CPU: host RAM, where everything lives)."""
         acts = self.activations_checkpointed if self.checkpointing else self.activations
         states = self.weights + self.gradients + self.optimizer + self.workspace
-        return states + acts + self.buffers - self.offloaded_host - self.offloaded_nvme
+        return states + acts + self.buffers + self.runtime - self.offloaded_host - self.offloaded_nvme
 
     def text(self) -> str:
         chosen = f"with {self.granularity} activation checkpointing" if self.checkpointing else \
@@ -85,7 +93,8 @@ class MemoryEstimate:
         return (f"per-rank memory estimate ({self.parameters:,} parameters on the largest stage): "
                 f"weights {self.weights / GIB:.2f} GiB, gradients {self.gradients / GIB:.2f} GiB, "
                 f"optimizer {self.optimizer / GIB:.2f} GiB, optimizer step workspace {self.workspace / GIB:.2f} GiB, "
-                f"communication buffers {self.buffers / GIB:.2f} GiB, activations {self.activations / GIB:.2f} GiB "
+                f"communication buffers {self.buffers / GIB:.2f} GiB, "
+                f"{f'process runtime {self.runtime / GIB:.2f} GiB, ' if self.runtime else ''}activations {self.activations / GIB:.2f} GiB "
                 f"without checkpointing / {self.activations_checkpointed / GIB:.2f} GiB with ({self.granularity}); "
                 f"total {self.total / GIB:.2f} GiB ({chosen}){offload}; host RAM at start-up "
                 f"{self.startup_host / GIB:.2f} GiB")
@@ -134,7 +143,13 @@ def estimate_memory(cfg: Config, accelerator: str = "cpu") -> MemoryEstimate:
     if cfg.lora_r and cfg.lora_dropout > 0:  # each adapter keeps its dropped input and the boolean mask
         widths = {"query": h, "key": h, "value": h, "output": h / tp, "mlp": 2 * h + d.intermediate_size / tp}
         per_block += s * b * sum(widths.get(t, 0) for t in cfg.lora_targets) * (act_bytes + 1)
-    logits = 8 * s * b * (d.padded_vocab_size or 0) / tp
+    vocab_rows = s * b * (d.padded_vocab_size or 0) / tp
+    if tp == 1:  # the logits and their gradient in the activation dtype, one float32 chunk at a time beside them
+        from neox_llama.model.cross_entropy import CHUNK_ELEMENTS
+
+        logits = 2 * act_bytes * vocab_rows + 8 * min(CHUNK_ELEMENTS, vocab_rows)
+    else:  # the vocabulary-parallel cross-entropy works on float32 copies of this rank's shard
+        logits = 8 * vocab_rows
     in_flight = min(pp, d.gradient_accumulation_steps) if pp > 1 else 1
     full = (blocks_per_stage * per_block) * in_flight + logits
     if cfg.checkpoint_granularity == "selective":  # every block keeps all but its attention core; one core rebuilt
@@ -174,5 +189,6 @@ def estimate_memory(cfg: Config, accelerator: str = "cpu") -> MemoryEstimate:
             nvme += amount
         elif device == "cpu" and accelerator == "cuda":
             host += amount
+    runtime = CPU_RUNTIME if accelerator != "cuda" else 0.0
     return MemoryEstimate(params, weights, gradients, optimizer, full, checkpointed, cfg.checkpoint_activations,
-                          startup, workspace, buffers, host, nvme, cfg.checkpoint_granularity)
+                          startup, workspace, buffers, host, nvme, cfg.checkpoint_granularity, runtime)

@@ -18,6 +18,7 @@ from neox_llama.model.args import LlamaArgs
 from neox_llama.model.factory import LayerFactory
 from neox_llama.model.freeze import apply_freeze
 from neox_llama.model.init import full_shape, held_numel, init_weights
+from neox_llama.model.layers import TransformerBlock
 from neox_llama.model.lora import LoraSettings, apply_lora
 from neox_llama.parallel.pipeline import build_module, layer_factory, rank_layers
 from neox_llama.parallel.topology import ParallelState
@@ -68,6 +69,17 @@ def make_trainable(module: nn.Module, cfg: Config, state: ParallelState) -> tupl
         apply_freeze(layers, cfg.freeze, cfg.num_layers, tied=not cfg.no_weight_tying)
     params = {id(p): p for p in module.parameters()}.values()
     return sum(held_numel(p) for p in params if p.requires_grad), sum(held_numel(p) for p in params)
+
+
+def compile_blocks(module: nn.Module, enabled: bool) -> int:
+    """``torch.compile`` every transformer block of ``module`` in place (``nn.Module.compile``: names, hooks and
+    state dicts unchanged); blocks share their code, so one compilation serves them all. Returns how many."""
+    if not enabled:
+        return 0
+    blocks = [m for m in module.modules() if isinstance(m, TransformerBlock)]
+    for block in blocks:
+        block.compile()
+    return len(blocks)
 
 
 def is_partitioned(module: nn.Module) -> bool:
@@ -151,6 +163,8 @@ def setup_engine(cfg: Config, args: LlamaArgs, state: ParallelState, accelerator
     agree(check)
     if prepare_adapters is not None:
         prepare_adapters(module)
+    if compile_blocks(module, cfg.compile if cfg.compile is not None else accelerator == "cuda"):
+        logger.info("compile: each transformer block runs through torch.compile (compiled at its first step)")
     groups = parameter_groups(module, cfg.optimizer.params.weight_decay, cfg.weight_decay_embeddings)
     with contextlib.redirect_stdout(io.StringIO()) as chatter:  # DeepSpeed prints memory reports on rank 0
         engine, _, _, _ = deepspeed.initialize(

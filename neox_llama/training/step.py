@@ -54,18 +54,18 @@ def next_samples(iterator: Iterator[dict], count: int) -> list[dict] | None:
         return None
 
 
-def run_global_batch(runner: Engine, batch: GlobalBatch, loss_fn: CausalLMLoss, *, train: bool) -> float:
+def run_global_batch(runner: Engine, batch: GlobalBatch, loss_fn: CausalLMLoss, *, train: bool) -> torch.Tensor:
     """Forward (and with ``train`` backward + optimizer step) over the step's micro-batches.
 
-    Returns the step's mean loss per valid token, equal on every rank. Collective device: the loss sum lives
-    on the model's device (NCCL on GPUs, gloo on CPU).
+    Returns the step's mean loss per valid token, equal on every rank, as a one-element tensor on the model's
+    device: reading it (``float()``) waits for the device, so the training loop does that only at log, evaluation
+    and save steps. Collective device: the loss sum lives on the model's device (NCCL on GPUs, gloo on CPU).
     """
     engine = runner.engine
     if runner.pipelined:
         # DeepSpeed's pipeline averages the micro-batch losses over accumulation steps and data-parallel ranks.
-        if train:
-            return float(engine.train_batch(iter(batch.micro_batches)))
-        return float(engine.eval_batch(iter(batch.micro_batches)))
+        loss = engine.train_batch(iter(batch.micro_batches)) if train else engine.eval_batch(iter(batch.micro_batches))
+        return loss.detach().float().reshape(())
     total = None
     for inputs, targets in batch.micro_batches:
         if train:
@@ -78,4 +78,4 @@ def run_global_batch(runner: Engine, batch: GlobalBatch, loss_fn: CausalLMLoss, 
         loss = loss.detach().float().reshape(1)
         total = loss if total is None else total + loss
     dist.all_reduce(total, group=runner.state.dp_group)
-    return total.item() / (len(batch.micro_batches) * runner.state.dp_size)
+    return (total / (len(batch.micro_batches) * runner.state.dp_size)).reshape(())

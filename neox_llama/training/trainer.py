@@ -153,7 +153,7 @@ class Trainer:
                 if split == "valid":
                     self.train_state.consumed_valid_samples = 0
             batch = make_global_batch(samples, self.runner, self.info.device)
-            mean = run_global_batch(self.runner, batch, self.loss_fn, train=False)
+            mean = float(run_global_batch(self.runner, batch, self.loss_fn, train=False))
             loss_sum += mean * batch.valid_tokens
             tokens += batch.valid_tokens
             nbytes += self._scored_bytes(samples)
@@ -251,33 +251,47 @@ class Trainer:
         logger.info("training %d steps from step %d: %d sequences x %d tokens per step (%s, pp %d x tp %d x dp %d)",
                     cfg.train_iters, ts.step, d.train_batch_size, cfg.seq_length, cfg.precision,
                     cfg.pipe_parallel_size, cfg.model_parallel_size, dp)
+        # Step time is measured over the steps since the last log (evaluations and saves left out), so the device
+        # need not be waited for at every step.
+        window_start, window_steps, window_data = time.perf_counter(), 0, 0.0
         while ts.step < cfg.train_iters:
             start = time.perf_counter()
             lr = self.engine.lr_scheduler.current()
             batch = self._next_batch(train_iter)
-            data_time = time.perf_counter() - start
-            loss = run_global_batch(self.runner, batch, self.loss_fn, train=True)
+            window_data += time.perf_counter() - start
+            window_steps += 1
+            step_loss = run_global_batch(self.runner, batch, self.loss_fn, train=True)  # on the device: no wait yet
             self._log_epoch(ts.consumed_samples, d.train_batch_size)
             ts.step += 1
             ts.consumed_samples += d.train_batch_size
-            step_time = time.perf_counter() - start
-            if not math.isfinite(loss):
-                where = f"the last good checkpoint is {self.last_saved}" if self.last_saved else "no checkpoint was saved"
-                logger.error("loss is %s at step %d; stopping (%s). Lower the learning rate or check the data.",
-                             loss, ts.step, where)
-                return EXIT_NAN
-            if ts.step % cfg.log_interval == 0 or ts.step == cfg.train_iters:
-                self._log(ts.step, loss, lr, step_time, data_time, tokens_per_step)
+            last = ts.step == cfg.train_iters
+            log_now = ts.step % cfg.log_interval == 0 or last
             stop = self._stop_agreed()
-            if evaluating and (ts.step % cfg.eval_interval == 0 or ts.step == cfg.train_iters):
-                if self._evaluate_and_track():
-                    logger.info("early stopping: no improvement for %d evaluations", cfg.early_stopping_patience)
-                    stop = True
-            if stop or ts.step % cfg.checkpoint_factor == 0 or ts.step == cfg.train_iters:
+            evaluate_now = evaluating and (ts.step % cfg.eval_interval == 0 or last)
+            save_now = ts.step % cfg.checkpoint_factor == 0 or last
+            if log_now or evaluate_now or save_now or stop:
+                # The loss is read (the host waits for the device) only here: a non-finite loss is caught at the
+                # next log, evaluation or save, and never saved.
+                loss = float(step_loss)
+                if not math.isfinite(loss):
+                    where = (f"the last good checkpoint is {self.last_saved}" if self.last_saved
+                             else "no checkpoint was saved")
+                    logger.error("loss is %s at step %d; stopping (%s). Lower the learning rate or check the data.",
+                                 loss, ts.step, where)
+                    return EXIT_NAN
+                if log_now:
+                    step_time = (time.perf_counter() - window_start) / window_steps
+                    self._log(ts.step, loss, lr, step_time, window_data / window_steps, tokens_per_step)
+            if evaluate_now and self._evaluate_and_track():
+                logger.info("early stopping: no improvement for %d evaluations", cfg.early_stopping_patience)
+                stop = True
+            if stop or save_now:
                 self._save()
             if stop:
                 logger.info("stopped at step %d", ts.step)
                 break
+            if log_now or evaluate_now or save_now:
+                window_start, window_steps, window_data = time.perf_counter(), 0, 0.0
         if not self.stop_requested and "test" in self.datasets and cfg.eval_iters:  # finished or stopped early
             self.eval_streams["test"] = self._eval_iterator("test", 0)
             test_loss = self.evaluate("test")

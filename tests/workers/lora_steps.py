@@ -45,7 +45,7 @@ def main() -> None:
         samples = [{"input_ids": x[:, :-1], "labels": x[:, 1:], "loss_mask": m,
                     "position_ids": torch.arange(cfg.seq_length).expand(len(x), -1)} for x, m in mine]
         batch = make_global_batch(samples, runner, info.device)
-        losses.append(run_global_batch(runner, batch, loss_fn, train=False))
+        losses.append(float(run_global_batch(runner, batch, loss_fn, train=False)))
         engine.train()
         run_global_batch(runner, batch, loss_fn, train=True)
 

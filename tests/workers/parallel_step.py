@@ -67,7 +67,7 @@ def main() -> None:
     batch = make_global_batch(samples, runner, info.device)
     loss_fn = CausalLMLoss(runner.factory)
     initial = full_weights(engine.module, state)  # layout-free initialisation: equal to the 1-rank build, exactly
-    before = run_global_batch(runner, batch, loss_fn, train=False)
+    before = float(run_global_batch(runner, batch, loss_fn, train=False))
     engine.train()
     run_global_batch(runner, batch, loss_fn, train=True)
     weights = full_weights(engine.module, state)
