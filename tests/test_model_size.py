@@ -53,11 +53,13 @@ def test_recomputed_flops_by_hand(write_yaml):
 
 
 def test_memory_estimate_follows_zero_stages_and_checkpointing(write_yaml):
-    base = [*TINY, "precision=bf16", "train_micro_batch_size_per_gpu=2"]
+    base = [*TINY, "precision=bf16", "train_micro_batch_size_per_gpu=2", "optimizer.params.fused=false"]
     one = estimate_memory(load_config([write_yaml("a.yml", "")], [*base, "zero_optimization.stage=0"]))
+    fused = estimate_memory(load_config([write_yaml("a.yml", "")], [*base, "optimizer.params.fused=true"]))
+    assert fused.workspace == 0  # torch's fused AdamW updates in place
     n = sum(p.numel() for p in build_model(LlamaArgs.from_config(load_config([write_yaml("a.yml", "")], base))).parameters())
     # bf16: 16-bit weights and gradients, the optimizer's fp32 gradient, master weights and Adam, torch's step
-    # workspace on CPU (none with DeepSpeed's fused GPU Adam)
+    # foreach workspace on CPU (none with DeepSpeed's fused GPU Adam)
     assert one.parameters == n and (one.weights, one.gradients, one.optimizer) == (2 * n, 6 * n, 12 * n)
     assert one.workspace == 4 * n and estimate_memory(
         load_config([write_yaml("a.yml", "")], [*base, "zero_optimization.stage=0"]), "cuda").workspace == 0

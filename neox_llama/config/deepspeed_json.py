@@ -32,7 +32,7 @@ def deepspeed_config(cfg: Config, accelerator: str = "cpu") -> dict[str, Any]:
                 "eps": params.eps,
                 "weight_decay": params.weight_decay,
                 "adam_w_mode": cfg.optimizer.type == "AdamW",  # DeepSpeed's "Adam" means AdamW unless told
-                **({"torch_adam": True} if _torch_adam(cfg, accelerator) else {}),
+                **({"torch_adam": True, "fused": params.fused} if _torch_adam(cfg, accelerator) else {}),
             },
         },
         "zero_optimization": {

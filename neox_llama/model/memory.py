@@ -168,7 +168,9 @@ def estimate_memory(cfg: Config, accelerator: str = "cpu") -> MemoryEstimate:
         accelerator != "cuda"
     if zero.offload_optimizer != "none":
         torch_adam = False  # ZeRO-Offload steps with DeepSpeedCPUAdam, in place
-    workspace = params * fraction * 4 / (dp if stage >= 1 else 1) if torch_adam else 0.0
+    # torch's foreach AdamW makes one fp32 temporary per updated element; its fused kernel (the default) none
+    foreach = torch_adam and not cfg.optimizer.params.fused
+    workspace = params * fraction * 4 / (dp if stage >= 1 else 1) if foreach else 0.0
 
     default_bucket = 5e8 if accelerator == "cuda" else 5e7  # config/deepspeed_json.py's null
     reduce_bucket = zero.reduce_bucket_size or default_bucket
