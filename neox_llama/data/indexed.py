@@ -76,6 +76,14 @@ class IndexedDatasetWriter:
         self.add(tokens)
         self.end_document()
 
+    def add_documents(self, flat: np.ndarray, sizes) -> None:
+        """Append several one-sequence documents given as one flat array and their sizes (a single write)."""
+        array = np.ascontiguousarray(flat, dtype=self.dtype)
+        self._bin.write(memoryview(array).cast("B"))
+        first = len(self.sizes)
+        self.sizes.extend(int(n) for n in sizes)
+        self.doc_idx.extend(range(first + 1, len(self.sizes) + 1))
+
     def finalize(self) -> None:
         self._bin.close()
         sizes = np.asarray(self.sizes, dtype=np.int32)

@@ -127,11 +127,27 @@ def _init_worker(tokenizer_type: str, vocab_file: str) -> None:
 
 @dataclass
 class _Encoded:
-    arrays: list[list[np.ndarray]]
-    """Per key, the token arrays of the batch's good documents."""
+    arrays: list[tuple[np.ndarray, np.ndarray]]
+    """Per key, the batch's good documents as one flat token array and their sizes (one write per batch)."""
     errors: list[tuple[str, str]]
     empty: int
     chars: int
+
+
+def _flatten(encoded: list[list[int]], dtype: str, bos: int | None, eod: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Documents' ids -> (flat array with BOS/EOD added, sizes), filled in place: no per-document arrays."""
+    head, tail = int(bos is not None), int(eod is not None)
+    sizes = np.fromiter((len(ids) + head + tail for ids in encoded), dtype=np.int64, count=len(encoded))
+    flat = np.empty(int(sizes.sum()), dtype=dtype)
+    pos = 0
+    for ids, size in zip(encoded, sizes.tolist(), strict=True):
+        if head:
+            flat[pos] = bos
+        flat[pos + head:pos + size - tail] = ids
+        if tail:
+            flat[pos + size - 1] = eod
+        pos += size
+    return flat, sizes
 
 
 def _encode_batch(batch: tuple[list[tuple[str, object]], list[str], bool, str, int | None]) -> _Encoded:
@@ -148,12 +164,8 @@ def _encode_batch(batch: tuple[list[tuple[str, object]], list[str], bool, str, i
         else:
             good.append(parsed)
             chars += sum(len(t) for t in parsed.values())
-    arrays = []
-    for key in keys:
-        encoded = tok.encode_batch([doc[key] for doc in good])
-        first = [bos] if bos is not None else []
-        last = [tok.eod_id] if append_eod else []
-        arrays.append([np.array([*first, *ids, *last], dtype=dtype) for ids in encoded])
+    arrays = [_flatten(tok.encode_batch([doc[key] for doc in good]), dtype, bos, tok.eod_id if append_eod else None)
+              for key in keys]
     return _Encoded(arrays, errors, empty, chars)
 
 
@@ -225,11 +237,10 @@ def preprocess(inputs: list[Path], output_prefix: str, tokenizer_type: str, voca
         for done in results:
             for where, reason in done.errors:
                 report(where, reason)
-            for key, arrays in zip(keys, done.arrays, strict=True):
-                for array in arrays:
-                    writers[key].add_document(array)
-                    summary.tokens += array.size
-            count = len(done.arrays[0])
+            for key, (flat, sizes) in zip(keys, done.arrays, strict=True):
+                writers[key].add_documents(flat, sizes)
+                summary.tokens += flat.size
+            count = len(done.arrays[0][1])
             summary.documents += count
             summary.empty += done.empty
             summary.bytes_read += done.chars
