@@ -71,7 +71,9 @@ def model_step(opts) -> dict:
         weights = token_weights(torch.ones(MICRO, SEQ), MICRO * SEQ)
         forward = torch.compile(model) if opts.compile else model
         run = lambda: loss_fn(forward(inputs), (labels, weights))  # noqa: E731
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # ours steps with what the trainer uses (torch's fused AdamW, optimizer.params.fused); the reference with
+    # torch's default (foreach)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **({} if opts.reference else {"fused": True}))
 
     def step():
         with _precision_ctx(opts.precision):
