@@ -29,7 +29,7 @@ from neox_llama.training.engine import setup_engine
 from neox_llama.training.load_plan import plan_load
 from neox_llama.training.metrics import MetricsWriter, format_train
 from neox_llama.training.step import make_global_batch, next_samples, run_global_batch
-from neox_llama.utils.peak import emulated_bf16_ratio, known_peak_tflops, measure_matmul_tflops
+from neox_llama.utils.peak import known_peak_tflops, measure_matmul_tflops
 
 logger = logging.getLogger("train")
 
@@ -85,11 +85,6 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg)
         self.recompute_flops_per_token = recompute_flops_per_token(cfg)
         self.peak_tflops = cfg.peak_tflops or self._measure_peak()
-        if accelerator != "cuda" and cfg.precision == "bf16":
-            slow = emulated_bf16_ratio()
-            if slow is not None:
-                logger.warning("this CPU has no native bf16 (no AVX-512-BF16/AMX): its bf16 matmuls run at %.1f%% of "
-                               "fp32 speed; precision: fp32 trains faster here", 100 * slow)
         self.task_evaluator = None
         if cfg.eval_tasks:
             from neox_llama.training.eval_tasks import TaskEvaluator
@@ -128,6 +123,14 @@ class Trainer:
                             known)
                 return known
         peak = measure_matmul_tflops(dtype, device=device)
+        if device == "cpu" and dtype == torch.bfloat16:
+            fp32 = measure_matmul_tflops(torch.float32)
+            if peak < 0.5 * fp32:  # emulated bf16 converts to fp32 anyway: the hardware's peak is the fp32 one
+                logger.warning("this CPU has no native bf16 (no AVX-512-BF16/AMX): its bf16 matmuls run at %.1f%% of "
+                               "fp32 speed; precision: fp32 trains faster here", 100 * peak / fp32)
+                logger.info("peak_tflops not set: measured %.3f TFLOP/s per rank (fp32 matmul, faster than this CPU's "
+                            "emulated bf16) for MFU", fp32)
+                return fp32
         logger.info("peak_tflops not set: measured %.3f TFLOP/s per rank (%s matmul) for MFU", peak, self.cfg.precision)
         return peak
 

@@ -37,15 +37,6 @@ def measure_matmul_tflops(dtype: torch.dtype, size: int = 1024, repeats: int = 8
     return timed(size, times) / 1e12
 
 
-def emulated_bf16_ratio() -> float | None:
-    """This CPU's bf16 matmul speed over its fp32 one when bf16 is emulated (below half), else None.
-
-    CPUs without AVX-512-BF16 or AMX (AMD before Zen 4, older Intel) run bf16 matmuls at about 1 % of fp32.
-    """
-    ratio = measure_matmul_tflops(torch.bfloat16, 256) / measure_matmul_tflops(torch.float32, 256)
-    return ratio if ratio < 0.5 else None
-
-
 DENSE_16BIT_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 """NVIDIA's dense (no sparsity) bf16/fp16 tensor-core peaks per GPU, by a substring of the device name (SXM unless
 named; checked in this order)."""
