@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+THREADS = [2]
+"""--threads of this side (deepy runs give each rank its share)."""
 
 
 def _rss_mb() -> float:
@@ -105,7 +107,8 @@ def deepy(opts) -> dict:
         base = work / "base"
         extra = list(opts.set or [])
         if opts.finetune:  # a one-step pretraining run makes the base the fine-tunes start from
-            _deepy_run(work, "base", [*layout, "train_iters=1", f"save={base}", "checkpoint_factor=1", "split=100,0,0"])
+            _deepy_run(work, "base", [*layout, f"precision={opts.precision}", "train_iters=1", f"save={base}",
+                                      "checkpoint_factor=1", "split=100,0,0"])
             extra += ["finetune=true", f"load={base}"]
         records = _deepy_run(work, "run", [*layout, f"precision={opts.precision}", f"train_iters={opts.steps + 2}",
                                            "save=null", *(["load=null"] if not opts.finetune else []), *extra])
@@ -141,8 +144,10 @@ def _deepy_run(work: Path, name: str, settings: list[str]) -> list[dict]:
     from benchmarks.train_step import SHAPE
 
     log_dir = work / name / "logs"
+    ranks = 2 if "pipe_parallel_size=2" in settings else 1  # the side's threads, shared by its ranks
     cmd = [sys.executable, str(ROOT / "deepy.py"), "train.py", "configs/llama3/tiny.yml", *SHAPE,
-           f"data_path={work / 'data'}", f"log_dir={log_dir}", *settings]
+           f"data_path={work / 'data'}", f"log_dir={log_dir}", f"omp_num_threads={max(1, THREADS[0] // ranks)}",
+           *settings]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"deepy.py failed ({' '.join(settings)}):\n{proc.stderr[-3000:]}")
@@ -268,6 +273,7 @@ def main() -> None:
     parser.add_argument("--report-peak", action="store_true", help="deepy: report the rank's peak RSS (MB) as the rate")
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
+    THREADS[0] = opts.threads
     print(json.dumps(SIDES[opts.side](opts)))
 
 

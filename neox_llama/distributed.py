@@ -54,10 +54,12 @@ class RankInfo:
 def bind_cores(local_rank: int, threads: int) -> list[int] | None:
     """Pin this process to its own ``threads`` cores (local rank i: the i-th group of the cores it may use), so
     ranks sharing a machine do not contend for cores; returns them, or None where there are too few cores."""
-    available = sorted(os.sched_getaffinity(0))
-    mine = available[local_rank * threads:(local_rank + 1) * threads]
-    if len(mine) < threads:
+    if not hasattr(os, "sched_setaffinity"):
         return None
+    available = sorted(os.sched_getaffinity(0))
+    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) * threads > len(available):
+        return None  # all ranks of the machine or none: a pinned rank beside unpinned ones would be the slow one
+    mine = available[local_rank * threads:(local_rank + 1) * threads]
     os.sched_setaffinity(0, mine)
     return mine
 
@@ -76,7 +78,8 @@ def init_distributed(accelerator: str, timeout_minutes: float = 10.0) -> RankInf
     threads = os.environ.get("OMP_NUM_THREADS")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if threads and os.environ.get("NEOX_LLAMA_BIND_CORES") == "1":
-        bind_cores(local_rank, int(threads))
+        cores = bind_cores(local_rank, int(threads))
+        logger.debug("local rank %d %s", local_rank, f"bound to cores {cores}" if cores else "not bound (too few cores)")
     if threads:
         torch.set_num_threads(int(threads))
     if accelerator == "cuda":

@@ -66,7 +66,8 @@ def test_multi_node_passes_the_rank_environment_and_the_config_on_the_command_li
     cmd = build_launch_command(cfg, plan, "train.py", "/run/config.yml", "num_layers: 2\n# merged\n")
     script = cmd.argv[cmd.argv.index("train.py"):]
     envs = [script[i + 1] for i, a in enumerate(script) if a == "--env"]
-    assert envs == ["DS_ACCELERATOR=cpu", "OMP_NUM_THREADS=3"]  # glibc's own mmap threshold: faster steps
+    # glibc's own mmap threshold (faster steps); 2 ranks per host: each bound to its own cores (bind_cores)
+    assert envs == ["DS_ACCELERATOR=cpu", "NEOX_LLAMA_BIND_CORES=1", "OMP_NUM_THREADS=3"]
     zero3 = build_launch_command(config(write_yaml, f"hostfile={hostfile}", "omp_num_threads=3",
                                         "zero_optimization.stage=3"), plan, "train.py", "/run/config.yml", "x")
     assert "MALLOC_MMAP_THRESHOLD_=1048576" in zero3.argv  # ZeRO-3: freed gathered layers go back to the system
@@ -129,3 +130,17 @@ def test_threads_are_shared_between_ranks_of_a_node(write_yaml, monkeypatch):
     assert threads_per_rank(cfg, plan_resources(cfg, "cpu")) == 2
     cfg = config(write_yaml, "num_gpus=4", "omp_num_threads=3")
     assert threads_per_rank(cfg, plan_resources(cfg, "cpu")) == 3
+
+
+def test_cpu_ranks_are_bound_to_their_own_cores_all_or_none(monkeypatch):
+    import os
+
+    from neox_llama.distributed import bind_cores
+
+    bound = []
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cores: bound.append(list(cores)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert bind_cores(1, 2) == [2, 3] and bound == [[2, 3]]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 ranks x 2 threads > 4 cores: nobody is bound
+    assert bind_cores(0, 2) is None and bound == [[2, 3]]

@@ -79,6 +79,8 @@ class IndexedDatasetWriter:
     def add_documents(self, flat: np.ndarray, sizes) -> None:
         """Append several one-sequence documents given as one flat array and their sizes (a single write)."""
         array = np.ascontiguousarray(flat, dtype=self.dtype)
+        if int(np.sum(sizes)) != array.size:
+            raise ValueError(f"add_documents: sizes sum to {int(np.sum(sizes))} but {array.size} tokens were given")
         self._bin.write(memoryview(array).cast("B"))
         first = len(self.sizes)
         self.sizes.extend(int(n) for n in sizes)

@@ -163,7 +163,8 @@ def setup_engine(cfg: Config, args: LlamaArgs, state: ParallelState, accelerator
     agree(check)
     if prepare_adapters is not None:
         prepare_adapters(module)
-    if compile_blocks(module, cfg.compile if cfg.compile is not None else accelerator == "cuda"):
+    default_compile = accelerator == "cuda" and cfg.zero_optimization.stage != 3  # ZeRO-3's hooks do not trace
+    if compile_blocks(module, cfg.compile if cfg.compile is not None else default_compile):
         logger.info("compile: each transformer block runs through torch.compile (compiled at its first step)")
     groups = parameter_groups(module, cfg.optimizer.params.weight_decay, cfg.weight_decay_embeddings)
     with contextlib.redirect_stdout(io.StringIO()) as chatter:  # DeepSpeed prints memory reports on rank 0

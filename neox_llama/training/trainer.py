@@ -262,6 +262,7 @@ class Trainer:
         # Step time is measured over the steps since the last log (evaluations and saves left out), so the device
         # need not be waited for at every step.
         window_start, window_steps, window_data = time.perf_counter(), 0, 0.0
+        nonfinite = None  # on the device: whether any step's loss since the last read was not finite (no sync)
         while ts.step < cfg.train_iters:
             start = time.perf_counter()
             lr = self.engine.lr_scheduler.current()
@@ -269,6 +270,8 @@ class Trainer:
             window_data += time.perf_counter() - start
             window_steps += 1
             step_loss = run_global_batch(self.runner, batch, self.loss_fn, train=True)  # on the device: no wait yet
+            bad = ~torch.isfinite(step_loss)
+            nonfinite = bad if nonfinite is None else nonfinite | bad
             self._log_epoch(ts.consumed_samples, d.train_batch_size)
             ts.step += 1
             ts.consumed_samples += d.train_batch_size
@@ -281,12 +284,15 @@ class Trainer:
                 # The loss is read (the host waits for the device) only here: a non-finite loss is caught at the
                 # next log, evaluation or save, and never saved.
                 loss = float(step_loss)
-                if not math.isfinite(loss):
+                if bool(nonfinite) or not math.isfinite(loss):
                     where = (f"the last good checkpoint is {self.last_saved}" if self.last_saved
                              else "no checkpoint was saved")
-                    logger.error("loss is %s at step %d; stopping (%s). Lower the learning rate or check the data.",
-                                 loss, ts.step, where)
+                    when = f"at step {ts.step}" if window_steps == 1 else \
+                        f"at step {ts.step} or one of the {window_steps - 1} steps before it"
+                    logger.error("loss is not finite (%s %s); stopping (%s). Lower the learning rate or check the "
+                                 "data.", loss, when, where)
                     return EXIT_NAN
+                nonfinite = None
                 if log_now:
                     step_time = (time.perf_counter() - window_start) / window_steps
                     self._log(ts.step, loss, lr, step_time, window_data / window_steps, tokens_per_step)
