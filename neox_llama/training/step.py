@@ -40,9 +40,17 @@ def make_global_batch(samples: list[dict[str, torch.Tensor]], runner: Engine, de
     valid = torch.tensor([float(sum(m["loss_mask"].sum() for m in samples))])
     dist.all_reduce(valid, group=state.dp_group)
     scale = len(samples) * state.dp_size
-    micro = [((m["input_ids"].to(device), m["position_ids"].to(device)),
-              (m["labels"].to(device), token_weights(m["loss_mask"], valid.item(), scale).to(device)))
-             for m in samples]
+    # The loader pins its batches on GPUs, so these copies need not wait for the device's queued work.
+    pinned = device.type == "cuda"
+
+    def put(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device, non_blocking=pinned)
+
+    micro = []
+    for m in samples:
+        weights = token_weights(m["loss_mask"], valid.item(), scale)
+        micro.append(((put(m["input_ids"]), put(m["position_ids"])),
+                      (put(m["labels"]), put(weights.pin_memory() if pinned else weights))))
     return GlobalBatch(micro, valid.item())
 
 
