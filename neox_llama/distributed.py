@@ -7,12 +7,12 @@ flags, Python objects). On CPU it is plain gloo. No collective in neox_llama has
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -87,34 +87,26 @@ def init_distributed(accelerator: str, timeout_minutes: float = 10.0) -> RankInf
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    if accelerator == "cpu":
+        _skip_shared_memory_all_reduce()
     deepspeed.init_distributed(dist_backend=BACKENDS[accelerator], timeout=timedelta(minutes=timeout_minutes))
     info = RankInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
-    if accelerator == "cpu" and info.world_size > 1:
-        _release_shm_buffer(info.rank)
     logger.debug("joined process group: rank %d of %d on %s", info.rank, info.world_size, device)
     return info
 
 
-SHM_DIR = Path("/dev/shm")
+def _skip_shared_memory_all_reduce() -> None:
+    """Keep DeepSpeed's CPU backend from building its shared-memory all-reduce op (``deepspeed_shm_comm``).
 
-
-def shm_buffer_name(rank: int) -> str:
-    """The shared-memory segment DeepSpeed's CPU backend creates per rank (csrc/cpu/comm/shm.cpp)."""
-    return f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_{rank}"
-
-
-def _release_shm_buffer(rank: int) -> None:
-    """Unlink this rank's DeepSpeed shared-memory segment once every rank has mapped every other's.
-
-    DeepSpeed 0.19 never unlinks it (its shared_close is never called), so every multi-rank CPU run leaves
-    ~130 MB per rank in /dev/shm until the machine fills up and runs hang or are killed. The mappings stay
-    valid after the unlink; the memory is freed when the ranks exit.
+    DeepSpeed 0.19 JIT-compiles it in every process that joins a group (≈ 25 s on a fresh machine, under a
+    file lock in ~/.cache/torch_extensions that a rank killed mid-build leaves behind, so every later run on
+    the machine waits on it for ever), maps ~130 MB of /dev/shm per rank that it never unlinks, and uses it
+    only in ``inference_all_reduce``, which training never calls: every collective here goes through
+    torch.distributed (gloo) either way.
     """
-    dist.barrier()  # deepspeed.init_distributed maps the peers' segments before returning: all are mapped now
-    try:
-        (SHM_DIR / shm_buffer_name(rank)).unlink()
-    except FileNotFoundError:
-        pass  # not created (ranks on several nodes) or another DeepSpeed version
+    # importlib, not ``import deepspeed.comm.torch as m``: that resolves to the ``torch`` attribute of
+    # deepspeed.comm, which is the torch package itself
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def shutdown_distributed() -> None:

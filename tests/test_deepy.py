@@ -58,23 +58,28 @@ def test_usage_errors():
     assert proc.returncode == 2 and "unknown option --fast" in proc.stderr
 
 
-def _launch(tmp_path: Path, *extra: str):
+def _launch(tmp_path: Path, *extra: str, env: dict | None = None):
     from helpers.training import write_corpus
 
     corpus = write_corpus(tmp_path / "chain", docs=60)
     log_dir = tmp_path / "logs"
     proc = run_deepy("train.py", "configs/llama3/tiny.yml", f"log_dir={log_dir}", f"master_port={free_port()}",
                      "vocab_size=256", "tokenizer_type=null", "vocab_file=null", f"data_path={corpus}", "train_iters=2",
-                     "seq_length=32", "eval_iters=1", "num_workers=0", *extra)
+                     "seq_length=32", "eval_iters=1", "num_workers=0", *extra, env=env)
     return proc, log_dir
 
 
 @pytest.mark.dist
 def test_two_ranks_through_the_deepspeed_launcher(tmp_path):
-    proc, log_dir = _launch(tmp_path, "num_gpus=2")
+    # a build lock left by a process killed while compiling DeepSpeed's shared-memory op: a run that built
+    # that op would wait on it for ever; ours never builds it (neox_llama.distributed)
+    extensions = tmp_path / "torch_extensions"
+    (extensions / "deepspeed_shm_comm").mkdir(parents=True)
+    (extensions / "deepspeed_shm_comm" / "lock").touch()
+    proc, log_dir = _launch(tmp_path, "num_gpus=2", env={"TORCH_EXTENSIONS_DIR": str(extensions)})
     port = next(a.split("=")[1] for a in proc.args if a.startswith("master_port="))
     leaked = [p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")]
-    assert not leaked, leaked  # DeepSpeed's CPU shared-memory segments are released, not left in /dev/shm
+    assert not leaked, leaked  # no DeepSpeed CPU shared-memory segment is left in /dev/shm
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
     assert "deepspeed.launcher.runner" in output and "--num_gpus 2" in output

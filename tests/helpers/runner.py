@@ -42,9 +42,9 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
-def run_deepy(*args: str, timeout: float = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """``python deepy.py ARGS`` from the repository root."""
-    return run([sys.executable, str(ROOT / "deepy.py"), *args], cwd=cwd, timeout=timeout)
+def run_deepy(*args: str, timeout: float = 300, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python deepy.py ARGS`` from the repository root (``env`` added to this process's environment)."""
+    return run([sys.executable, str(ROOT / "deepy.py"), *args], cwd=cwd, timeout=timeout, env=env)
 
 
 def launch(num_ranks: int, script: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
