@@ -53,5 +53,5 @@ def test_an_adapter_of_another_base_is_refused(folders):
     lm = LanguageModel.from_checkpoint(str(folders / "other"), device="cpu")
     with pytest.raises(CheckpointError, match="fingerprint"):
         AdapterBank.attach(lm, {"a": str(folders / "a")})
-    with pytest.raises(CheckpointError, match="not a LoRA checkpoint"):
+    with pytest.raises(CheckpointError, match="not an adapter checkpoint"):
         AdapterBank.attach(lm, {"x": str(folders / "base")})

@@ -215,12 +215,12 @@ def case_finetune_lora_without_a_base(world, tmp_path):
 
 def case_merge_lora_of_a_full_checkpoint(world, tmp_path):
     return _tool("merge_lora.py", "--checkpoint", world["w"] / "run/ck", "--output", tmp_path / "m"), \
-        "not a LoRA checkpoint", []
+        "not an adapter checkpoint", []
 
 
 def case_generate_adapter_that_is_not_lora(world, tmp_path):
     return _tool("generate.py", "--checkpoint", world["w"] / "run/ck", "--adapter", world["w"] / "run/ck", "--prompt",
-                 "x"), "not a LoRA checkpoint", []
+                 "x"), "not an adapter checkpoint", []
 
 
 CASES = {name.removeprefix("case_"): fn for name, fn in dict(globals()).items() if name.startswith("case_")}

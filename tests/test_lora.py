@@ -52,7 +52,7 @@ def unmerged_logits(base, adapter, settings):
     model, _ = load_model(base)
     layers = {int(i): m for i, m in model.named_children()}
     apply_lora(layers, settings, SINGLE_DEVICE, 0)
-    fill_adapters(layers, adapter)
+    fill_adapters(layers, adapter, settings)
     with torch.no_grad():
         return model.eval()(IDS)
 
@@ -142,7 +142,7 @@ def test_merge_lora_command_line(base, tmp_path):
     proc = tool("merge_lora.py", "--checkpoint", str(adapter), "--output", str(tmp_path / "out"))
     assert proc.returncode == 0 and f"wrote {tmp_path / 'out'}" in proc.stdout, proc.stderr
     for args, message in (
-        (["--checkpoint", str(base), "--output", str(tmp_path / "x")], "not a LoRA checkpoint"),
+        (["--checkpoint", str(base), "--output", str(tmp_path / "x")], "not an adapter checkpoint"),
         (["--checkpoint", str(adapter), "--output", str(tmp_path / "out")], "exists and is not empty"),
         (["--checkpoint", str(adapter), "--checkpoint", str(adapter), "--weight", "1", "--output", str(tmp_path / "y")],
          "2 --checkpoint but 1 --weight"),

@@ -103,27 +103,28 @@ def updates_by_weight(tensors: dict[str, torch.Tensor], scale: float) -> dict[st
 
 
 @torch.no_grad()
-def fill_adapters(layers: dict[int, torch.nn.Module], folder: Path) -> None:
-    """Copy a LoRA checkpoint's tensors into the adapters of ``layers`` (global index -> module), each cut to this
-    rank's tensor-parallel shard; every adapter must find its tensors with their full shapes, and no file of these
-    layers may hold tensors the model has no adapter for."""
+def fill_adapters(layers: dict[int, torch.nn.Module], folder: Path, settings) -> None:
+    """Copy an adapter checkpoint's tensors into ``layers`` (global index -> module; the method of ``settings``,
+    a PeftSettings, attached), each cut to this rank's tensor-parallel shard; every trained tensor must find its
+    values with their full shapes, and no file of these layers may hold tensors the model does not train."""
     from neox_llama.model.init import full_shape, shard
+    from neox_llama.model.peft import trained_tensors
 
     for index, layer in layers.items():
-        params = {name: p for name, p in layer.named_parameters() if ".lora." in f".{name}"}
+        params = trained_tensors(layer, settings)
         path = adapter_file(folder, index)
         if not params:
             if path.is_file():
                 raise CheckpointError(f"{path}: adapter tensors for layer {index}, which this run does not adapt "
-                                      "(lora_targets differ from the checkpoint's)")
+                                      "(the adapter settings differ from the checkpoint's)")
             continue
         tensors = read_layer_file(path)
         missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
         if missing or extra:
             what = f"no tensor for {', '.join(missing)}" if missing else f"tensor {', '.join(extra)} has no adapter"
-            raise CheckpointError(f"{path}: {what}; the LoRA settings differ from the checkpoint's")
+            raise CheckpointError(f"{path}: {what}; the adapter settings differ from the checkpoint's")
         for name, param in params.items():
             if tuple(tensors[name].shape) != full_shape(param):
                 raise CheckpointError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, the adapter expects "
-                                      f"{full_shape(param)}; lora_r or the model differs from the checkpoint's")
+                                      f"{full_shape(param)}; the adapter settings or the model differ from the checkpoint's")
             param.copy_(shard(tensors[name], param).to(param.dtype))

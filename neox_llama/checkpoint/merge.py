@@ -20,6 +20,7 @@ from neox_llama.checkpoint.metadata import Layout, Metadata, read_metadata, writ
 from neox_llama.checkpoint.paths import CheckpointError, layer_file, resolve_checkpoint
 from neox_llama.checkpoint.weights import layer_indices, read_layer_file, write_layer_file
 from neox_llama.model.lora import LoraSettings, merged_weight
+from neox_llama.model.peft import PeftSettings, kind, settings_of
 from neox_llama.utils.files import building_dir, output_dir_problem
 
 logger = logging.getLogger(__name__)
@@ -29,20 +30,27 @@ LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
 
 @dataclass
 class Adapter:
-    """A LoRA checkpoint to apply: its folder, metadata, settings and the weight of its update."""
+    """An adapter checkpoint to apply (LoRA, Adapter or Adapter v2): its folder, metadata, settings and the weight
+    of its update (LoRA only)."""
 
     folder: Path
     metadata: Metadata
-    settings: LoraSettings
+    settings: PeftSettings
     weight: float = 1.0
 
     @classmethod
     def open(cls, path: str | Path, weight: float = 1.0) -> Adapter:
         folder = resolve_checkpoint(path)
         meta = read_metadata(folder)
-        if not meta.is_adapter:
-            raise CheckpointError(f"{folder}: not a LoRA checkpoint (its metadata.json has no lora settings)")
-        return cls(folder, meta, LoraSettings.from_dict(meta.lora), weight)
+        settings = settings_of(meta)
+        if settings is None:
+            raise CheckpointError(f"{folder}: not an adapter checkpoint (its metadata.json has no lora or adapter "
+                                  "settings)")
+        return cls(folder, meta, settings, weight)
+
+    @property
+    def is_lora(self) -> bool:
+        return isinstance(self.settings, LoraSettings)
 
 
 def find_base(adapters: list[Adapter], base: str | Path | None = None, force: bool = False) -> Path:
@@ -76,6 +84,10 @@ def merged_layer(index: int, tensors: dict[str, torch.Tensor], adapters: list[Ad
 
 def merged_layers(base: Path, adapters: list[Adapter]) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """(layer index, merged tensors) for every weight file of ``base``, one layer at a time."""
+    for adapter in adapters:
+        if not adapter.is_lora:
+            raise CheckpointError(f"{adapter.folder}: an {kind(adapter.settings)} checkpoint: its learned prompt "
+                                  "cannot be folded into plain Llama weights (apply it with --adapter instead)")
     layers = [adapter_layers(a.folder) for a in adapters]
     indices = layer_indices(base)
     for adapter, per_layer in zip(adapters, layers, strict=True):

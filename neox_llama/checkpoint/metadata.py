@@ -54,13 +54,16 @@ class Metadata:
     """A fine-tune's starting checkpoint; for a LoRA checkpoint, the base its adapter applies to."""
     lora: dict | None = None
     """A LoRA checkpoint's settings (r, alpha, dropout, targets); its tensors are in adapter/, not weights/."""
+    adapter: dict | None = None
+    """An Adapter / Adapter v2 checkpoint's settings (method, prompt_length, start_layer, gate); its tensors are in
+    adapter/, not weights/."""
     merged_from: list[dict] | None = None
     """tools/merge_lora.py: the adapters (path, fingerprint, weight) merged into this checkpoint's weights."""
     format: int = FORMAT_VERSION
 
     @property
     def is_adapter(self) -> bool:
-        return self.lora is not None
+        return self.lora is not None or self.adapter is not None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

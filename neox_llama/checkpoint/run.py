@@ -82,6 +82,24 @@ def load_run(path: str | Path, adapters: list[str | Path] | None = None, base: s
     return Run(folder, meta, cfg, tokenizer, args, true_vocab)
 
 
+def _attach_adapter(layers: dict[int, torch.nn.Module], run: Run, expected: set[int]) -> None:
+    """The base's weights with one Adapter / Adapter v2 checkpoint attached as modules (its prompt cannot be
+    merged into plain weights)."""
+    from neox_llama.checkpoint.adapter import fill_adapters
+    from neox_llama.model.factory import SINGLE_DEVICE
+    from neox_llama.model.peft import apply_peft, kind
+
+    adapter = next(a for a in run.adapters if not a.is_lora)
+    if len(run.adapters) > 1:
+        raise CheckpointError(f"{adapter.folder}: an {kind(adapter.settings)} checkpoint applies alone; it cannot "
+                              "be combined with other adapters")
+    if adapter.weight != 1.0:
+        raise CheckpointError(f"{adapter.folder}: weight {adapter.weight:g}: only LoRA updates can be weighted")
+    fill_layers(layers, run.folder, expected=expected)
+    apply_peft(layers, adapter.settings, SINGLE_DEVICE, run.args, seed=0)
+    fill_adapters(layers, adapter.folder, adapter.settings)
+
+
 def reset_buffers(model: torch.nn.Module) -> None:
     """Recompute the buffers that are not saved (rotary frequencies) after a meta-device build."""
     for module in model.modules():
@@ -93,7 +111,8 @@ def reset_buffers(model: torch.nn.Module) -> None:
 def load_model(path: str | Path | Run, device: torch.device | str = "cpu",
                dtype: torch.dtype | None = None) -> tuple[LlamaStack, Run]:
     """The checkpoint's model on one device in eval mode, built on the meta device and filled from its weights
-    (a LoRA checkpoint, or a Run with adapters: the base with every adapter merged in, layer by layer).
+    (a LoRA checkpoint, or a Run with adapters: the base with every adapter merged in, layer by layer; an Adapter
+    or Adapter v2 checkpoint: the base with its modules attached and filled).
 
     Every tensor's name and shape is checked against the config, and no weight file may be left over;
     ``dtype`` None gives float32 (whatever precision the run trained in), else the model is cast to ``dtype``.
@@ -104,7 +123,9 @@ def load_model(path: str | Path | Run, device: torch.device | str = "cpu",
     reset_buffers(model)
     layers = {int(i): layer for i, layer in model.named_children()}
     expected = {i for i, m in layers.items() if next(m.parameters(), None) is not None}
-    if run.adapters:  # merged as tools/merge_lora.py merges, so generation equals the merged checkpoint's
+    if run.adapters and not all(a.is_lora for a in run.adapters):
+        _attach_adapter(layers, run, expected)
+    elif run.adapters:  # merged as tools/merge_lora.py merges, so generation equals the merged checkpoint's
         from neox_llama.checkpoint.merge import merged_layers
 
         found = set()

@@ -27,9 +27,10 @@ from neox_llama.utils.logging_setup import setup_logging
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="save directory (uses latest) or global_stepN folder")
-    parser.add_argument("--adapter", action="append", default=[], metavar="LORA_CHECKPOINT",
-                        help="LoRA checkpoint trained on --checkpoint, merged in at load (repeatable)")
-    parser.add_argument("--base", help="a LoRA --checkpoint's base, when it is no longer where its metadata says")
+    parser.add_argument("--adapter", action="append", default=[], metavar="ADAPTER_CHECKPOINT",
+                        help="an adapter checkpoint trained on --checkpoint: LoRA (merged in at load; repeatable), "
+                             "Adapter or Adapter v2 (attached; one)")
+    parser.add_argument("--base", help="an adapter --checkpoint's base, when it is no longer where its metadata says")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--data-path", help="a .bin/.idx dataset prefix (every document)")
     source.add_argument("--text", help="a UTF-8 text file, scored as one document")

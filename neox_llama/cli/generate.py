@@ -6,8 +6,9 @@
     python tools/generate.py --checkpoint DIR --chat [--system "You are terse."]
     python tools/generate.py --checkpoint BASE --adapter runs/lora/global_step600 --chat
 
---adapter applies a LoRA checkpoint (merged at load exactly as tools/merge_lora.py merges it); a LoRA checkpoint
-given as --checkpoint alone finds its base through its metadata. --chat is a multi-turn loop on stdin in the
+--adapter applies an adapter checkpoint: LoRA merged at load exactly as tools/merge_lora.py merges it, Adapter or
+Adapter v2 attached as modules (their prompts cannot be merged); an adapter checkpoint given as --checkpoint alone
+finds its base through its metadata. --chat is a multi-turn loop on stdin in the
 checkpoint's prompt style (/reset forgets the history, /exit or end of input leaves).
 """
 
@@ -26,9 +27,10 @@ from neox_llama.utils.logging_setup import setup_logging
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="save directory (uses latest) or global_stepN folder")
-    parser.add_argument("--adapter", action="append", default=[], metavar="LORA_CHECKPOINT",
-                        help="LoRA checkpoint trained on --checkpoint, merged in at load (repeatable)")
-    parser.add_argument("--base", help="a LoRA --checkpoint's base, when it is no longer where its metadata says")
+    parser.add_argument("--adapter", action="append", default=[], metavar="ADAPTER_CHECKPOINT",
+                        help="an adapter checkpoint trained on --checkpoint: LoRA (merged in at load; repeatable), "
+                             "Adapter or Adapter v2 (attached; one)")
+    parser.add_argument("--base", help="an adapter --checkpoint's base, when it is no longer where its metadata says")
     parser.add_argument("--prompt-style", choices=STYLES,
                         help="chat template for --chat; default: the one the checkpoint/adapter was trained with, "
                              "else the model family's")

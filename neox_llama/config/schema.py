@@ -23,6 +23,8 @@ TokenizerType = Literal["SPMTokenizer", "Llama3Tokenizer", "HFTokenizer"]
 LRDecayStyle = Literal["cosine", "linear", "constant", "inverse_sqrt"]
 PromptStyle = Literal["alpaca", "llama2-chat", "llama3-chat", "plain"]
 LoraTarget = Literal["query", "key", "value", "output", "mlp", "head"]
+PeftMethod = Literal["lora", "adapter", "adapter_v2"]
+AdapterGate = Literal["per_layer", "per_head"]
 LauncherType = Literal["pdsh", "openmpi", "mvapich", "slurm", "impi"]
 OffloadDevice = Literal["none", "cpu", "nvme"]
 
@@ -265,12 +267,17 @@ class LauncherArgs:
 
 @dataclass
 class LoraArgs:
-    """Low-rank adaptation (LoRA): the base is frozen; each targeted matrix W gains (lora_alpha / lora_r) x B A."""
+    """Parameter-efficient fine-tuning on a frozen base. LoRA: each targeted matrix W gains (lora_alpha / lora_r) x
+    B A. Adapter (v1, v2): see peft_method."""
 
     lora_r: int = doc_field(0, "LoRA rank; 0 = off (full fine-tuning). Needs load (the base checkpoint).", minimum=0)
     lora_alpha: float = doc_field(16.0, "LoRA scaling numerator: the update is scaled by lora_alpha / lora_r.", minimum=0.0)
     lora_dropout: float = doc_field(0.05, "Dropout on the LoRA input (training only).", minimum=0.0, maximum=1.0)
     lora_targets: list[LoraTarget] = doc_field(["query", "value"], "Matrices that get adapters: query, key, value, output (attention), mlp (gate, up, down), head (refused while the head is tied to the embedding).")
+    peft_method: PeftMethod = doc_field("lora", "Parameter-efficient method: lora (on when lora_r > 0), adapter (LLaMA-Adapter: a learned prompt per top layer, mixed into attention through a zero-initialised gate) or adapter_v2 (adapter, plus a learned scale and bias on every linear layer and trainable norms). adapter and adapter_v2 need load (the base).")
+    adapter_prompt_length: int = doc_field(10, "adapter / adapter_v2: learned prompt tokens per adapted layer.", minimum=1)
+    adapter_start_layer: int = doc_field(2, "adapter / adapter_v2: the first block (from 0) that gets a prompt; every later one does too.", minimum=0)
+    adapter_gate: AdapterGate = doc_field("per_layer", "adapter / adapter_v2: one zero-initialised gate per layer (as PEFT's adaption_prompt, exportable to PEFT) or one per attention head (as LitGPT; not exportable).")
 
 
 GROUPS: tuple[type, ...] = (

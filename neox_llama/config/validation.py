@@ -167,6 +167,20 @@ def _check_finetune(cfg: Config, problems: _Problems) -> None:
                                                "frozen already (choose the adapted matrices with lora_targets)")
         if cfg.lora_alpha <= 0:
             problems.add("lora_alpha", f"lora_alpha {cfg.lora_alpha} must be positive")
+    if cfg.peft_method != "lora":
+        method = cfg.peft_method
+        if cfg.lora_r:
+            problems.add(("peft_method", "lora_r"), f"peft_method {method} with lora_r {cfg.lora_r}: choose one method "
+                                                    "(lora_r 0 for the adapter, or peft_method lora)")
+        if not cfg.load:
+            problems.add(("peft_method", "load"), f"peft_method {method} adapts a trained base: set load (the base "
+                                                  "checkpoint, or an adapter checkpoint to resume)")
+        if cfg.freeze:
+            problems.add(("freeze", "peft_method"), f"freeze is for full fine-tuning; with peft_method {method} the "
+                                                    "base is frozen already")
+        if cfg.num_layers is not None and cfg.adapter_start_layer >= cfg.num_layers:
+            problems.add("adapter_start_layer", f"adapter_start_layer {cfg.adapter_start_layer} is not a block of the "
+                                                f"model (blocks 0-{cfg.num_layers - 1})")
 
 
 def _check_training(cfg: Config, problems: _Problems, d: Derived) -> None:

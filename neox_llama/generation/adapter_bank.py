@@ -16,6 +16,7 @@ from torch import nn
 from neox_llama.checkpoint.adapter import adapter_layers, updates_by_weight
 from neox_llama.checkpoint.merge import Adapter, find_base
 from neox_llama.checkpoint.paths import CheckpointError
+from neox_llama.model.peft import kind
 
 
 class _Stack(nn.Module):
@@ -62,6 +63,11 @@ class AdapterBank:
         if lm.run.adapters:
             raise CheckpointError(f"{lm.run.folder}: adapters are served on a full checkpoint, not on a LoRA one")
         opened = [Adapter.open(folder) for folder in adapters.values()]
+        for adapter in opened:
+            if not adapter.is_lora:
+                raise CheckpointError(f"{adapter.folder}: an {kind(adapter.settings)} checkpoint; --adapter NAME=DIR "
+                                      "routes LoRA checkpoints only so far: serve it on its own with --checkpoint "
+                                      f"{adapter.folder}")
         for adapter in opened:
             find_base([adapter], lm.run.folder)
         bank = cls(list(adapters), opened)

@@ -34,6 +34,7 @@ class Attention(nn.Module):
         self.dropout = args.attention_dropout
         self.document_attention = args.document_attention
         self.recompute = args.recompute_attention
+        self.register_module("adapter", None)  # LLaMA-Adapter's gated prompt, when a run adds one (model/adapter.py)
         self.rotary = None
         if args.pos_emb == "rotary":
             scaling = dict(args.rope_scaling) if args.rope_scaling else None
@@ -57,6 +58,8 @@ class Attention(nn.Module):
             out = checkpoint(self._masked_core, q, k, v, position_ids, use_reentrant=False)
         else:
             out = self._masked_core(q, k, v, position_ids)
+        if self.adapter is not None:
+            out = out + self.adapter(q, self.key, self.value, self.local_kv_heads)
         return self.dense(out.transpose(1, 2).reshape(batch, seq, self.local_heads * self.head_dim))
 
     def _masked_core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:

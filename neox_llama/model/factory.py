@@ -50,6 +50,19 @@ class LayerFactory:
 
         return LoRA((settings.r, linear.in_features), (linear.out_features, settings.r), settings)
 
+    def parameter(self, shape: tuple[int, ...], dim: int | None, device=None, dtype=None) -> nn.Parameter:
+        """A new (uninitialised) parameter of full shape ``shape``, holding this rank's piece split along ``dim``
+        (None: replicated); adapters use it."""
+        return mark_partition(nn.Parameter(torch.empty(shape, device=device, dtype=dtype)), None, 1, 0)
+
+    def splits_output(self, linear: nn.Module) -> bool:
+        """Whether ``linear`` (a layer this factory made) holds only some of its output features."""
+        return False
+
+    def summed_over_group(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (replicated) as used on this rank's shard of the work: its gradient is summed over the group."""
+        return tensor
+
     def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
         """Prepare the hidden state for a (possibly vocab-split) output projection."""
         return hidden

@@ -125,11 +125,6 @@ def apply_lora(layers: dict[int, nn.Module], settings: LoraSettings, factory, se
     return attached
 
 
-def adapter_tensors(layer: nn.Module) -> dict[str, torch.Tensor]:
-    """``{path}.lora.a`` / ``.lora.b`` parameters of one layer (this rank's shards)."""
-    return {name: p for name, p in layer.named_parameters() if ".lora." in f".{name}"}
-
-
 def merged_weight(weight: torch.Tensor, updates: list[tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
     """``W + sum of scale x B A`` over ``updates`` ((A, B, scale) each), in float32, returned in W's dtype: the one
     rule every merge uses (tools/merge_lora.py, generation with --adapter), so they agree to the bit."""

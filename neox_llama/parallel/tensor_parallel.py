@@ -165,6 +165,18 @@ class TensorParallelFactory(LayerFactory):
             return RowLoRA(linear, settings)
         return super().lora(linear, settings)
 
+    def parameter(self, shape: tuple[int, ...], dim: int | None, device=None, dtype=None) -> nn.Parameter:
+        local = list(shape)
+        if dim is not None:
+            local[dim] = _split(shape[dim], self.tp_size, "adapter features")
+        return _sharded(nn.Parameter(torch.empty(local, device=device, dtype=dtype)), dim, self.tp_size, self.tp_rank)
+
+    def splits_output(self, linear: nn.Module) -> bool:
+        return isinstance(linear, ColumnParallelLinear)
+
+    def summed_over_group(self, tensor: torch.Tensor) -> torch.Tensor:
+        return _CopyToGroup.apply(tensor, self.group)
+
     def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
         return _CopyToGroup.apply(hidden, self.group)
 

@@ -39,7 +39,8 @@ from neox_llama.config.loading import dump_raw
 from neox_llama.config.schema import Config
 from neox_llama.distributed import agree
 from neox_llama.model.args import LlamaArgs
-from neox_llama.model.lora import LoraSettings, adapter_tensors
+from neox_llama.model.lora import LoraSettings
+from neox_llama.model.peft import PeftSettings, trained_tensors
 from neox_llama.parallel.pipeline import rank_layers
 from neox_llama.parallel.topology import ParallelState
 from neox_llama.utils.files import atomic_write_text
@@ -74,22 +75,22 @@ def full_tensor(param: torch.Tensor, state: ParallelState) -> torch.Tensor:
 
 
 def save_layer_weights(module: torch.nn.Module, state: ParallelState, folder: Path,
-                       adapters_only: bool = False) -> list[int]:
+                       adapters_only: PeftSettings | None = None) -> list[int]:
     """Write this stage's layers as full, layout-free tensors, one whole-layer file each; returns the global indices
     of the files this rank wrote.
 
     The files are shared out over the stage's data-parallel ranks (layer i by data-parallel rank i mod dp, on its
     first tensor-parallel rank), so no rank writes the whole model and writes run in parallel. Tensor-parallel
     shards are gathered, and ZeRO-3 partitions (on every data-parallel rank, as DeepSpeed gathers) one layer at a
-    time: at most one full layer is in memory. ``adapters_only`` (a LoRA run): only the LoRA tensors, into
-    ``adapter/`` instead of ``weights/``.
+    time: at most one full layer is in memory. ``adapters_only`` (a LoRA / Adapter run's settings): only the
+    tensors the method trains, into ``adapter/`` instead of ``weights/``.
     """
     failure: CheckpointError | None = None
     wrote: list[int] = []
     for index, layer in rank_layers(module, state).items():
         if index == 0 and state.pp_rank != 0:
             continue  # the tied embedding's copy on the last stage: the first stage writes layer 0
-        params = adapter_tensors(layer) if adapters_only else dict(layer.named_parameters())
+        params = trained_tensors(layer, adapters_only) if adapters_only else dict(layer.named_parameters())
         if not params:
             continue
         chosen = state.dp_rank == index % state.dp_size  # this data-parallel replica writes the layer
@@ -99,7 +100,7 @@ def save_layer_weights(module: torch.nn.Module, state: ParallelState, folder: Pa
         with gathered(list(params.values())):  # ZeRO-3: one layer at a time, on every data-parallel rank
             # The chosen replica's tensor-parallel ranks gather its shards (a collective in their own group).
             tensors = {name: full_tensor(p, state) for name, p in params.items()} if chosen else {}
-        target = adapter_file(folder, index) if adapters_only else layer_file(folder, index)
+        target = adapter_file(folder, index) if adapters_only is not None else layer_file(folder, index)
         if writer and failure is None:
             try:
                 write_layer_file(target, tensors)
@@ -115,9 +116,11 @@ def save_layer_weights(module: torch.nn.Module, state: ParallelState, folder: Pa
     return wrote
 
 
-def load_adapter_weights(module: torch.nn.Module, state: ParallelState, folder: Path) -> None:
-    """Fill this rank's LoRA adapters from a LoRA checkpoint's ``adapter/`` (any layout wrote it); shared outcome."""
-    agree(lambda: fill_adapters(rank_layers(module, state), folder))
+def load_adapter_weights(module: torch.nn.Module, state: ParallelState, folder: Path,
+                         settings: PeftSettings) -> None:
+    """Fill this rank's adapter tensors from an adapter checkpoint's ``adapter/`` (any layout wrote it); shared
+    outcome."""
+    agree(lambda: fill_adapters(rank_layers(module, state), folder, settings))
 
 
 def load_layer_weights(module: torch.nn.Module, state: ParallelState, folder: Path, args: LlamaArgs) -> None:
@@ -196,7 +199,8 @@ class FinetuneInfo:
     """What a fine-tune's checkpoints say about it besides the step (see checkpoint/metadata.py)."""
 
     base: BaseRef | None = None
-    lora: LoraSettings | None = None
+    peft: PeftSettings | None = None
+    """LoRA / Adapter settings: the checkpoint then holds only what they train."""
     prompt_style: str | None = None
 
 
@@ -204,11 +208,11 @@ def save_checkpoint(engine, module_state: ParallelState, cfg: Config, train: Tra
                     tokenizer_files: list[Path], tag: str | None = None, info: FinetuneInfo | None = None) -> Path:
     """Save everything needed to resume; returns the folder. Every rank must call this.
 
-    A LoRA run (``info.lora``) saves only what it trains: DeepSpeed's state without the frozen base, and the
-    adapter tensors in ``adapter/``; its metadata names the base.
+    A LoRA or Adapter run (``info.peft``) saves only what it trains: DeepSpeed's state without the frozen base,
+    and the trained tensors in ``adapter/``; its metadata names the base.
     """
     info = info or FinetuneInfo()
-    lora = info.lora is not None
+    peft = info.peft
     save = Path(cfg.save)
     tag = tag or tag_for(train.step)
     # `best` is replaced in place: it is written beside the old one and swapped in at the end, so a crash
@@ -224,8 +228,8 @@ def save_checkpoint(engine, module_state: ParallelState, cfg: Config, train: Tra
             (folder / METADATA).unlink(missing_ok=True)  # re-saving a tag: incomplete until metadata is rewritten
 
     agree(invalidate, rank0_only=True)
-    engine.save_checkpoint(str(save), tag=folder.name, save_latest=False, exclude_frozen_parameters=lora)
-    save_layer_weights(engine.module, module_state, folder, adapters_only=lora)
+    engine.save_checkpoint(str(save), tag=folder.name, save_latest=False, exclude_frozen_parameters=peft is not None)
+    save_layer_weights(engine.module, module_state, folder, adapters_only=peft)
 
     def save_rng() -> None:
         (folder / "rng").mkdir(parents=True, exist_ok=True)
@@ -242,7 +246,8 @@ def save_checkpoint(engine, module_state: ParallelState, cfg: Config, train: Tra
                         evaluations_without_improvement=train.evaluations_without_improvement,
                         layout=layout_of(cfg), tokenizer_files=[f.name for f in tokenizer_files],
                         precision=cfg.precision, prompt_style=info.prompt_style, base=info.base,
-                        lora=info.lora.to_dict() if lora else None)
+                        lora=peft.to_dict() if isinstance(peft, LoraSettings) else None,
+                        adapter=peft.to_dict() if peft is not None and not isinstance(peft, LoraSettings) else None)
         write_metadata(folder, meta)
         if replaces:
             _swap_in(folder, save / tag)

@@ -19,7 +19,7 @@ from neox_llama.model.factory import LayerFactory
 from neox_llama.model.freeze import apply_freeze
 from neox_llama.model.init import full_shape, held_numel, init_weights
 from neox_llama.model.layers import TransformerBlock
-from neox_llama.model.lora import LoraSettings, apply_lora
+from neox_llama.model.peft import apply_peft, describe, peft_settings
 from neox_llama.parallel.pipeline import build_module, layer_factory, rank_layers
 from neox_llama.parallel.topology import ParallelState
 
@@ -58,13 +58,13 @@ class Engine:
         return self.state.pp_size > 1
 
 
-def make_trainable(module: nn.Module, cfg: Config, state: ParallelState) -> tuple[int, int]:
-    """LoRA adapters on a frozen base (``lora_r`` > 0), or the ``freeze`` patterns of a full fine-tune; returns
-    (trainable, total) parameters of this rank (shards counted as held)."""
+def make_trainable(module: nn.Module, cfg: Config, state: ParallelState, args: LlamaArgs) -> tuple[int, int]:
+    """LoRA or Adapter (v2) modules on a frozen base (``lora_r`` > 0, ``peft_method``), or the ``freeze`` patterns
+    of a full fine-tune; returns (trainable, total) parameters of this rank (shards counted as held)."""
     layers = rank_layers(module, state)
-    settings = LoraSettings.from_config(cfg)
+    settings = peft_settings(cfg)
     if settings is not None:
-        apply_lora(layers, settings, layer_factory(state), cfg.seed)
+        apply_peft(layers, settings, layer_factory(state), args, cfg.seed)
     elif cfg.freeze:
         apply_freeze(layers, cfg.freeze, cfg.num_layers, tied=not cfg.no_weight_tying)
     params = {id(p): p for p in module.parameters()}.values()
@@ -147,10 +147,10 @@ def setup_engine(cfg: Config, args: LlamaArgs, state: ParallelState, accelerator
                 " (ZeRO-3 partitions)" if cfg.zero_optimization.stage == 3 else "")
     if prepare_module is not None:
         prepare_module(module)
-    trainable, total = make_trainable(module, cfg, state)
+    trainable, total = make_trainable(module, cfg, state, args)
     how = ""
-    if cfg.lora_r:
-        how = f"; LoRA r {cfg.lora_r}, alpha {cfg.lora_alpha:g}, targets {', '.join(cfg.lora_targets)}"
+    if peft_settings(cfg) is not None:
+        how = f"; {describe(peft_settings(cfg))}"
     elif cfg.freeze:
         how = f"; frozen: {', '.join(cfg.freeze)}"
     logger.info("trainable parameters on this rank: %s of %s (%.3f%%)%s", f"{trainable:,}", f"{total:,}",

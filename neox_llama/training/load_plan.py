@@ -1,4 +1,5 @@
-"""What a run starts from: nothing, a checkpoint to resume, or a base to fine-tune (fully or with LoRA).
+"""What a run starts from: nothing, a checkpoint to resume, or a base to fine-tune (fully, or with LoRA / Adapter /
+Adapter v2).
 
 The rules (docs/finetuning.md):
 
@@ -6,8 +7,8 @@ The rules (docs/finetuning.md):
 - ``finetune: true``: start from ``load``'s weights at step 0 with a fresh optimizer and new data. When ``save``
   (a directory other than ``load``'s) already holds a checkpoint of this fine-tune — its base fingerprint is
   ``load``'s — the run resumes from it instead, so re-running the same command continues it.
-- ``finetune: false``: resume ``load`` exactly (step, optimizer, data position). A LoRA checkpoint resumes with
-  its base found through its metadata; its LoRA settings must be the config's.
+- ``finetune: false``: resume ``load`` exactly (step, optimizer, data position). An adapter checkpoint (LoRA,
+  Adapter, Adapter v2) resumes with its base found through its metadata; its settings must be the config's.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from neox_llama.checkpoint.metadata import BaseRef, Metadata, read_metadata
 from neox_llama.checkpoint.paths import LATEST, METADATA, CheckpointError, resolve_checkpoint
 from neox_llama.config.schema import Config
 from neox_llama.errors import TrainingError
-from neox_llama.model.lora import LoraSettings
+from neox_llama.model.peft import PeftSettings, describe, kind, peft_settings, same_shapes, settings_of
 
 logger = logging.getLogger("train")
 
@@ -37,10 +38,11 @@ class LoadPlan:
     weights: Path | None = None
     """A full checkpoint whose weights fill the model before the engine exists (base, or another layout)."""
     adapters: Path | None = None
-    """A LoRA checkpoint whose adapters are loaded (resuming a LoRA run)."""
+    """An adapter checkpoint whose tensors are loaded (resuming a LoRA / Adapter run)."""
     base: BaseRef | None = None
     """The fine-tune's starting checkpoint, saved in every checkpoint of the run."""
-    lora: LoraSettings | None = None
+    peft: PeftSettings | None = None
+    """The parameter-efficient method the run trains with (None: every unfrozen weight)."""
     notes: list[str] = field(default_factory=list)
 
 
@@ -56,53 +58,49 @@ def _complete(path: str | Path) -> tuple[Path, Metadata] | None:
     return folder, read_metadata(folder)
 
 
-def _same_lora(saved: LoraSettings, lora: LoraSettings) -> bool:
-    """Whether the config's LoRA fits the checkpoint's (targets in any order; dropout may change)."""
-    return (saved.r, saved.alpha, sorted(saved.targets)) == (lora.r, lora.alpha, sorted(lora.targets))
-
-
-def _resume_plan(folder: Path, meta: Metadata, lora: LoraSettings | None, finetune: bool = False,
+def _resume_plan(folder: Path, meta: Metadata, peft: PeftSettings | None, finetune: bool = False,
                  base: Path | None = None) -> LoadPlan:
-    if meta.is_adapter:
-        saved = LoraSettings.from_dict(meta.lora)
-        if lora is None:
-            raise TrainingError(f"{folder} is a LoRA checkpoint (r {saved.r}, alpha {saved.alpha:g}, targets "
-                                f"{', '.join(saved.targets)}); resume it with the same lora_* keys, or merge it "
-                                "(tools/merge_lora.py) and load the merged checkpoint")
-        if not _same_lora(saved, lora):
-            raise TrainingError(f"{folder} was trained with LoRA {saved.to_dict()}, but the config says "
-                                f"{lora.to_dict()}; resume with the checkpoint's r, alpha and targets")
-        if saved.dropout != lora.dropout:
-            logger.warning("resuming %s with lora_dropout %g (it was trained with %g)", folder, lora.dropout,
+    saved = settings_of(meta)
+    if saved is not None:
+        if peft is None:
+            keys = "lora_* keys" if kind(saved) == "LoRA" else "peft_method and adapter_* keys"
+            raise TrainingError(f"{folder} is a {kind(saved)} checkpoint ({describe(saved)}); resume it with the same "
+                                f"{keys}, or merge it (tools/merge_lora.py) and load the merged checkpoint")
+        if not same_shapes(saved, peft):
+            raise TrainingError(f"{folder} was trained with {describe(saved)}, but the config says {describe(peft)}; "
+                                "resume with the checkpoint's settings")
+        if kind(saved) == "LoRA" and saved.dropout != peft.dropout:
+            logger.warning("resuming %s with lora_dropout %g (it was trained with %g)", folder, peft.dropout,
                            saved.dropout)
         base_folder = resolve_base(folder, meta, base)
-        return LoadPlan(resume=folder, meta=meta, weights=base_folder, adapters=folder, base=meta.base, lora=lora)
-    if lora is not None:
+        return LoadPlan(resume=folder, meta=meta, weights=base_folder, adapters=folder, base=meta.base, peft=peft)
+    if peft is not None:
         if finetune:
-            raise TrainingError(f"save holds {folder}, a full fine-tune of this base, but the config sets lora_r "
-                                f"{lora.r}; choose another save directory for a LoRA run")
-        raise TrainingError(f"lora_r {lora.r} with load {folder} (a full checkpoint) and finetune false: set "
-                            "finetune: true to start LoRA from it")
+            raise TrainingError(f"save holds {folder}, a full fine-tune of this base, but the config trains "
+                                f"{describe(peft)}; choose another save directory for that run")
+        keys = f"lora_r {peft.r}" if kind(peft) == "LoRA" else f"peft_method {peft.method}"
+        raise TrainingError(f"{keys} with load {folder} (a full checkpoint) and finetune false: set "
+                            f"finetune: true to start {kind(peft)} from it")
     return LoadPlan(resume=folder, meta=meta, base=meta.base)
 
 
 def plan_load(cfg: Config) -> LoadPlan:
     """The plan for ``cfg`` (every rank makes it from its own files; they must agree)."""
-    lora = LoraSettings.from_config(cfg)
+    peft = peft_settings(cfg)
     if not cfg.load:
-        return LoadPlan(lora=lora)
+        return LoadPlan(peft=peft)
     try:
         folder = resolve_checkpoint(cfg.load)
     except CheckpointError as err:
         if cfg.finetune or Path(cfg.load).joinpath(LATEST).exists() or Path(cfg.load, METADATA).exists():
             raise TrainingError(str(err)) from None
         logger.info("no checkpoint in %s yet: starting from scratch", cfg.load)
-        return LoadPlan(lora=lora)
+        return LoadPlan(peft=peft)
     meta = read_metadata(folder)
     if not cfg.finetune:
-        return _resume_plan(folder, meta, lora)
+        return _resume_plan(folder, meta, peft)
     if meta.is_adapter:
-        raise TrainingError(f"load {folder} is a LoRA checkpoint: to continue it set finetune: false; to fine-tune "
+        raise TrainingError(f"load {folder} is a {kind(settings_of(meta))} checkpoint: to continue it set finetune: false; to fine-tune "
                             "further from it, merge it first (tools/merge_lora.py) and load the merged checkpoint")
     base = base_ref(folder)
     if cfg.save and _save_dir(cfg.save) == _save_dir(folder):
@@ -115,10 +113,10 @@ def plan_load(cfg: Config) -> LoadPlan:
             if saved_meta.base is None or saved_meta.base.fingerprint != base.fingerprint:
                 raise TrainingError(f"save {cfg.save} already holds {saved_folder}, which is not a fine-tune of "
                                     f"{folder}; choose another save directory (or remove it) so nothing is overwritten")
-            plan = _resume_plan(saved_folder, saved_meta, lora, finetune=True, base=folder)
+            plan = _resume_plan(saved_folder, saved_meta, peft, finetune=True, base=folder)
             plan.notes.append(f"{cfg.save} holds {saved_folder.name} of this fine-tune of {folder}: resuming it")
             return plan
-    return LoadPlan(weights=folder, base=base, lora=lora, meta=meta)
+    return LoadPlan(weights=folder, base=base, peft=peft, meta=meta)
 
 
 def _save_dir(path: str | Path) -> Path:

@@ -22,6 +22,7 @@ from neox_llama.errors import TrainingError
 from neox_llama.model.args import LlamaArgs
 from neox_llama.model.flops import flops_per_token, recompute_flops_per_token
 from neox_llama.model.loss import CausalLMLoss
+from neox_llama.model.peft import describe
 from neox_llama.parallel.topology import ParallelState
 from neox_llama.tokenizers import Tokenizer
 from neox_llama.training import checkpointing as ckpt
@@ -65,20 +66,20 @@ class Trainer:
 
         def prepare_adapters(module):
             if lora_resume:
-                ckpt.load_adapter_weights(module, self.state, plan.adapters)
+                ckpt.load_adapter_weights(module, self.state, plan.adapters, plan.peft)
                 if ckpt.same_layout(meta, cfg):
                     agree(lambda: ckpt.check_engine_files(plan.adapters))
 
         self.runner = setup_engine(cfg, self.args, self.state, accelerator, prepare_module=prepare, with_schedule=True,
                                    prepare_adapters=prepare_adapters)
         self.engine = self.runner.engine
-        self.finetune_info = ckpt.FinetuneInfo(base=plan.base, lora=plan.lora,
+        self.finetune_info = ckpt.FinetuneInfo(base=plan.base, peft=plan.peft,
                                                prompt_style=meta.prompt_style if resume is not None else None)
         if resume is not None:
             self._resume(resume, meta, weights_only or (lora_resume and not ckpt.same_layout(meta, cfg)),
                          strict=not lora_resume)
         elif plan.weights is not None:
-            what = f"LoRA r {cfg.lora_r} on the frozen weights" if plan.lora else "the weights"
+            what = f"{describe(plan.peft)} on the frozen weights" if plan.peft else "the weights"
             logger.info("fine-tuning from %s of %s (fresh optimizer, step 0)", what, plan.weights)
         self.loss_fn = CausalLMLoss(self.runner.factory)
         self.metrics = agree(lambda: MetricsWriter(cfg, info.rank, resume_step=self.train_state.step))

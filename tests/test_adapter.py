@@ -1,0 +1,172 @@
+"""LLaMA-Adapter (v1) and Adapter v2 in-process: step 0 is the base exactly, only adapter tensors train, the gate
+mixes in the prompt as PEFT's adaption_prompt does (equal logits through peft.PeftModel), and v2's scale and bias
+act per output feature."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers.checkpoints import TINY, save_random_checkpoint
+
+from neox_llama.checkpoint.run import load_model
+from neox_llama.model.adapter import AdapterSettings, apply_adapter, is_adapter_tensor
+from neox_llama.model.factory import SINGLE_DEVICE
+
+UNTIED = {**TINY, "no_weight_tying": True, "num_layers": 3}
+IDS = torch.tensor([[1, 5, 9, 20, 33, 7, 64, 100, 3], [4, 8, 15, 16, 23, 42, 2, 1, 0]])
+V1 = AdapterSettings("adapter", prompt_length=4, start_layer=1)
+V2 = AdapterSettings("adapter_v2", prompt_length=3, start_layer=2, gate="per_head")
+
+
+@pytest.fixture
+def base(tmp_path):
+    save_random_checkpoint(tmp_path / "base", UNTIED)
+    return tmp_path / "base"
+
+
+def adapted(base, settings: AdapterSettings):
+    model, run = load_model(base)
+    layers = {int(i): m for i, m in model.named_children()}
+    apply_adapter(layers, settings, SINGLE_DEVICE, run.args, seed=11)
+    return model.eval(), run
+
+
+@pytest.mark.parametrize("settings", [V1, V2], ids=["adapter", "adapter_v2"])
+def test_step_zero_is_the_base_exactly_and_only_adapter_tensors_train(base, settings):
+    model, _ = load_model(base)
+    with torch.no_grad():
+        before = model(IDS)
+    model, run = adapted(base, settings)
+    with torch.no_grad():
+        assert torch.equal(model(IDS), before)  # gates start at zero, scales at one, biases at zero
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    prompts = [n for n in trainable if n.endswith("adapter.prompt")]
+    assert prompts == [f"{i}.attention.adapter.prompt" for i in range(settings.start_layer + 1, run.args.num_layers + 1)]
+    if settings.v2:
+        assert "2.attention.query.adapter.scale" in trainable and "1.mlp.down.adapter.bias" in trainable
+        assert "5.head.adapter.scale" in trainable and "5.head.adapter.bias" not in trainable  # HF's head has no bias
+        assert "1.input_norm.weight" in trainable and "4.norm.weight" in trainable  # norms train in v2
+        assert "0.word_embeddings.weight" not in trainable and "1.attention.query.weight" not in trainable
+    else:
+        assert all(".adapter." in n for n in trainable)
+    for name, param in model.named_parameters():
+        rest = name.split(".", 1)[1]
+        assert param.requires_grad == is_adapter_tensor(rest, settings), name
+
+
+def test_the_gate_mixes_the_prompt_in_and_gradients_reach_only_adapters(base):
+    model, _ = adapted(base, V1)
+    with torch.no_grad():
+        before = model(IDS)
+        model.get_submodule("3.attention.adapter").gate.fill_(0.5)
+        after = model(IDS)
+    assert (after - before).abs().max() > 1e-3
+    model.train()
+    loss = model(IDS).float().logsumexp(-1).mean()
+    loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert "2.attention.adapter.gate" in grads and "3.attention.adapter.prompt" in grads
+    assert all(".adapter." in n for n in grads)
+
+
+def test_v2_scale_and_bias_act_per_output_feature(base):
+    model, _ = adapted(base, V2)
+    query = model.get_submodule("1.attention.query")
+    x = torch.randn(2, 5, query.in_features)
+    with torch.no_grad():
+        plain = torch.nn.functional.linear(x, query.weight)
+        query.adapter.scale.copy_(torch.linspace(0.5, 1.5, query.out_features))
+        query.adapter.bias.copy_(torch.linspace(-1, 1, query.out_features))
+        expected = query.adapter.scale * (plain + query.adapter.bias)
+        assert torch.allclose(query(x), expected, atol=1e-6)
+
+
+def test_peft_adaption_prompt_gives_our_logits(base, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from neox_llama.convert.hf_export import export_to_hf
+
+    settings = AdapterSettings("adapter", prompt_length=5, start_layer=1)
+    model, run = adapted(base, settings)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".adapter." in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * (0.3 if name.endswith("gate") else 1.0))
+        ours = model(IDS)
+    export_to_hf(base, tmp_path / "hf", dtype="fp32")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    config = peft.AdaptionPromptConfig(adapter_len=5, adapter_layers=run.args.num_layers - 1, task_type="CAUSAL_LM")
+    theirs_model = peft.get_peft_model(hf, config).eval()
+    state = {}
+    for block in range(1, run.args.num_layers):
+        state[f"base_model.model.model.layers.{block}.self_attn.adaption_prompt"] = \
+            model.get_submodule(f"{block + 1}.attention.adapter").prompt[None]
+        state[f"base_model.model.model.layers.{block}.self_attn.adaption_gate"] = \
+            model.get_submodule(f"{block + 1}.attention.adapter").gate
+    assert not theirs_model.load_state_dict(state, strict=False).unexpected_keys
+    with torch.no_grad():
+        theirs = theirs_model(IDS).logits
+    assert (theirs - ours[..., : theirs.shape[-1]]).abs().max().item() <= 1e-5
+
+
+
+
+def adapter_checkpoint(folder, base, settings: AdapterSettings, seed: int, step: int = 4):
+    """An adapter checkpoint as an adapter run saves it, with random (non-zero) trained tensors; returns them too."""
+    import yaml
+
+    from neox_llama.checkpoint.adapter import adapter_file, base_ref
+    from neox_llama.checkpoint.metadata import Layout, Metadata, write_metadata
+    from neox_llama.checkpoint.weights import write_layer_file
+
+    model, _ = adapted(base, settings)
+    gen = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True)
+    saved = {}
+    for index, layer in model.named_children():
+        tensors = {n: p.detach() + 0.2 * torch.randn(p.shape, generator=gen)
+                   for n, p in layer.named_parameters() if is_adapter_tensor(n, settings)}
+        if tensors:
+            write_layer_file(adapter_file(folder, int(index)), tensors)
+            saved.update({f"{index}.{n}": t for n, t in tensors.items()})
+    config = yaml.safe_load((base / "config.yml").read_text())
+    config.update(peft_method=settings.method, adapter_prompt_length=settings.prompt_length,
+                  adapter_start_layer=settings.start_layer, adapter_gate=settings.gate, finetune=True, load=str(base))
+    (folder / "config.yml").write_text(yaml.safe_dump(config))
+    write_metadata(folder, Metadata(tag=folder.name, step=step, layout=Layout(zero_stage=0), base=base_ref(base),
+                                    adapter=settings.to_dict()))
+    return folder, saved
+
+
+@pytest.mark.parametrize("settings", [V1, V2], ids=["adapter", "adapter_v2"])
+def test_an_adapter_checkpoint_loads_as_base_plus_attached_adapter(base, tmp_path, settings):
+    from neox_llama.checkpoint.run import load_run
+
+    folder, saved = adapter_checkpoint(tmp_path / "ad", base, settings, seed=2)
+    model, _ = adapted(base, settings)
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            dict(model.named_parameters())[name].copy_(tensor)
+        expected = model(IDS)
+    alone, run = load_model(folder)  # the checkpoint alone finds its base
+    assert run.folder == base.resolve() and len(run.adapters) == 1
+    with torch.no_grad():
+        assert torch.equal(alone(IDS), expected)
+        assert torch.equal(load_model(load_run(base, adapters=[folder]))[0](IDS), expected)  # --adapter
+        assert (expected - load_model(base)[0](IDS)).abs().max() > 1e-3  # the adapter does change the model
+
+
+def test_adapter_checkpoints_refuse_what_cannot_be_done(base, tmp_path):
+    from neox_llama.checkpoint.merge import Adapter, merge_to_checkpoint
+    from neox_llama.checkpoint.paths import CheckpointError
+    from neox_llama.checkpoint.run import load_run
+
+    one, _ = adapter_checkpoint(tmp_path / "a", base, V1, seed=2)
+    two, _ = adapter_checkpoint(tmp_path / "b", base, V2, seed=3)
+    with pytest.raises(CheckpointError, match="an Adapter checkpoint applies alone"):
+        load_model(load_run(base, adapters=[one, two]))
+    with pytest.raises(CheckpointError, match="its learned prompt cannot be folded into plain Llama weights"):
+        merge_to_checkpoint([Adapter.open(one)], tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
