@@ -29,10 +29,10 @@ def base_checkpoint(folder, preset):
     return save_random_checkpoint(folder, settings, seed=99)
 
 
-def run_layout(tmp_path, name, base, preset, targets, ranks, layout):
+def run_layout(tmp_path, name, base, preset, targets, ranks, layout, common=COMMON):
     out = tmp_path / name
     out.mkdir()
-    proc = launch(ranks, WORKER, str(out), str(base), str(ROOT / preset), *COMMON, targets, *layout)
+    proc = launch(ranks, WORKER, str(out), str(base), str(ROOT / preset), *common, targets, *layout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     merged: dict[str, torch.Tensor] = {}
     losses = None
