@@ -167,6 +167,52 @@ def test_adapter_checkpoints_refuse_what_cannot_be_done(base, tmp_path):
     two, _ = adapter_checkpoint(tmp_path / "b", base, V2, seed=3)
     with pytest.raises(CheckpointError, match="an Adapter checkpoint applies alone"):
         load_model(load_run(base, adapters=[one, two]))
-    with pytest.raises(CheckpointError, match="its learned prompt cannot be folded into plain Llama weights"):
+    with pytest.raises(CheckpointError, match="is a learned prompt and its gates, which cannot be folded"):
         merge_to_checkpoint([Adapter.open(one)], tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_v2_partial_merge_equals_the_adapted_model_with_closed_gates_and_exports_to_hf(base, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from helpers.runner import ROOT
+    from transformers import AutoModelForCausalLM
+
+    folder, saved = adapter_checkpoint(tmp_path / "v2", base, V2, seed=5)
+    for index in {name.split(".")[0] for name in saved if name.endswith("adapter.gate")}:  # close every gate
+        from neox_llama.checkpoint.adapter import adapter_file
+        from neox_llama.checkpoint.weights import read_layer_file, write_layer_file
+
+        path = adapter_file(folder, int(index))
+        tensors = read_layer_file(path)
+        tensors["attention.adapter.gate"] = torch.zeros_like(tensors["attention.adapter.gate"])
+        write_layer_file(path, tensors)
+    with torch.no_grad():
+        expected = load_model(folder)[0](IDS)
+
+    def tool(name, *args):
+        return subprocess.run([sys.executable, str(ROOT / "tools" / name), *map(str, args)], capture_output=True,
+                              text=True, timeout=300)
+
+    proc = tool("merge_lora.py", "--checkpoint", folder, "--output", tmp_path / "m")
+    assert proc.returncode == 2 and "--partial merges its scales, biases and norms" in proc.stderr, proc.stderr
+    assert not (tmp_path / "m").exists()
+    proc = tool("merge_lora.py", "--checkpoint", folder, "--output", tmp_path / "m", "--partial")
+    assert proc.returncode == 0, proc.stderr
+    merged, run = load_model(tmp_path / "m")
+    assert run.args.use_bias_in_attn_linear and run.args.use_bias_in_mlp and not run.metadata.is_adapter
+    with torch.no_grad():
+        assert (merged(IDS) - expected).abs().max().item() <= 1e-5
+        assert (expected - load_model(base)[0](IDS)).abs().max().item() > 1e-3  # scales, biases, norms do act
+    proc = tool("convert_to_hf.py", "--checkpoint", tmp_path / "m", "--output", tmp_path / "hf", "--dtype", "fp32")
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["attention_bias"] and config["mlp_bias"]
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)(IDS).logits
+    assert (theirs - expected[..., : theirs.shape[-1]]).abs().max().item() <= 1e-5
+    v1, _ = adapter_checkpoint(tmp_path / "v1", base, V1, seed=6)
+    proc = tool("merge_lora.py", "--checkpoint", v1, "--output", tmp_path / "m1", "--partial")
+    assert proc.returncode == 2 and "is a learned prompt and its gates" in proc.stderr and "Traceback" not in proc.stderr

@@ -25,7 +25,9 @@ from neox_llama.utils.files import building_dir, output_dir_problem
 
 logger = logging.getLogger(__name__)
 
-LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
+PEFT_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "peft_method", "adapter_prompt_length",
+             "adapter_start_layer", "adapter_gate")
+"""Config keys a merged checkpoint drops: it is a plain model."""
 
 
 @dataclass
@@ -82,12 +84,13 @@ def merged_layer(index: int, tensors: dict[str, torch.Tensor], adapters: list[Ad
     return out
 
 
-def merged_layers(base: Path, adapters: list[Adapter]) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    """(layer index, merged tensors) for every weight file of ``base``, one layer at a time."""
-    for adapter in adapters:
-        if not adapter.is_lora:
-            raise CheckpointError(f"{adapter.folder}: an {kind(adapter.settings)} checkpoint: its learned prompt "
-                                  "cannot be folded into plain Llama weights (apply it with --adapter instead)")
+def merged_layers(base: Path, adapters: list[Adapter],
+                  partial: bool = False) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(layer index, merged tensors) for every weight file of ``base``, one layer at a time (``partial``: an Adapter
+    v2 checkpoint without its prompt, see :func:`_partially_merged_layers`)."""
+    if not all(a.is_lora for a in adapters):
+        yield from _partially_merged_layers(base, adapters, partial)
+        return
     layers = [adapter_layers(a.folder) for a in adapters]
     indices = layer_indices(base)
     for adapter, per_layer in zip(adapters, layers, strict=True):
@@ -100,12 +103,56 @@ def merged_layers(base: Path, adapters: list[Adapter]) -> Iterator[tuple[int, di
         yield index, merged_layer(index, read_layer_file(path), adapters, layers, path)
 
 
+def _partially_merged_layers(base: Path, adapters: list[Adapter],
+                             partial: bool) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """An Adapter v2 checkpoint's scales, biases and norms folded into ``base`` (``partial`` must be set: its prompt
+    and gates are dropped); an Adapter (v1) checkpoint has nothing that folds."""
+    from neox_llama.model.adapter import folded_layer, is_norm_tensor
+
+    adapter = adapters[0]
+    what = kind(adapter.settings)
+    if len(adapters) > 1:
+        raise CheckpointError(f"{adapter.folder}: an {what} checkpoint merges alone; it cannot be combined with other "
+                              "adapters")
+    if adapter.weight != 1.0:
+        raise CheckpointError(f"{adapter.folder}: weight {adapter.weight:g}: only LoRA updates can be weighted")
+    if not adapter.settings.v2:
+        raise CheckpointError(f"{adapter.folder}: an Adapter checkpoint is a learned prompt and its gates, which "
+                              "cannot be folded into plain Llama weights; apply it with --adapter instead")
+    if not partial:
+        raise CheckpointError(f"{adapter.folder}: an Adapter v2 checkpoint's learned prompt cannot be folded into "
+                              "plain Llama weights; --partial merges its scales, biases and norms and drops the "
+                              "prompt (the result equals the adapted model only where its gates are zero)")
+    trained = adapter_layers(adapter.folder)
+    indices = layer_indices(base)
+    extra = sorted(set(trained) - set(indices))
+    if extra:
+        raise CheckpointError(f"{adapter.folder}: adapter tensors for layer {extra[0]}, which the base {base} does "
+                              "not have; the adapter was trained on another model")
+    for index in indices:
+        path = layer_file(base, index)
+        tensors = read_layer_file(path)
+        for name, value in trained.get(index, {}).items():
+            if name.startswith("attention.adapter."):
+                continue  # the prompt and gate, dropped
+            target = name if is_norm_tensor(name) else name.split(".adapter.")[0] + ".weight"
+            if target not in tensors:
+                raise CheckpointError(f"{path}: the base has no {target} for the adapter's {name}; the adapter was "
+                                      "trained on another model")
+            if value.shape[0] != tensors[target].shape[0]:
+                raise CheckpointError(f"{path}: {name} has {value.shape[0]} features, {target} {tensors[target].shape[0]}; "
+                                      "the adapter was trained on another model")
+        yield index, folded_layer(tensors, trained.get(index, {}))
+
+
 def merge_to_checkpoint(adapters: list[Adapter], output: str | Path, base: str | Path | None = None,
-                        force: bool = False) -> Path:
+                        force: bool = False, partial: bool = False) -> Path:
     """Write base + adapters as a full checkpoint folder ``output`` (through a temporary folder renamed at the end).
 
-    The merged checkpoint keeps the first adapter's config without its LoRA keys, the base's tokenizer files and
+    The merged checkpoint keeps the first adapter's config without its adapter keys, the base's tokenizer files and
     the adapter's prompt style; generate.py, convert_to_hf.py and further training take it like any checkpoint.
+    ``partial``: an Adapter v2 checkpoint's scales, biases and norms without its prompt; the merged linear layers
+    then have biases (``use_bias_in_attn_linear`` / ``use_bias_in_mlp``; HF ``attention_bias`` / ``mlp_bias``).
     """
     from neox_llama.config.loading import dump_raw, load_raw
 
@@ -117,11 +164,16 @@ def merge_to_checkpoint(adapters: list[Adapter], output: str | Path, base: str |
     base_meta = read_metadata(base_folder)
     first = adapters[0]
     with building_dir(output) as tmp:
-        for index, tensors in merged_layers(base_folder, adapters):
+        biased = set()
+        for index, tensors in merged_layers(base_folder, adapters, partial):
             write_layer_file(layer_file(tmp, index), tensors)
+            biased |= {name.split(".")[0] for name in tensors if name.endswith(".bias") and "norm" not in name}
         raw, _ = load_raw([first.folder / "config.yml"], apply_presets=False)
-        for key in LORA_KEYS:
+        for key in PEFT_KEYS:
             raw.pop(key, None)
+        if not first.is_lora:  # Adapter v2: every scaled and shifted linear layer of a block now has a bias
+            raw["use_bias_in_attn_linear"] = raw.get("use_bias_in_attn_linear", False) or "attention" in biased
+            raw["use_bias_in_mlp"] = raw.get("use_bias_in_mlp", False) or "mlp" in biased
         dump_raw(raw, tmp / "config.yml", header=f"# merged by tools/merge_lora.py from {first.folder}")
         for name in base_meta.tokenizer_files:
             shutil.copyfile(base_folder / name, tmp / name)
@@ -132,7 +184,8 @@ def merge_to_checkpoint(adapters: list[Adapter], output: str | Path, base: str |
             tokenizer_files=list(base_meta.tokenizer_files), precision=base_meta.precision,
             prompt_style=first.metadata.prompt_style, base=first.metadata.base,
             merged_from=[{"path": str(a.folder.resolve()), "fingerprint": fingerprint(a.folder), "weight": a.weight,
-                          "step": a.metadata.step, "lora": a.settings.to_dict()} for a in adapters])
+                          "step": a.metadata.step, ("lora" if a.is_lora else "adapter"): a.settings.to_dict(),
+                          **({} if a.is_lora else {"partial": True})} for a in adapters])
         write_metadata(tmp, meta)
     logger.info("merged %s into %s -> %s", ", ".join(f"{a.folder} x {a.weight:g}" for a in adapters), base_folder,
                 output)

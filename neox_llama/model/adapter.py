@@ -175,3 +175,30 @@ def apply_adapter(layers: dict[int, nn.Module], settings: AdapterSettings, facto
             if is_norm_tensor(name):
                 param.requires_grad_(True)
     return attached
+
+
+@torch.no_grad()
+def folded_layer(tensors: dict[str, torch.Tensor], trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One layer's base ``tensors`` with Adapter v2's ``trained`` tensors folded in, in float32 and returned in the
+    base's dtype: ``W' = diag(s) W`` and ``b' = s * (b + bias)`` for each scaled linear layer, the trained norm
+    tensors in place of the base's. The prompt and gate (``attention.adapter.*``) are left out: they cannot be
+    folded. A shifted linear layer without a bias gains one."""
+    out = dict(tensors)
+    for name, value in trained.items():
+        if name.startswith("attention.adapter."):
+            continue
+        if is_norm_tensor(name):
+            out[name] = value.to(tensors[name].dtype if name in tensors else value.dtype)
+            continue
+        path, kind = name.rsplit(".adapter.", 1)
+        weight = tensors[f"{path}.weight"]
+        scale = trained[f"{path}.adapter.scale"].float()
+        if kind == "scale":
+            out[f"{path}.weight"] = (scale[:, None] * weight.float()).to(weight.dtype)
+            if f"{path}.bias" in tensors and f"{path}.adapter.bias" not in trained:
+                out[f"{path}.bias"] = (scale * tensors[f"{path}.bias"].float()).to(weight.dtype)
+        else:
+            bias = tensors.get(f"{path}.bias")
+            base_bias = bias.float() if bias is not None else torch.zeros_like(value, dtype=torch.float32)
+            out[f"{path}.bias"] = (scale * (base_bias + value.float())).to(weight.dtype)
+    return out
