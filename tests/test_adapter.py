@@ -81,36 +81,39 @@ def test_v2_scale_and_bias_act_per_output_feature(base):
         assert torch.allclose(query(x), expected, atol=1e-6)
 
 
-def test_peft_adaption_prompt_gives_our_logits(base, tmp_path):
+def test_the_peft_export_of_an_adapter_gives_our_logits_through_peft(base, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from helpers.runner import ROOT
+
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    from neox_llama.convert.hf_export import export_to_hf
+    def tool(name, *args):
+        return subprocess.run([sys.executable, str(ROOT / "tools" / name), *map(str, args)], capture_output=True,
+                              text=True, timeout=300)
 
     settings = AdapterSettings("adapter", prompt_length=5, start_layer=1)
-    model, run = adapted(base, settings)
-    gen = torch.Generator().manual_seed(3)
+    folder, _ = adapter_checkpoint(tmp_path / "v1", base, settings, seed=4)  # random prompts and open gates
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".adapter." in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * (0.3 if name.endswith("gate") else 1.0))
-        ours = model(IDS)
-    export_to_hf(base, tmp_path / "hf", dtype="fp32")
+        ours = load_model(folder)[0](IDS)
+    assert tool("convert_to_hf.py", "--checkpoint", base, "--output", tmp_path / "hf", "--dtype", "fp32").returncode == 0
+    proc = tool("convert_to_hf.py", "--checkpoint", folder, "--output", tmp_path / "peft", "--peft")
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["adapter_len"], config["adapter_layers"]) == ("ADAPTION_PROMPT", 5, 2)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
-    config = peft.AdaptionPromptConfig(adapter_len=5, adapter_layers=run.args.num_layers - 1, task_type="CAUSAL_LM")
-    theirs_model = peft.get_peft_model(hf, config).eval()
-    state = {}
-    for block in range(1, run.args.num_layers):
-        state[f"base_model.model.model.layers.{block}.self_attn.adaption_prompt"] = \
-            model.get_submodule(f"{block + 1}.attention.adapter").prompt[None]
-        state[f"base_model.model.model.layers.{block}.self_attn.adaption_gate"] = \
-            model.get_submodule(f"{block + 1}.attention.adapter").gate
-    assert not theirs_model.load_state_dict(state, strict=False).unexpected_keys
     with torch.no_grad():
-        theirs = theirs_model(IDS).logits
-    assert (theirs - ours[..., : theirs.shape[-1]]).abs().max().item() <= 1e-5
-
-
+        theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()(IDS).logits
+        assert (theirs - ours[..., : theirs.shape[-1]]).abs().max().item() <= 1e-5
+        assert (ours - load_model(base)[0](IDS)).abs().max().item() > 1e-3  # the prompts do act
+    for bad, reason in ((V2, "PEFT has no Adapter v2"), (AdapterSettings("adapter", 2, 0, "per_head"), "per attention head")):
+        other, _ = adapter_checkpoint(tmp_path / bad.method / bad.gate, base, bad, seed=1)
+        proc = tool("convert_to_hf.py", "--checkpoint", other, "--output", tmp_path / "x", "--peft")
+        assert proc.returncode == 2 and "cannot be exported to PEFT" in proc.stderr and reason in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and not (tmp_path / "x").exists()
 
 
 def adapter_checkpoint(folder, base, settings: AdapterSettings, seed: int, step: int = 4):

@@ -121,8 +121,9 @@ def _partially_merged_layers(base: Path, adapters: list[Adapter],
                               "cannot be folded into plain Llama weights; apply it with --adapter instead")
     if not partial:
         raise CheckpointError(f"{adapter.folder}: an Adapter v2 checkpoint's learned prompt cannot be folded into "
-                              "plain Llama weights; --partial merges its scales, biases and norms and drops the "
-                              "prompt (the result equals the adapted model only where its gates are zero)")
+                              "plain Llama weights; tools/merge_lora.py --partial merges its scales, biases and "
+                              "norms and drops the prompt (the result equals the adapted model only where its gates "
+                              "are zero), or apply it with --adapter")
     trained = adapter_layers(adapter.folder)
     indices = layer_indices(base)
     extra = sorted(set(trained) - set(indices))

@@ -28,7 +28,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="default bf16 (fp32 with --peft)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--base", help="a LoRA --checkpoint's base, when it is no longer where its metadata says")
-    parser.add_argument("--peft", action="store_true", help="a LoRA checkpoint as a PEFT adapter (default dtype fp32)")
+    parser.add_argument("--peft", action="store_true", help="a LoRA or Adapter (v1, per-layer gate) checkpoint as a PEFT adapter "
+                                                            "(default dtype fp32)")
     parser.add_argument("--max-shard-size", default=DEFAULT_SHARD_SIZE,
                         help=f"largest safetensors file, e.g. 5GB or 500MB (default {DEFAULT_SHARD_SIZE}); memory "
                              "while exporting is about one shard plus one layer")
