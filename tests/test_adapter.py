@@ -116,7 +116,7 @@ def test_the_peft_export_of_an_adapter_gives_our_logits_through_peft(base, tmp_p
         assert "Traceback" not in proc.stderr and not (tmp_path / "x").exists()
 
 
-def adapter_checkpoint(folder, base, settings: AdapterSettings, seed: int, step: int = 4):
+def adapter_checkpoint(folder, base, settings: AdapterSettings, seed: int, step: int = 4, style: str | None = None):
     """An adapter checkpoint as an adapter run saves it, with random (non-zero) trained tensors; returns them too."""
     import yaml
 
@@ -139,7 +139,7 @@ def adapter_checkpoint(folder, base, settings: AdapterSettings, seed: int, step:
                   adapter_start_layer=settings.start_layer, adapter_gate=settings.gate, finetune=True, load=str(base))
     (folder / "config.yml").write_text(yaml.safe_dump(config))
     write_metadata(folder, Metadata(tag=folder.name, step=step, layout=Layout(zero_stage=0), base=base_ref(base),
-                                    adapter=settings.to_dict()))
+                                    adapter=settings.to_dict(), prompt_style=style))
     return folder, saved
 
 
@@ -219,3 +219,34 @@ def test_v2_partial_merge_equals_the_adapted_model_with_closed_gates_and_exports
     v1, _ = adapter_checkpoint(tmp_path / "v1", base, V1, seed=6)
     proc = tool("merge_lora.py", "--checkpoint", v1, "--output", tmp_path / "m1", "--partial")
     assert proc.returncode == 2 and "is a learned prompt and its gates" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_one_batch_serves_lora_adapter_and_adapter_v2_rows_each_as_alone(base, tmp_path):
+    from test_lora import adapter_checkpoint as lora_checkpoint
+
+    from neox_llama.generation.adapter_bank import AdapterBank
+    from neox_llama.generation.generator import GenerationSettings
+    from neox_llama.generation.language_model import LanguageModel
+    from neox_llama.model.lora import LoraSettings
+
+    lora_checkpoint(tmp_path / "lora", base, LoraSettings(3, 7.0, 0.0, ("query", "value")), seed=1)
+    v1, _ = adapter_checkpoint(tmp_path / "v1", base, AdapterSettings("adapter", 6, 0, "per_head"), seed=2)
+    v2, _ = adapter_checkpoint(tmp_path / "v2", base, V2, seed=3)  # 3 prompt tokens from block 2
+    prompts = [[1, 5, 9, 20], [1, 33, 7], [1, 64, 100, 3, 8, 2], [1, 12], [1, 2, 3]]
+    which = [2, 0, 3, 1, 3]
+    lm = LanguageModel.from_checkpoint(str(base), device="cpu")
+    AdapterBank.attach(lm, {"lora": str(tmp_path / "lora"), "v1": str(v1), "v2": str(v2)})
+    batched = lm.generate(prompts, [GenerationSettings(max_new_tokens=8) for _ in prompts], adapters=which)
+    alone = {0: LanguageModel.from_checkpoint(str(base), device="cpu")}
+    for k, folder in enumerate((tmp_path / "lora", v1, v2), start=1):
+        alone[k] = LanguageModel.from_checkpoint(str(folder), device="cpu")
+    for prompt, k, got in zip(prompts, which, batched, strict=True):
+        assert got == alone[k].generate([prompt], [GenerationSettings(max_new_tokens=8)])[0], k
+    assert len({tuple(o) for o in batched[:4]}) == 4  # each adapter really changes the output
+    ids = torch.tensor([prompts[2], prompts[2]])
+    lm.bank.select(torch.tensor([3, 2]))
+    with torch.no_grad():
+        per_row = lm.model(ids)
+        lm.bank.select(None)
+        torch.testing.assert_close(per_row[0], alone[3].model(ids[:1])[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(per_row[1], alone[2].model(ids[:1])[0], rtol=1e-4, atol=1e-5)

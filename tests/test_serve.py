@@ -17,11 +17,13 @@ import openai
 import pytest
 from helpers.checkpoints import save_random_checkpoint
 from helpers.runner import ROOT, free_port
+from test_adapter import adapter_checkpoint as v2_checkpoint
 from test_evaluate import SETTINGS, TEXT
 from test_lora import adapter_checkpoint
 
 from neox_llama.generation.generator import GenerationSettings
 from neox_llama.generation.language_model import LanguageModel
+from neox_llama.model.adapter import AdapterSettings
 from neox_llama.model.lora import LoraSettings
 from neox_llama.serving.text import TextStream
 from neox_llama.tokenizers import build_tokenizer
@@ -39,8 +41,8 @@ def folders(tmp_path_factory):
     settings = {**SETTINGS, "max_position_embeddings": 256}
     save_random_checkpoint(root / "base", settings, tokenizer_type="SPMTokenizer", tokenizer_file=tokenizer)
     adapter_checkpoint(root / "a", root / "base", LoraSettings(4, 8.0, 0.0, ("query", "value", "head")), seed=1)
-    adapter_checkpoint(root / "b", root / "base", LoraSettings(2, 4.0, 0.0, ("mlp",)), seed=2,
-                       style="llama2-chat")
+    # b: an Adapter v2 checkpoint, routed per request beside the LoRA one
+    v2_checkpoint(root / "b", root / "base", AdapterSettings("adapter_v2", 4, 0), seed=2, style="llama2-chat")
     return root
 
 
@@ -71,7 +73,7 @@ def client(url: str) -> openai.OpenAI:
 
 
 def alone(folder, ids: list[int], n: int) -> list[int]:
-    """Greedy ids from a model of its own (a LoRA checkpoint merged into its base)."""
+    """Greedy ids from a model of its own (a LoRA checkpoint merged into its base, an Adapter v2 one attached)."""
     lm = LanguageModel.from_checkpoint(str(folder), device="cpu")
     return lm.generate([ids], [GenerationSettings(max_new_tokens=n)])[0]
 

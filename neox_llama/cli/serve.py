@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Serve a checkpoint (and LoRA adapters of it) over an OpenAI-compatible HTTP API.
+"""Serve a checkpoint (and LoRA / Adapter / Adapter v2 adapters of it) over an OpenAI-compatible HTTP API.
 
     python tools/serve.py --checkpoint runs/local/checkpoints --port 8000
     python tools/serve.py --checkpoint BASE --adapter alpaca=runs/lora/checkpoints --adapter chat=runs/chat/global_step300
@@ -32,10 +32,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="save directory (uses latest) or global_stepN folder; a "
-                                                            "LoRA checkpoint is served merged into its base")
+                                                            "LoRA checkpoint is served merged into its base, an Adapter one "
+                                                            "attached to it")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
-                        help="a LoRA checkpoint trained on --checkpoint, served as model NAME (repeatable)")
-    parser.add_argument("--base", help="a LoRA --checkpoint's base, when it is no longer where its metadata says")
+                        help="an adapter checkpoint (LoRA, Adapter, Adapter v2) trained on --checkpoint, served "
+                             "as model NAME (repeatable); requests for different adapters decode together")
+    parser.add_argument("--base", help="an adapter --checkpoint's base, when it is no longer where its metadata says")
     parser.add_argument("--name", default="base", help="the model name of --checkpoint (default: base)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)

@@ -1,4 +1,4 @@
-"""Many LoRA adapters of one base in one batch: each row of a forward pass applies its own adapter's update.
+"""Many adapters of one base in one batch: each row of a forward pass applies its own adapter's update.
 
 The base weights are loaded once and never changed. For every linear layer any adapter targets, the bank stacks
 the adapters' ``A`` [r, in] and ``scale x B`` [out, r] (ranks zero-padded to the largest; index 0 is the base:
@@ -6,6 +6,7 @@ all zeros; an adapter that does not target the layer is zeros too) and a forward
 ``B[k_i] (A[k_i] x_i)`` where ``k_i`` is the row's adapter (:meth:`AdapterBank.select`), with two batched
 matrix products. This is how the server decodes requests for different fine-tunes together (as S-LoRA/Punica do,
 without their custom kernels); a single adapter gives what generation with it merged gives, up to float rounding.
+Adapter and Adapter v2 checkpoints join the same bank through neox_llama/generation/adapter_rows.py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 from neox_llama.checkpoint.adapter import adapter_layers, updates_by_weight
 from neox_llama.checkpoint.merge import Adapter, find_base
 from neox_llama.checkpoint.paths import CheckpointError
-from neox_llama.model.peft import kind
+from neox_llama.generation.adapter_rows import attach_adapter_rows
 
 
 class _Stack(nn.Module):
@@ -58,21 +59,21 @@ class AdapterBank:
     @classmethod
     @torch.no_grad()
     def attach(cls, lm, adapters: dict[str, str]) -> AdapterBank:
-        """Open every LoRA checkpoint of ``adapters`` (name -> folder), check it was trained on ``lm``'s checkpoint
+        """Open every adapter checkpoint of ``adapters`` (name -> folder; LoRA, Adapter, Adapter v2), check it was trained on ``lm``'s checkpoint
         (fingerprint and shapes), and hook the stacked updates into ``lm``'s model; sets ``lm.bank``."""
         if lm.run.adapters:
-            raise CheckpointError(f"{lm.run.folder}: adapters are served on a full checkpoint, not on a LoRA one")
+            raise CheckpointError(f"{lm.run.folder}: adapters are served on a full checkpoint, not on an adapter one")
         opened = [Adapter.open(folder) for folder in adapters.values()]
-        for adapter in opened:
-            if not adapter.is_lora:
-                raise CheckpointError(f"{adapter.folder}: an {kind(adapter.settings)} checkpoint; --adapter NAME=DIR "
-                                      "routes LoRA checkpoints only so far: serve it on its own with --checkpoint "
-                                      f"{adapter.folder}")
         for adapter in opened:
             find_base([adapter], lm.run.folder)
         bank = cls(list(adapters), opened)
         updates: dict[tuple[int, str], dict[int, tuple]] = {}
+        others = [(k, a, adapter_layers(a.folder)) for k, a in enumerate(opened, start=1) if not a.is_lora]
+        if others:  # Adapter / Adapter v2: per-row prompts, gates, scales, biases and norms
+            attach_adapter_rows(lm.model, bank, others, len(opened))
         for k, adapter in enumerate(opened, start=1):
+            if not adapter.is_lora:
+                continue
             for index, tensors in adapter_layers(adapter.folder).items():
                 for name, (a, b, scale) in updates_by_weight(tensors, adapter.settings.scaling).items():
                     updates.setdefault((index, name.removesuffix(".weight")), {})[k] = (a, b.float() * scale, adapter)
