@@ -47,6 +47,17 @@ def test_recomputed_flops_by_hand(write_yaml):
     lora = ["lora_r=4", "lora_targets=[query,value]", "finetune=true", "load=/nonexistent/base"]
     assert recompute_flops_per_token(cfg("checkpoint_activations=true", *lora)) == 2 * 2 * (49_280 + 896) + scores
     assert flops_per_token(cfg("checkpoint_activations=true")) == flops_per_token(cfg())
+    # Adapter from block 1, 5 prompt tokens: the base's matrices are frozen (4 FLOPs per parameter), the prompt
+    # attention of 1 block costs 4 x 4 heads x 16 x 5 forward, 3x that with backward; v2's norms (2 x 2 x 64 + 64)
+    # train, so they are no frozen compute
+    attention = 12 * 2 * 4 * 16 * 16
+    prompt = 4 * 1 * 4 * 16 * 5
+    adapter = ["peft_method=adapter", "adapter_start_layer=1", "adapter_prompt_length=5", "finetune=true",
+               "load=/nonexistent/base"]
+    assert flops_per_token(cfg(*adapter)) == 4 * 115_008 + 3 * prompt + attention
+    v2 = [*adapter, "peft_method=adapter_v2"]
+    assert flops_per_token(cfg(*v2)) == 6 * 115_008 - 2 * (115_008 - 320) + 3 * prompt + attention
+    assert recompute_flops_per_token(cfg("checkpoint_activations=true", *adapter)) == 2 * 2 * 49_280 + prompt + scores
     assert known_peak_tflops("NVIDIA H200", torch.bfloat16) == 989.0
     assert known_peak_tflops("NVIDIA H100 PCIe", torch.bfloat16) == 756.0
     assert known_peak_tflops("NVIDIA A100-SXM4-80GB", torch.float32) is None

@@ -80,19 +80,20 @@ class Trainable:
 
 
 def count_trainable(cfg: Config, vocab_size: int | None = None) -> Trainable:
-    """Count from the model built on the meta device with the config's LoRA or freeze applied (no memory used)."""
+    """Count from the model built on the meta device with the config's LoRA, Adapter or freeze applied (no memory
+    used)."""
     from neox_llama.model.args import LlamaArgs
     from neox_llama.model.factory import SINGLE_DEVICE
     from neox_llama.model.freeze import apply_freeze
     from neox_llama.model.llama import build_model
-    from neox_llama.model.lora import LoraSettings, apply_lora
+    from neox_llama.model.peft import apply_peft, peft_settings
 
     args = LlamaArgs.from_config(cfg, vocab_size)
     model = build_model(args, device="meta", initialize=False)
     layers = {int(i): layer for i, layer in model.named_children()}
-    settings = LoraSettings.from_config(cfg)
+    settings = peft_settings(cfg)
     if settings is not None:
-        apply_lora(layers, settings, SINGLE_DEVICE, cfg.seed)
+        apply_peft(layers, settings, SINGLE_DEVICE, args, cfg.seed)
     elif cfg.freeze:
         apply_freeze(layers, cfg.freeze, cfg.num_layers, tied=args.tie_embeddings)
     trainable = total = frozen_compute = 0
@@ -109,15 +110,25 @@ def flops_per_token(cfg: Config, vocab_size: int | None = None) -> int:
     """Training FLOPs (forward + backward) per token at ``seq_length``.
 
     A frozen matrix costs 4 FLOPs per parameter (forward, and the backward pass's input gradient), not 6:
-    its weight gradient is not computed. LoRA adapters are counted like any trained matrix.
+    its weight gradient is not computed. LoRA adapters are counted like any trained matrix. An Adapter's prompt
+    adds, per token and adapted block, attention over its ``adapter_prompt_length`` positions (12 x heads x
+    head_dim x length, forward and backward); its gates, scales and biases are elementwise (not counted).
     """
     n = count_parameters(cfg, vocab_size).non_embedding
     attention = 12 * cfg.num_layers * cfg.num_attention_heads * cfg.derived.head_dim * cfg.seq_length
-    if not cfg.lora_r and not cfg.freeze:
+    if not cfg.lora_r and not cfg.freeze and cfg.peft_method == "lora":
         return 6 * n + attention
     counted = count_trainable(cfg, vocab_size)
+    if cfg.peft_method != "lora":
+        return 6 * n - 2 * counted.frozen_compute + 3 * _prompt_attention(cfg) + attention
     adapters = counted.total - count_parameters(cfg, vocab_size).total
     return 6 * n - 2 * counted.frozen_compute + 6 * adapters + attention
+
+
+def _prompt_attention(cfg: Config) -> int:
+    """Forward FLOPs per token of the Adapter prompts' attention (scores and weighted sum over the prompt)."""
+    blocks = max(0, cfg.num_layers - cfg.adapter_start_layer)
+    return 4 * blocks * cfg.num_attention_heads * cfg.derived.head_dim * cfg.adapter_prompt_length
 
 
 def recompute_flops_per_token(cfg: Config, vocab_size: int | None = None) -> int:
@@ -132,6 +143,8 @@ def recompute_flops_per_token(cfg: Config, vocab_size: int | None = None) -> int
     if cfg.checkpoint_granularity == "selective":
         return attention
     blocks = count_parameters(cfg, vocab_size).layers
+    if cfg.peft_method != "lora":
+        return 2 * blocks + _prompt_attention(cfg) + attention
     if cfg.lora_r:
         counted = count_trainable(cfg, vocab_size)
         blocks += counted.total - count_parameters(cfg, vocab_size).total - _head_adapters(cfg, vocab_size)
