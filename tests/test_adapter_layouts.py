@@ -1,6 +1,6 @@
 """Adapter and Adapter v2 on other layouts: tensor parallel (2 ranks; the per-layer gate's gradient summed over the
-group, the per-head gate split by heads) and a 2-stage pipeline with activation checkpointing follow one rank over
-three steps; what the method does not train stays bit-identical."""
+group, the per-head gate split by heads), a 2-stage pipeline with activation checkpointing and ZeRO-3 at data
+parallel 2 follow one rank over three steps; what the method does not train stays bit-identical."""
 
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ def references(tmp_path_factory):
 @pytest.mark.parametrize(("method", "layout"), [
     ("v2-per-layer", ["model_parallel_size=2"]),
     ("v2-per-layer", ["pipe_parallel_size=2", "checkpoint_activations=true"]),
+    ("v2-per-layer", ["num_gpus=2", "zero_optimization.stage=3", "zero_optimization.stage3_param_persistence_threshold=0"]),
     ("v1-per-head", ["model_parallel_size=2", "checkpoint_activations=true"]),
-], ids=["v2-tp2", "v2-pp2-checkpointed", "v1-per-head-tp2-checkpointed"])
+], ids=["v2-tp2", "v2-pp2-checkpointed", "v2-zero3-dp2", "v1-per-head-tp2-checkpointed"])
 def test_adapter_layouts_follow_one_rank(tmp_path, references, method, layout):
     base, base_tensors, runs = references
     ref_losses, ref_weights = runs[method]

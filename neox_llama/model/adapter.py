@@ -130,7 +130,7 @@ def apply_adapter(layers: dict[int, nn.Module], settings: AdapterSettings, facto
     ``args`` (LlamaArgs) gives the shapes and the prompt's initial scale (``init_method_std``); the prompt is drawn
     per (seed, layer), whatever the layout.
     """
-    from neox_llama.model.init import shard
+    from neox_llama.model.init import full_shape, shard
 
     for layer in layers.values():
         for param in layer.parameters():
@@ -161,7 +161,7 @@ def apply_adapter(layers: dict[int, nn.Module], settings: AdapterSettings, facto
                 continue  # e.g. mlp.gate of a gelu MLP; the tied head (the embedding's method) has no layer here
             device, dtype = linear.weight.device, linear.weight.dtype
             split = 0 if factory.splits_output(linear) else None
-            out_features = linear.weight.shape[0] * (factory.tp_size if split == 0 else 1)
+            out_features = full_shape(linear.weight)[0]  # (a ZeRO-3 partition's own shape is empty)
             scale = factory.parameter((out_features,), split, device, dtype)
             scale.copy_(shard(torch.ones(out_features), scale).to(dtype))
             bias = None
