@@ -55,9 +55,12 @@ def model_text(cfg: Config, accelerator: str = "cpu") -> str:
     count = count_parameters(cfg)
     vocab = f"vocab {cfg.vocab_size} padded to {d.padded_vocab_size}"
     trained = ""
-    if cfg.lora_r or cfg.freeze:
+    if cfg.lora_r or cfg.freeze or cfg.peft_method != "lora":
+        from neox_llama.model.peft import describe, peft_settings
+
         t = count_trainable(cfg)
-        how = f"LoRA r {cfg.lora_r} on {', '.join(cfg.lora_targets)}" if cfg.lora_r else f"freeze {', '.join(cfg.freeze)}"
+        settings = peft_settings(cfg)
+        how = describe(settings) if settings is not None else f"freeze {', '.join(cfg.freeze)}"
         trained = (f"trainable: {t.trainable:,} of {t.total:,} parameters ({100 * t.fraction:.3f}%, {how}); "
                    "frozen matrices count 4 FLOPs per parameter, not 6\n")
     return (f"{arch}, {vocab}\n"

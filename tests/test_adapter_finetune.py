@@ -1,6 +1,6 @@
-"""Adapter v2 fine-tuning through deepy.py: self-describing adapter checkpoints at every step (only the trained
-tensors), an exact resume by re-running the same command, and generate.py / evaluate.py with --adapter equal to the
-checkpoint opened alone."""
+"""Adapter v2 fine-tuning through deepy.py under ZeRO-3: self-describing adapter checkpoints at every step (only the
+trained tensors), an exact resume by re-running the same command, and generate.py / evaluate.py with --adapter equal
+to the checkpoint opened alone."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from neox_llama.checkpoint.weights import read_layer_file
 pytestmark = pytest.mark.dist
 
 ADAPTER_V2 = ["peft_method=adapter_v2", "adapter_prompt_length=4", "adapter_start_layer=1", "val_split_fraction=0.2",
-              "prompt_style=alpaca", "optimizer.params.lr=1e-2", "lr_decay_iters=4", "checkpoint_factor=2", "eval_interval=100"]
+              "prompt_style=alpaca", "optimizer.params.lr=1e-2", "lr_decay_iters=4", "checkpoint_factor=2", "eval_interval=100",
+              # ZeRO-3: v2 trains the norms, base tensors that are partitions; resuming fills them gathered
+              "zero_optimization.stage=3", "zero_optimization.stage3_param_persistence_threshold=0"]
 
 
 def test_adapter_v2_checkpoints_resume_exactly_and_generate_and_evaluate_with_adapter(setup):  # noqa: F811

@@ -1,8 +1,9 @@
-"""LoRA checkpoints: adapter tensors beside a reference to their base, and the base found again from them.
+"""Adapter checkpoints (LoRA, Adapter, Adapter v2): trained tensors beside a reference to their base, and the base
+found again from them.
 
 A LoRA run's ``global_stepN/`` holds ``adapter/layer_XXX.safetensors`` (each layer's full, layout-free
-``{path}.lora.a`` / ``{path}.lora.b``), no ``weights/``, and in ``metadata.json`` every LoRA setting
-(``lora``), the prompt style and the base (``base``: its folder and fingerprint). The fingerprint is a hash of
+``{path}.lora.a`` / ``{path}.lora.b``; an Adapter run's prompts, gates, scales, biases and norms), no ``weights/``,
+and in ``metadata.json`` every setting (``lora`` or ``adapter``), the prompt style and the base (``base``: its folder and fingerprint). The fingerprint is a hash of
 the base's ``metadata.json`` and of every weight file's name and safetensors header (names, dtypes, shapes,
 offsets) — cheap at any size, and different for any other checkpoint, though not a hash of the values.
 """
@@ -53,13 +54,13 @@ def base_ref(folder: str | Path) -> BaseRef:
 
 def resolve_base(adapter_folder: Path, meta: Metadata, override: str | Path | None = None,
                  force: bool = False) -> Path:
-    """The base checkpoint folder of a LoRA checkpoint: ``override`` when given, else the path it saved.
+    """The base checkpoint folder of an adapter checkpoint: ``override`` when given, else the path it saved.
 
     The base's fingerprint must equal the saved one (``force`` accepts a different one; shapes are still checked
     when the tensors are read).
     """
     if meta.base is None:
-        raise CheckpointError(f"{adapter_folder / METADATA}: a LoRA checkpoint without a base reference")
+        raise CheckpointError(f"{adapter_folder / METADATA}: an adapter checkpoint without a base reference")
     candidate = Path(override) if override is not None else Path(meta.base.path)
     try:
         folder = resolve_checkpoint(candidate)
@@ -67,22 +68,22 @@ def resolve_base(adapter_folder: Path, meta: Metadata, override: str | Path | No
         hint = "" if override is not None else (" (the base moved? merge_lora.py, generate.py and convert_to_hf.py "
                                                 "take its new place with --base; resuming training needs it back at "
                                                 "the saved path)")
-        raise CheckpointError(f"the base of the LoRA checkpoint {adapter_folder}: {err}{hint}") from None
+        raise CheckpointError(f"the base of the adapter checkpoint {adapter_folder}: {err}{hint}") from None
     if read_metadata(folder).is_adapter:
-        raise CheckpointError(f"{folder}: is itself a LoRA checkpoint; the base must be a full checkpoint")
+        raise CheckpointError(f"{folder}: is itself an adapter checkpoint; the base must be a full checkpoint")
     found = fingerprint(folder)
     if found != meta.base.fingerprint and not force:
-        raise CheckpointError(f"{folder}: its fingerprint {found[:12]} differs from the one the LoRA checkpoint "
+        raise CheckpointError(f"{folder}: its fingerprint {found[:12]} differs from the one the adapter checkpoint "
                               f"{adapter_folder} was trained on ({meta.base.fingerprint[:12]}, {meta.base.path}); "
                               "it is another checkpoint (merge_lora.py --force uses it anyway)")
     return folder
 
 
 def adapter_layers(folder: Path) -> dict[int, dict[str, torch.Tensor]]:
-    """Every adapter tensor of a LoRA checkpoint: global layer index -> {``path.lora.a``: tensor, ...}."""
+    """Every trained tensor of an adapter checkpoint: global layer index -> {``path.lora.a``: tensor, ...}."""
     directory = Path(folder) / ADAPTER
     if not directory.is_dir():
-        raise CheckpointError(f"{directory}: missing (a LoRA checkpoint keeps its tensors there)")
+        raise CheckpointError(f"{directory}: missing (an adapter checkpoint keeps its tensors there)")
     indices = sorted(int(m.group(1)) for p in directory.iterdir() if (m := _LAYER_FILE.fullmatch(p.name)))
     if not indices:
         raise CheckpointError(f"{directory}: holds no adapter files")

@@ -44,7 +44,10 @@ class Adapter:
     def open(cls, path: str | Path, weight: float = 1.0) -> Adapter:
         folder = resolve_checkpoint(path)
         meta = read_metadata(folder)
-        settings = settings_of(meta)
+        try:
+            settings = settings_of(meta)
+        except ValueError as err:
+            raise CheckpointError(f"{folder}: {err}") from None
         if settings is None:
             raise CheckpointError(f"{folder}: not an adapter checkpoint (its metadata.json has no lora or adapter "
                                   "settings)")
@@ -109,7 +112,7 @@ def _partially_merged_layers(base: Path, adapters: list[Adapter],
     and gates are dropped); an Adapter (v1) checkpoint has nothing that folds."""
     from neox_llama.model.adapter import folded_layer, is_norm_tensor
 
-    adapter = adapters[0]
+    adapter = next(a for a in adapters if not a.is_lora)
     what = kind(adapter.settings)
     if len(adapters) > 1:
         raise CheckpointError(f"{adapter.folder}: an {what} checkpoint merges alone; it cannot be combined with other "
@@ -118,7 +121,8 @@ def _partially_merged_layers(base: Path, adapters: list[Adapter],
         raise CheckpointError(f"{adapter.folder}: weight {adapter.weight:g}: only LoRA updates can be weighted")
     if not adapter.settings.v2:
         raise CheckpointError(f"{adapter.folder}: an Adapter checkpoint is a learned prompt and its gates, which "
-                              "cannot be folded into plain Llama weights; apply it with --adapter instead")
+                              "cannot be folded into plain Llama weights; apply it with --adapter (generate.py, "
+                              "evaluate.py, serve.py), or export it to PEFT with convert_to_hf.py --peft")
     if not partial:
         raise CheckpointError(f"{adapter.folder}: an Adapter v2 checkpoint's learned prompt cannot be folded into "
                               "plain Llama weights; tools/merge_lora.py --partial merges its scales, biases and "
@@ -143,7 +147,11 @@ def _partially_merged_layers(base: Path, adapters: list[Adapter],
             if value.shape[0] != tensors[target].shape[0]:
                 raise CheckpointError(f"{path}: {name} has {value.shape[0]} features, {target} {tensors[target].shape[0]}; "
                                       "the adapter was trained on another model")
-        yield index, folded_layer(tensors, trained.get(index, {}))
+        try:
+            yield index, folded_layer(tensors, trained.get(index, {}))
+        except KeyError as err:
+            raise CheckpointError(f"{adapter.folder}: layer {index}: adapter tensor {err} is missing beside its "
+                                  "companions; the checkpoint is incomplete") from None
 
 
 def merge_to_checkpoint(adapters: list[Adapter], output: str | Path, base: str | Path | None = None,
@@ -161,6 +169,8 @@ def merge_to_checkpoint(adapters: list[Adapter], output: str | Path, base: str |
     problem = output_dir_problem(output, force=False)
     if problem:
         raise CheckpointError(problem.removesuffix(" or pass --force"))  # --force here is about the base's hash
+    if partial and all(a.is_lora for a in adapters):
+        raise CheckpointError("--partial is for Adapter v2 checkpoints (a LoRA merge is always complete); drop it")
     base_folder = find_base(adapters, base, force)
     base_meta = read_metadata(base_folder)
     first = adapters[0]

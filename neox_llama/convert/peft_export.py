@@ -50,7 +50,7 @@ def export_peft(checkpoint: str | Path, output: str | Path, dtype: str = "fp32",
     except ValueError as err:
         raise CheckpointError(f"{run.folder}: {err}") from None
     if not adapter.is_lora:
-        tensors, config = _adaption_prompt(adapter, run)
+        tensors, config = _adaption_prompt(adapter, run, DTYPES[dtype])
         return _write(output, tensors, config, f"the Adapter {adapter.folder} (base {run.folder})")
     ours_to_hf = {ours: hf for hf, ours in hf_to_ours(run.args).items()}
     tensors, modules = {}, set()
@@ -76,7 +76,7 @@ def export_peft(checkpoint: str | Path, output: str | Path, dtype: str = "fp32",
     return _write(output, tensors, config, f"the LoRA adapter {adapter.folder} (base {run.folder})")
 
 
-def _adaption_prompt(adapter, run) -> tuple[dict, dict]:
+def _adaption_prompt(adapter, run, dtype) -> tuple[dict, dict]:
     """PEFT ``adaption_prompt`` tensors and config of an Adapter (v1) checkpoint, or why it has none."""
     settings, args = adapter.settings, run.args
     reason = None
@@ -96,8 +96,8 @@ def _adaption_prompt(adapter, run) -> tuple[dict, dict]:
         block = index - 1
         prefix = f"{PEFT_PREFIX}model.layers.{block}.self_attn"
         try:
-            tensors[f"{prefix}.adaption_prompt"] = layer["attention.adapter.prompt"][None].float().contiguous()
-            tensors[f"{prefix}.adaption_gate"] = layer["attention.adapter.gate"].float().reshape(1).contiguous()
+            tensors[f"{prefix}.adaption_prompt"] = layer["attention.adapter.prompt"][None].to(dtype).contiguous()
+            tensors[f"{prefix}.adaption_gate"] = layer["attention.adapter.gate"].to(dtype).reshape(1).contiguous()
         except KeyError as err:
             raise CheckpointError(f"{adapter.folder}: layer {index} has no adapter tensor {err}") from None
     expected = {f"{PEFT_PREFIX}model.layers.{b}.self_attn.adaption_prompt"

@@ -70,7 +70,11 @@ class AdapterBank:
         updates: dict[tuple[int, str], dict[int, tuple]] = {}
         others = [(k, a, adapter_layers(a.folder)) for k, a in enumerate(opened, start=1) if not a.is_lora]
         if others:  # Adapter / Adapter v2: per-row prompts, gates, scales, biases and norms
-            attach_adapter_rows(lm.model, bank, others, len(opened))
+            try:
+                attach_adapter_rows(lm.model, bank, others, len(opened))
+            except KeyError as err:
+                raise CheckpointError(f"{others[0][1].folder} (or another Adapter of the bank): adapter tensor {err} is "
+                                      "missing beside its companions; the checkpoint is incomplete") from None
         for k, adapter in enumerate(opened, start=1):
             if not adapter.is_lora:
                 continue

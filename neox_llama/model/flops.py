@@ -112,7 +112,8 @@ def flops_per_token(cfg: Config, vocab_size: int | None = None) -> int:
     A frozen matrix costs 4 FLOPs per parameter (forward, and the backward pass's input gradient), not 6:
     its weight gradient is not computed. LoRA adapters are counted like any trained matrix. An Adapter's prompt
     adds, per token and adapted block, attention over its ``adapter_prompt_length`` positions (12 x heads x
-    head_dim x length, forward and backward); its gates, scales and biases are elementwise (not counted).
+    head_dim x length, forward and backward); its gates, scales and biases are elementwise (not counted). Under
+    Adapter (v1) the blocks below ``adapter_start_layer`` run forward only (2 FLOPs per parameter, attention 4x).
     """
     n = count_parameters(cfg, vocab_size).non_embedding
     attention = 12 * cfg.num_layers * cfg.num_attention_heads * cfg.derived.head_dim * cfg.seq_length
@@ -120,7 +121,12 @@ def flops_per_token(cfg: Config, vocab_size: int | None = None) -> int:
         return 6 * n + attention
     counted = count_trainable(cfg, vocab_size)
     if cfg.peft_method != "lora":
-        return 6 * n - 2 * counted.frozen_compute + 3 * _prompt_attention(cfg) + attention
+        flops = 6 * n - 2 * counted.frozen_compute + 3 * _prompt_attention(cfg) + attention
+        if cfg.peft_method == "adapter":  # blocks below the first prompt train nothing: no backward through them
+            below = min(cfg.adapter_start_layer, cfg.num_layers)
+            per_block = count_parameters(cfg, vocab_size).layers // cfg.num_layers
+            flops -= below * (2 * per_block + 8 * cfg.num_attention_heads * cfg.derived.head_dim * cfg.seq_length)
+        return flops
     adapters = counted.total - count_parameters(cfg, vocab_size).total
     return 6 * n - 2 * counted.frozen_compute + 6 * adapters + attention
 

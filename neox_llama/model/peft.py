@@ -22,11 +22,15 @@ def peft_settings(cfg) -> PeftSettings | None:
 
 
 def settings_of(meta) -> PeftSettings | None:
-    """The method an adapter checkpoint's metadata names (None: a full checkpoint)."""
-    if meta.lora is not None:
-        return LoraSettings.from_dict(meta.lora)
-    if meta.adapter is not None:
-        return AdapterSettings.from_dict(meta.adapter)
+    """The method an adapter checkpoint's metadata names (None: a full checkpoint); ValueError when malformed."""
+    try:
+        if meta.lora is not None:
+            return LoraSettings.from_dict(meta.lora)
+        if meta.adapter is not None:
+            return AdapterSettings.from_dict(meta.adapter)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"malformed {'lora' if meta.lora is not None else 'adapter'} settings in metadata.json "
+                         f"({type(err).__name__}: {err})") from None
     return None
 
 

@@ -119,8 +119,24 @@ def save_layer_weights(module: torch.nn.Module, state: ParallelState, folder: Pa
 def load_adapter_weights(module: torch.nn.Module, state: ParallelState, folder: Path,
                          settings: PeftSettings) -> None:
     """Fill this rank's adapter tensors from an adapter checkpoint's ``adapter/`` (any layout wrote it); shared
-    outcome."""
-    agree(lambda: fill_adapters(rank_layers(module, state), folder, settings))
+    outcome. Under ZeRO-3, trained base tensors (Adapter v2's norms) are partitions: each layer's are gathered,
+    filled (the first data-parallel rank's values are kept) and partitioned again."""
+    layers = rank_layers(module, state)
+    trained = {i: [p for p in trained_tensors(layer, settings).values() if hasattr(p, "ds_id")]
+               for i, layer in layers.items()}
+    if not any(trained.values()):
+        agree(lambda: fill_adapters(layers, folder, settings))
+        return
+    import deepspeed
+
+    for index, layer in layers.items():
+        failure: CheckpointError | None = None
+        with deepspeed.zero.GatheredParameters(trained[index], modifier_rank=0):
+            try:
+                fill_adapters({index: layer}, folder, settings)
+            except CheckpointError as err:  # shared below, so no rank waits in a later collective
+                failure = err
+        agree(lambda failure=failure: _raise(failure))
 
 
 def load_layer_weights(module: torch.nn.Module, state: ParallelState, folder: Path, args: LlamaArgs) -> None:

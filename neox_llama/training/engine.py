@@ -156,6 +156,10 @@ def setup_engine(cfg: Config, args: LlamaArgs, state: ParallelState, accelerator
     logger.info("trainable parameters on this rank: %s of %s (%.3f%%)%s", f"{trainable:,}", f"{total:,}",
                 100.0 * trainable / max(total, 1), how)
     def check() -> None:  # shared, so every rank stops instead of waiting in deepspeed.initialize
+        if trainable == 0 and cfg.peft_method == "adapter":
+            raise TrainingError(f"no parameter is trainable on this rank: peft_method adapter trains only the blocks "
+                                f"from adapter_start_layer {cfg.adapter_start_layer} on, and this pipeline stage "
+                                "holds none of them; lower adapter_start_layer (or use fewer pipeline stages)")
         if trainable == 0:
             raise TrainingError("no parameter is trainable on this rank: freeze covers everything its pipeline stage "
                                 "holds; freeze less")

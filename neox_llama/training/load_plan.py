@@ -60,12 +60,15 @@ def _complete(path: str | Path) -> tuple[Path, Metadata] | None:
 
 def _resume_plan(folder: Path, meta: Metadata, peft: PeftSettings | None, finetune: bool = False,
                  base: Path | None = None) -> LoadPlan:
-    saved = settings_of(meta)
+    try:
+        saved = settings_of(meta)
+    except ValueError as err:
+        raise TrainingError(f"{folder}: {err}") from None
     if saved is not None:
         if peft is None:
             keys = "lora_* keys" if kind(saved) == "LoRA" else "peft_method and adapter_* keys"
             raise TrainingError(f"{folder} is a {kind(saved)} checkpoint ({describe(saved)}); resume it with the same "
-                                f"{keys}, or merge it (tools/merge_lora.py) and load the merged checkpoint")
+                                f"{keys}{_merge_hint(saved)}")
         if not same_shapes(saved, peft):
             raise TrainingError(f"{folder} was trained with {describe(saved)}, but the config says {describe(peft)}; "
                                 "resume with the checkpoint's settings")
@@ -100,8 +103,8 @@ def plan_load(cfg: Config) -> LoadPlan:
     if not cfg.finetune:
         return _resume_plan(folder, meta, peft)
     if meta.is_adapter:
-        raise TrainingError(f"load {folder} is a {kind(settings_of(meta))} checkpoint: to continue it set finetune: false; to fine-tune "
-                            "further from it, merge it first (tools/merge_lora.py) and load the merged checkpoint")
+        raise TrainingError(f"load {folder} is a {kind(settings_of(meta))} checkpoint: to continue it set finetune: "
+                            f"false{_merge_hint(settings_of(meta))}")
     base = base_ref(folder)
     if cfg.save and _save_dir(cfg.save) == _save_dir(folder):
         raise TrainingError(f"save {cfg.save} is the directory of the checkpoint being fine-tuned ({folder}): the "
@@ -117,6 +120,16 @@ def plan_load(cfg: Config) -> LoadPlan:
             plan.notes.append(f"{cfg.save} holds {saved_folder.name} of this fine-tune of {folder}: resuming it")
             return plan
     return LoadPlan(weights=folder, base=base, peft=peft, meta=meta)
+
+
+def _merge_hint(settings: PeftSettings) -> str:
+    """How to go on from an adapter checkpoint as a plain model, where its method allows it."""
+    if kind(settings) == "LoRA":
+        return "; or merge it (tools/merge_lora.py) and load the merged checkpoint"
+    if kind(settings) == "Adapter v2":
+        return ("; its learned prompt cannot be merged (tools/merge_lora.py --partial merges the rest and drops the "
+                "prompt)")
+    return "; an Adapter checkpoint (a learned prompt) cannot be merged into plain weights"
 
 
 def _save_dir(path: str | Path) -> Path:

@@ -79,7 +79,9 @@ class Trainer:
             self._resume(resume, meta, weights_only or (lora_resume and not ckpt.same_layout(meta, cfg)),
                          strict=not lora_resume)
         elif plan.weights is not None:
-            what = f"{describe(plan.peft)} on the frozen weights" if plan.peft else "the weights"
+            what = "the weights"
+            if plan.peft is not None:  # LoRA keeps its short form (LoRA r 8); an Adapter names its settings
+                what = (f"LoRA r {cfg.lora_r}" if cfg.lora_r else describe(plan.peft)) + " on the frozen weights"
             logger.info("fine-tuning from %s of %s (fresh optimizer, step 0)", what, plan.weights)
         self.loss_fn = CausalLMLoss(self.runner.factory)
         self.metrics = agree(lambda: MetricsWriter(cfg, info.rank, resume_step=self.train_state.step))
