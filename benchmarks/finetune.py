@@ -30,8 +30,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python benchmarks/finetune.py` from the project root
-    sys.path.insert(0, str(ROOT))
 
 PRESET = "configs/llama3/tiny.yml"
 METHODS = {"full": "configs/finetune/full.yml", "LoRA": "configs/finetune/lora.yml",
@@ -141,7 +139,7 @@ def print_demo(result: dict, steps: int) -> None:
 
 # --------------------------------------------------------------------------- benchmark shape
 def bench_shape(opts: argparse.Namespace, work: Path) -> dict:
-    from benchmarks.model_step import MICRO
+    from benchmarks.model_step import MICRO  # (run as python -m benchmarks.finetune from the project root)
     from benchmarks.train_step import SHAPE, write_random_corpus
 
     def run(name: str, *extra: str) -> str:

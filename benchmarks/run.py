@@ -27,8 +27,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # `python benchmarks/run.py` from the project root
-    sys.path.insert(0, str(ROOT))
 
 
 @dataclass
@@ -112,7 +110,10 @@ def run_side(args: list[str], threads: int) -> dict:
 def flops_per_token() -> float:
     """Training FLOPs per token of the benchmark shape (the trainer's formula: 6 x non-embedding parameters
     + 12 x layers x heads x head_dim x seq)."""
-    from benchmarks.model_step import ARGS, SEQ
+    try:
+        from benchmarks.model_step import ARGS, SEQ
+    except ImportError:  # `python benchmarks/run.py`: this folder, not the root, is on sys.path
+        from model_step import ARGS, SEQ
 
     a = ARGS
     kv = a.num_kv_heads * a.head_dim

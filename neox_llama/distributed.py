@@ -57,10 +57,15 @@ def bind_cores(local_rank: int, threads: int) -> list[int] | None:
     if not hasattr(os, "sched_setaffinity"):
         return None
     available = sorted(os.sched_getaffinity(0))
-    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) * threads > len(available):
+    # LOCAL_WORLD_SIZE from torchrun and deepy.py's one-rank runs, LOCAL_SIZE from DeepSpeed's launcher
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 0)
+    if local_ranks < 1 or local_ranks * threads > len(available) or local_rank >= local_ranks:
         return None  # all ranks of the machine or none: a pinned rank beside unpinned ones would be the slow one
     mine = available[local_rank * threads:(local_rank + 1) * threads]
-    os.sched_setaffinity(0, mine)
+    try:
+        os.sched_setaffinity(0, mine)
+    except OSError:  # e.g. cores another cgroup owns: run unpinned rather than fail
+        return None
     return mine
 
 

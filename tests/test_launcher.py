@@ -144,3 +144,11 @@ def test_cpu_ranks_are_bound_to_their_own_cores_all_or_none(monkeypatch):
     assert bind_cores(1, 2) == [2, 3] and bound == [[2, 3]]
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 ranks x 2 threads > 4 cores: nobody is bound
     assert bind_cores(0, 2) is None and bound == [[2, 3]]
+    # DeepSpeed's launcher says LOCAL_SIZE, not LOCAL_WORLD_SIZE: 4 ranks x 1 thread on 2 cores binds nobody (it
+    # once bound rank 2 to no core at all: sched_setaffinity failed)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setenv("LOCAL_SIZE", "4")
+    assert bind_cores(2, 1) is None and bound == [[2, 3]]
+    monkeypatch.setenv("LOCAL_SIZE", "2")
+    assert bind_cores(1, 1) == [1] and bound == [[2, 3], [1]]
