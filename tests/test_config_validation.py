@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from helpers.runner import ROOT
 
 from neox_llama.config import ConfigError, load_config
 
@@ -121,3 +122,19 @@ def test_type_errors_and_cross_checks_are_reported_together_without_noise(write_
     assert len(lines) == 2, lines  # no "num_layers is not set" echo of the bad value
     assert "num_layers: expected int, got 'four'" in lines[0]
     assert "zero_optimization.stage 3 with pipe_parallel_size 2" in lines[1]
+
+
+def test_precision_auto_is_bf16_only_where_the_hardware_computes_it(write_yaml, tmp_path, monkeypatch):
+    from neox_llama.config import validation
+
+    native, emulated = tmp_path / "native", tmp_path / "emulated"
+    native.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n")
+    emulated.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n")
+    assert validation.cpu_has_native_bf16(str(native)) and not validation.cpu_has_native_bf16(str(emulated))
+    assert not validation.cpu_has_native_bf16(str(tmp_path / "absent"))
+    assert validation.auto_precision("cuda") == "bf16" and validation.auto_precision("cuda", False) == "fp32"
+    for flags, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(validation, "cpu_has_native_bf16", lambda flags=flags: flags)
+        cfg = load_config([ROOT / "configs/llama3/tiny.yml"], ["tokenizer_type=null", "vocab_file=null",
+                                                              "vocab_size=256"])
+        assert cfg.precision == expected  # the preset says auto; the resolved config says what runs

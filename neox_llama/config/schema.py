@@ -18,7 +18,7 @@ from neox_llama.config.fields import doc_field
 NormType = Literal["rmsnorm", "layernorm"]
 PosEmbType = Literal["rotary", "learned", "none"]
 ActivationType = Literal["swiglu", "gelu"]
-PrecisionType = Literal["bf16", "fp16", "fp32"]
+PrecisionType = Literal["bf16", "fp16", "fp32", "auto"]
 TokenizerType = Literal["SPMTokenizer", "Llama3Tokenizer", "HFTokenizer"]
 LRDecayStyle = Literal["cosine", "linear", "constant", "inverse_sqrt"]
 PromptStyle = Literal["alpaca", "llama2-chat", "llama3-chat", "plain"]
@@ -133,7 +133,7 @@ class ParallelArgs:
 class PrecisionArgs:
     """Numeric precision and ZeRO."""
 
-    precision: PrecisionType = doc_field("bf16", "Training precision; fp16 uses dynamic loss scaling and needs a GPU.")
+    precision: PrecisionType = doc_field("bf16", "Training precision; fp16 uses dynamic loss scaling and needs a GPU; auto = bf16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU with AVX-512-BF16 or AMX), else fp32 (a CPU without them emulates bf16 several times slower than fp32).")
     loss_scale: float = doc_field(0.0, "fp16 only: 0 = dynamic loss scaling, else a fixed scale.", minimum=0.0)
     initial_scale_power: int = doc_field(16, "fp16 only: dynamic loss scale starts at 2**this.", minimum=0)
     loss_scale_window: int = doc_field(1000, "fp16 only: steps without overflow before the scale grows.", minimum=1)

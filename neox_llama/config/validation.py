@@ -268,6 +268,22 @@ def _check_training(cfg: Config, problems: _Problems, d: Derived) -> None:
                      "vocab_file is set but tokenizer_type is not (SPMTokenizer, Llama3Tokenizer or HFTokenizer)")
 
 
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX-512-BF16 or AMX); False where it cannot tell."""
+    try:
+        flags = next((line for line in open(cpuinfo, encoding="utf-8") if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def auto_precision(accelerator: str, bf16_supported: bool = True) -> str:
+    """``precision: auto``: bf16 on a GPU with bf16 and on a CPU with native bf16, else fp32."""
+    if accelerator == "cuda":
+        return "bf16" if bf16_supported else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
 def resolve(cfg: Config, world_size: int, accelerator: str = "cpu", *, tokenizer_vocab: int | None = None,
             bf16_supported: bool = True) -> Config:
     """Check ``cfg`` against itself and the world it will run in; fill ``cfg.derived``.
@@ -277,6 +293,8 @@ def resolve(cfg: Config, world_size: int, accelerator: str = "cpu", *, tokenizer
     Raises ConfigError listing every problem found.
     """
     problems = _Problems(cfg)
+    if cfg.precision == "auto":
+        cfg.precision = auto_precision(accelerator, bf16_supported)
     d = Derived(world_size=world_size)
     pp, tp = cfg.pipe_parallel_size, cfg.model_parallel_size
     if world_size % (pp * tp):
