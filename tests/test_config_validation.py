@@ -28,6 +28,11 @@ def problem(write_yaml, overrides, world_size=1, accelerator="cpu") -> str:
 
 @pytest.mark.parametrize(("overrides", "world", "expected"), [
     (["hidden_size=66"], 1, "hidden_size 66 is not divisible by num_attention_heads 4"),
+    (["peft_method=adapter", "load=x", "lora_r=4"], 1, "peft_method adapter with lora_r 4: choose one method"),
+    (["peft_method=adapter_v2"], 1, "peft_method adapter_v2 adapts a trained base: set load"),
+    (["peft_method=adapter", "load=x", "adapter_start_layer=4"], 1,
+     "adapter_start_layer 4 is not a block of the model (blocks 0-3)"),
+    (["peft_method=adapter", "load=x", "freeze=[embeddings]"], 1, "with peft_method adapter the base is frozen already"),
     (["num_kv_heads=3"], 1, "num_attention_heads 4 is not divisible by num_kv_heads 3"),
     (["model_parallel_size=4"], 4, "num_kv_heads 2 is not divisible by model_parallel_size 4"),
     (["pipe_parallel_size=8"], 8, "num_layers 4 is smaller than pipe_parallel_size 8"),
