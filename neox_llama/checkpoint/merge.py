@@ -97,13 +97,28 @@ def merged_layers(base: Path, adapters: list[Adapter],
     layers = [adapter_layers(a.folder) for a in adapters]
     indices = layer_indices(base)
     for adapter, per_layer in zip(adapters, layers, strict=True):
-        extra = sorted(set(per_layer) - set(indices))
-        if extra:
-            raise CheckpointError(f"{adapter.folder}: adapter tensors for layer {extra[0]}, which the base {base} "
-                                  "does not have; the adapter was trained on another model")
+        _check_layers(adapter, per_layer, indices, base)
     for index in indices:
         path = layer_file(base, index)
         yield index, merged_layer(index, read_layer_file(path), adapters, layers, path)
+
+
+def _check_layers(adapter: Adapter, per_layer: dict, indices: list[int], base: Path) -> None:
+    extra = sorted(set(per_layer) - set(indices))
+    if extra:
+        raise CheckpointError(f"{adapter.folder}: adapter tensors for layer {extra[0]}, which the base {base} "
+                              "does not have; the adapter was trained on another model")
+
+
+def lone_adapter(adapters: list[Adapter]) -> Adapter:
+    """The one Adapter / Adapter v2 checkpoint of ``adapters``: it applies alone and unweighted."""
+    adapter = next(a for a in adapters if not a.is_lora)
+    if len(adapters) > 1:
+        raise CheckpointError(f"{adapter.folder}: an {kind(adapter.settings)} checkpoint applies alone; it cannot be "
+                              "combined with other adapters")
+    if adapter.weight != 1.0:
+        raise CheckpointError(f"{adapter.folder}: weight {adapter.weight:g}: only LoRA updates can be weighted")
+    return adapter
 
 
 def _partially_merged_layers(base: Path, adapters: list[Adapter],
@@ -112,13 +127,7 @@ def _partially_merged_layers(base: Path, adapters: list[Adapter],
     and gates are dropped); an Adapter (v1) checkpoint has nothing that folds."""
     from neox_llama.model.adapter import folded_layer, is_norm_tensor
 
-    adapter = next(a for a in adapters if not a.is_lora)
-    what = kind(adapter.settings)
-    if len(adapters) > 1:
-        raise CheckpointError(f"{adapter.folder}: an {what} checkpoint merges alone; it cannot be combined with other "
-                              "adapters")
-    if adapter.weight != 1.0:
-        raise CheckpointError(f"{adapter.folder}: weight {adapter.weight:g}: only LoRA updates can be weighted")
+    adapter = lone_adapter(adapters)
     if not adapter.settings.v2:
         raise CheckpointError(f"{adapter.folder}: an Adapter checkpoint is a learned prompt and its gates, which "
                               "cannot be folded into plain Llama weights; apply it with --adapter (generate.py, "
@@ -130,10 +139,7 @@ def _partially_merged_layers(base: Path, adapters: list[Adapter],
                               "are zero), or apply it with --adapter")
     trained = adapter_layers(adapter.folder)
     indices = layer_indices(base)
-    extra = sorted(set(trained) - set(indices))
-    if extra:
-        raise CheckpointError(f"{adapter.folder}: adapter tensors for layer {extra[0]}, which the base {base} does "
-                              "not have; the adapter was trained on another model")
+    _check_layers(adapter, trained, indices, base)
     for index in indices:
         path = layer_file(base, index)
         tensors = read_layer_file(path)

@@ -86,15 +86,11 @@ def _attach_adapter(layers: dict[int, torch.nn.Module], run: Run, expected: set[
     """The base's weights with one Adapter / Adapter v2 checkpoint attached as modules (its prompt cannot be
     merged into plain weights)."""
     from neox_llama.checkpoint.adapter import fill_adapters
+    from neox_llama.checkpoint.merge import lone_adapter
     from neox_llama.model.factory import SINGLE_DEVICE
-    from neox_llama.model.peft import apply_peft, kind
+    from neox_llama.model.peft import apply_peft
 
-    adapter = next(a for a in run.adapters if not a.is_lora)
-    if len(run.adapters) > 1:
-        raise CheckpointError(f"{adapter.folder}: an {kind(adapter.settings)} checkpoint applies alone; it cannot "
-                              "be combined with other adapters")
-    if adapter.weight != 1.0:
-        raise CheckpointError(f"{adapter.folder}: weight {adapter.weight:g}: only LoRA updates can be weighted")
+    adapter = lone_adapter(run.adapters)
     fill_layers(layers, run.folder, expected=expected)
     apply_peft(layers, adapter.settings, SINGLE_DEVICE, run.args, seed=0)
     fill_adapters(layers, adapter.folder, adapter.settings)
