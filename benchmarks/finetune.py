@@ -7,7 +7,7 @@ Demo data (``make demo``'s: ``tools/prepare_data.py``, run here if needed): a ti
 ``--base-steps`` on the Shakespeare dataset, then full fine-tuning (``configs/finetune/full.yml``), LoRA
 (``lora.yml``), Adapter (``adapter.yml``) and Adapter v2 (``adapter_v2.yml``) for the same ``--steps`` on the Alpaca
 demo records, each from that base with its config's own learning rate. Printed per method: trainable parameters,
-the optimizer state it saved (DeepSpeed's ``optim_states`` files), median step time, peak resident memory and the
+the optimizer state it saved (tensor bytes of DeepSpeed's optimizer state files), median step time, peak resident memory and the
 validation loss after the same steps (response tokens of every validation record, computed the same way for all).
 Then the adapter-interpolation sweep: a second LoRA run B (learning rate 3e-3 instead of 1e-2), and ``w A + (1 - w) B`` merged by
 ``tools/merge_lora.py``'s merge for w from -0.5 to 1.5, each with its validation loss.
@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 PRESET = "configs/llama3/tiny.yml"
@@ -45,6 +47,26 @@ def deepy(*args: str) -> str:
     return proc.stderr
 
 
+def optimizer_bytes(folder: Path) -> int:
+    """Bytes of the optimizer state DeepSpeed saved in ``folder``: ZeRO's ``*optim_states.pt`` files, or at
+    stage 0 (one rank) the ``optimizer`` entry of its model-states file."""
+
+    def tensor_bytes(value) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(tensor_bytes(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(tensor_bytes(v) for v in value)
+        return 0
+
+    total = 0
+    for path in folder.glob("*_states.pt"):
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        total += tensor_bytes(state.get("optimizer_state_dict") if "optim_states" in path.name else state.get("optimizer"))
+    return total
+
+
 def summary(save: Path, log: str, last_step: int) -> dict:
     """Step time, memory, trainable parameters and optimizer-state bytes of a finished run saved in ``save``."""
     records = [json.loads(line) for line in (save / "logs" / "metrics.jsonl").read_text().splitlines()]
@@ -52,7 +74,7 @@ def summary(save: Path, log: str, last_step: int) -> dict:
     valid = [r for r in records if "valid_loss" in r]
     match = re.search(r"trainable parameters on this rank: ([\d,]+) of ([\d,]+)", log)
     trainable, total = (int(match.group(1).replace(",", "")), int(match.group(2).replace(",", ""))) if match else (0, 0)
-    optim = sum(p.stat().st_size for p in (save / f"global_step{last_step}").glob("*optim_states.pt"))
+    optim = optimizer_bytes(save / f"global_step{last_step}")
     return {"step_time": statistics.median(r["step_time"] for r in train),
             "peak_mb": max(r["peak_memory_mb"] for r in train), "trainable": trainable, "total": total,
             "optimizer_bytes": optim, "trainer_valid_loss": valid[-1]["valid_loss"] if valid else None}

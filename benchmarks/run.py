@@ -68,10 +68,12 @@ def cases(quick: bool) -> list[Case]:
              ["dataloader"], ["dataloader", "--reference", "--steps", "2"], 100.0, unit="samples/s", mfu=False),
         Case("generate", "greedy decoding with KV cache vs transformers.generate (fp32)",
              ["generate", *q], ["generate", "--reference", *q], 1.0, mfu=False),
-        *[Case(f"memory_zero{stage}", f"--dry-run per-rank memory estimate vs the measured peak RSS, ZeRO {stage} (fp32)",
-               ["dry_run", "--set", f"zero_optimization.stage={stage}"],
-               ["deepy", "--report-peak", "--set", f"zero_optimization.stage={stage}", *deepy_steps],
-               0.8, unit="MB", mfu=False, target_max=1.2) for stage in (0, 1)],
+        # ZeRO 1 on 2 data-parallel ranks (1 thread each): one fp32 rank runs stage 1 as 0 (config.engine_zero_stage)
+        *[Case(f"memory_zero{stage}", f"--dry-run per-rank memory estimate vs the measured peak RSS, ZeRO {stage} "
+               f"(fp32, {ranks})", ["dry_run", *layout], ["deepy", "--report-peak", *layout, *deepy_steps],
+               0.8, unit="MB", mfu=False, target_max=1.2)
+          for stage, ranks, layout in ((0, "1 rank", ["--set", "zero_optimization.stage=0"]),
+                                       (1, "rank 0 of 2", ["--set", "zero_optimization.stage=1", "--set", "num_gpus=2"]))],
         Case("lora", "deepy.py LoRA r 8 (query, value) vs full fine-tuning, fp32 (tokens/s)",
              ["deepy", "--finetune", "--set", "lora_r=8", "--set", "lora_targets=[query,value]", *deepy_steps],
              ["deepy", "--finetune", *deepy_steps], 1.0, mfu=False),  # (a frozen base costs fewer FLOPs)

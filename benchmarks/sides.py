@@ -144,7 +144,7 @@ def _deepy_run(work: Path, name: str, settings: list[str]) -> list[dict]:
     from benchmarks.train_step import SHAPE
 
     log_dir = work / name / "logs"
-    ranks = 2 if "pipe_parallel_size=2" in settings else 1  # the side's threads, shared by its ranks
+    ranks = 2 if {"pipe_parallel_size=2", "num_gpus=2"} & set(settings) else 1  # the side's threads, shared by its ranks
     cmd = [sys.executable, str(ROOT / "deepy.py"), "train.py", "configs/llama3/tiny.yml", *SHAPE,
            f"data_path={work / 'data'}", f"log_dir={log_dir}", f"omp_num_threads={max(1, THREADS[0] // ranks)}",
            *settings]

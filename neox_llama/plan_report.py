@@ -7,7 +7,7 @@ import json
 
 import yaml
 
-from neox_llama.config import Config, deepspeed_config
+from neox_llama.config import Config, deepspeed_config, zero_text
 from neox_llama.config.typecheck import user_fields
 from neox_llama.launcher import LaunchCommand, LaunchPlan
 from neox_llama.model.flops import count_parameters, count_trainable, flops_per_token
@@ -41,7 +41,8 @@ def layout_text(cfg: Config, plan: LaunchPlan) -> str:
             f"batch: train_batch_size {d.train_batch_size} = micro {d.train_micro_batch_size_per_gpu} x "
             f"accumulation {d.gradient_accumulation_steps} x data parallel {d.data_parallel_size}; "
             f"{d.train_batch_size * cfg.seq_length:,} tokens per step\n"
-            f"precision {cfg.precision}, ZeRO stage {cfg.zero_optimization.stage}")
+            f"precision {cfg.precision}, ZeRO stage {zero_text(cfg)}")
+
 
 
 def model_text(cfg: Config, accelerator: str = "cpu") -> str:

@@ -48,3 +48,18 @@ def test_deepspeed_parses_the_derived_config(write_yaml):
     assert (parsed.train_batch_size, parsed.train_micro_batch_size_per_gpu, parsed.gradient_accumulation_steps) == (6, 2, 3)
     assert parsed.zero_optimization_stage == 1 and parsed.bfloat16_config.enabled
     assert parsed.gradient_clipping == 1.0
+
+
+@pytest.mark.parametrize(("overrides", "world", "runs"), [
+    (["zero_optimization.stage=1"], 1, 0), (["zero_optimization.stage=2"], 1, 0),
+    (["zero_optimization.stage=1"], 2, 1), (["zero_optimization.stage=1", "pipe_parallel_size=2"], 2, 1),
+    (["zero_optimization.stage=2", "zero_optimization.offload_optimizer=cpu"], 1, 2),
+    (["zero_optimization.stage=3"], 1, 3), (["zero_optimization.stage=1", "precision=bf16"], 1, 1)],
+    ids=["z1", "z2", "z1-dp2", "z1-pp2", "z2-offload", "z3", "z1-bf16"])
+def test_one_rank_runs_zero_0_where_there_is_nothing_to_partition(write_yaml, overrides, world, runs):
+    from neox_llama.config import zero_text
+
+    cfg = load_config([write_yaml("a.yml", TINY)], ["precision=fp32", *overrides], world_size=world)
+    assert cfg.derived.engine_zero_stage == runs == deepspeed_config(cfg)["zero_optimization"]["stage"]
+    stage = cfg.zero_optimization.stage
+    assert zero_text(cfg) == (str(stage) if runs == stage else f"{stage} (runs as 0: one rank has nothing to partition in fp32)")

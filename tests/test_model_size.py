@@ -152,9 +152,9 @@ def test_selective_checkpointing_drops_the_attention_core_as_estimated(write_yam
 
 def test_memory_estimate_counts_checkpoint_groups_buffers_and_offload(write_yaml):
     base = [*TINY, "num_layers=8", "precision=bf16", "train_micro_batch_size_per_gpu=2", "zero_optimization.stage=2"]
-    cfg = load_config([write_yaml("a.yml", "")], [*base, "checkpoint_activations=true"])
-    by4 = load_config([write_yaml("a.yml", "")], [*base, "checkpoint_activations=true", "checkpoint_num_layers=4"])
-    one, four = estimate_memory(cfg), estimate_memory(by4)
+    cfg = load_config([write_yaml("a.yml", "")], [*base, "checkpoint_activations=true"], world_size=2)
+    by4 = load_config([write_yaml("a.yml", "")], [*base, "checkpoint_activations=true", "checkpoint_num_layers=4"], world_size=2)
+    one, four = estimate_memory(cfg), estimate_memory(by4)  # two ranks: one would run ZeRO 0 (no buckets)
     s, b, h = 16, 2, 64
     # taken out: the bf16 logits and their gradient, and the cross-entropy's float32 chunk (here the whole batch)
     per_block = (one.activations - (2 * 2 + 8) * s * b * 256) / 8
@@ -162,14 +162,15 @@ def test_memory_estimate_counts_checkpoint_groups_buffers_and_offload(write_yaml
     assert four.activations_checkpointed - one.activations_checkpointed == pytest.approx(-6 * s * b * h * 2 + 3 * per_block)
     n = one.parameters
     assert one.buffers == 2 * n + 2 * n  # both buckets (5e7 elements) hold the whole tiny model, 16-bit
-    overlap = estimate_memory(load_config([write_yaml("a.yml", "")], [*base, "zero_optimization.overlap_comm=true"]))
+    overlap = estimate_memory(load_config([write_yaml("a.yml", "")], [*base, "zero_optimization.overlap_comm=true"], world_size=2))
     assert overlap.buffers == one.buffers + 2 * n
-    small = estimate_memory(load_config([write_yaml("a.yml", "")], [*base, "zero_optimization.reduce_bucket_size=1000"]))
+    small = estimate_memory(load_config([write_yaml("a.yml", "")], [*base, "zero_optimization.reduce_bucket_size=1000"], world_size=2))
     assert small.buffers == 2 * 1000 + 2 * n
-    offload = load_config([write_yaml("a.yml", "")], [*base, "zero_optimization.offload_optimizer=cpu"])
+    offload = load_config([write_yaml("a.yml", "")], [*base, "zero_optimization.offload_optimizer=cpu"], world_size=2)
     gpu, cpu = estimate_memory(offload, "cuda"), estimate_memory(offload)
-    plain_gpu = estimate_memory(load_config([write_yaml("a.yml", "")], base), "cuda")
-    assert gpu.offloaded_host == plain_gpu.optimizer + 4 * n and gpu.total == plain_gpu.total - gpu.offloaded_host
+    plain_gpu = estimate_memory(load_config([write_yaml("a.yml", "")], base, world_size=2), "cuda")
+    # its partition of the optimizer state and of the fp32 gradients (half of each on each of the 2 ranks)
+    assert gpu.offloaded_host == plain_gpu.optimizer + 4 * n / 2 and gpu.total == plain_gpu.total - gpu.offloaded_host
     assert cpu.offloaded_host == 0 and cpu.workspace == 0  # on CPU the host is the device; CPU Adam steps in place
     assert "offloaded (not in the total)" in gpu.text()
 

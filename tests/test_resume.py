@@ -149,3 +149,20 @@ def test_rerunning_a_finished_job_logs_its_evaluation_once_and_quietly(tmp_path,
         assert "nothing to train" in again.stderr and "valid_loss" in again.stderr
         assert "_load_legacy_checkpoint" not in again.stdout + again.stderr  # DeepSpeed's stray print is gone
     assert [r["step"] for r in records(run, "valid_loss")] == [2]
+
+
+def test_one_rank_bf16_resumes_exactly(tmp_path, corpus):
+    """One bf16 rank steps with DeepSpeed's BF16_Optimizer (fp32 master weights and gradient accumulation; the other
+    resume tests run fp32 on a CPU without native bf16): its state resumes exactly as well."""
+    import shutil
+
+    common = ["precision=bf16", "train_iters=4", "checkpoint_factor=2"]
+    straight = tmp_path / "straight"
+    ok(deepy_train(straight, corpus, *common))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight / "ck" / "global_step2", resumed / "ck" / "global_step2")
+    (resumed / "ck" / "latest").write_text("global_step2")
+    proc = ok(deepy_train(resumed, corpus, *common))
+    assert "at step 2" in proc.stderr
+    assert [r["step"] for r in records(resumed)] == [3, 4]
+    assert losses(resumed) == losses(straight)[2:]  # exactly equal

@@ -80,13 +80,17 @@ def test_gradient_accumulation_equals_a_bigger_micro_batch(tmp_path, corpus):
     assert max(abs(a - b) for a, b in zip(losses(big), losses(acc), strict=True)) <= 1e-5
 
 
-SAME_BATCH = ["train_iters=3", "train_batch_size=8", "train_micro_batch_size_per_gpu=2", "gradient_accumulation_steps=null"]
+# clipping at 0.1 scales every step's gradients (norms here: about 1), so each layout's clipping is compared too
+SAME_BATCH = ["train_iters=3", "train_batch_size=8", "train_micro_batch_size_per_gpu=2", "gradient_accumulation_steps=null",
+              "gradient_clipping=0.1"]
 
 
 @pytest.fixture(scope="module")
 def one_rank_curve(tmp_path_factory, corpus):
-    run, _ = run_ok(tmp_path_factory.mktemp("one"), corpus, "one", *SAME_BATCH)
-    return losses(run)
+    run, proc = run_ok(tmp_path_factory.mktemp("one"), corpus, "one", *SAME_BATCH)
+    # one rank runs ZeRO 1 as stage 0 without DeepSpeed's gradient all-reduce; the 2-rank curves check it
+    assert "ZeRO stage 1 (runs as 0: one rank has nothing to partition in fp32)" in proc.stderr
+    return losses(run), [r["grad_norm"] for r in records(run)]
 
 
 # (a plain 2-stage pipeline is covered by the compiled one here and by tests/test_parallel_parity.py)
@@ -96,13 +100,17 @@ def one_rank_curve(tmp_path_factory, corpus):
 def test_two_ranks_follow_the_one_rank_loss_curve(tmp_path, corpus, one_rank_curve, layout):
     two, proc = run_ok(tmp_path, corpus, "two", *SAME_BATCH, *layout)
     assert ("runs through torch.compile" in proc.stderr) == ("compile=true" in layout)
-    assert max(abs(a - b) for a, b in zip(one_rank_curve, losses(two), strict=True)) <= 1e-4, (one_rank_curve, losses(two))
+    curve, norms = one_rank_curve
+    assert max(abs(a - b) for a, b in zip(curve, losses(two), strict=True)) <= 1e-4, (curve, losses(two))
+    assert [r["grad_norm"] for r in records(two)] == pytest.approx(norms, rel=1e-4)
 
 
 def test_four_ranks_pipeline_by_data_parallel_follow_the_one_rank_curve(tmp_path, corpus, one_rank_curve):
     run, proc = run_ok(tmp_path, corpus, "pp2dp2", "pipe_parallel_size=2", "num_gpus=4", *SAME_BATCH)
     assert "pp 2 x tp 1 x dp 2" in proc.stderr
-    assert max(abs(a - b) for a, b in zip(one_rank_curve, losses(run), strict=True)) <= 1e-4, (one_rank_curve, losses(run))
+    curve, norms = one_rank_curve
+    assert max(abs(a - b) for a, b in zip(curve, losses(run), strict=True)) <= 1e-4, (curve, losses(run))
+    assert [r["grad_norm"] for r in records(run)] == pytest.approx(norms, rel=1e-4)
 
 
 def test_fp16_is_refused_on_cpu_before_launch(tmp_path, corpus):

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from neox_llama.config.deepspeed_json import deepspeed_config
 from neox_llama.config.loading import ConfigError, build_config, dump_raw, load_raw
 from neox_llama.config.schema import Config, Derived
-from neox_llama.config.validation import resolve
+from neox_llama.config.validation import resolve, zero_text
 
-__all__ = ["Config", "ConfigError", "Derived", "deepspeed_config", "dump_raw", "load_config", "resolve"]
+__all__ = ["Config", "ConfigError", "Derived", "deepspeed_config", "dump_raw", "load_config", "resolve", "zero_text"]
 
 
 def load_config(files: Sequence[str | os.PathLike], overrides: Sequence[str] = (), *,

@@ -36,7 +36,7 @@ def deepspeed_config(cfg: Config, accelerator: str = "cpu") -> dict[str, Any]:
             },
         },
         "zero_optimization": {
-            "stage": zero.stage,
+            "stage": d.engine_zero_stage,  # 0 on one rank (validation.engine_zero_stage)
             "allgather_partitions": zero.allgather_partitions,
             "allgather_bucket_size": _auto(zero.allgather_bucket_size, 500_000_000, 50_000_000, gpu),
             "reduce_scatter": zero.reduce_scatter,

@@ -73,7 +73,7 @@ class OptimizerConfig:
 class ZeroConfig:
     """DeepSpeed ZeRO settings, passed to the engine's ``zero_optimization`` section."""
 
-    stage: int = doc_field(1, "ZeRO stage: 0 off, 1 optimizer states, 2 + gradients, 3 + weights sharded over data parallel.", minimum=0, maximum=3)
+    stage: int = doc_field(1, "ZeRO stage: 0 off, 1 optimizer states, 2 + gradients, 3 + weights sharded over data parallel. A one-rank fp32 run at 1 or 2 (without offload) runs 0: nothing to partition, and stage 0 skips ZeRO's copies.", minimum=0, maximum=3)
     allgather_partitions: bool = doc_field(True, "Gather updated partitions with allgather (else broadcasts).")
     allgather_bucket_size: int | None = doc_field(None, "Elements gathered at once; null: 5e8 on GPUs, 5e7 on CPU (each bucket is a buffer in host memory there).", minimum=1)
     reduce_scatter: bool = doc_field(True, "Average gradients with reduce-scatter (else all-reduce).")
@@ -303,6 +303,7 @@ class Derived:
     train_batch_size: int = doc_field(1, "micro batch x accumulation x data parallel size.")
     lr_decay_iters: int = doc_field(1, "lr_decay_iters, or train_iters when unset.")
     warmup_iters: int = doc_field(0, "warmup_iters, or warmup x lr_decay_iters.")
+    engine_zero_stage: int = doc_field(0, "The ZeRO stage DeepSpeed runs: zero_optimization.stage, or 0 for stage 1 or 2 on one fp32 rank without offload (nothing to partition; stage 0 skips ZeRO's flat fp32 copy of the weights and gradients).")
 
 
 @dataclass

@@ -314,5 +314,27 @@ def resolve(cfg: Config, world_size: int, accelerator: str = "cpu", *, tokenizer
         problems.add("precision", "precision bf16 is not supported by this GPU; use fp16 (or fp32)")
     if problems.lines:
         raise ConfigError(problems.lines)
+    d.engine_zero_stage = engine_zero_stage(cfg, world_size)
     cfg.derived = d
     return cfg
+
+
+def engine_zero_stage(cfg: Config, world_size: int) -> int:
+    """The ZeRO stage to give DeepSpeed. ZeRO 1 and 2 partition optimizer state and gradients over data-parallel
+    ranks; on one rank there is nothing to partition, yet in fp32 DeepSpeed's ZeRO optimizer still keeps a flat
+    fp32 copy of every weight and copies each gradient into it (15 % of a step at the benchmark shape,
+    docs/benchmarks.md). So a one-rank fp32 run at stage 1 or 2 runs stage 0, unless it offloads (offload needs
+    ZeRO). Mixed precision keeps its stage: DeepSpeed needs ZeRO >= 1 for fp32 gradient accumulation of bf16
+    weights (its BF16_Optimizer), and fp16 is not measured here.
+    """
+    zero = cfg.zero_optimization
+    offloads = zero.offload_optimizer != "none" or zero.offload_param != "none"
+    if world_size == 1 and cfg.precision == "fp32" and zero.stage in (1, 2) and not offloads:
+        return 0
+    return zero.stage
+
+
+def zero_text(cfg: Config) -> str:
+    """The configured ZeRO stage, and the one DeepSpeed runs where they differ."""
+    stage, runs = cfg.zero_optimization.stage, cfg.derived.engine_zero_stage
+    return str(stage) if stage == runs else f"{stage} (runs as {runs}: one rank has nothing to partition in fp32)"

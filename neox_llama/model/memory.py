@@ -120,7 +120,7 @@ def estimate_memory(cfg: Config, accelerator: str = "cpu") -> MemoryEstimate:
     weight_bytes, grad_bytes, optim_bytes = (2, 2, 12) if mixed else (4, 4, 8)
     # Gradients and optimizer state exist only for what trains (LoRA or Adapter tensors, or the base minus `freeze`).
     fraction = count_trainable(cfg).fraction if (cfg.lora_r or cfg.freeze or cfg.peft_method != "lora") else 1.0
-    stage = cfg.zero_optimization.stage
+    stage = cfg.derived.engine_zero_stage
     weights = params * weight_bytes / (dp if stage >= 3 else 1)
     gradients = params * fraction * grad_bytes / (dp if stage >= 2 else 1)
     if mixed:  # the optimizer's fp32 copy of its partition's gradient

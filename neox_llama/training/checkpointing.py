@@ -207,7 +207,7 @@ class TrainingState:
 
 def layout_of(cfg: Config) -> Layout:
     return Layout(cfg.pipe_parallel_size, cfg.model_parallel_size, cfg.derived.data_parallel_size,
-                  cfg.zero_optimization.stage, cfg.derived.world_size)
+                  cfg.derived.engine_zero_stage, cfg.derived.world_size)
 
 
 @dataclass

@@ -107,7 +107,7 @@ class Trainer:
                            folder, layout.pipe_parallel_size, layout.model_parallel_size,
                            layout.data_parallel_size, layout.zero_stage, self.cfg.pipe_parallel_size,
                            self.cfg.model_parallel_size, self.cfg.derived.data_parallel_size,
-                           self.cfg.zero_optimization.stage, self.train_state.step)
+                           self.cfg.derived.engine_zero_stage, self.train_state.step)
         else:
             ckpt.restore_engine_state(self.engine, folder, strict=strict)
             logger.info("resumed from %s at step %d (%d samples consumed)", folder, self.train_state.step,
