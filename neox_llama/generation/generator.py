@@ -99,6 +99,8 @@ class Generator:
                 text = self.tokenizer.decode(out)
                 if any(s in text for s in settings.stop_strings):
                     break
+            if len(out) == budget:
+                break  # the last token needs no logits after it
             if use_cache:
                 logits = self._logits(torch.tensor([[token]], device=self.device), len(prompt) + len(out) - 1, caches)[0, -1]
             else:

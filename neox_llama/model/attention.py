@@ -51,7 +51,8 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v, mask = cache.append(k, v)
-            out = self._core(q, k, v, mask)
+            # no mask: causal over a prompt, or (one new position, the last one) attention to every cached position
+            out = self._core(q, k, v, mask, causal=mask is None and seq > 1)
         elif self.recompute and self.training and torch.is_grad_enabled():
             # Selective checkpointing: keep only q, k, v; the mask, scores and softmax are rebuilt in backward (the
             # dropout mask too: checkpoint replays the RNG state).
@@ -65,10 +66,13 @@ class Attention(nn.Module):
     def _masked_core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         return self._core(q, k, v, document_causal_mask(position_ids) if self.document_attention else None)
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """softmax(q k^T / sqrt(d) + mask) v over [batch, heads, seq, head_dim] (causal when there is no mask)."""
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              causal: bool | None = None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d) + mask) v over [batch, heads, seq, head_dim] (``causal`` by default when there is
+        no mask)."""
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0,
+            q, k, v, attn_mask=mask, is_causal=mask is None if causal is None else causal,
+            dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.local_kv_heads != self.local_heads)
 
 

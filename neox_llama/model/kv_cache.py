@@ -16,7 +16,7 @@ class KVCache:
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Store the new positions; return all keys and values so far and the attention mask for the new ones
-        (None when plain causal attention is right)."""
+        (None when plain causal attention is right, or when one new position sees everything before it)."""
         new = k.shape[2]
         end = self.length + new
         if end > self.keys.shape[2]:
@@ -25,9 +25,7 @@ class KVCache:
         self.values[:, :, self.length:end] = v
         start, self.length = self.length, end
         keys, values = self.keys[:, :, :end], self.values[:, :, :end]
-        if new == 1:
-            return keys, values, torch.ones(1, end, dtype=torch.bool, device=k.device)  # sees everything before it
-        if start == 0:
+        if new == 1 or start == 0:
             return keys, values, None
         rows = torch.arange(new, device=k.device)[:, None] + start
         return keys, values, torch.arange(end, device=k.device)[None, :] <= rows
