@@ -173,8 +173,8 @@ def _corpus() -> list[str]:
 
 
 def preprocess(opts) -> dict:
-    """tools/preprocess_data.py's library with one worker, or the tokenizer's own batch encode, on the same
-    Shakespeare documents (Llama-3 tokenizer); tokens/s per worker."""
+    """tools/preprocess_data.py's library with one worker, or the tokenizer library's own batch encode (tiktoken's
+    ``encode_batch`` on one thread), on the same Shakespeare documents (Llama-3 tokenizer); tokens/s per worker."""
     from neox_llama.data.assets import fetch
     from neox_llama.data.preprocess import preprocess as run_preprocess
     from neox_llama.tokenizers import build_tokenizer
@@ -182,9 +182,10 @@ def preprocess(opts) -> dict:
     path = fetch("llama3-tokenizer", ROOT / ".cache" / "assets")
     docs = _corpus() * (1 if opts.quick else 2)
     if opts.reference:
-        tok = build_tokenizer("Llama3Tokenizer", path)
+        enc = build_tokenizer("Llama3Tokenizer", path).enc
         start = time.perf_counter()
-        tokens = sum(len(ids) for ids in tok.encode_batch(docs))
+        tokens = sum(len(ids) for ids in enc.encode_batch(docs, num_threads=1, allowed_special=set(),
+                                                            disallowed_special=()))
         return {"rate": tokens / (time.perf_counter() - start), "peak_rss_mb": _rss_mb()}
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.jsonl"

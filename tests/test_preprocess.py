@@ -159,3 +159,23 @@ def test_a_missing_input_fails_before_any_progress_bar(tmp_path, spm_model):
                            "--output-prefix", str(tmp_path / "out"), "--tokenizer-type", "SPMTokenizer",
                            "--vocab-file", str(spm_model)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == f"preprocess_data.py: error: {tmp_path / 'no.jsonl'}: input file not found"
+
+
+def test_llama3_dataset_holds_tiktokens_ids(tmp_path, monkeypatch):
+    """The Llama-3 path writes tiktoken's uint32 arrays (encode_to_numpy); a batch with a long run falls back to
+    splitting it as Meta does."""
+    from helpers.assets import asset
+
+    from neox_llama.tokenizers import build_tokenizer
+
+    vocab = asset("llama3-tokenizer")
+    tok = build_tokenizer("Llama3Tokenizer", vocab)
+    docs = [*make_docs(20), "<|eot_id|> is text here", "a" * 30_000 + " end"]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    monkeypatch.setattr(pre, "BATCH_DOCS", 8)  # the last batch holds the long run, the others take the numpy path
+    pre.preprocess([tmp_path / "in.jsonl"], str(tmp_path / "out"), "Llama3Tokenizer", str(vocab), append_eod=True,
+                   progress=False)
+    ds = IndexedDataset(tmp_path / "out_text_document")
+    assert ds.dtype == np.int32 and len(ds) == len(docs)  # (Megatron's dtype codes have no uint32)
+    for i, doc in enumerate(docs):
+        assert ds[i].tolist() == [tok.bos_id, *tok.encode(doc), tok.eod_id], i

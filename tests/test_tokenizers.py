@@ -50,6 +50,7 @@ def test_llama3_ids_equal_tiktoken_with_metas_pattern():
         assert ours.encode(text) == ref.encode(text, allowed_special=set(), disallowed_special=()), text
         assert ours.decode(ours.encode(text)) == text
     assert ours.encode_batch(TEXTS) == [ref.encode(t, disallowed_special=()) for t in TEXTS]
+    assert [list(ids) for ids in ours.encode_arrays(TEXTS)] == ours.encode_batch(TEXTS)
     chat = "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
     assert ours.encode(chat, allow_special=True) == ref.encode(chat, allowed_special="all")
     assert ours.vocab_size == 128_256 and ours.special_tokens["<|reserved_special_token_245|>"] == 128_255

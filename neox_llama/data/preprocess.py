@@ -14,7 +14,7 @@ import logging
 import multiprocessing
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -134,7 +134,7 @@ class _Encoded:
     chars: int
 
 
-def _flatten(encoded: list[list[int]], dtype: str, bos: int | None, eod: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _flatten(encoded: list[Sequence[int]], dtype: str, bos: int | None, eod: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Documents' ids -> (flat array with BOS/EOD added, sizes), filled in place: no per-document arrays."""
     head, tail = int(bos is not None), int(eod is not None)
     sizes = np.fromiter((len(ids) + head + tail for ids in encoded), dtype=np.int64, count=len(encoded))
@@ -164,7 +164,7 @@ def _encode_batch(batch: tuple[list[tuple[str, object]], list[str], bool, str, i
         else:
             good.append(parsed)
             chars += sum(len(t) for t in parsed.values())
-    arrays = [_flatten(tok.encode_batch([doc[key] for doc in good]), dtype, bos, tok.eod_id if append_eod else None)
+    arrays = [_flatten(tok.encode_arrays([doc[key] for doc in good]), dtype, bos, tok.eod_id if append_eod else None)
               for key in keys]
     return _Encoded(arrays, errors, empty, chars)
 

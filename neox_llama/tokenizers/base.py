@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 
 from neox_llama.errors import NeoxLlamaError
@@ -79,6 +80,11 @@ class Tokenizer(ABC):
     def encode_batch(self, texts: list[str], *, allow_special: bool = False) -> list[list[int]]:
         """Ids of several texts (implementations use the library's batched, multi-threaded call)."""
         return [self.encode(t, allow_special=allow_special) for t in texts]
+
+    def encode_arrays(self, texts: list[str]) -> list[Sequence[int]]:
+        """Ids of several texts (special-token text as ordinary text) for writing a dataset: lists, or numpy arrays
+        where the library makes them without Python ints (tiktoken's ``encode_to_numpy``)."""
+        return self.encode_batch(texts)
 
     @abstractmethod
     def decode(self, ids: list[int]) -> str:
