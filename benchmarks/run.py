@@ -62,7 +62,7 @@ def cases(quick: bool) -> list[Case]:
     result += [
         Case("pipeline", "deepy.py 2-stage pipeline, 8 micro-batches vs 1 rank, equal global batch (fp32)",
              ["deepy", "--pipeline", *deepy_steps], ["deepy", "--global-batch", *deepy_steps], 0.8),
-        Case("preprocess", "preprocess_data, 1 worker vs the tokenizer's encode_batch (Llama-3)",
+        Case("preprocess", "preprocess_data, 1 worker vs tiktoken's encode_batch on one thread (Llama-3)",
              ["preprocess", *q], ["preprocess", "--reference", *q], 0.9, mfu=False),
         Case("dataloader", "packed batch loading vs the fp32 model step it feeds (samples/s; ratio = step/load)",
              ["dataloader"], ["dataloader", "--reference", "--steps", "2"], 100.0, unit="samples/s", mfu=False),

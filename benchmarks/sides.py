@@ -121,7 +121,7 @@ def deepy(opts) -> dict:
 
 def dry_run(opts) -> dict:
     """deepy.py --dry-run's per-rank memory estimate (MB, without activation checkpointing) for the deepy side's
-    1-rank run at the benchmark shape."""
+    run at the benchmark shape (1 rank, or the ranks ``--set num_gpus=N`` asks for)."""
     import re
 
     from benchmarks.train_step import SHAPE

@@ -116,3 +116,26 @@ def test_load_run_reports_a_bad_config_as_a_checkpoint_error(tmp_path):
     (tmp_path / "ck" / "config.yml").write_text("hidden_size: [\n")
     with pytest.raises(CheckpointError, match=r"config.yml"):
         load_run(tmp_path / "ck")
+
+
+def test_a_one_rank_zero_1_checkpoint_from_before_stage_0_resumes_at_its_stage(write_yaml):
+    """One fp32 rank at ZeRO 1 runs stage 0 now; a checkpoint such a run saved at stage 1 (before) keeps stage 1
+    for its resume, so that DeepSpeed loads its optimizer state as it is."""
+    from neox_llama.checkpoint.metadata import Layout, Metadata
+    from neox_llama.config import deepspeed_config, load_config
+    from neox_llama.training.checkpointing import keep_saved_zero_stage, same_layout
+
+    tiny = ("num_layers: 2\nhidden_size: 64\nnum_attention_heads: 4\nintermediate_size: 192\nseq_length: 32\n"
+            "vocab_size: 256\nprecision: fp32\n")
+
+    def cfg(*overrides):
+        return load_config([write_yaml("a.yml", tiny)], ["zero_optimization.stage=1", *overrides])
+
+    old = Metadata(tag="global_step4", step=4, layout=Layout(1, 1, 1, zero_stage=1, world_size=1))
+    now = cfg()
+    assert now.derived.engine_zero_stage == 0 and not same_layout(old, now)
+    assert keep_saved_zero_stage(old, now) and same_layout(old, now)
+    assert deepspeed_config(now)["zero_optimization"]["stage"] == 1
+    new = Metadata(tag="global_step4", step=4, layout=Layout(1, 1, 1, zero_stage=0, world_size=1))  # saved since: nothing to keep
+    assert not keep_saved_zero_stage(new, cfg()) and same_layout(new, cfg())
+    assert not keep_saved_zero_stage(old, cfg("zero_optimization.stage=2"))  # another stage asked: weights only

@@ -170,7 +170,7 @@ def test_llama3_dataset_holds_tiktokens_ids(tmp_path, monkeypatch):
 
     vocab = asset("llama3-tokenizer")
     tok = build_tokenizer("Llama3Tokenizer", vocab)
-    docs = [*make_docs(20), "<|eot_id|> is text here", "a" * 30_000 + " end"]
+    docs = ["<|eot_id|> is text here", "cut \ud800 emoji", *make_docs(20), "a" * 30_000 + " end"]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     monkeypatch.setattr(pre, "BATCH_DOCS", 8)  # the last batch holds the long run, the others take the numpy path
     pre.preprocess([tmp_path / "in.jsonl"], str(tmp_path / "out"), "Llama3Tokenizer", str(vocab), append_eod=True,

@@ -78,7 +78,7 @@ class Tokenizer(ABC):
         headers) as the special token; otherwise it is encoded as ordinary text."""
 
     def encode_batch(self, texts: list[str], *, allow_special: bool = False) -> list[list[int]]:
-        """Ids of several texts (implementations use the library's batched, multi-threaded call)."""
+        """Ids of several texts (implementations may use the library's batched call)."""
         return [self.encode(t, allow_special=allow_special) for t in texts]
 
     def encode_arrays(self, texts: list[str]) -> list[Sequence[int]]:

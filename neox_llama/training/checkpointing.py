@@ -299,6 +299,20 @@ def _prune(save: Path, keep_last: int | None, keep: str) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
+def keep_saved_zero_stage(meta: Metadata, cfg: Config) -> bool:
+    """A checkpoint that one fp32 rank saved at ZeRO 1 or 2 before such runs ran stage 0 (2026-12-03) holds ZeRO's
+    optimizer files: run this resume at the saved stage, so that its optimizer state loads as it is. Returns
+    whether it changed ``cfg.derived.engine_zero_stage``."""
+    saved, now = meta.layout, layout_of(cfg)
+    if (saved.pipe_parallel_size, saved.model_parallel_size, saved.data_parallel_size, saved.world_size) != \
+            (now.pipe_parallel_size, now.model_parallel_size, now.data_parallel_size, now.world_size):
+        return False
+    if now.zero_stage == 0 and saved.zero_stage == cfg.zero_optimization.stage in (1, 2):
+        cfg.derived.engine_zero_stage = saved.zero_stage
+        return True
+    return False
+
+
 def same_layout(meta: Metadata, cfg: Config) -> bool:
     """Whether DeepSpeed's own state (sharded by layout) can be loaded as it is."""
     saved, now = meta.layout, layout_of(cfg)

@@ -121,12 +121,13 @@ def build_partitioned(cfg: Config, args: LlamaArgs, state: ParallelState, accele
 
 def keep_grad_norm(engine, one_rank: bool) -> None:
     """At ZeRO 0 in fp32, DeepSpeed clips through its own ``clip_grad_norm_`` and keeps no norm (the metrics'
-    grad_norm would be n/a), and only when clipping is on. Make its clipping step keep the norm, and run it with
-    clipping off too ("clipping" at infinity: measured, nothing scaled). On one rank, torch's foreach
-    ``clip_grad_norm_`` does the same work as DeepSpeed's per-tensor loop, which also rescales every gradient."""
+    grad_norm would be n/a), and only when clipping is on. Make its clipping step keep the norm. On one rank,
+    torch's foreach norm does that work instead of DeepSpeed's per-tensor loop (which also rescales every gradient,
+    clipped or not), and runs with clipping off too ("clipping" at infinity: measured, nothing scaled); several
+    ranks without clipping keep DeepSpeed's behaviour (no norm, no extra reduction)."""
     from deepspeed.runtime.utils import clip_grad_norm_
 
-    if not engine.gradient_clipping() > 0:
+    if one_rank and not engine.gradient_clipping() > 0:
         engine._config.gradient_clipping = math.inf  # DeepSpeed calls clip_fp32_gradients only when clipping is on
 
     def clip() -> None:

@@ -55,6 +55,9 @@ class Trainer:
             logger.info("%s", note)
         resume, meta = plan.resume, plan.meta
         lora_resume = plan.adapters is not None
+        if resume is not None and ckpt.keep_saved_zero_stage(meta, cfg):
+            logger.info("%s was saved by DeepSpeed at ZeRO stage %d: this run keeps that stage, so that its optimizer "
+                        "state loads as it is", resume, cfg.derived.engine_zero_stage)
         weights_only = resume is not None and not lora_resume and not ckpt.same_layout(meta, cfg)
         weights = plan.weights if plan.weights is not None else (resume if weights_only else None)
 

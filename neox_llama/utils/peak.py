@@ -33,8 +33,8 @@ def measure_matmul_tflops(dtype: torch.dtype, size: int = 1024, repeats: int = 8
         return 2 * n**3 * times / (time.perf_counter() - start)
 
     rough = max(timed(256, 2) for _ in range(3))  # FLOP/s, warm
-    if rough * 0.25 < 2 * size**3:  # one matmul at `size` would take more than a quarter of a second
-        size = 256
+    while size > 256 and rough * 0.25 < 2 * size**3:  # one matmul at `size` would take over a quarter second
+        size //= 2
     times = max(2, min(repeats, int(0.25 * rough / (2 * size**3))))
     return max(timed(size, times) for _ in range(tries)) / 1e12
 
