@@ -44,7 +44,6 @@ def layout_text(cfg: Config, plan: LaunchPlan) -> str:
             f"precision {cfg.precision}, ZeRO stage {zero_text(cfg)}")
 
 
-
 def model_text(cfg: Config, accelerator: str = "cpu") -> str:
     d = cfg.derived
     arch = (f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads "
