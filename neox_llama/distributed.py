@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+_JOINED_HERE = False
+"""Whether :func:`init_distributed` created this process's group (then :func:`shutdown_distributed` destroys it)."""
+
 BACKENDS = {"cuda": "cpu:gloo,cuda:nccl", "cpu": "gloo"}
 """Process-group backend per accelerator (a backend per device type on GPUs)."""
 
@@ -73,8 +76,12 @@ def init_distributed(accelerator: str, timeout_minutes: float = 10.0) -> RankInf
     """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (set by deepy.py or a launcher).
 
     ``timeout_minutes`` bounds every collective (a rank that never arrives fails the run instead of hanging it).
+    A group that already exists (a host process running several runs in turn, as the test suite does) is joined
+    as it is and left standing by :func:`shutdown_distributed`.
     """
     import deepspeed
+
+    global _JOINED_HERE
 
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
@@ -94,6 +101,7 @@ def init_distributed(accelerator: str, timeout_minutes: float = 10.0) -> RankInf
         device = torch.device("cpu")
     if accelerator == "cpu":
         _skip_shared_memory_all_reduce()
+    _JOINED_HERE = not dist.is_initialized()
     deepspeed.init_distributed(dist_backend=BACKENDS[accelerator], timeout=timedelta(minutes=timeout_minutes))
     info = RankInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
     logger.debug("joined process group: rank %d of %d on %s", info.rank, info.world_size, device)
@@ -115,10 +123,14 @@ def _skip_shared_memory_all_reduce() -> None:
 
 
 def shutdown_distributed() -> None:
-    """Leave the process group cleanly: a final barrier, then destroy it (avoids an abort at exit)."""
+    """Leave the process group cleanly: a final barrier, then destroy it (avoids an abort at exit) if
+    :func:`init_distributed` created it; a group the host process made stays for its next run."""
+    global _JOINED_HERE
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        if _JOINED_HERE:
+            dist.destroy_process_group()
+            _JOINED_HERE = False
 
 
 def _describe(err: BaseException) -> tuple[str, int, bool]:

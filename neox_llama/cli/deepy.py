@@ -19,7 +19,12 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from neox_llama.launcher import LaunchCommand
 
 USAGE = "usage: python deepy.py SCRIPT.py CONFIG.yml [CONFIG.yml ...] [key=value ...] [--dry-run] [--force]"
 
@@ -96,6 +101,33 @@ def tokenizer_vocab_size(cfg, problems: list[str]) -> int | None:
 
 
 def main(argv: list[str]) -> int:
+    """Check the config, write it to ``{log_dir}/config.yml`` and replace this process with the launch."""
+    prepared = prepare_launch(argv)
+    if isinstance(prepared, int):
+        return prepared
+    logging.getLogger("deepy").info("starting %d rank(s): %s", prepared.world_size, prepared.command.shell(abbreviate=True))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Replace this process, so signals (Ctrl-C, SIGTERM from a scheduler) reach the launcher or the rank directly.
+    command = prepared.command
+    os.execve(command.argv[0], command.argv, {**os.environ, **command.env})
+    return 1  # not reached
+
+
+@dataclass
+class PreparedLaunch:
+    """A checked run, its merged config written: what :func:`main` starts (and a host process may start itself)."""
+
+    command: LaunchCommand
+    """The launch command (a single rank: ``python SCRIPT --config FILE`` with the rank environment)."""
+    world_size: int
+    """How many ranks the command starts."""
+    config_file: str
+    """The merged config every rank reads."""
+
+
+def prepare_launch(argv: list[str]) -> PreparedLaunch | int:
+    """Everything :func:`main` does before it starts the ranks: an exit status (problems, a dry run) or the launch."""
     script, files, overrides, dry_run, force = parse_args(argv)
     from neox_llama.launcher import detect_accelerator
 
@@ -174,12 +206,7 @@ def main(argv: list[str]) -> int:
         return 0
 
     atomic_write_text(config_file, config_text)
-    logging.getLogger("deepy").info("starting %d rank(s): %s", plan.world_size, command.shell(abbreviate=True))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Replace this process, so signals (Ctrl-C, SIGTERM from a scheduler) reach the launcher or the rank directly.
-    os.execve(command.argv[0], command.argv, {**os.environ, **command.env})
-    return 1  # not reached
+    return PreparedLaunch(command, plan.world_size, config_file)
 
 
 def train_main() -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from helpers.inprocess import deepy
 from helpers.runner import ROOT, free_port
 from helpers.runner import run as run_command
 from neox_llama.data.indexed import IndexedDatasetWriter
@@ -32,12 +33,15 @@ def write_corpus(prefix: Path, docs: int = 300, seed: int = 0) -> Path:
 
 BASE = ["tokenizer_type=null", "vocab_file=null", f"vocab_size={VOCAB}", "make_vocab_size_divisible_by=64",
         "seq_length=32", "tensorboard_dir=null", "log_interval=1", "num_workers=0", "precision=fp32",
-        "warmup_iters=2", "eval_iters=2", "eval_interval=1000", "checkpoint_factor=1000"]
+        "warmup_iters=2", "eval_iters=2", "eval_interval=1000", "checkpoint_factor=1000",
+        "peak_tflops=1"]  # a set peak: no matmul-peak probe at start-up
 
 
 def deepy_train(run: Path, corpus: Path, *overrides: str, preset: str = "configs/llama3/tiny.yml",
-                timeout: float = 400, wait: bool = True):
-    """Train through ``python deepy.py train.py``; returns the finished (or, without wait, running) process."""
+                timeout: float = 400, wait: bool = True, in_process: bool = True):
+    """Train through ``python deepy.py train.py``; returns the finished (or, without wait, running) process.
+
+    Waited for, one rank trains in this process (:func:`helpers.inprocess.deepy`) unless ``in_process`` is off."""
     args = [sys.executable, str(ROOT / "deepy.py"), "train.py", preset, *BASE, f"data_path={corpus}",
             f"save={run / 'ck'}", f"load={run / 'ck'}", f"log_dir={run / 'logs'}", f"master_port={free_port()}",
             *overrides]
@@ -45,7 +49,9 @@ def deepy_train(run: Path, corpus: Path, *overrides: str, preset: str = "configs
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
-    return run_command(args, timeout=timeout, retry_abort=True)
+    if not in_process:
+        return run_command(args, timeout=timeout, retry_abort=True)
+    return deepy(*args[2:], cwd=ROOT)
 
 
 def records(run: Path, key: str = "loss") -> list[dict]:
