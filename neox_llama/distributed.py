@@ -101,7 +101,7 @@ def init_distributed(accelerator: str, timeout_minutes: float = 10.0) -> RankInf
         device = torch.device("cpu")
     if accelerator == "cpu":
         _skip_shared_memory_all_reduce()
-    _JOINED_HERE = not dist.is_initialized()
+    _JOINED_HERE = _JOINED_HERE or not dist.is_initialized()
     deepspeed.init_distributed(dist_backend=BACKENDS[accelerator], timeout=timedelta(minutes=timeout_minutes))
     info = RankInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
     logger.debug("joined process group: rank %d of %d on %s", info.rank, info.world_size, device)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_lora_layouts import COMMON, UNTIED, base_checkpoint, run_layout
+from helpers.launches import Case, register
+from helpers.peft_layouts import COMMON, UNTIED, base_checkpoint, layout_args, read_layout
 
 from neox_llama.model.adapter import AdapterSettings, is_adapter_tensor
 
@@ -18,30 +19,26 @@ METHODS = {
     "v2-per-layer": ["peft_method=adapter_v2", "adapter_gate=per_layer"],
     "v1-per-head": ["peft_method=adapter", "adapter_gate=per_head"],
 }
+LAYOUTS = {
+    "v2-tp2": ("v2-per-layer", ["model_parallel_size=2"]),
+    "v2-pp2-checkpointed": ("v2-per-layer", ["pipe_parallel_size=2", "checkpoint_activations=true"]),
+    "v2-zero3-dp2": ("v2-per-layer", ["num_gpus=2", "zero_optimization.stage=3",
+                                      "zero_optimization.stage3_param_persistence_threshold=0"]),
+    "v1-per-head-tp2-checkpointed": ("v1-per-head", ["model_parallel_size=2", "checkpoint_activations=true"]),
+}
+for _method, (_peft, _gate) in METHODS.items():  # the one-rank runs of each method, in the test process
+    register(Case(f"adapter-one-{_method}", 1, "lora_steps", layout_args(PRESET, _peft, [_gate], ADAPTER)))
+for _name, (_method, _layout) in LAYOUTS.items():
+    register(Case(f"adapter-{_name}", 2, "lora_steps",
+                  layout_args(PRESET, METHODS[_method][0], [METHODS[_method][1], *_layout], ADAPTER)))
 
 
-@pytest.fixture(scope="module")
-def references(tmp_path_factory):
-    """The base checkpoint, its tensors, and the one-rank run of each method."""
-    tmp = tmp_path_factory.mktemp("ref")
-    model = base_checkpoint(tmp / "base", PRESET)
-    base_tensors = {n: p.detach().clone() for n, p in model.named_parameters()}
-    runs = {name: run_layout(tmp, name, tmp / "base", PRESET, method[0], 1, [method[1]], ADAPTER)
-            for name, method in METHODS.items()}
-    return tmp / "base", base_tensors, runs
-
-
-@pytest.mark.parametrize(("method", "layout"), [
-    ("v2-per-layer", ["model_parallel_size=2"]),
-    ("v2-per-layer", ["pipe_parallel_size=2", "checkpoint_activations=true"]),
-    ("v2-per-layer", ["num_gpus=2", "zero_optimization.stage=3", "zero_optimization.stage3_param_persistence_threshold=0"]),
-    ("v1-per-head", ["model_parallel_size=2", "checkpoint_activations=true"]),
-], ids=["v2-tp2", "v2-pp2-checkpointed", "v2-zero3-dp2", "v1-per-head-tp2-checkpointed"])
-def test_adapter_layouts_follow_one_rank(tmp_path, references, method, layout):
-    base, base_tensors, runs = references
-    ref_losses, ref_weights = runs[method]
-    losses, weights = run_layout(tmp_path, "layout", base, PRESET, METHODS[method][0], 2,
-                                 [METHODS[method][1], *layout], ADAPTER)
+@pytest.mark.parametrize("case", [f"adapter-{name}" for name in LAYOUTS], ids=list(LAYOUTS))
+def test_adapter_layouts_follow_one_rank(launched, case):
+    method, _ = LAYOUTS[case.removeprefix("adapter-")]
+    _, base_tensors = base_checkpoint(PRESET)
+    ref_losses, ref_weights = read_layout(launched(f"adapter-one-{method}"), 1)
+    losses, weights = read_layout(launched(case), 2)
     assert losses == pytest.approx(ref_losses, abs=1e-5)
     assert ref_losses[-1] < ref_losses[0]  # the adapters learn (v1 slowly: its gates start at zero)
     assert set(weights) == set(ref_weights)

@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from helpers.runner import ROOT, launch
+from helpers.launches import Case, register
+from helpers.runner import ROOT
 from safetensors.torch import load_file
 from workers.parallel_step import fixed_batch
 
@@ -18,7 +19,6 @@ from neox_llama.training.engine import parameter_groups
 
 pytestmark = pytest.mark.dist
 
-WORKER = ROOT / "tests" / "workers" / "parallel_step.py"
 COMMON = ["vocab_size=256", "seq_length=16", "precision=fp32", "train_batch_size=8", "train_micro_batch_size_per_gpu=2",
           "gradient_accumulation_steps=null", "zero_optimization.stage=1", "gradient_clipping=0.2", "seed=11",
           "optimizer.params.lr=1e-3", "optimizer.params.eps=1e-5"]  # Llama-2 eps; 1e-8 amplifies fp32 noise in near-zero grads
@@ -40,25 +40,30 @@ def reference(preset: str, overrides: list[str]):
     return loss.item(), {n: t.detach() for n, t in model.named_parameters()}, initial
 
 
-@pytest.mark.parametrize(("ranks", "preset", "layout"), [
-    (2, "configs/llama3/tiny.yml", ["pipe_parallel_size=2"]),
-    (2, "configs/llama3/tiny.yml", ["model_parallel_size=2"]),
-    (2, "configs/llama3.2/tiny.yml", ["pipe_parallel_size=2"]),
-    (2, "configs/llama3.2/tiny.yml", ["model_parallel_size=2"]),
-    (4, "configs/llama3.2/tiny.yml", ["pipe_parallel_size=2", "model_parallel_size=2"]),
-    (2, "configs/llama3/tiny.yml", ["pipe_parallel_size=2", "checkpoint_activations=true"]),
-    (2, "configs/llama3/tiny.yml", ["model_parallel_size=2", "checkpoint_activations=true"]),
-    (2, "configs/llama3/tiny.yml", ["num_gpus=2"]),
-    (2, "configs/llama3.2/tiny.yml", ["num_gpus=2", "zero_optimization.stage=3",
-                                      "zero_optimization.stage3_param_persistence_threshold=0"]),
-    (4, "configs/llama3/tiny.yml", ["pipe_parallel_size=2"]),
-    (4, "configs/llama3/tiny.yml", ["model_parallel_size=2", "zero_optimization.stage=3",
-                                    "zero_optimization.stage3_param_persistence_threshold=0"]),
-], ids=["pp2", "tp2", "pp2-tied", "tp2-tied", "pp2xtp2-tied", "pp2-checkpointed", "tp2-checkpointed", "dp2",
-        "zero3-dp2-tied", "pp2xdp2", "tp2xdp2-zero3"])
-def test_parallel_layouts_match_one_device(tmp_path, ranks, preset, layout):
-    proc = launch(ranks, WORKER, str(tmp_path), str(ROOT / preset), *COMMON, *layout)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+LAYOUTS = {
+    "pp2": (2, "configs/llama3/tiny.yml", ["pipe_parallel_size=2"]),
+    "tp2": (2, "configs/llama3/tiny.yml", ["model_parallel_size=2"]),
+    "pp2-tied": (2, "configs/llama3.2/tiny.yml", ["pipe_parallel_size=2"]),
+    "tp2-tied": (2, "configs/llama3.2/tiny.yml", ["model_parallel_size=2"]),
+    "pp2xtp2-tied": (4, "configs/llama3.2/tiny.yml", ["pipe_parallel_size=2", "model_parallel_size=2"]),
+    "pp2-checkpointed": (2, "configs/llama3/tiny.yml", ["pipe_parallel_size=2", "checkpoint_activations=true"]),
+    "tp2-checkpointed": (2, "configs/llama3/tiny.yml", ["model_parallel_size=2", "checkpoint_activations=true"]),
+    "dp2": (2, "configs/llama3/tiny.yml", ["num_gpus=2"]),
+    "zero3-dp2-tied": (2, "configs/llama3.2/tiny.yml", ["num_gpus=2", "zero_optimization.stage=3",
+                                                        "zero_optimization.stage3_param_persistence_threshold=0"]),
+    "pp2xdp2": (4, "configs/llama3/tiny.yml", ["pipe_parallel_size=2"]),
+    "tp2xdp2-zero3": (4, "configs/llama3/tiny.yml", ["model_parallel_size=2", "zero_optimization.stage=3",
+                                                     "zero_optimization.stage3_param_persistence_threshold=0"]),
+}
+for _name, (_ranks, _preset, _layout) in LAYOUTS.items():
+    register(Case(f"parity-{_name}", _ranks, "parallel_step",
+                  lambda folder, p=_preset, lay=_layout: [folder, ROOT / p, *COMMON, *lay]))
+
+
+@pytest.mark.parametrize("case", [f"parity-{name}" for name in LAYOUTS], ids=list(LAYOUTS))
+def test_parallel_layouts_match_one_device(launched, case):
+    ranks, preset, layout = LAYOUTS[case.removeprefix("parity-")]
+    tmp_path = launched(case).check().folder
     ref_loss, ref_weights, ref_initial = reference(preset, [])
     merged: dict[str, torch.Tensor] = {}
     wrote: dict[int, list[int]] = {}

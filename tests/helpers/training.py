@@ -17,6 +17,19 @@ from neox_llama.data.indexed import IndexedDatasetWriter
 
 VOCAB = 256
 
+SESSION_DIR: Path | None = None
+"""A folder for inputs that the whole session shares (set by conftest.py's session fixture)."""
+_SHARED: dict[str, Path] = {}
+
+
+def shared_corpus() -> Path:
+    """The session's one synthetic corpus (:func:`write_corpus` with its defaults), written on first use."""
+    if "corpus" not in _SHARED:
+        if SESSION_DIR is None:
+            raise RuntimeError("shared_corpus() needs the test session (conftest.py sets SESSION_DIR)")
+        _SHARED["corpus"] = write_corpus(SESSION_DIR / "corpus" / "chain")
+    return _SHARED["corpus"]
+
 
 def write_corpus(prefix: Path, docs: int = 300, seed: int = 0) -> Path:
     """Documents from a noisy deterministic chain (next = 3 x token + 1 mod 256): learnable, so loss falls."""

@@ -1,4 +1,4 @@
-"""Worker run on every rank by tests/test_lora_layouts.py through DeepSpeed's launcher.
+"""A case run on every rank by tests/workers/cases.py for the LoRA and Adapter layout tests.
 
 Loads a base checkpoint into the tiny model at the layout given by the overrides, attaches LoRA as the
 trainer does (setup_engine), takes three optimizer steps on fixed batches (the loss before each step is
@@ -8,14 +8,13 @@ recorded, and the loss with the adapters freshly attached), and writes this rank
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import torch
-from parallel_step import fixed_batch, full_weights  # this script's folder is on sys.path
+from workers.parallel_step import fixed_batch, full_weights
 
 from neox_llama.config import load_config
-from neox_llama.distributed import init_distributed, shutdown_distributed
+from neox_llama.distributed import init_distributed
 from neox_llama.model.args import LlamaArgs
 from neox_llama.model.loss import CausalLMLoss
 from neox_llama.parallel.topology import ParallelState
@@ -26,8 +25,8 @@ from neox_llama.training.step import make_global_batch, run_global_batch
 STEPS = 3
 
 
-def main() -> None:
-    out_dir, base, config_file, overrides = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4:]
+def run(argv: list[str]) -> None:
+    out_dir, base, config_file, overrides = Path(argv[0]), Path(argv[1]), argv[2], argv[3:]
     cfg = load_config([config_file], overrides, world_size=int(os.environ["WORLD_SIZE"]))
     info = init_distributed("cpu")
     state = ParallelState(cfg.pipe_parallel_size, cfg.model_parallel_size)
@@ -51,8 +50,3 @@ def main() -> None:
 
     weights = full_weights(engine.module, state)  # gathers ZeRO-3 partitions a layer at a time
     torch.save({"losses": losses, "weights": weights}, out_dir / f"rank{info.rank}.pt")
-    shutdown_distributed()
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""Worker run on every rank by tests/test_parallel_parity.py through DeepSpeed's launcher.
+"""A case run on every rank by tests/workers/cases.py for tests/test_parallel_parity.py (one launch per world size).
 
 Builds the tiny model at the layout given by the overrides, evaluates the loss on a fixed batch,
 takes one optimizer step, and writes this rank's full (tensor-parallel gathered) weights, and saves the layout-free
@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 
 from neox_llama.config import load_config
-from neox_llama.distributed import init_distributed, shutdown_distributed
+from neox_llama.distributed import init_distributed
 from neox_llama.model.args import LlamaArgs
 from neox_llama.model.llama import build_model
 from neox_llama.model.loss import CausalLMLoss
@@ -43,8 +42,8 @@ def full_weights(model: torch.nn.Module, state: ParallelState) -> dict[str, torc
     return out
 
 
-def main() -> None:
-    out_dir, config_file, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+def run(argv: list[str]) -> None:
+    out_dir, config_file, overrides = Path(argv[0]), argv[1], argv[2:]
     cfg = load_config([config_file], overrides, world_size=int(os.environ["WORLD_SIZE"]))
     info = init_distributed("cpu")
     state = ParallelState(cfg.pipe_parallel_size, cfg.model_parallel_size)
@@ -74,8 +73,3 @@ def main() -> None:
     wrote = save_layer_weights(engine.module, state, out_dir / "saved")  # the checkpoint's layout-free weights
     torch.save({"loss": before, "weights": weights, "wrote": wrote, "initial": initial}, out_dir / f"rank{info.rank}.pt")
     (out_dir / f"rank{info.rank}.json").write_text(json.dumps({"loss": before}))
-    shutdown_distributed()
-
-
-if __name__ == "__main__":
-    main()
