@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import inprocess
+from helpers.adapter import adapted, adapter_checkpoint
 from helpers.checkpoints import TINY, save_random_checkpoint
 
 from neox_llama.checkpoint.run import load_model
-from neox_llama.model.adapter import AdapterSettings, apply_adapter, is_adapter_tensor
-from neox_llama.model.factory import SINGLE_DEVICE
+from neox_llama.model.adapter import AdapterSettings, is_adapter_tensor
 
 UNTIED = {**TINY, "no_weight_tying": True, "num_layers": 3}
 IDS = torch.tensor([[1, 5, 9, 20, 33, 7, 64, 100, 3], [4, 8, 15, 16, 23, 42, 2, 1, 0]])
@@ -18,17 +19,15 @@ V1 = AdapterSettings("adapter", prompt_length=4, start_layer=1)
 V2 = AdapterSettings("adapter_v2", prompt_length=3, start_layer=2, gate="per_head")
 
 
+def tool(name, *args):
+    """``python tools/NAME ARGS``, run in this process."""
+    return inprocess.tool(name, *map(str, args))
+
+
 @pytest.fixture
 def base(tmp_path):
     save_random_checkpoint(tmp_path / "base", UNTIED)
     return tmp_path / "base"
-
-
-def adapted(base, settings: AdapterSettings):
-    model, run = load_model(base)
-    layers = {int(i): m for i, m in model.named_children()}
-    apply_adapter(layers, settings, SINGLE_DEVICE, run.args, seed=11)
-    return model.eval(), run
 
 
 @pytest.mark.parametrize("settings", [V1, V2], ids=["adapter", "adapter_v2"])
@@ -83,17 +82,9 @@ def test_v2_scale_and_bias_act_per_output_feature(base):
 
 def test_the_peft_export_of_an_adapter_gives_our_logits_through_peft(base, tmp_path):
     import json
-    import subprocess
-    import sys
-
-    from helpers.runner import ROOT
 
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
-
-    def tool(name, *args):
-        return subprocess.run([sys.executable, str(ROOT / "tools" / name), *map(str, args)], capture_output=True,
-                              text=True, timeout=300)
 
     settings = AdapterSettings("adapter", prompt_length=5, start_layer=1)
     folder, _ = adapter_checkpoint(tmp_path / "v1", base, settings, seed=4)  # random prompts and open gates
@@ -114,33 +105,6 @@ def test_the_peft_export_of_an_adapter_gives_our_logits_through_peft(base, tmp_p
         proc = tool("convert_to_hf.py", "--checkpoint", other, "--output", tmp_path / "x", "--peft")
         assert proc.returncode == 2 and "cannot be exported to PEFT" in proc.stderr and reason in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr and not (tmp_path / "x").exists()
-
-
-def adapter_checkpoint(folder, base, settings: AdapterSettings, seed: int, step: int = 4, style: str | None = None):
-    """An adapter checkpoint as an adapter run saves it, with random (non-zero) trained tensors; returns them too."""
-    import yaml
-
-    from neox_llama.checkpoint.adapter import adapter_file, base_ref
-    from neox_llama.checkpoint.metadata import Layout, Metadata, write_metadata
-    from neox_llama.checkpoint.weights import write_layer_file
-
-    model, _ = adapted(base, settings)
-    gen = torch.Generator().manual_seed(seed)
-    folder.mkdir(parents=True)
-    saved = {}
-    for index, layer in model.named_children():
-        tensors = {n: p.detach() + 0.2 * torch.randn(p.shape, generator=gen)
-                   for n, p in layer.named_parameters() if is_adapter_tensor(n, settings)}
-        if tensors:
-            write_layer_file(adapter_file(folder, int(index)), tensors)
-            saved.update({f"{index}.{n}": t for n, t in tensors.items()})
-    config = yaml.safe_load((base / "config.yml").read_text())
-    config.update(peft_method=settings.method, adapter_prompt_length=settings.prompt_length,
-                  adapter_start_layer=settings.start_layer, adapter_gate=settings.gate, finetune=True, load=str(base))
-    (folder / "config.yml").write_text(yaml.safe_dump(config))
-    write_metadata(folder, Metadata(tag=folder.name, step=step, layout=Layout(zero_stage=0), base=base_ref(base),
-                                    adapter=settings.to_dict(), prompt_style=style))
-    return folder, saved
 
 
 @pytest.mark.parametrize("settings", [V1, V2], ids=["adapter", "adapter_v2"])
@@ -177,10 +141,7 @@ def test_adapter_checkpoints_refuse_what_cannot_be_done(base, tmp_path):
 
 def test_v2_partial_merge_equals_the_adapted_model_with_closed_gates_and_exports_to_hf(base, tmp_path):
     import json
-    import subprocess
-    import sys
 
-    from helpers.runner import ROOT
     from transformers import AutoModelForCausalLM
 
     folder, saved = adapter_checkpoint(tmp_path / "v2", base, V2, seed=5)
@@ -194,10 +155,6 @@ def test_v2_partial_merge_equals_the_adapted_model_with_closed_gates_and_exports
         write_layer_file(path, tensors)
     with torch.no_grad():
         expected = load_model(folder)[0](IDS)
-
-    def tool(name, *args):
-        return subprocess.run([sys.executable, str(ROOT / "tools" / name), *map(str, args)], capture_output=True,
-                              text=True, timeout=300)
 
     proc = tool("merge_lora.py", "--checkpoint", folder, "--output", tmp_path / "m")
     assert proc.returncode == 2 and "--partial merges its scales, biases and norms" in proc.stderr, proc.stderr
@@ -222,7 +179,7 @@ def test_v2_partial_merge_equals_the_adapted_model_with_closed_gates_and_exports
 
 
 def test_one_batch_serves_lora_adapter_and_adapter_v2_rows_each_as_alone(base, tmp_path):
-    from test_lora import adapter_checkpoint as lora_checkpoint
+    from helpers.lora import adapter_checkpoint as lora_checkpoint
 
     from neox_llama.generation.adapter_bank import AdapterBank
     from neox_llama.generation.generator import GenerationSettings

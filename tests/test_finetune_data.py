@@ -10,7 +10,7 @@ import pytest
 import sentencepiece as spm
 import torch
 from helpers.assets import asset
-from test_tokenizers import llama3_reference
+from helpers.tokenizers import llama3_reference
 
 from neox_llama.data.instruction import (
     InstructionDataError,

@@ -5,65 +5,29 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 import yaml
-from helpers.checkpoints import TINY, save_random_checkpoint
-from helpers.runner import ROOT
+from helpers import inprocess
+from helpers.checkpoints import save_random_checkpoint
+from helpers.lora import IDS, SETTINGS, UNTIED, adapter_checkpoint, unmerged_logits
+from helpers.runner import ROOT, run
 
-from neox_llama.checkpoint.adapter import adapter_file, base_ref, fill_adapters
+from neox_llama.checkpoint.adapter import adapter_file
 from neox_llama.checkpoint.merge import Adapter, merge_to_checkpoint
-from neox_llama.checkpoint.metadata import Layout, Metadata, write_metadata
 from neox_llama.checkpoint.paths import CheckpointError
 from neox_llama.checkpoint.run import load_model, load_run
-from neox_llama.checkpoint.weights import read_layer_file, write_layer_file
+from neox_llama.checkpoint.weights import read_layer_file
 from neox_llama.model.factory import SINGLE_DEVICE
 from neox_llama.model.lora import LoraSettings, apply_lora
-
-UNTIED = {**TINY, "no_weight_tying": True}
-IDS = torch.tensor([[1, 5, 9, 20, 33, 7, 64, 100, 3]])
-
-
-def adapter_checkpoint(folder, base, settings: LoraSettings, seed: int, step: int = 6, style: str = "alpaca"):
-    """A LoRA checkpoint as a LoRA run saves it, with random (non-zero) A and B."""
-    model, _ = load_model(base)
-    layers = {int(i): m for i, m in model.named_children()}
-    apply_lora(layers, settings, SINGLE_DEVICE, seed)
-    gen = torch.Generator().manual_seed(seed)
-    folder.mkdir(parents=True)
-    for index, layer in layers.items():
-        tensors = {n: torch.randn(p.shape, generator=gen) * 0.1 for n, p in layer.named_parameters() if ".lora." in n}
-        if tensors:
-            write_layer_file(adapter_file(folder, index), tensors)
-    config = yaml.safe_load((base / "config.yml").read_text())
-    config.update(lora_r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                  lora_targets=list(settings.targets), finetune=True, load=str(base))
-    (folder / "config.yml").write_text(yaml.safe_dump(config))
-    write_metadata(folder, Metadata(tag=folder.name, step=step, layout=Layout(zero_stage=0), prompt_style=style,
-                                    base=base_ref(base), lora=settings.to_dict()))
-    return folder
-
-
-def unmerged_logits(base, adapter, settings):
-    """The adapter run's forward: base weights, adapters attached (hooks), no merge."""
-    model, _ = load_model(base)
-    layers = {int(i): m for i, m in model.named_children()}
-    apply_lora(layers, settings, SINGLE_DEVICE, 0)
-    fill_adapters(layers, adapter, settings)
-    with torch.no_grad():
-        return model.eval()(IDS)
 
 
 @pytest.fixture
 def base(tmp_path):
     save_random_checkpoint(tmp_path / "base", UNTIED)
     return tmp_path / "base"
-
-
-SETTINGS = LoraSettings(r=3, alpha=7.0, dropout=0.0, targets=("key", "output", "mlp", "head"))
 
 
 def test_step_zero_is_the_base_exactly(base):
@@ -133,13 +97,15 @@ def test_a_different_base_is_refused_unless_forced_and_shapes_always_checked(bas
 
 
 def tool(name, *args):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / name), *args], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+    """``python tools/NAME ARGS`` from the repository root, run in this process."""
+    return inprocess.tool(name, *args, cwd=ROOT)
 
 
 def test_merge_lora_command_line(base, tmp_path):
     adapter = adapter_checkpoint(tmp_path / "lora", base, SETTINGS, seed=1)
-    proc = tool("merge_lora.py", "--checkpoint", str(adapter), "--output", str(tmp_path / "out"))
+    # a real process: the tool's script path itself
+    proc = run([sys.executable, str(ROOT / "tools" / "merge_lora.py"), "--checkpoint", str(adapter), "--output",
+                str(tmp_path / "out")])
     assert proc.returncode == 0 and f"wrote {tmp_path / 'out'}" in proc.stdout, proc.stderr
     for args, message in (
         (["--checkpoint", str(base), "--output", str(tmp_path / "x")], "not an adapter checkpoint"),

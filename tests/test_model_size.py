@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_presets import OFFICIAL_TOTALS
+from helpers.presets import OFFICIAL_TOTALS
 
 from neox_llama.config import ConfigError, load_config
 from neox_llama.config.presets import CONFIG_DIR, PRESETS

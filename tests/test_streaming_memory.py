@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 from helpers.checkpoints import TINY, save_random_checkpoint
+from helpers.lora import adapter_checkpoint
 from helpers.runner import ROOT
-from test_lora import adapter_checkpoint
 
 from neox_llama.model.lora import LoraSettings
 
