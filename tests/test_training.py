@@ -7,16 +7,11 @@ import math
 
 import pytest
 import torch
-from helpers.training import deepy_train, losses, records, write_corpus
+from helpers.training import deepy_train, losses, records, train_case
 
 pytestmark = pytest.mark.dist
 
 KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus") / "chain")
 
 
 def run_ok(tmp_path, corpus, name, *overrides, **kw):
@@ -44,18 +39,23 @@ ZERO_DP2 = ["num_gpus=2", "train_iters=3", "checkpoint_factor=3", "optimizer.par
             "zero_optimization.stage3_param_persistence_threshold=0"]  # threshold 0: ZeRO-3 partitions every tensor
 
 
-def test_zero_stages_match_zero_0_in_losses_saved_weights_and_export(tmp_path, corpus):
+for _stage in (0, 1, 2, 3):
+    train_case(f"train-z{_stage}-dp2", 2, f"zero_optimization.stage={_stage}", *ZERO_DP2)
+
+
+@pytest.mark.uses_cases(*(f"train-z{stage}-dp2" for stage in (0, 1, 2, 3)))
+def test_zero_stages_match_zero_0_in_losses_saved_weights_and_export(tmp_path, launched):
     import transformers
 
     from neox_llama.checkpoint.paths import resolve_checkpoint
     from neox_llama.checkpoint.weights import read_full_state
     from neox_llama.convert.hf_export import export_to_hf
 
-    curves, weights = {}, {}
+    curves, weights, runs = {}, {}, {}
     for stage in (0, 1, 2, 3):
-        run, _ = run_ok(tmp_path, corpus, f"z{stage}", f"zero_optimization.stage={stage}", *ZERO_DP2)
-        curves[stage] = losses(run)
-        weights[stage] = read_full_state(resolve_checkpoint(run / "ck"))
+        runs[stage] = launched(f"train-z{stage}-dp2").check().folder
+        curves[stage] = losses(runs[stage])
+        weights[stage] = read_full_state(resolve_checkpoint(runs[stage] / "ck"))
     assert sum(t.numel() for t in weights[0].values()) > 100_000
     for stage in (1, 2, 3):
         assert max(abs(a - b) for a, b in zip(curves[0], curves[stage], strict=True)) <= 1e-5, (stage, curves)
@@ -66,7 +66,7 @@ def test_zero_stages_match_zero_0_in_losses_saved_weights_and_export(tmp_path, c
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     logits = {}
     for stage in (0, 3):
-        out = export_to_hf(tmp_path / f"z{stage}" / "ck", tmp_path / f"hf{stage}", dtype="fp32")
+        out = export_to_hf(runs[stage] / "ck", tmp_path / f"hf{stage}", dtype="fp32")
         with torch.no_grad():
             logits[stage] = transformers.AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
     assert (logits[0] - logits[3]).abs().max().item() <= 1e-5
@@ -94,20 +94,28 @@ def one_rank_curve(tmp_path_factory, corpus):
 
 
 # (a plain 2-stage pipeline is covered by the compiled one here and by tests/test_parallel_parity.py)
-@pytest.mark.parametrize("layout", [["num_gpus=2"], ["model_parallel_size=2"],
-                                    ["pipe_parallel_size=2", "compile=true", "checkpoint_activations=true"]],
-                         ids=["dp2", "tp2", "pp2-compiled-checkpointed"])
-def test_two_ranks_follow_the_one_rank_loss_curve(tmp_path, corpus, one_rank_curve, layout):
-    two, proc = run_ok(tmp_path, corpus, "two", *SAME_BATCH, *layout)
-    assert ("runs through torch.compile" in proc.stderr) == ("compile=true" in layout)
+CURVE_LAYOUTS = {"dp2": ["num_gpus=2"], "tp2": ["model_parallel_size=2"],
+                 "pp2-compiled-checkpointed": ["pipe_parallel_size=2", "compile=true", "checkpoint_activations=true"]}
+for _name, _layout in CURVE_LAYOUTS.items():
+    train_case(f"train-curve-{_name}", 2, *SAME_BATCH, *_layout)
+train_case("train-curve-pp2xdp2", 4, "pipe_parallel_size=2", "num_gpus=4", *SAME_BATCH)
+
+
+@pytest.mark.parametrize("case", [f"train-curve-{name}" for name in CURVE_LAYOUTS], ids=list(CURVE_LAYOUTS))
+def test_two_ranks_follow_the_one_rank_loss_curve(launched, one_rank_curve, case):
+    outcome = launched(case).check()
+    two = outcome.folder
+    assert ("runs through torch.compile" in outcome.stderr) == ("compile" in case)
     curve, norms = one_rank_curve
     assert max(abs(a - b) for a, b in zip(curve, losses(two), strict=True)) <= 1e-4, (curve, losses(two))
     assert [r["grad_norm"] for r in records(two)] == pytest.approx(norms, rel=1e-4)
 
 
-def test_four_ranks_pipeline_by_data_parallel_follow_the_one_rank_curve(tmp_path, corpus, one_rank_curve):
-    run, proc = run_ok(tmp_path, corpus, "pp2dp2", "pipe_parallel_size=2", "num_gpus=4", *SAME_BATCH)
-    assert "pp 2 x tp 1 x dp 2" in proc.stderr
+@pytest.mark.uses_cases("train-curve-pp2xdp2")
+def test_four_ranks_pipeline_by_data_parallel_follow_the_one_rank_curve(launched, one_rank_curve):
+    outcome = launched("train-curve-pp2xdp2").check()
+    run = outcome.folder
+    assert "pp 2 x tp 1 x dp 2" in outcome.stderr
     curve, norms = one_rank_curve
     assert max(abs(a - b) for a, b in zip(curve, losses(run), strict=True)) <= 1e-4, (curve, losses(run))
     assert [r["grad_norm"] for r in records(run)] == pytest.approx(norms, rel=1e-4)

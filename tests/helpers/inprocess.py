@@ -59,7 +59,8 @@ class _Stream(io.TextIOWrapper):
 def call(main: Callable[[list[str]], int | None], argv: list[str], *, stdin: str | None = None,
          env: dict | None = None, cwd: Path | None = None, args: list[str] | None = None) -> subprocess.CompletedProcess:
     """``main(argv)`` as a process would run it: its exit status (an uncaught exception prints its traceback
-    and gives 1, ``SystemExit`` its code) and what it wrote to stdout and stderr."""
+    and gives 1, ``SystemExit`` its code) and what it wrote to stdout and stderr. ``args``, the process's command
+    line (``python SCRIPT ARGS``), gives ``sys.argv`` (argparse names the program after its script)."""
     out, err, inp = _Stream(), _Stream(), _Stream((stdin or "").encode("utf-8"))
     root = logging.getLogger()
     saved_logging = (root.handlers[:], root.level)
@@ -68,10 +69,12 @@ def call(main: Callable[[list[str]], int | None], argv: list[str], *, stdin: str
     saved_threads = torch.get_num_threads()
     saved_cwd = os.getcwd()
     saved_stdin = sys.stdin
+    saved_argv = sys.argv[:]
     os.environ.update({k: str(v) for k, v in (env or {}).items()})
     code: int | str | None
     try:
         sys.stdin = inp
+        sys.argv[:] = [args[1] if args and len(args) > 1 else saved_argv[0], *argv]
         if cwd is not None:
             os.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -87,6 +90,7 @@ def call(main: Callable[[list[str]], int | None], argv: list[str], *, stdin: str
                 code = 1
     finally:
         sys.stdin = saved_stdin
+        sys.argv[:] = saved_argv
         os.chdir(saved_cwd)
         root.handlers[:], root.level = saved_logging
         for number, handler in saved_signals.items():
@@ -101,9 +105,10 @@ def call(main: Callable[[list[str]], int | None], argv: list[str], *, stdin: str
 def tool(name: str, *argv: str, stdin: str | None = None, env: dict | None = None,
          cwd: Path | None = None) -> subprocess.CompletedProcess:
     """``python tools/NAME ARGS`` through ``neox_llama.cli.<NAME>.main`` in this process."""
-    module = importlib.import_module(f"neox_llama.cli.{name.removesuffix('.py')}")
+    name = name.removesuffix(".py")
+    module = importlib.import_module(f"neox_llama.cli.{name}")
     return call(module.main, list(argv), stdin=stdin, env=env, cwd=cwd,
-                args=[sys.executable, str(ROOT / "tools" / name), *argv])
+                args=[sys.executable, str(ROOT / "tools" / f"{name}.py"), *argv])
 
 
 def deepy(*argv: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -123,7 +128,7 @@ def deepy(*argv: str, env: dict | None = None, cwd: Path | None = None) -> subpr
     else:
         session_group()
         script_args = command.argv[command.argv.index("--config"):]
-        ran = call(train.main, script_args, env={**(env or {}), **command.env}, cwd=cwd)
+        ran = call(train.main, script_args, env={**(env or {}), **command.env}, cwd=cwd, args=command.argv)
     return subprocess.CompletedProcess(args, ran.returncode, prepared.stdout + ran.stdout, prepared.stderr + ran.stderr)
 
 

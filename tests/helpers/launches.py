@@ -95,25 +95,27 @@ class Launcher:
         return self.outcomes[name]
 
     def _run(self, world: int, batch: list[Case]) -> None:
-        plan = []
+        plan, prepared_log = [], {}
         for case in batch:
             folder = self.workdir / case.name
             folder.mkdir(parents=True)
             argv = [str(a) for a in case.prepare(folder)]
             if case.kind == "train":
-                argv, refused = _prepared_config(argv)
-                if refused is not None:  # deepy.py's checks stopped it: nothing to launch
-                    self.outcomes[case.name] = Outcome(case.name, folder, [refused.returncode] * world, refused.stderr)
+                argv, checked = _prepared_config(argv)
+                if not argv:  # deepy.py's checks stopped it: nothing to launch
+                    self.outcomes[case.name] = Outcome(case.name, folder, [checked.returncode] * world, checked.stderr)
                     continue
+                prepared_log[case.name] = checked.stderr
             plan.append({"name": case.name, "kind": case.kind, "argv": argv, "dir": str(folder / "case")})
-            self.outcomes[case.name] = Outcome(case.name, folder)
+            self.outcomes[case.name] = Outcome(case.name, folder, stderr=prepared_log.get(case.name, ""))
         launch_log = ""
         if plan and world == 1:
             _run_here(plan)
         elif plan:
             plan_file = self.workdir / f"plan-{world}-{len(list(self.workdir.glob('plan-*')))}.json"
             plan_file.write_text(json.dumps(plan, indent=1))
-            proc = launch(world, WORKER, str(plan_file), timeout=1200)
+            # each case's status file tells how it ended (a rank's rare abort at exit changes nothing written)
+            proc = launch(world, WORKER, str(plan_file), timeout=1200, retry_abort=False)
             launch_log = f"launch exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         for item in plan:
             outcome = self.outcomes[item["name"]]
@@ -129,8 +131,9 @@ class Launcher:
             outcome.stderr = outcome.stderr + "".join(logs)
 
 
-def _prepared_config(argv: list[str]) -> tuple[list[str], subprocess.CompletedProcess | None]:
-    """deepy.py's checks and merged config, done here: the ranks' arguments, or deepy.py's refusal."""
+def _prepared_config(argv: list[str]) -> tuple[list[str], subprocess.CompletedProcess]:
+    """deepy.py's checks and merged config, done here: the ranks' arguments (none if deepy.py refused) and
+    what deepy.py said."""
     from helpers.inprocess import call
     from neox_llama.cli import deepy
 
@@ -147,7 +150,7 @@ def _prepared_config(argv: list[str]) -> tuple[list[str], subprocess.CompletedPr
     if not launches:
         return [], proc
     command = launches[0].command.argv
-    return command[command.index("--config"):], None
+    return command[command.index("--config"):], proc
 
 
 def _run_here(plan: list[dict]) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from helpers.inprocess import deepy
+from helpers.launches import Case, register
 from helpers.runner import ROOT, free_port
 from helpers.runner import run as run_command
 from neox_llama.data.indexed import IndexedDatasetWriter
@@ -50,14 +51,18 @@ BASE = ["tokenizer_type=null", "vocab_file=null", f"vocab_size={VOCAB}", "make_v
         "peak_tflops=1"]  # a set peak: no matmul-peak probe at start-up
 
 
+def deepy_args(run: Path, corpus: Path, *overrides: str, preset: str = "configs/llama3/tiny.yml") -> list[str]:
+    """``deepy.py`` arguments training the preset on ``corpus`` into ``run`` (ck/, logs/)."""
+    return ["train.py", preset, *BASE, f"data_path={corpus}", f"save={run / 'ck'}", f"load={run / 'ck'}",
+            f"log_dir={run / 'logs'}", f"master_port={free_port()}", *overrides]
+
+
 def deepy_train(run: Path, corpus: Path, *overrides: str, preset: str = "configs/llama3/tiny.yml",
                 timeout: float = 400, wait: bool = True, in_process: bool = True):
     """Train through ``python deepy.py train.py``; returns the finished (or, without wait, running) process.
 
     Waited for, one rank trains in this process (:func:`helpers.inprocess.deepy`) unless ``in_process`` is off."""
-    args = [sys.executable, str(ROOT / "deepy.py"), "train.py", preset, *BASE, f"data_path={corpus}",
-            f"save={run / 'ck'}", f"load={run / 'ck'}", f"log_dir={run / 'logs'}", f"master_port={free_port()}",
-            *overrides]
+    args = [sys.executable, str(ROOT / "deepy.py"), *deepy_args(run, corpus, *overrides, preset=preset)]
     if not wait:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -65,6 +70,14 @@ def deepy_train(run: Path, corpus: Path, *overrides: str, preset: str = "configs
     if not in_process:
         return run_command(args, timeout=timeout, retry_abort=True)
     return deepy(*args[2:], cwd=ROOT)
+
+
+def train_case(name: str, world: int, *overrides: str, preset: str = "configs/llama3/tiny.yml") -> Case:
+    """A registered multi-rank training case (helpers.launches) on the session's corpus; its run folder is the
+    outcome's folder (``records(outcome.folder)``)."""
+    case = Case(name, world, "train", lambda folder: deepy_args(folder, shared_corpus(), *overrides, preset=preset))
+    register(case)
+    return case
 
 
 def records(run: Path, key: str = "loss") -> list[dict]:

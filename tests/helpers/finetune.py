@@ -1,0 +1,67 @@
+"""Fine-tuning runs through deepy.py on instruction records: a sentencepiece tokenizer, the records, a random base
+checkpoint of the tiny preset (built once per session: conftest's ``finetune_setup``), and the run command."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers.checkpoints import save_random_checkpoint
+from helpers.inprocess import deepy as deepy_here
+from helpers.runner import ROOT, free_port
+from neox_llama.config.loading import load_raw
+from neox_llama.tokenizers.train import train_sentencepiece
+
+PRESET = "configs/llama3/tiny.yml"
+WORDS = "apple river stone cloud green seven quiet ember violet north market candle".split()
+COMMON = ["seq_length=64", "precision=fp32", "log_interval=1", "num_workers=0", "tensorboard_dir=null",
+          "train_micro_batch_size_per_gpu=2", "warmup_iters=1", "eval_iters=1", "make_vocab_size_divisible_by=64"]
+LORA = ["lora_r=8", "lora_alpha=4", "lora_dropout=0", "lora_targets=[query,value,mlp]", "val_split_fraction=0.2",
+        "prompt_style=alpaca", "optimizer.params.lr=1e-2"]
+
+
+def records(n=40):
+    out = []
+    for i in range(n):
+        words = [WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(3)]
+        out.append({"instruction": f"Repeat the words: {' '.join(words)}", "input": "", "output": " ".join(words)})
+    return out
+
+
+def build_setup(tmp: Path) -> tuple[Path, Path, Path, Path]:
+    """In ``tmp``: instruction records sft.json, their text.jsonl, a sentencepiece tokenizer trained on it and a
+    random base checkpoint of the tiny preset; returns (tmp, records, tokenizer, base)."""
+    data = tmp / "sft.json"
+    data.write_text(json.dumps(records()))
+    text = tmp / "text.jsonl"
+    text.write_text("\n".join(json.dumps({"text": f"{r['instruction']} {r['output']}"}) for r in records()) + "\n")
+    tokenizer = train_sentencepiece([text], tmp / "tok", 384)
+    raw, _ = load_raw([ROOT / PRESET], apply_presets=False)
+    keys = ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "intermediate_size",
+            "rotary_emb_base", "max_position_embeddings", "no_weight_tying", "make_vocab_size_divisible_by")
+    settings = {k: raw[k] for k in keys} | {"seq_length": 64, "precision": "fp32"}
+    save_random_checkpoint(tmp / "base", settings, tokenizer_type="SPMTokenizer", tokenizer_file=tokenizer, seed=5)
+    return tmp, data, tokenizer, tmp / "base"
+
+
+def deepy(save, tokenizer, *overrides, wait=True):
+    """``python deepy.py train.py`` on the tiny preset; waited for, one rank trains in this process
+    (:func:`helpers.inprocess.deepy`), several through DeepSpeed's launcher; without wait, a running process."""
+    args = [sys.executable, str(ROOT / "deepy.py"), "train.py", PRESET, *COMMON, "tokenizer_type=SPMTokenizer",
+            f"vocab_file={tokenizer}", f"save={save}", f"log_dir={save}/logs", f"master_port={free_port()}", *overrides]
+    if not wait:
+        return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return deepy_here(*args[2:], cwd=ROOT)
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def metrics(save, key="loss"):
+    return [r for r in map(json.loads, (save / "logs" / "metrics.jsonl").read_text().splitlines()) if key in r]
