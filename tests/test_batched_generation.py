@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from test_evaluate import checkpoint  # noqa: F401 (the fixture)
 
 from neox_llama.generation.generator import GenerationError, GenerationSettings, Generator
 from neox_llama.generation.language_model import LanguageModel
@@ -11,7 +10,8 @@ from neox_llama.generation.language_model import LanguageModel
 PROMPTS = ["It was the best", "Document 3: it was the age of wisdom, it was", "the"]
 
 
-def test_batched_generation_equals_one_prompt_at_a_time(checkpoint):  # noqa: F811
+def test_batched_generation_equals_one_prompt_at_a_time(eval_checkpoint):
+    checkpoint = eval_checkpoint  # the session's evaluation checkpoint folder (conftest)
     lm = LanguageModel.from_checkpoint(str(checkpoint / "ck"), device="cpu")
     single = Generator(lm.model, lm.run, "cpu")
     tok = lm.tokenizer

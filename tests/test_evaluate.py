@@ -5,46 +5,33 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from helpers.checkpoints import save_random_checkpoint
-from helpers.runner import ROOT
+from helpers import inprocess
+from helpers.evaluation import TEXT
+from helpers.runner import ROOT, run
 
 from neox_llama.convert.hf_export import export_to_hf
-from neox_llama.data.indexed import IndexedDatasetWriter
 from neox_llama.generation.language_model import LanguageModel, sliding_windows
 from neox_llama.tokenizers import build_tokenizer
-from neox_llama.tokenizers.train import train_sentencepiece
-
-TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
-        "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, "
-        "it was the season of Darkness. ") * 3
-SETTINGS = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_kv_heads": 2, "intermediate_size": 96,
-            "seq_length": 32, "max_position_embeddings": 64, "make_vocab_size_divisible_by": 64, "precision": "fp32",
-            "rotary_emb_base": 500000.0, "no_weight_tying": True}
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("eval")
-    (tmp / "text.jsonl").write_text(json.dumps({"text": TEXT}) + "\n")
-    tokenizer = train_sentencepiece([tmp / "text.jsonl"], tmp / "tok", 320)
-    tok = build_tokenizer("SPMTokenizer", tokenizer)
-    with IndexedDatasetWriter(tmp / "docs", np.uint16) as writer:  # 10 documents; split 8,1,1 -> the last is test
-        for i in range(10):
-            writer.add_document(tok.encode_document(f"Document {i}: " + TEXT[: 60 + 9 * i]))
-    settings = {**SETTINGS, "data_path": str(tmp / "docs"), "split": "8,1,1"}
-    save_random_checkpoint(tmp / "ck", settings, tokenizer_type="SPMTokenizer", tokenizer_file=tokenizer)
-    return tmp
+@pytest.fixture
+def checkpoint(eval_checkpoint):
+    """The session's evaluation checkpoint folder (conftest): ck, tok.model, docs."""
+    return eval_checkpoint
 
 
 def tool(*args):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"), *map(str, args), "--no-progress"],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    """``python tools/evaluate.py ARGS --no-progress`` from the repository root, run in this process."""
+    return inprocess.tool("evaluate.py", *map(str, args), "--no-progress", cwd=ROOT)
+
+
+def process(*args):
+    """``python tools/evaluate.py ARGS --no-progress`` in a process of its own."""
+    return run([sys.executable, str(ROOT / "tools" / "evaluate.py"), *map(str, args), "--no-progress"])
 
 
 @pytest.mark.parametrize(("n", "length", "stride"), [(10, 4, 2), (10, 4, 4), (7, 8, 4), (33, 16, 5), (2, 4, 2)])
@@ -114,7 +101,8 @@ def test_bits_per_byte_by_hand(checkpoint, tmp_path):
 
 
 def test_the_runs_test_split_is_found_and_scored(checkpoint, tmp_path):
-    proc = tool("--checkpoint", checkpoint / "ck", "--output", tmp_path / "t.json")
+    # a real process: the tool's script path itself
+    proc = process("--checkpoint", checkpoint / "ck", "--output", tmp_path / "t.json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "t.json").read_text())
     assert result["documents"] == 1 and result["tokens"] > 0  # split 8,1,1 of 10 documents
@@ -141,8 +129,8 @@ def test_bad_inputs_are_one_line(checkpoint, tmp_path):
 
 
 def test_a_lora_checkpoint_evaluates_as_its_merged_model(checkpoint, tmp_path):
-    from test_lora import SETTINGS as LORA
-    from test_lora import adapter_checkpoint
+    from helpers.lora import SETTINGS as LORA
+    from helpers.lora import adapter_checkpoint
 
     from neox_llama.checkpoint.merge import Adapter, merge_to_checkpoint
 
@@ -194,8 +182,8 @@ def test_lm_eval_adapter_equals_the_hf_backend_on_our_export(checkpoint, tmp_pat
 
 def test_evaluate_tasks_command_line_with_an_adapter(checkpoint, tmp_path):
     pytest.importorskip("lm_eval")
-    from test_lora import SETTINGS as LORA
-    from test_lora import adapter_checkpoint
+    from helpers.lora import SETTINGS as LORA
+    from helpers.lora import adapter_checkpoint
 
     adapter = adapter_checkpoint(tmp_path / "lora", checkpoint / "ck", LORA, seed=4)
     proc = tool("--checkpoint", adapter, "--tasks", "neox_tiny_mc", "--include-path", local_task(tmp_path),
