@@ -8,14 +8,9 @@ import signal
 import time
 
 import pytest
-from helpers.training import deepy_train, losses, records, write_corpus
+from helpers.training import deepy_train, losses, records, train_case
 
 pytestmark = pytest.mark.dist
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus") / "chain")
 
 
 def ok(proc):
@@ -33,16 +28,23 @@ def wait_for(predicate, proc, timeout=300):
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("layout", [[], ["pipe_parallel_size=2"],
-                                    ["num_gpus=2", "zero_optimization.stage=3",
-                                     "zero_optimization.stage3_param_persistence_threshold=0"]],
-                         ids=["1rank", "pp2", "zero3-dp2"])
-def test_kill_9_and_resume_gives_the_same_losses(tmp_path, corpus, layout):
-    common = ["train_iters=24", "checkpoint_factor=4", *layout]
-    straight = tmp_path / "straight"
-    ok(deepy_train(straight, corpus, *common))
+KILL_LAYOUTS = {"1rank": [], "pp2": ["pipe_parallel_size=2"],
+                "zero3-dp2": ["num_gpus=2", "zero_optimization.stage=3", "zero_optimization.stage3_param_persistence_threshold=0"]}
+KILL_COMMON = ["train_iters=24", "checkpoint_factor=4"]
+for _name in ("pp2", "zero3-dp2"):  # the uninterrupted runs: cases of the shared 2-rank launch
+    train_case(f"resume-straight-{_name}", 2, *KILL_COMMON, *KILL_LAYOUTS[_name])
+
+
+@pytest.mark.parametrize("layout", list(KILL_LAYOUTS))
+def test_kill_9_and_resume_gives_the_same_losses(tmp_path, corpus, launched, layout):
+    common = [*KILL_COMMON, *KILL_LAYOUTS[layout]]
+    if layout == "1rank":
+        straight = tmp_path / "straight"
+        ok(deepy_train(straight, corpus, *common))
+    else:
+        straight = launched(f"resume-straight-{layout}").check().folder
     broken = tmp_path / "broken"
-    proc = deepy_train(broken, corpus, *common, wait=False)
+    proc = deepy_train(broken, corpus, *common, wait=False)  # real processes: killed with -9 below
     latest = broken / "ck" / "latest"
     wait_for(latest.exists, proc)
     os.killpg(proc.pid, signal.SIGKILL)  # as soon as the first checkpoint is complete
@@ -55,13 +57,16 @@ def test_kill_9_and_resume_gives_the_same_losses(tmp_path, corpus, layout):
     assert losses(broken) == losses(straight)  # exactly equal
 
 
-@pytest.mark.parametrize(("saved", "loaded"), [(["pipe_parallel_size=2"], []), (["model_parallel_size=2"], [])],
-                         ids=["pp2-to-pp1", "tp2-to-tp1"])
-def test_layout_change_loads_the_weights(tmp_path, corpus, saved, loaded):
-    first = tmp_path / "first"
-    ok(deepy_train(first, corpus, "train_iters=2", "eval_interval=2", *saved))
+SAVED_LAYOUTS = {"pp2-to-pp1": ["pipe_parallel_size=2"], "tp2-to-tp1": ["model_parallel_size=2"]}
+for _name, _saved in SAVED_LAYOUTS.items():
+    train_case(f"resume-saved-{_name}", 2, "train_iters=2", "eval_interval=2", *_saved)
+
+
+@pytest.mark.parametrize("change", list(SAVED_LAYOUTS))
+def test_layout_change_loads_the_weights(tmp_path, corpus, launched, change):
+    first = launched(f"resume-saved-{change}").check().folder
     second = tmp_path / "second"
-    proc = ok(deepy_train(second, corpus, "train_iters=2", "eval_interval=2", f"load={first / 'ck'}", *loaded))
+    proc = ok(deepy_train(second, corpus, "train_iters=2", "eval_interval=2", f"load={first / 'ck'}"))
     assert "optimizer state NOT restored" in proc.stderr and "nothing to train" in proc.stderr
     before, after = records(first, "valid_loss")[-1], records(second, "valid_loss")[-1]
     assert before["step"] == after["step"] == 2

@@ -149,8 +149,9 @@ def _prepared_config(argv: list[str]) -> tuple[list[str], subprocess.CompletedPr
     proc = call(prepare, argv, cwd=ROOT)
     if not launches:
         return [], proc
-    command = launches[0].command.argv
-    return command[command.index("--config"):], proc
+    command = launches[0].command
+    threads = command.env.get("OMP_NUM_THREADS")  # the ranks' thread count, as the real launch would set it
+    return [*command.argv[command.argv.index("--config"):], *(["--env", f"OMP_NUM_THREADS={threads}"] if threads else [])], proc
 
 
 def _run_here(plan: list[dict]) -> None:
