@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers.checkpoints import save_random_checkpoint
-from test_lora import UNTIED, adapter_checkpoint
+from helpers.lora import UNTIED, adapter_checkpoint
 
 from neox_llama.checkpoint.paths import CheckpointError
 from neox_llama.generation.adapter_bank import AdapterBank

@@ -8,9 +8,9 @@ import json
 
 import numpy as np
 import pytest
+from helpers.evaluation import TEXT
 from helpers.runner import ROOT
 from helpers.training import deepy_train, losses, records
-from test_evaluate import TEXT
 
 from neox_llama.config import ConfigError, load_config
 from neox_llama.data.indexed import IndexedDatasetWriter

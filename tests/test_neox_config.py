@@ -10,6 +10,7 @@ import re
 import sys
 
 import pytest
+from helpers import inprocess
 from helpers.runner import ROOT, run
 
 from neox_llama.config.loading import ConfigError, build_config, load_raw
@@ -192,11 +193,12 @@ def write(tmp_path, name, text=None):
 
 
 def convert(*args, cwd=None):
-    return run([sys.executable, str(ROOT / "tools" / "convert_neox_config.py"), *map(str, args)], cwd=cwd or ROOT)
+    """``python tools/convert_neox_config.py ARGS`` (from the repository root unless ``cwd``), run in this process."""
+    return inprocess.tool("convert_neox_config.py", *map(str, args), cwd=cwd or ROOT)
 
 
 def dry_run_parameters(config) -> int:
-    proc = run([sys.executable, str(ROOT / "deepy.py"), "train.py", str(config), "--dry-run"])
+    proc = inprocess.deepy("train.py", str(config), "--dry-run", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return int(re.search(r"parameters: ([\d,]+) total", proc.stdout).group(1).replace(",", ""))
 
@@ -230,7 +232,9 @@ def test_llama2_model_files_translate_to_the_official_parameter_counts(tmp_path,
 
 
 def test_every_line_says_where_it_came_from_and_our_loader_reads_it_back(tmp_path):
-    proc = convert(write(tmp_path, "7B.yml"), "--vocab-size", "32000", "--output", tmp_path / "ours.yml")
+    # a real process: the tool's script path itself
+    proc = run([sys.executable, str(ROOT / "tools" / "convert_neox_config.py"), str(write(tmp_path, "7B.yml")),
+                "--vocab-size", "32000", "--output", str(tmp_path / "ours.yml")])
     assert proc.returncode == 0, proc.stderr
     lines = [x for x in (tmp_path / "ours.yml").read_text().splitlines() if not x.startswith("#")]
     assert all("  # " in line for line in lines)
@@ -280,7 +284,7 @@ def test_an_unknown_key_and_a_key_set_twice_are_refused(tmp_path):
 
 
 def test_deepy_recognises_a_gpt_neox_file_and_names_the_command(tmp_path):
-    proc = run([sys.executable, str(ROOT / "deepy.py"), "train.py", str(write(tmp_path, "7B.yml")), "--dry-run"])
+    proc = inprocess.deepy("train.py", str(write(tmp_path, "7B.yml")), "--dry-run", cwd=ROOT)
     assert proc.returncode == 2
     first = proc.stderr.splitlines()[0]
     assert "this looks like a GPT-NeoX config" in first and "python tools/convert_neox_config.py" in first

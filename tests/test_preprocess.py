@@ -10,18 +10,13 @@ import sys
 import numpy as np
 import pytest
 import sentencepiece as spm
+from helpers import inprocess
+from helpers.data import make_docs
 from helpers.runner import ROOT
 
 from neox_llama.data import preprocess as pre
 from neox_llama.data.indexed import IndexedDataset
 from neox_llama.tokenizers.train import train_sentencepiece
-
-WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jovial kings".split()
-
-
-def make_docs(n: int, seed: int = 0) -> list[str]:
-    rng = np.random.RandomState(seed)
-    return [" ".join(rng.choice(WORDS, size=rng.randint(3, 60))) + f" {i}." for i in range(n)]
 
 
 @pytest.fixture(scope="session")
@@ -33,8 +28,8 @@ def spm_model(tmp_path_factory):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), *args, "--no-progress"],
-                          capture_output=True, text=True, timeout=120)
+    """``python tools/preprocess_data.py ARGS --no-progress``, run in this process."""
+    return inprocess.tool("preprocess_data.py", *args, "--no-progress")
 
 
 def test_jsonl_to_dataset_holds_exactly_the_tokens(tmp_path, spm_model):
@@ -155,6 +150,7 @@ def test_nothing_usable_fails_with_a_summary_and_writes_nothing(tmp_path, spm_mo
 
 
 def test_a_missing_input_fails_before_any_progress_bar(tmp_path, spm_model):
+    # a real process: the tool's script path itself
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(tmp_path / "no.jsonl"),
                            "--output-prefix", str(tmp_path / "out"), "--tokenizer-type", "SPMTokenizer",
                            "--vocab-file", str(spm_model)], capture_output=True, text=True, timeout=120)
