@@ -10,7 +10,7 @@ import sys
 
 import pytest
 from helpers.runner import ABORT_AT_EXIT, ROOT, free_port
-from helpers.training import BASE, deepy_train, losses, write_corpus
+from helpers.training import BASE, losses, shared_corpus, train_case
 
 from neox_llama.config import resolve
 from neox_llama.config.loading import build_config, dump_raw_text, load_raw
@@ -22,12 +22,13 @@ FORWARDED_PREFIXES = ("NCCL", "PYTHON", "MV2", "UCX")
 """What DeepSpeed's pdsh runner exports to remote nodes (besides .deepspeed_env, which we do not use)."""
 
 
-def test_two_nodes_on_loopback_equal_one_node(tmp_path):
-    corpus = write_corpus(tmp_path / "chain")
-    common = ["num_gpus=2", "train_iters=3", "checkpoint_factor=3"]
-    one = tmp_path / "one"
-    proc = deepy_train(one, corpus, *common)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+train_case("multinode-one-node", 2, "num_gpus=2", "train_iters=3", "checkpoint_factor=3")
+
+
+@pytest.mark.uses_cases("multinode-one-node")
+def test_two_nodes_on_loopback_equal_one_node(tmp_path, launched):
+    corpus = shared_corpus()
+    one = launched("multinode-one-node").check().folder
 
     for attempt in range(2):  # once more only on DeepSpeed's rare abort at exit, as every launch test does
         two = tmp_path / f"two{attempt}"

@@ -4,7 +4,7 @@ DeepSpeedCPUAdam and gives the same losses as without offload; NVMe offload wher
 from __future__ import annotations
 
 import pytest
-from helpers.training import deepy_train, losses, write_corpus
+from helpers.training import deepy_train, losses, train_case
 
 pytestmark = pytest.mark.dist
 
@@ -18,17 +18,15 @@ def ok(proc):
     return proc
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("offload") / "data")
+train_case("offload-none", 2, *COMMON, *ZERO3)
+train_case("offload-cpu", 2, *COMMON, *ZERO3, "zero_optimization.offload_optimizer=cpu", "zero_optimization.offload_param=cpu")
 
 
-def test_cpu_offload_of_optimizer_and_weights_trains_like_no_offload(tmp_path, corpus):
-    plain = tmp_path / "plain"
-    ok(deepy_train(plain, corpus, *COMMON, *ZERO3))
-    offloaded = tmp_path / "offloaded"
-    proc = ok(deepy_train(offloaded, corpus, *COMMON, *ZERO3, "zero_optimization.offload_optimizer=cpu",
-                          "zero_optimization.offload_param=cpu"))
+@pytest.mark.uses_cases("offload-none", "offload-cpu")
+def test_cpu_offload_of_optimizer_and_weights_trains_like_no_offload(launched):
+    plain = launched("offload-none").check().folder
+    proc = launched("offload-cpu").check()
+    offloaded = proc.folder
     assert "optimizer DeepSpeedCPUAdam, ZeRO stage 3 (optimizer state offloaded to cpu, weights offloaded to cpu)" \
         in proc.stderr
     ours, theirs = losses(offloaded), losses(plain)
