@@ -15,6 +15,7 @@ checked and written here as deepy.py does, then trained on the launched ranks.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -115,7 +116,8 @@ class Launcher:
             plan_file = self.workdir / f"plan-{world}-{len(list(self.workdir.glob('plan-*')))}.json"
             plan_file.write_text(json.dumps(plan, indent=1))
             # each case's status file tells how it ended (a rank's rare abort at exit changes nothing written)
-            proc = launch(world, WORKER, str(plan_file), timeout=1200, retry_abort=False)
+            proc = launch(world, WORKER, str(plan_file), timeout=1200, retry_abort=False,
+                          env={"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))})
             launch_log = f"launch exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         for item in plan:
             outcome = self.outcomes[item["name"]]

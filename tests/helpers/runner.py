@@ -47,10 +47,10 @@ def run_deepy(*args: str, timeout: float = 300, cwd: Path = ROOT, env: dict | No
     return run([sys.executable, str(ROOT / "deepy.py"), *args], cwd=cwd, timeout=timeout, env=env)
 
 
-def launch(num_ranks: int, script: Path, *args: str, timeout: float = 300,
-           retry_abort: bool = True) -> subprocess.CompletedProcess:
+def launch(num_ranks: int, script: Path, *args: str, timeout: float = 300, retry_abort: bool = True,
+           env: dict | None = None) -> subprocess.CompletedProcess:
     """``script ARGS`` on ``num_ranks`` CPU ranks through DeepSpeed's launcher, as deepy.py starts them."""
-    env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // num_ranks))}
+    env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // num_ranks)), **(env or {})}
     argv = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks),
             "--master_port", str(free_port()), "--no_local_rank", str(script), *args]
     return run(argv, env=env, timeout=timeout, retry_abort=retry_abort)

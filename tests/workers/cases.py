@@ -1,6 +1,6 @@
 """Every multi-rank case of the suite for one world size, run in one launch through DeepSpeed's launcher.
 
-    python -m deepspeed.launcher.runner --num_gpus N tests/workers/cases.py PLAN.json
+    PYTHONPATH=tests python -m deepspeed.launcher.runner --num_gpus N tests/workers/cases.py PLAN.json
 
 Starting N ranks costs 10-25 s (Python, torch and DeepSpeed imports, the rendezvous); a case on started
 ranks costs 1-5 s. So the suite launches each world size once (DeepSpeed's own tests reuse their process
@@ -24,8 +24,6 @@ import sys
 import traceback
 from datetime import timedelta
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the workers and helpers packages
 
 import torch.distributed as dist
 
