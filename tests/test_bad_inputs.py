@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import inprocess
+from helpers.data import make_docs
 from helpers.runner import ROOT, run
 from helpers.training import deepy_train
-from test_preprocess import make_docs
 
 from neox_llama.data.indexed import IndexedDatasetWriter
 from neox_llama.data.preprocess import preprocess
@@ -45,8 +46,8 @@ def world(tmp_path_factory):
     proc = deepy_train(w / "run", w / "data_text_document", "tokenizer_type=SPMTokenizer", f"vocab_file={tok}",
                        "vocab_size=null", "train_iters=2", "checkpoint_factor=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = run([sys.executable, str(ROOT / "tools/convert_to_hf.py"), "--checkpoint", str(w / "run/ck"), "--output",
-                str(w / "hf"), "--dtype", "fp32"])
+    proc = inprocess.tool("convert_to_hf.py", "--checkpoint", str(w / "run/ck"), "--output", str(w / "hf"), "--dtype",
+                          "fp32")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"w": w, "tok": tok}
 
@@ -62,7 +63,21 @@ def _truncate(path: Path, keep: int = 100) -> Path:
 
 
 def _tool(name: str, *args: str):
+    """``python tools/NAME ARGS``, run in this process."""
+    return inprocess.tool(name, *map(str, args))
+
+
+def _process(name: str, *args: str):
+    """``python tools/NAME ARGS`` in a process of its own."""
     return run([sys.executable, str(ROOT / "tools" / name), *map(str, args)], timeout=300)
+
+
+def _train_py(*args: str, env: dict | None = None):
+    """``python train.py ARGS`` (without deepy.py), run in this process."""
+    from neox_llama.cli import train
+
+    return inprocess.call(train.main, list(map(str, args)), env=env,
+                          args=[sys.executable, str(ROOT / "train.py"), *map(str, args)])
 
 
 def _deepy(world, run_dir: Path, *overrides: str, corpus: str = "data_text_document"):
@@ -105,17 +120,17 @@ def case_deepy_resume_from_a_truncated_weight_file(world, tmp_path):
 def case_deepy_unknown_key(world, tmp_path):
     bad = tmp_path / "typo.yml"
     bad.write_text("hiden_size: 64\n")
-    proc = run([sys.executable, str(ROOT / "deepy.py"), "train.py", "configs/llama3/tiny.yml", str(bad)])
+    proc = inprocess.deepy("train.py", "configs/llama3/tiny.yml", str(bad), cwd=ROOT)
     return proc, f"{bad}: unknown key 'hiden_size' (did you mean 'hidden_size'?)", []
 
 
 def case_train_py_without_deepy(world, tmp_path):
-    return _tool("../train.py", "--config", world["w"] / "run/logs/config.yml"), "start training through deepy.py", []
+    return _train_py("--config", world["w"] / "run/logs/config.yml"), "start training through deepy.py", []
 
 
 def case_train_py_missing_config(world, tmp_path):
-    return run([sys.executable, str(ROOT / "train.py"), "--config", str(tmp_path / "no.yml")],
-               env={"RANK": "0", "WORLD_SIZE": "1"}), "no.yml: config file not found", []
+    return _train_py("--config", tmp_path / "no.yml", env={"RANK": "0", "WORLD_SIZE": "1"}), \
+        "no.yml: config file not found", []
 
 
 def case_preprocess_missing_input(world, tmp_path):
@@ -136,12 +151,14 @@ def case_preprocess_bad_tokenizer_file(world, tmp_path):
 
 
 def case_train_tokenizer_missing_input(world, tmp_path):
-    return _tool("train_tokenizer.py", "--input", tmp_path / "no.txt", "--output-prefix", tmp_path / "t"), \
+    # a real process: tools/train_tokenizer.py has no neox_llama.cli module to run in-process
+    return _process("train_tokenizer.py", "--input", tmp_path / "no.txt", "--output-prefix", tmp_path / "t"), \
         "input not found", []
 
 
 def case_convert_to_hf_not_a_checkpoint(world, tmp_path):
-    return _tool("convert_to_hf.py", "--checkpoint", tmp_path, "--output", tmp_path / "hf"), "not a checkpoint", []
+    # a real process: the tool's script path itself
+    return _process("convert_to_hf.py", "--checkpoint", tmp_path, "--output", tmp_path / "hf"), "not a checkpoint", []
 
 
 def case_convert_to_hf_truncated_weights(world, tmp_path):
@@ -190,11 +207,11 @@ def case_generate_prompt_longer_than_the_context(world, tmp_path):
 def _sft(world, tmp_path, records: str, *overrides: str):
     path = tmp_path / "sft.jsonl"
     path.write_text(records)
-    args = [sys.executable, str(ROOT / "deepy.py"), "train.py", "configs/llama3/tiny.yml", "tokenizer_type=SPMTokenizer",
+    args = ["train.py", "configs/llama3/tiny.yml", "tokenizer_type=SPMTokenizer",
             f"vocab_file={world['tok']}", "finetune=true", f"load={world['w'] / 'run/ck'}", f"sft_data_path={path}",
             f"save={tmp_path / 'ft'}", f"log_dir={tmp_path / 'ft/logs'}", "precision=fp32", "num_workers=0",
             "train_iters=2", "seq_length=32", "lora_r=4", *overrides]
-    return run(args, timeout=300, retry_abort=True), path
+    return inprocess.deepy(*args, cwd=ROOT), path
 
 
 def case_finetune_record_with_an_unknown_role(world, tmp_path):
