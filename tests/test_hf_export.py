@@ -9,11 +9,12 @@ import sys
 
 import pytest
 import torch
+from helpers import inprocess
 from helpers.assets import asset
+from helpers.data import make_docs
 from helpers.runner import ROOT
+from helpers.tokenizers import TEXTS
 from helpers.training import deepy_train
-from test_preprocess import make_docs
-from test_tokenizers import TEXTS
 
 from neox_llama.checkpoint.run import load_model
 from neox_llama.convert.hf_tokenizer_export import write_tokenizer_files
@@ -41,8 +42,8 @@ def trained(tmp_path_factory):
 
 
 def export(checkpoint, output, *extra):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "convert_to_hf.py"), "--checkpoint", str(checkpoint),
-                           "--output", str(output), *extra], capture_output=True, text=True, timeout=300)
+    """``python tools/convert_to_hf.py --checkpoint CHECKPOINT --output OUTPUT EXTRA``, run in this process."""
+    return inprocess.tool("convert_to_hf.py", "--checkpoint", str(checkpoint), "--output", str(output), *extra)
 
 
 def ours_from(checkpoint):
@@ -165,18 +166,17 @@ def test_generate_py_equals_greedy_transformers_on_the_export_without_manual_bos
                                tokenizer_file=asset("llama3-tokenizer"))
     assert export(checkpoint, tmp_path / "hf", "--dtype", "fp32").returncode == 0
     text = "the quick brown fox"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), "--checkpoint", str(checkpoint),
-                           "--prompt", text, "--max-new-tokens", "12", "--device", "cpu"],
-                          capture_output=True, text=True, timeout=300)
+    proc = inprocess.tool("generate.py", "--checkpoint", str(checkpoint), "--prompt", text, "--max-new-tokens", "12",
+                          "--device", "cpu")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout == text + _hf_greedy_text(tmp_path / "hf", text, 12) + "\n"
 
 
 def test_generate_cli_streams_a_continuation(trained):
+    # a real process: the tool's script path itself
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), "--checkpoint", str(trained / "run" / "ck"),
                            "--prompt", "the quick", "--max-new-tokens", "8"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("the quick") and len(proc.stdout.strip()) > len("the quick")
-    bad = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), "--checkpoint", "/nonexistent",
-                          "--prompt", "x"], capture_output=True, text=True, timeout=120)
+    bad = inprocess.tool("generate.py", "--checkpoint", "/nonexistent", "--prompt", "x")
     assert bad.returncode == 2 and "/nonexistent: checkpoint directory not found" in bad.stderr
