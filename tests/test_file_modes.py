@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
-import subprocess
-import sys
 
 import pytest
+from helpers import inprocess
 from helpers.runner import ROOT
-from helpers.training import BASE, write_corpus
+from helpers.training import BASE
 
 from neox_llama.launcher import free_port
 
 pytestmark = pytest.mark.dist
+
+
+@contextlib.contextmanager
+def umask_set(umask):
+    """This process's umask set to ``umask``, and the previous one restored."""
+    previous = os.umask(umask)
+    try:
+        yield
+    finally:
+        os.umask(previous)
 
 
 def _modes(folder):
@@ -26,21 +36,16 @@ def _modes(folder):
 
 
 @pytest.mark.parametrize(("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
-def test_checkpoint_config_and_export_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
-    corpus = write_corpus(tmp_path / "chain")
+def test_checkpoint_config_and_export_follow_the_umask(tmp_path, corpus, umask, file_mode, dir_mode):
     run = tmp_path / "run"
-
-    def with_umask():
-        os.umask(umask)
-
-    train = [sys.executable, str(ROOT / "deepy.py"), "train.py", "configs/llama3/tiny.yml", *BASE, f"data_path={corpus}",
-             f"save={run / 'ck'}", f"log_dir={run / 'logs'}", "train_iters=1", f"master_port={free_port()}"]
-    proc = subprocess.run(train, cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=with_umask)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    export = [sys.executable, str(ROOT / "tools" / "convert_to_hf.py"), "--checkpoint", str(run / "ck"),
-              "--output", str(tmp_path / "hf")]
-    proc = subprocess.run(export, capture_output=True, text=True, timeout=300, preexec_fn=with_umask)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train = ["train.py", "configs/llama3/tiny.yml", *BASE, f"data_path={corpus}", f"save={run / 'ck'}",
+             f"log_dir={run / 'logs'}", "train_iters=1", f"master_port={free_port()}"]
+    export = ["--checkpoint", str(run / "ck"), "--output", str(tmp_path / "hf")]
+    with umask_set(umask):  # the one-rank run and the export in this process, under that umask
+        proc = inprocess.deepy(*train, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        proc = inprocess.tool("convert_to_hf.py", *export)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     modes = {**{f"ck/{k}": v for k, v in _modes(run / "ck").items()},
              **{f"logs/{k}": v for k, v in _modes(run / "logs").items()},
              **{f"hf/{k}": v for k, v in _modes(tmp_path / "hf").items()}, "hf": _modes(tmp_path)["hf"]}

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from helpers import inprocess
 from helpers.runner import ROOT
 from safetensors.torch import load_file, save_file
 
@@ -35,6 +36,12 @@ def hf_model(path, **overrides):
 
 
 def run(tool, *args):
+    """``python tools/TOOL ARGS``, run in this process."""
+    return inprocess.tool(tool, *args)
+
+
+def process(tool, *args):
+    """``python tools/TOOL ARGS`` in a process of its own."""
     return subprocess.run([sys.executable, str(ROOT / "tools" / tool), *args], capture_output=True, text=True, timeout=300)
 
 
@@ -69,8 +76,9 @@ def test_round_trip_is_identical(tmp_path, shape, layout):
 
 def test_import_writes_a_model_config_for_fine_tuning(tmp_path):
     hf_model(tmp_path / "hf", num_key_value_heads=2)
-    assert run("convert_from_hf.py", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "ours"),
-               "--model-parallel-size", "2").returncode == 0
+    # a real process: the tool's script path itself
+    assert process("convert_from_hf.py", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "ours"),
+                   "--model-parallel-size", "2").returncode == 0
     text = (tmp_path / "ours" / "model.yml").read_text()
     assert "finetune: true" in text and "model_parallel_size: 2" in text and "intermediate_size: 160" in text
     assert (tmp_path / "ours" / "latest").read_text() == "global_step0"

@@ -3,13 +3,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
-from helpers.runner import ROOT
-from helpers.training import deepy_train, losses, write_corpus
+from helpers import inprocess
+from helpers.training import deepy_train, losses
 
 from neox_llama.checkpoint.run import load_model
 
@@ -21,8 +18,7 @@ LONG = ["finetune=true", "seq_length=128", "max_position_embeddings=128", "train
         "train_micro_batch_size_per_gpu=2"]
 
 
-def test_fine_tuning_beyond_the_trained_context_needs_rope_scaling_and_matches_transformers(tmp_path):
-    corpus = write_corpus(tmp_path / "data")
+def test_fine_tuning_beyond_the_trained_context_needs_rope_scaling_and_matches_transformers(tmp_path, corpus):
     base = tmp_path / "base"
     proc = deepy_train(base, corpus, "train_iters=2", "checkpoint_factor=2", "max_position_embeddings=32")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -40,9 +36,8 @@ def test_fine_tuning_beyond_the_trained_context_needs_rope_scaling_and_matches_t
     assert "fine-tuning from" in proc.stderr and len(losses(long)) == 2
     assert all(loss == loss and loss < 10 for loss in losses(long))  # finite, and not diverged
 
-    export = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_to_hf.py"), "--checkpoint", str(long / "ck"),
-                             "--output", str(tmp_path / "hf"), "--dtype", "fp32"], capture_output=True, text=True,
-                            timeout=300)
+    export = inprocess.tool("convert_to_hf.py", "--checkpoint", str(long / "ck"), "--output", str(tmp_path / "hf"),
+                            "--dtype", "fp32")
     assert export.returncode == 0, export.stderr
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert hf.config.rope_parameters["rope_type"] == "yarn" and hf.config.max_position_embeddings == 128

@@ -15,11 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from helpers import inprocess
+from helpers.adapter import adapter_checkpoint as v2_checkpoint
 from helpers.checkpoints import save_random_checkpoint
+from helpers.evaluation import SETTINGS, TEXT
+from helpers.lora import adapter_checkpoint
 from helpers.runner import ROOT, free_port
-from test_adapter import adapter_checkpoint as v2_checkpoint
-from test_evaluate import SETTINGS, TEXT
-from test_lora import adapter_checkpoint
 
 from neox_llama.generation.generator import GenerationSettings
 from neox_llama.generation.language_model import LanguageModel
@@ -88,9 +89,8 @@ def test_completion_equals_generate_py_streamed_or_not(server, folders):
     url, _ = server
     c = client(url)
     done = c.completions.create(model="base", prompt=PROMPT, max_tokens=20, temperature=0)
-    cli = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), "--checkpoint", str(folders / "base"),
-                          "--prompt", PROMPT, "--max-new-tokens", "20"], capture_output=True, text=True, cwd=ROOT,
-                         timeout=120)
+    cli = inprocess.tool("generate.py", "--checkpoint", str(folders / "base"), "--prompt", PROMPT, "--max-new-tokens",
+                         "20", cwd=ROOT)
     assert cli.returncode == 0, cli.stderr
     assert PROMPT + done.choices[0].text + "\n" == cli.stdout
     assert done.choices[0].finish_reason == "length"
