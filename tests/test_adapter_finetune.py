@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_finetune import deepy, metrics, ok, setup, tool  # noqa: F401 (setup is a fixture)
+from helpers import inprocess
+from helpers.finetune import deepy, metrics, ok
+from helpers.runner import ROOT
 
 from neox_llama.checkpoint.metadata import read_metadata
 from neox_llama.checkpoint.weights import read_layer_file
@@ -20,7 +22,19 @@ ADAPTER_V2 = ["peft_method=adapter_v2", "adapter_prompt_length=4", "adapter_star
               "zero_optimization.stage=3", "zero_optimization.stage3_param_persistence_threshold=0"]
 
 
-def test_adapter_v2_checkpoints_resume_exactly_and_generate_and_evaluate_with_adapter(setup):  # noqa: F811
+@pytest.fixture(scope="module")
+def setup(finetune_setup, tmp_path_factory):
+    """This module's work folder, and the session's records, tokenizer and base checkpoint (conftest)."""
+    _, data, tokenizer, base = finetune_setup
+    return tmp_path_factory.mktemp("ft"), data, tokenizer, base
+
+
+def tool(name, *args):
+    """``python tools/NAME ARGS`` from the repository root, run in this process."""
+    return inprocess.tool(name, *args, cwd=ROOT)
+
+
+def test_adapter_v2_checkpoints_resume_exactly_and_generate_and_evaluate_with_adapter(setup):
     tmp, data, tokenizer, base = setup
     common = ["finetune=true", f"load={base}", f"sft_data_path={data}", *ADAPTER_V2]
     straight = tmp / "straight"
@@ -52,7 +66,8 @@ def test_adapter_v2_checkpoints_resume_exactly_and_generate_and_evaluate_with_ad
     for args in (["--checkpoint", str(base), "--adapter", str(step4)], ["--checkpoint", str(step4)],
                  ["--checkpoint", str(base)]):
         out = tmp / f"eval{len(scores)}.json"
-        proc = tool("evaluate.py", *args, "--jsonl", str(tmp / "text.jsonl"), "--output", str(out), "--no-progress")
+        proc = tool("evaluate.py", *args, "--jsonl", str(data.parent / "text.jsonl"), "--output", str(out),
+                    "--no-progress")
         assert proc.returncode == 0, proc.stderr
         scores.append(json.loads(out.read_text())["loss"])
     assert scores[0] == scores[1] != scores[2]

@@ -8,80 +8,33 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers import inprocess
 from helpers.assets import asset
-from helpers.checkpoints import save_random_checkpoint
+from helpers.finetune import LORA, deepy, metrics, ok, records
+from helpers.lora import IDS, unmerged_logits
 from helpers.runner import ROOT, free_port
-from helpers.runner import run as run_command
-from test_lora import IDS, unmerged_logits
 
 from neox_llama.checkpoint.merge import Adapter
 from neox_llama.checkpoint.metadata import read_metadata
 from neox_llama.checkpoint.run import load_model
 from neox_llama.checkpoint.weights import read_layer_file
-from neox_llama.config.loading import load_raw
 from neox_llama.tokenizers.train import train_sentencepiece
 
 pytestmark = pytest.mark.dist
 
-PRESET = "configs/llama3/tiny.yml"
-WORDS = "apple river stone cloud green seven quiet ember violet north market candle".split()
-COMMON = ["seq_length=64", "precision=fp32", "log_interval=1", "num_workers=0", "tensorboard_dir=null",
-          "train_micro_batch_size_per_gpu=2", "warmup_iters=1", "eval_iters=1", "make_vocab_size_divisible_by=64"]
-LORA = ["lora_r=8", "lora_alpha=4", "lora_dropout=0", "lora_targets=[query,value,mlp]", "val_split_fraction=0.2",
-        "prompt_style=alpaca", "optimizer.params.lr=1e-2"]
-
-
-def records(n=40):
-    out = []
-    for i in range(n):
-        words = [WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(3)]
-        out.append({"instruction": f"Repeat the words: {' '.join(words)}", "input": "", "output": " ".join(words)})
-    return out
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A sentencepiece tokenizer, instruction records, and a random base checkpoint of the tiny preset."""
-    tmp = tmp_path_factory.mktemp("ft")
-    data = tmp / "sft.json"
-    data.write_text(json.dumps(records()))
-    text = tmp / "text.jsonl"
-    text.write_text("\n".join(json.dumps({"text": f"{r['instruction']} {r['output']}"}) for r in records()) + "\n")
-    tokenizer = train_sentencepiece([text], tmp / "tok", 384)
-    raw, _ = load_raw([ROOT / PRESET], apply_presets=False)
-    keys = ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "intermediate_size",
-            "rotary_emb_base", "max_position_embeddings", "no_weight_tying", "make_vocab_size_divisible_by")
-    settings = {k: raw[k] for k in keys} | {"seq_length": 64, "precision": "fp32"}
-    save_random_checkpoint(tmp / "base", settings, tokenizer_type="SPMTokenizer", tokenizer_file=tokenizer, seed=5)
-    return tmp, data, tokenizer, tmp / "base"
-
-
-def deepy(save, tokenizer, *overrides, wait=True, timeout=400):
-    args = [sys.executable, str(ROOT / "deepy.py"), "train.py", PRESET, *COMMON, "tokenizer_type=SPMTokenizer",
-            f"vocab_file={tokenizer}", f"save={save}", f"log_dir={save}/logs", f"master_port={free_port()}", *overrides]
-    if not wait:
-        return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    return run_command(args, timeout=timeout, retry_abort=True)
-
-
-def ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def metrics(save, key="loss"):
-    return [r for r in map(json.loads, (save / "logs" / "metrics.jsonl").read_text().splitlines()) if key in r]
+def setup(finetune_setup, tmp_path_factory):
+    """This module's work folder, and the session's records, tokenizer and base checkpoint (conftest)."""
+    _, data, tokenizer, base = finetune_setup
+    return tmp_path_factory.mktemp("ft"), data, tokenizer, base
 
 
 def tool(name, *args, stdin=None):
-    return subprocess.run([sys.executable, str(ROOT / "tools" / name), *args], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT, input=stdin)
+    """``python tools/NAME ARGS`` from the repository root, run in this process."""
+    return inprocess.tool(name, *args, stdin=stdin, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -203,14 +156,14 @@ def test_full_finetune_with_frozen_layers_from_a_hugging_face_import(tmp_path):
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
     assert tool("convert_from_hf.py", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "ours")).returncode == 0
     save = tmp_path / "full"
-    args = [sys.executable, str(ROOT / "deepy.py"), "train.py", str(tmp_path / "ours" / "model.yml"),
+    args = [str(tmp_path / "ours" / "model.yml"),
             "tokenizer_type=SPMTokenizer", f"vocab_file={tokenizer}", "make_vocab_size_divisible_by=1", "seq_length=96",
             "precision=fp32", "num_workers=0", "log_interval=5", "tensorboard_dir=null", f"save={save}",
             f"log_dir={save}/logs", f"master_port={free_port()}", "finetune=true", f"load={tmp_path / 'ours'}",
             f"sft_data_path={alpaca}", "val_split_fraction=0.05", "train_iters=40", "eval_interval=5", "eval_iters=4",
             "checkpoint_factor=40", "train_micro_batch_size_per_gpu=4", "optimizer.params.lr=3e-3", "warmup_iters=2",
             "freeze=[embeddings, layers.0]"]
-    proc = ok(run_command(args, timeout=400, retry_abort=True))
+    proc = ok(inprocess.deepy("train.py", *args, cwd=ROOT))
     assert "frozen: embeddings, layers.0" in proc.stderr
     valid = [r["valid_loss"] for r in metrics(save, "valid_loss")]
     assert valid[-1] < valid[0] - 0.3, valid
