@@ -5,12 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers.inprocess import call
 from helpers.runner import ROOT, free_port, run_deepy
+
+from neox_llama.cli import deepy
+
+
+def deepy_checks(*args: str):
+    """``python deepy.py ARGS`` where it stops before starting anything (a dry run, a refusal): in this process."""
+    return call(deepy.main, list(args), cwd=ROOT)
 
 
 def test_dry_run_of_llama2_7b_prints_a_sane_plan(tmp_path):
     log_dir = tmp_path / "logs"
-    proc = run_deepy("train.py", "configs/llama2/7B.yml", "configs/local.yml", f"log_dir={log_dir}",
+    proc = deepy_checks("train.py", "configs/llama2/7B.yml", "configs/local.yml", f"log_dir={log_dir}",
                      "num_gpus=8", "model_parallel_size=2", "pipe_parallel_size=2", "train_batch_size=64", "--dry-run")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
@@ -24,7 +32,7 @@ def test_dry_run_of_llama2_7b_prints_a_sane_plan(tmp_path):
 
 
 def test_model_name_on_the_command_line_is_enough(tmp_path):
-    proc = run_deepy("train.py", "configs/local.yml", "model_name=Llama-3.2-1B", f"log_dir={tmp_path}", "--dry-run")
+    proc = deepy_checks("train.py", "configs/local.yml", "model_name=Llama-3.2-1B", f"log_dir={tmp_path}", "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert "parameters: 1,235,814,400 total" in proc.stdout and "head tied to embedding" in proc.stdout
 
@@ -33,7 +41,7 @@ def test_bad_config_exits_non_zero_before_anything_starts(tmp_path):
     typo = tmp_path / "typo.yml"
     typo.write_text("hiden_size: 1\n")
     log_dir = tmp_path / "logs"
-    proc = run_deepy("train.py", "configs/llama3/tiny.yml", str(typo), "num_gpus=2", "model_parallel_size=4",
+    proc = deepy_checks("train.py", "configs/llama3/tiny.yml", str(typo), "num_gpus=2", "model_parallel_size=4",
                      f"log_dir={log_dir}")
     assert proc.returncode == 2
     assert f"{typo}: unknown key 'hiden_size' (did you mean 'hidden_size'?)" in proc.stderr
@@ -43,14 +51,14 @@ def test_bad_config_exits_non_zero_before_anything_starts(tmp_path):
 
 def test_cross_check_errors_exit_before_spawning(tmp_path):
     log_dir = tmp_path / "logs"
-    proc = run_deepy("train.py", "configs/llama3/tiny.yml", "num_gpus=2", "model_parallel_size=4", f"log_dir={log_dir}")
+    proc = deepy_checks("train.py", "configs/llama3/tiny.yml", "num_gpus=2", "model_parallel_size=4", f"log_dir={log_dir}")
     assert proc.returncode == 2
     assert "num_kv_heads 2 is not divisible by model_parallel_size 4" in proc.stderr
     assert "world size 2 is not divisible by pipe_parallel_size 1 x model_parallel_size 4" in proc.stderr
     assert not log_dir.exists()
 
 
-def test_usage_errors():
+def test_usage_errors():  # real processes: deepy.py's own command line
     assert run_deepy().returncode == 2  # usage errors exit 2, like config errors
     proc = run_deepy("nope.py", "configs/local.yml")
     assert proc.returncode == 2 and "script nope.py not found" in proc.stderr
