@@ -81,9 +81,9 @@ def eval_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def finetune_setup(tmp_path_factory):
+def finetune_setup():
     """(folder, instruction records, sentencepiece tokenizer, random base checkpoint of the tiny preset)
     (helpers.finetune): test_finetune, test_adapter_finetune. Runs write into folders of their own."""
-    from helpers.finetune import build_setup
+    from helpers.finetune import shared_setup
 
-    return build_setup(tmp_path_factory.mktemp("finetune"))
+    return shared_setup()

@@ -13,7 +13,8 @@ import pytest
 import torch
 from helpers import inprocess
 from helpers.assets import asset
-from helpers.finetune import LORA, deepy, metrics, ok, records
+from helpers.finetune import LORA, deepy, deepy_args, metrics, ok, records, shared_setup
+from helpers.launches import Case, completed, register
 from helpers.lora import IDS, unmerged_logits
 from helpers.runner import ROOT, free_port
 
@@ -37,12 +38,27 @@ def tool(name, *args, stdin=None):
     return inprocess.tool(name, *args, stdin=stdin, cwd=ROOT)
 
 
+LORA_RUN = [*LORA, "train_iters=6", "checkpoint_factor=2", "eval_interval=2", "save_best=true"]
+LAYOUTS = {"pp2": ["pipe_parallel_size=2"], "tp2": ["model_parallel_size=2"],
+           "zero3-dp2": ["num_gpus=2", "train_micro_batch_size_per_gpu=1", "zero_optimization.stage=3",
+                         "zero_optimization.stage3_param_persistence_threshold=0"]}
+
+
+def lora_args(save, *layout):
+    """deepy.py's arguments of the LoRA run on the session's base (:func:`helpers.finetune.shared_setup`)."""
+    _, data, tokenizer, base = shared_setup()
+    return deepy_args(save, tokenizer, "finetune=true", f"load={base}", f"sft_data_path={data}", *LORA_RUN, *layout)
+
+
+for _name, _layout in LAYOUTS.items():  # the LoRA run at other layouts: cases of the shared 2-rank launch
+    register(Case(f"finetune-lora-{_name}", 2, "train", lambda folder, layout=_layout: lora_args(folder / "run", *layout)))
+
+
 @pytest.fixture(scope="module")
 def lora_run(setup):
     tmp, data, tokenizer, base = setup
     save = tmp / "lora"
-    proc = ok(deepy(save, tokenizer, "finetune=true", f"load={base}", f"sft_data_path={data}", *LORA, "train_iters=6",
-                    "checkpoint_factor=2", "eval_interval=2", "save_best=true"))
+    proc = ok(deepy(save, tokenizer, "finetune=true", f"load={base}", f"sft_data_path={data}", *LORA_RUN))
     return save, proc
 
 
@@ -175,16 +191,11 @@ def test_full_finetune_with_frozen_layers_from_a_hugging_face_import(tmp_path):
     assert read_metadata(save / "global_step40").prompt_style == "alpaca"
 
 
-@pytest.mark.parametrize("layout", [["pipe_parallel_size=2"], ["model_parallel_size=2"],
-                                    ["num_gpus=2", "train_micro_batch_size_per_gpu=1", "zero_optimization.stage=3",
-                                     "zero_optimization.stage3_param_persistence_threshold=0"]],
-                         ids=["pp2", "tp2", "zero3-dp2"])
-def test_lora_runs_at_other_layouts_save_the_same_adapters(setup, lora_run, layout):
-    tmp, data, tokenizer, base = setup
+@pytest.mark.parametrize("case", [f"finetune-lora-{name}" for name in LAYOUTS], ids=list(LAYOUTS))
+def test_lora_runs_at_other_layouts_save_the_same_adapters(lora_run, launched, case):
     save, _ = lora_run
-    other = tmp / f"layout-{'-'.join(layout)[:40]}"
-    ok(deepy(other, tokenizer, "finetune=true", f"load={base}", f"sft_data_path={data}", *LORA, "train_iters=6",
-             "checkpoint_factor=2", "eval_interval=2", "save_best=true", *layout))
+    other = launched(case).folder / "run"
+    ok(completed(launched(case)))
     assert [r["loss"] for r in metrics(other)] == pytest.approx([r["loss"] for r in metrics(save)], abs=1e-5)
     for file in sorted((save / "global_step6" / "adapter").iterdir()):
         ours, theirs = read_layer_file(file), read_layer_file(other / "global_step6" / "adapter" / file.name)

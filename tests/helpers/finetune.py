@@ -47,11 +47,32 @@ def build_setup(tmp: Path) -> tuple[Path, Path, Path, Path]:
     return tmp, data, tokenizer, tmp / "base"
 
 
+_SHARED: dict[str, tuple[Path, Path, Path, Path]] = {}
+
+
+def shared_setup() -> tuple[Path, Path, Path, Path]:
+    """:func:`build_setup` in the session's shared folder, once per session (conftest's ``finetune_setup`` and the
+    multi-rank cases that fine-tune the same base)."""
+    if "setup" not in _SHARED:
+        from helpers import training
+
+        if training.SESSION_DIR is None:
+            raise RuntimeError("shared_setup() needs the test session (conftest.py sets SESSION_DIR)")
+        (training.SESSION_DIR / "finetune").mkdir()
+        _SHARED["setup"] = build_setup(training.SESSION_DIR / "finetune")
+    return _SHARED["setup"]
+
+
+def deepy_args(save, tokenizer, *overrides) -> list[str]:
+    """``deepy.py`` arguments fine-tuning (or training) the tiny preset into ``save`` (checkpoints, logs/)."""
+    return ["train.py", PRESET, *COMMON, "tokenizer_type=SPMTokenizer", f"vocab_file={tokenizer}", f"save={save}",
+            f"log_dir={save}/logs", f"master_port={free_port()}", *overrides]
+
+
 def deepy(save, tokenizer, *overrides, wait=True):
     """``python deepy.py train.py`` on the tiny preset; waited for, one rank trains in this process
     (:func:`helpers.inprocess.deepy`), several through DeepSpeed's launcher; without wait, a running process."""
-    args = [sys.executable, str(ROOT / "deepy.py"), "train.py", PRESET, *COMMON, "tokenizer_type=SPMTokenizer",
-            f"vocab_file={tokenizer}", f"save={save}", f"log_dir={save}/logs", f"master_port={free_port()}", *overrides]
+    args = [sys.executable, str(ROOT / "deepy.py"), *deepy_args(save, tokenizer, *overrides)]
     if not wait:
         return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
