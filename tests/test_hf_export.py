@@ -12,9 +12,10 @@ import torch
 from helpers import inprocess
 from helpers.assets import asset
 from helpers.data import make_docs
+from helpers.launches import Case, completed, register
 from helpers.runner import ROOT
 from helpers.tokenizers import TEXTS
-from helpers.training import deepy_train
+from helpers.training import deepy_args
 
 from neox_llama.checkpoint.run import load_model
 from neox_llama.convert.hf_tokenizer_export import write_tokenizer_files
@@ -25,20 +26,28 @@ from neox_llama.tokenizers.train import train_sentencepiece
 transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.dist
+uses_trained = pytest.mark.uses_cases("hf-export-trained")  # the tests that read the `trained` fixture
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny model trained 3 steps as a 2-stage pipeline, with its own sentencepiece tokenizer."""
-    work = tmp_path_factory.mktemp("export")
+def trained_args(work):
+    """The inputs, written into ``work`` (the case's folder), and deepy.py's arguments of the run into work/run."""
     (work / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in make_docs(400)))
     (work / "corpus.txt").write_text("\n".join(make_docs(400)) + "\nunicode é 東京 digits 0123456789\n")
     model = train_sentencepiece([work / "corpus.txt"], work / "tok", 320)
     preprocess([work / "corpus.jsonl"], str(work / "data"), "SPMTokenizer", str(model), append_eod=True, progress=False)
-    proc = deepy_train(work / "run", work / "data_text_document", "tokenizer_type=SPMTokenizer", f"vocab_file={model}",
-                       "vocab_size=null", "pipe_parallel_size=2", "train_iters=3", "checkpoint_factor=3")
+    return deepy_args(work / "run", work / "data_text_document", "tokenizer_type=SPMTokenizer", f"vocab_file={model}",
+                      "vocab_size=null", "pipe_parallel_size=2", "train_iters=3", "checkpoint_factor=3")
+
+
+register(Case("hf-export-trained", 2, "train", trained_args))  # a case of the shared 2-rank launch
+
+
+@pytest.fixture(scope="module")
+def trained(launched):
+    """A tiny model trained 3 steps as a 2-stage pipeline, with its own sentencepiece tokenizer."""
+    proc = completed(launched("hf-export-trained"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return work
+    return launched("hf-export-trained").folder
 
 
 def export(checkpoint, output, *extra):
@@ -51,6 +60,7 @@ def ours_from(checkpoint):
     return ck, model
 
 
+@uses_trained
 def test_export_loads_in_transformers_with_equal_logits_and_ids(trained, tmp_path):
     proc = export(trained / "run" / "ck", tmp_path / "hf", "--dtype", "fp32")
     assert proc.returncode == 0, proc.stderr
@@ -91,6 +101,7 @@ def test_exported_tokenizers_match_ours_on_real_files(tmp_path, kind):
         assert hf.decode(tokenizer.encode(text)) == tokenizer.decode(tokenizer.encode(text))
 
 
+@uses_trained
 def test_existing_output_is_refused_unless_forced(trained, tmp_path):
     out = tmp_path / "taken"
     out.mkdir()
@@ -100,6 +111,7 @@ def test_existing_output_is_refused_unless_forced(trained, tmp_path):
     assert export(trained / "run" / "ck", out, "--force").returncode == 0 and (out / "config.json").exists()
 
 
+@uses_trained
 def test_bad_checkpoints_fail_clearly_and_write_nothing(trained, tmp_path):
     proc = export(tmp_path, tmp_path / "out1")
     assert proc.returncode == 2 and "not a checkpoint" in proc.stderr
@@ -117,6 +129,7 @@ def test_bad_checkpoints_fail_clearly_and_write_nothing(trained, tmp_path):
     assert not any(p.name.startswith(("out", ".out")) for p in tmp_path.iterdir())
 
 
+@uses_trained
 def test_greedy_generation_equals_transformers_and_the_cache_equals_recomputing(trained, tmp_path):
     from neox_llama.generation.generator import GenerationSettings, Generator
 
@@ -154,6 +167,7 @@ def _hf_greedy_text(hf_dir, text: str, new_tokens: int) -> str:
     return tok.decode(kept, skip_special_tokens=False)
 
 
+@uses_trained
 @pytest.mark.parametrize("kind", ["spm-trained", "llama3-random"])
 def test_generate_py_equals_greedy_transformers_on_the_export_without_manual_bos(trained, tmp_path, kind):
     if kind == "spm-trained":
@@ -172,6 +186,7 @@ def test_generate_py_equals_greedy_transformers_on_the_export_without_manual_bos
     assert proc.stdout == text + _hf_greedy_text(tmp_path / "hf", text, 12) + "\n"
 
 
+@uses_trained
 def test_generate_cli_streams_a_continuation(trained):
     # a real process: the tool's script path itself
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), "--checkpoint", str(trained / "run" / "ck"),

@@ -9,7 +9,9 @@ import sys
 import pytest
 import torch
 from helpers import inprocess
+from helpers.launches import Case, completed, register
 from helpers.runner import ROOT
+from helpers.training import deepy_args, write_corpus
 from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
@@ -112,26 +114,42 @@ def test_bad_hf_directories_fail_clearly_and_write_nothing(tmp_path):
     assert proc.returncode == 2
 
 
-@pytest.mark.dist
-def test_fine_tuning_starts_from_the_imported_weights(tmp_path):
-    from helpers.training import deepy_train, records, write_corpus
+def fine_tune_args(folder):
+    """Into ``folder`` (the case's): the HF model, its import as a 2-stage pipeline (the import's exit status in
+    import.json) and a corpus; deepy.py's arguments fine-tuning the import into folder/ft."""
+    hf_model(folder / "hf", num_key_value_heads=2, rope_theta=500000.0)
+    imported = run("convert_from_hf.py", "--hf", str(folder / "hf"), "--output", str(folder / "ours"),
+                   "--pipe-parallel-size", "2")
+    (folder / "import.json").write_text(json.dumps({"returncode": imported.returncode, "stderr": imported.stderr}))
+    corpus = write_corpus(folder / "chain", docs=80)
+    return deepy_args(folder / "ft", corpus, "train_iters=1", "optimizer.params.lr=0", "min_lr=0", "eval_iters=0",
+                      "vocab_size=384", "make_vocab_size_divisible_by=1", f"load={folder / 'ours'}",
+                      preset=str(folder / "ours" / "model.yml"))
 
-    model = hf_model(tmp_path / "hf", num_key_value_heads=2, rope_theta=500000.0)
-    assert run("convert_from_hf.py", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "ours"),
-               "--pipe-parallel-size", "2").returncode == 0
-    corpus = write_corpus(tmp_path / "chain", docs=80)
-    proc = deepy_train(tmp_path / "ft", corpus, "train_iters=1", "optimizer.params.lr=0", "min_lr=0",
-                       "eval_iters=0", "vocab_size=384", "make_vocab_size_divisible_by=1", f"load={tmp_path / 'ours'}", preset=str(tmp_path / "ours" / "model.yml"))
+
+register(Case("hf-import-fine-tune", 2, "train", fine_tune_args))  # a case of the shared 2-rank launch
+
+
+@pytest.mark.dist
+@pytest.mark.uses_cases("hf-import-fine-tune")
+def test_fine_tuning_starts_from_the_imported_weights(launched):
+    from helpers.training import records
+
+    folder = launched("hf-import-fine-tune").folder
+    imported = json.loads((folder / "import.json").read_text())
+    assert imported["returncode"] == 0, imported["stderr"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder / "hf")  # the model that was imported
+    proc = completed(launched("hf-import-fine-tune"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fine-tuning from the weights of" in proc.stderr and "pp 2 x tp 1 x dp 1" in proc.stderr
     # the first step's loss is the imported model's own loss on that batch
     from neox_llama.config import load_config
     from neox_llama.data.loader import build_datasets
 
-    cfg = load_config([tmp_path / "ft" / "logs" / "config.yml"], world_size=2, apply_presets=False)
+    cfg = load_config([folder / "ft" / "logs" / "config.yml"], world_size=2, apply_presets=False)
     train = build_datasets(cfg)["train"]
     batch = torch.stack([torch.from_numpy(train[i]) for i in range(cfg.derived.train_batch_size)])
     with torch.no_grad():
         logits = model(input_ids=batch[:, :-1]).logits
         expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)).item()
-    assert abs(records(tmp_path / "ft")[0]["loss"] - expected) <= 1e-5  # fp32 (the test helper's precision)
+    assert abs(records(folder / "ft")[0]["loss"] - expected) <= 1e-5  # fp32 (the test helper's precision)
