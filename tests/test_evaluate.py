@@ -157,7 +157,7 @@ def local_task(tmp_path):
 
 
 def test_lm_eval_adapter_equals_the_hf_backend_on_our_export(checkpoint, tmp_path):
-    pytest.importorskip("lm_eval")
+    import lm_eval  # noqa: F401 (a pinned requirement: fail, never skip, without it)
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -181,7 +181,7 @@ def test_lm_eval_adapter_equals_the_hf_backend_on_our_export(checkpoint, tmp_pat
 
 
 def test_evaluate_tasks_command_line_with_an_adapter(checkpoint, tmp_path):
-    pytest.importorskip("lm_eval")
+    import lm_eval  # noqa: F401 (a pinned requirement: fail, never skip, without it)
     from helpers.lora import SETTINGS as LORA
     from helpers.lora import adapter_checkpoint
 

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import transformers  # a pinned requirement: fail, never skip, without it
 from helpers import inprocess
 from helpers.assets import asset
 from helpers.data import make_docs
@@ -22,8 +23,6 @@ from neox_llama.convert.hf_tokenizer_export import write_tokenizer_files
 from neox_llama.data.preprocess import preprocess
 from neox_llama.tokenizers import build_tokenizer
 from neox_llama.tokenizers.train import train_sentencepiece
-
-transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.dist
 uses_trained = pytest.mark.uses_cases("hf-export-trained")  # the tests that read the `trained` fixture

@@ -8,13 +8,12 @@ import sys
 
 import pytest
 import torch
+import transformers  # a pinned requirement: fail, never skip, without it
 from helpers import inprocess
 from helpers.launches import Case, completed, register
 from helpers.runner import ROOT
 from helpers.training import deepy_args, write_corpus
 from safetensors.torch import load_file, save_file
-
-transformers = pytest.importorskip("transformers")
 
 SHAPES = {
     "mha": {"num_key_value_heads": 4},

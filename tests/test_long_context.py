@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers  # a pinned requirement: fail, never skip, without it
 from helpers import inprocess
 from helpers.training import deepy_train, losses
 
 from neox_llama.checkpoint.run import load_model
-
-transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.dist
 
