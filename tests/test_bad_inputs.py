@@ -210,7 +210,7 @@ def _sft(world, tmp_path, records: str, *overrides: str):
     args = ["train.py", "configs/llama3/tiny.yml", "tokenizer_type=SPMTokenizer",
             f"vocab_file={world['tok']}", "finetune=true", f"load={world['w'] / 'run/ck'}", f"sft_data_path={path}",
             f"save={tmp_path / 'ft'}", f"log_dir={tmp_path / 'ft/logs'}", "precision=fp32", "num_workers=0",
-            "train_iters=2", "seq_length=32", "lora_r=4", *overrides]
+            "train_iters=2", "seq_length=32", "lora_r=4", "peak_tflops=1", *overrides]
     return inprocess.deepy(*args, cwd=ROOT), path
 
 

@@ -178,7 +178,7 @@ def test_full_finetune_with_frozen_layers_from_a_hugging_face_import(tmp_path):
             f"log_dir={save}/logs", f"master_port={free_port()}", "finetune=true", f"load={tmp_path / 'ours'}",
             f"sft_data_path={alpaca}", "val_split_fraction=0.05", "train_iters=40", "eval_interval=5", "eval_iters=4",
             "checkpoint_factor=40", "train_micro_batch_size_per_gpu=4", "optimizer.params.lr=3e-3", "warmup_iters=2",
-            "freeze=[embeddings, layers.0]"]
+            "freeze=[embeddings, layers.0]", "peak_tflops=1"]
     proc = ok(inprocess.deepy("train.py", *args, cwd=ROOT))
     assert "frozen: embeddings, layers.0" in proc.stderr
     valid = [r["valid_loss"] for r in metrics(save, "valid_loss")]

@@ -52,3 +52,21 @@ def test_nvme_offload(tmp_path, corpus):
     swap = tmp_path / "swap" / "zero_stage_3"  # DeepSpeed's swap folders (the files are removed at exit)
     assert (swap / "optimizer" / "rank0").is_dir() and (swap / "float32params").is_dir()
     assert max(abs(a - b) for a, b in zip(losses(nvme), losses(plain), strict=True)) <= 1e-5
+
+
+def test_a_stale_build_lock_of_cpu_adam_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    """A build killed half way leaves torch's lock file, on which every later offload run would wait for ever."""
+    import os
+    import time
+
+    from neox_llama.utils.extensions import STALE_AFTER_S, build_lock, clear_stale_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = build_lock("cpu_adam")
+    assert lock.is_relative_to(tmp_path) and lock.parent.name == "cpu_adam"
+    assert not clear_stale_build_lock("cpu_adam")  # no lock: nothing to do
+    lock.touch()
+    assert not clear_stale_build_lock("cpu_adam") and lock.exists()  # a build in progress: waited for
+    old = time.time() - STALE_AFTER_S - 60
+    os.utime(lock, (old, old))
+    assert clear_stale_build_lock("cpu_adam") and not lock.exists()

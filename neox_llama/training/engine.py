@@ -197,6 +197,12 @@ def setup_engine(cfg: Config, args: LlamaArgs, state: ParallelState, accelerator
     if compile_blocks(module, cfg.compile if cfg.compile is not None else default_compile):
         logger.info("compile: each transformer block runs through torch.compile (compiled at its first step)")
     groups = parameter_groups(module, cfg.optimizer.params.weight_decay, cfg.weight_decay_embeddings)
+    zero = cfg.zero_optimization
+    if zero.offload_optimizer != "none":  # DeepSpeed builds CPU Adam (and for NVMe its async I/O op) on first use
+        from neox_llama.utils.extensions import clear_stale_build_lock
+
+        for op in ("cpu_adam", "async_io") if "nvme" in (zero.offload_optimizer, zero.offload_param) else ("cpu_adam",):
+            clear_stale_build_lock(op)
     with contextlib.redirect_stdout(io.StringIO()) as chatter:  # DeepSpeed prints memory reports on rank 0
         engine, _, _, _ = deepspeed.initialize(
             model=module, model_parameters=groups, config=deepspeed_config(cfg, accelerator),
@@ -211,7 +217,6 @@ def setup_engine(cfg: Config, args: LlamaArgs, state: ParallelState, accelerator
         # One rank: DeepSpeed's gradient "all-reduce" would flatten every gradient into buckets, reduce over itself
         # and copy them back (4 % of an fp32 step at the benchmark shape). ZeRO 1-3 must keep it (their epilogue).
         engine.enable_backward_allreduce = False
-    zero = cfg.zero_optimization
     offload = [f"{what} offloaded to {device}" for what, device in (("optimizer state", zero.offload_optimizer),
                                                                      ("weights", zero.offload_param)) if device != "none"]
     logger.info("optimizer %s, ZeRO stage %s%s", type(getattr(engine, "basic_optimizer", None) or engine.optimizer).__name__,

@@ -18,7 +18,8 @@ from neox_llama.tokenizers.train import train_sentencepiece
 PRESET = "configs/llama3/tiny.yml"
 WORDS = "apple river stone cloud green seven quiet ember violet north market candle".split()
 COMMON = ["seq_length=64", "precision=fp32", "log_interval=1", "num_workers=0", "tensorboard_dir=null",
-          "train_micro_batch_size_per_gpu=2", "warmup_iters=1", "eval_iters=1", "make_vocab_size_divisible_by=64"]
+          "train_micro_batch_size_per_gpu=2", "warmup_iters=1", "eval_iters=1", "make_vocab_size_divisible_by=64",
+          "peak_tflops=1"]  # a set peak: no matmul-peak probe at start-up
 LORA = ["lora_r=8", "lora_alpha=4", "lora_dropout=0", "lora_targets=[query,value,mlp]", "val_split_fraction=0.2",
         "prompt_style=alpaca", "optimizer.params.lr=1e-2"]
 
