@@ -35,6 +35,7 @@ for _name in ("pp2", "zero3-dp2"):  # the uninterrupted runs: cases of the share
     train_case(f"resume-straight-{_name}", 2, *KILL_COMMON, *KILL_LAYOUTS[_name])
 
 
+@pytest.mark.uses_cases(*(f"resume-straight-{name}" for name in KILL_LAYOUTS if name != "1rank"))
 @pytest.mark.parametrize("layout", list(KILL_LAYOUTS))
 def test_kill_9_and_resume_gives_the_same_losses(tmp_path, corpus, launched, layout):
     common = [*KILL_COMMON, *KILL_LAYOUTS[layout]]
@@ -62,6 +63,7 @@ for _name, _saved in SAVED_LAYOUTS.items():
     train_case(f"resume-saved-{_name}", 2, "train_iters=2", "eval_interval=2", *_saved)
 
 
+@pytest.mark.uses_cases(*(f"resume-saved-{name}" for name in SAVED_LAYOUTS))
 @pytest.mark.parametrize("change", list(SAVED_LAYOUTS))
 def test_layout_change_loads_the_weights(tmp_path, corpus, launched, change):
     first = launched(f"resume-saved-{change}").check().folder

@@ -90,8 +90,11 @@ class Launcher:
             raise KeyError(f"no case {name} is registered")
         if name not in self.outcomes:
             world = CASES[name].world
+            if world > 1 and name not in self.wanted:  # it would cost a launch of its own
+                raise AssertionError(f"the test reads case {name} without declaring it: name it in a `case` parameter "
+                                     "or a uses_cases marker, so that it joins its world size's one launch")
             batch = [c for c in CASES.values() if c.world == world and (c.name in self.wanted or c.name == name)
-                     and c.name not in self.outcomes]
+                     and c.name not in self.outcomes]  # one-rank cases may be read undeclared: they run here
             self._run(world, batch)
         return self.outcomes[name]
 
