@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,18 @@ from neox_llama.cli import deepy
 
 
 def deepy_checks(*args: str):
-    """``python deepy.py ARGS`` where it stops before starting anything (a dry run, a refusal): in this process."""
-    return call(deepy.main, list(args), cwd=ROOT)
+    """``python deepy.py ARGS`` where it stops before starting anything (a dry run, a refusal): in this process,
+    through deepy.py's checks alone, so that a run it would wrongly start fails the test (exit 99) instead of
+    replacing the test process with the launch."""
+
+    def checks(argv: list[str]) -> int:
+        prepared = deepy.prepare_launch(argv)
+        if isinstance(prepared, int):
+            return prepared
+        print(f"deepy.py would have started {prepared.world_size} rank(s): {prepared.command.shell()}", file=sys.stderr)
+        return 99
+
+    return call(checks, list(args), cwd=ROOT)
 
 
 def test_dry_run_of_llama2_7b_prints_a_sane_plan(tmp_path):

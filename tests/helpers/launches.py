@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,11 +104,17 @@ class Launcher:
         for case in batch:
             folder = self.workdir / case.name
             folder.mkdir(parents=True)
-            argv = [str(a) for a in case.prepare(folder)]
+            try:
+                argv = [str(a) for a in case.prepare(folder)]
+            except Exception:  # this case fails with the reason; the others of its world size still run
+                self.outcomes[case.name] = Outcome(case.name, folder, [None] * world, traceback.format_exc())
+                continue
             if case.kind == "train":
-                argv, checked = _prepared_config(argv)
-                if not argv:  # deepy.py's checks stopped it: nothing to launch
-                    self.outcomes[case.name] = Outcome(case.name, folder, [checked.returncode] * world, checked.stderr)
+                argv, checked, planned = _prepared_config(argv)
+                if not argv or planned != world:  # deepy.py's checks stopped it, or it plans another world size
+                    note = "" if not argv else f"\ndeepy.py plans {planned} ranks, the case is registered for {world}"
+                    codes = [checked.returncode or None] * world  # a refusal's status; None: nothing ran
+                    self.outcomes[case.name] = Outcome(case.name, folder, codes, checked.stderr + note)
                     continue
                 prepared_log[case.name] = checked.stderr
             plan.append({"name": case.name, "kind": case.kind, "argv": argv, "dir": str(folder / "case")})
@@ -136,9 +143,9 @@ class Launcher:
             outcome.stderr = outcome.stderr + "".join(logs)
 
 
-def _prepared_config(argv: list[str]) -> tuple[list[str], subprocess.CompletedProcess]:
-    """deepy.py's checks and merged config, done here: the ranks' arguments (none if deepy.py refused) and
-    what deepy.py said."""
+def _prepared_config(argv: list[str]) -> tuple[list[str], subprocess.CompletedProcess, int]:
+    """deepy.py's checks and merged config, done here: the ranks' arguments (none if deepy.py refused or only
+    printed a plan), what deepy.py said, and how many ranks it plans."""
     from helpers.inprocess import call
     from neox_llama.cli import deepy
 
@@ -153,10 +160,11 @@ def _prepared_config(argv: list[str]) -> tuple[list[str], subprocess.CompletedPr
 
     proc = call(prepare, argv, cwd=ROOT)
     if not launches:
-        return [], proc
+        return [], proc, 0
     command = launches[0].command
     threads = command.env.get("OMP_NUM_THREADS")  # the ranks' thread count, as the real launch would set it
-    return [*command.argv[command.argv.index("--config"):], *(["--env", f"OMP_NUM_THREADS={threads}"] if threads else [])], proc
+    argv = [*command.argv[command.argv.index("--config"):], *(["--env", f"OMP_NUM_THREADS={threads}"] if threads else [])]
+    return argv, proc, launches[0].world_size
 
 
 def _run_here(plan: list[dict]) -> None:

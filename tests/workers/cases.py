@@ -45,6 +45,8 @@ def run_case(kind: str, argv: list[str]) -> int:
 
 
 def main(plan_file: str) -> int:
+    import deepspeed  # noqa: F401  (before any case: its logger's handler binds to this process's stdout, not to a case's log)
+
     plan = json.loads(Path(plan_file).read_text())
     dist.init_process_group("gloo", timeout=timedelta(minutes=5))
     rank = dist.get_rank()
@@ -57,6 +59,8 @@ def main(plan_file: str) -> int:
                 contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             try:
                 code = run_case(case["kind"], case["argv"])
+            except SystemExit as exit_:  # e.g. a command-line error: a status, as the process would end
+                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
             except Exception:
                 traceback.print_exc()
                 code = None
