@@ -4,6 +4,7 @@ DeepSpeedCPUAdam and gives the same losses as without offload; NVMe offload wher
 from __future__ import annotations
 
 import pytest
+from helpers.runner import ok
 from helpers.training import deepy_train, losses, train_case
 
 pytestmark = pytest.mark.dist
@@ -12,10 +13,6 @@ ZERO3 = ["num_gpus=2", "zero_optimization.stage=3", "zero_optimization.stage3_pa
 COMMON = ["train_iters=4", "eval_interval=4", "precision=fp32"]
 NVME_ZERO = ["zero_optimization.stage=3", "zero_optimization.stage3_param_persistence_threshold=0"]
 
-
-def ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 train_case("offload-none", 2, *COMMON, *ZERO3)

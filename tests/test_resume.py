@@ -8,14 +8,11 @@ import signal
 import time
 
 import pytest
+from helpers.runner import ok
 from helpers.training import deepy_train, losses, records, train_case
 
 pytestmark = pytest.mark.dist
 
-
-def ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 def wait_for(predicate, proc, timeout=300):

@@ -4,14 +4,11 @@ checkpoint of the tiny preset (built once per session: conftest's ``finetune_set
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from helpers.checkpoints import save_random_checkpoint
-from helpers.inprocess import deepy as deepy_here
-from helpers.runner import ROOT, free_port
+from helpers.runner import ROOT, free_port, ok  # noqa: F401 (ok: the fine-tuning tests import it from here)
+from helpers.training import start_deepy
 from neox_llama.config.loading import load_raw
 from neox_llama.tokenizers.train import train_sentencepiece
 
@@ -71,18 +68,9 @@ def deepy_args(save, tokenizer, *overrides) -> list[str]:
 
 
 def deepy(save, tokenizer, *overrides, wait=True):
-    """``python deepy.py train.py`` on the tiny preset; waited for, one rank trains in this process
-    (:func:`helpers.inprocess.deepy`), several through DeepSpeed's launcher; without wait, a running process."""
-    args = [sys.executable, str(ROOT / "deepy.py"), *deepy_args(save, tokenizer, *overrides)]
-    if not wait:
-        return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    return deepy_here(*args[2:], cwd=ROOT)
-
-
-def ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    """``python deepy.py train.py`` on the tiny preset (helpers.training.start_deepy: in this process for one
+    rank when waited for; without wait, a running process)."""
+    return start_deepy(deepy_args(save, tokenizer, *overrides), wait=wait)
 
 
 def metrics(save, key="loss"):

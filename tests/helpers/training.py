@@ -59,17 +59,22 @@ def deepy_args(run: Path, corpus: Path, *overrides: str, preset: str = "configs/
 
 def deepy_train(run: Path, corpus: Path, *overrides: str, preset: str = "configs/llama3/tiny.yml",
                 timeout: float = 400, wait: bool = True, in_process: bool = True):
-    """Train through ``python deepy.py train.py``; returns the finished (or, without wait, running) process.
+    """Train through ``python deepy.py train.py``; returns the finished (or, without wait, running) process."""
+    return start_deepy(deepy_args(run, corpus, *overrides, preset=preset), timeout=timeout, wait=wait,
+                       in_process=in_process)
 
-    Waited for, one rank trains in this process (:func:`helpers.inprocess.deepy`) unless ``in_process`` is off."""
-    args = [sys.executable, str(ROOT / "deepy.py"), *deepy_args(run, corpus, *overrides, preset=preset)]
+
+def start_deepy(argv: list[str], *, timeout: float = 400, wait: bool = True, in_process: bool = True):
+    """``python deepy.py ARGV``. Waited for, one rank trains in this process (:func:`helpers.inprocess.deepy`)
+    unless ``in_process`` is off; without wait, a running process in its own session (to signal or kill)."""
+    args = [sys.executable, str(ROOT / "deepy.py"), *argv]
     if not wait:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
     if not in_process:
         return run_command(args, timeout=timeout, retry_abort=True)
-    return deepy(*args[2:], cwd=ROOT)
+    return deepy(*argv, cwd=ROOT)
 
 
 def train_case(name: str, world: int, *overrides: str, preset: str = "configs/llama3/tiny.yml") -> Case:
