@@ -175,7 +175,7 @@ def test_the_load_plan_resumes_a_fine_tune_in_save_and_protects_the_base(base, t
 
 
 def test_freeze_head_freezes_the_embedding_only_when_tied():
-    from neox_llama.model.freeze import FreezeError, is_frozen, parse_freeze
+    from neox_llama.config.freeze import FreezeError, is_frozen, parse_freeze
 
     rules = parse_freeze(["head"], 4)
     assert not is_frozen(rules, 0, "word_embeddings.weight", 4, tied=False)

@@ -130,7 +130,7 @@ def _check_model(cfg: Config, tp: int, problems: _Problems, d: Derived, tokenize
 
 
 def _check_finetune(cfg: Config, problems: _Problems) -> None:
-    from neox_llama.model.freeze import FreezeError, parse_freeze
+    from neox_llama.config.freeze import FreezeError, parse_freeze
 
     if cfg.sft_data_path and (cfg.data_path or cfg.train_data_paths):
         problems.add(("sft_data_path", "data_path"), "set sft_data_path (instruction records) or data_path / "
