@@ -34,7 +34,7 @@ from neox_llama.checkpoint.metadata import Layout, Metadata, write_metadata
 from neox_llama.checkpoint.paths import layer_file
 from neox_llama.checkpoint.weights import write_layer_file
 from neox_llama.config import load_config
-from neox_llama.launcher import free_port
+from neox_llama.planning.launch import free_port
 from neox_llama.model.args import LlamaArgs
 from neox_llama.model.llama import build_model
 from neox_llama.tokenizers import build_tokenizer

@@ -11,7 +11,7 @@ from helpers import inprocess
 from helpers.runner import ROOT
 from helpers.training import BASE
 
-from neox_llama.launcher import free_port
+from neox_llama.planning.launch import free_port
 
 pytestmark = pytest.mark.dist
 

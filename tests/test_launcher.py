@@ -8,7 +8,7 @@ import pytest
 
 from neox_llama.config import ConfigError
 from neox_llama.config.loading import build_config, load_raw
-from neox_llama.launcher import build_launch_command, plan_resources, threads_per_rank
+from neox_llama.planning.launch import build_launch_command, plan_resources, threads_per_rank
 
 TINY = "num_layers: 2\nhidden_size: 64\nnum_attention_heads: 4\nintermediate_size: 192\nseq_length: 32\nvocab_size: 500\n"
 

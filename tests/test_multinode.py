@@ -14,7 +14,7 @@ from helpers.training import BASE, losses, shared_corpus, train_case
 
 from neox_llama.config import resolve
 from neox_llama.config.loading import build_config, dump_raw_text, load_raw
-from neox_llama.launcher import CONFIG_DATA, LaunchPlan, build_launch_command
+from neox_llama.planning.launch import CONFIG_DATA, LaunchPlan, build_launch_command
 
 pytestmark = pytest.mark.dist
 

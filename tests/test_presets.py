@@ -8,7 +8,7 @@ from helpers.presets import OFFICIAL_TOTALS
 
 from neox_llama.config import ConfigError, load_config
 from neox_llama.config.presets import ALIASES, CONFIG_DIR, PRESETS
-from neox_llama.model.flops import count_parameters
+from neox_llama.planning.flops import count_parameters
 
 
 @pytest.mark.parametrize("name", list(OFFICIAL_TOTALS))

@@ -9,7 +9,7 @@ any process starts; it is then written to ``{log_dir}/config.yml`` and every ran
 One rank runs the script directly; more go through DeepSpeed's launcher.
 
 Before that, the datasets, a resume target's shapes and (without GPUs) the host memory are checked
-(neox_llama/preflight.py); ``--force`` starts even when the memory estimate exceeds this machine's RAM.
+(neox_llama/planning/preflight.py); ``--force`` starts even when the memory estimate exceeds this machine's RAM.
 ``--dry-run`` prints the plan and turns every refusal into a warning.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from neox_llama.launcher import LaunchCommand
+    from neox_llama.planning.launch import LaunchCommand
 
 USAGE = "usage: python deepy.py SCRIPT.py CONFIG.yml [CONFIG.yml ...] [key=value ...] [--dry-run] [--force]"
 
@@ -129,7 +129,7 @@ class PreparedLaunch:
 def prepare_launch(argv: list[str]) -> PreparedLaunch | int:
     """Everything :func:`main` does before it starts the ranks: an exit status (problems, a dry run) or the launch."""
     script, files, overrides, dry_run, force = parse_args(argv)
-    from neox_llama.launcher import detect_accelerator
+    from neox_llama.planning.launch import detect_accelerator
 
     accelerator = detect_accelerator()
     if accelerator == "cpu":
@@ -137,7 +137,7 @@ def prepare_launch(argv: list[str]) -> PreparedLaunch | int:
 
     from neox_llama.config import ConfigError, resolve
     from neox_llama.config.loading import build_config, dump_raw_text, load_raw
-    from neox_llama.launcher import build_launch_command, plan_resources
+    from neox_llama.planning.launch import build_launch_command, plan_resources
     from neox_llama.utils.files import atomic_write_text
     from neox_llama.utils.logging_setup import setup_logging
 
@@ -200,7 +200,7 @@ def prepare_launch(argv: list[str]) -> PreparedLaunch | int:
     command = build_launch_command(cfg, plan, script, config_file, config_text)
 
     if dry_run:
-        from neox_llama.plan_report import dry_run_text
+        from neox_llama.planning.report import dry_run_text
 
         print(dry_run_text(cfg, plan, command, config_file))
         return 0

@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from neox_llama.errors import NeoxLlamaError
-    from neox_llama.launcher import detect_accelerator
+    from neox_llama.planning.launch import detect_accelerator
     from neox_llama.utils.logging_setup import setup_logging
 
     setup_logging("info")

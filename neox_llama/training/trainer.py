@@ -20,7 +20,7 @@ from neox_llama.data.loader import build_datasets, build_loader, split_sample_co
 from neox_llama.distributed import RankInfo, agree
 from neox_llama.errors import TrainingError
 from neox_llama.model.args import LlamaArgs
-from neox_llama.model.flops import flops_per_token, recompute_flops_per_token
+from neox_llama.planning.flops import flops_per_token, recompute_flops_per_token
 from neox_llama.model.loss import CausalLMLoss
 from neox_llama.model.peft import describe
 from neox_llama.parallel.topology import ParallelState

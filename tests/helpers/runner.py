@@ -15,7 +15,7 @@ ABORT_AT_EXIT = "terminate called without an active exception"
 
 
 def free_port() -> int:
-    from neox_llama.launcher import free_port as pick
+    from neox_llama.planning.launch import free_port as pick
 
     return pick()
 

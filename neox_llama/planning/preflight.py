@@ -126,7 +126,7 @@ def host_memory_bytes() -> int | None:
 
 def check_host_memory(cfg: Config, ranks_on_node: int, total: int | None = None) -> list[str]:
     """On CPU, the ranks of one node share its RAM: refuse a launch whose estimate exceeds it."""
-    from neox_llama.model.memory import estimate_memory
+    from neox_llama.planning.memory import estimate_memory
 
     total = host_memory_bytes() if total is None else total
     if not total or cfg.derived.padded_vocab_size is None:

@@ -39,7 +39,7 @@ import math
 from dataclasses import dataclass
 
 from neox_llama.config.schema import Config
-from neox_llama.model.flops import count_parameters, count_trainable
+from neox_llama.planning.flops import count_parameters, count_trainable
 
 GIB = 1024**3
 

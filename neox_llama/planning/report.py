@@ -9,9 +9,9 @@ import yaml
 
 from neox_llama.config import Config, deepspeed_config, zero_text
 from neox_llama.config.typecheck import user_fields
-from neox_llama.launcher import LaunchCommand, LaunchPlan
-from neox_llama.model.flops import count_parameters, count_trainable, flops_per_token
-from neox_llama.model.memory import estimate_memory
+from neox_llama.planning.launch import LaunchCommand, LaunchPlan
+from neox_llama.planning.flops import count_parameters, count_trainable, flops_per_token
+from neox_llama.planning.memory import estimate_memory
 
 
 def _plain(value: object) -> object:
