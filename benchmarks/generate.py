@@ -15,8 +15,9 @@ import time
 import torch
 
 from benchmarks.model_step import ARGS
+from benchmarks.reference_generator import Generator
 from neox_llama.convert.hf_names import copy_into_hf, hf_config_dict
-from neox_llama.generation.generator import GenerationSettings, Generator
+from neox_llama.generation.settings import GenerationSettings
 from neox_llama.model.llama import build_model
 
 

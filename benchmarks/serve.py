@@ -34,9 +34,9 @@ from neox_llama.checkpoint.metadata import Layout, Metadata, write_metadata
 from neox_llama.checkpoint.paths import layer_file
 from neox_llama.checkpoint.weights import write_layer_file
 from neox_llama.config import load_config
-from neox_llama.planning.launch import free_port
 from neox_llama.model.args import LlamaArgs
 from neox_llama.model.llama import build_model
+from neox_llama.planning.launch import free_port
 from neox_llama.tokenizers import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,8 +95,8 @@ def measure(url: str, prompts: list[list[int]], clients: int, max_tokens: int) -
 
 def in_process(folder: Path, prompts: list[list[int]], max_tokens: int) -> float:
     """Generated tokens/s of the same requests one after another in this process (no HTTP), for the overhead."""
-    from neox_llama.generation.generator import GenerationSettings
     from neox_llama.generation.language_model import LanguageModel
+    from neox_llama.generation.settings import GenerationSettings
 
     lm = LanguageModel.from_checkpoint(str(folder), device="cpu")
     settings = GenerationSettings(max_new_tokens=max_tokens, stop_ids={-1})

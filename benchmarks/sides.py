@@ -228,8 +228,9 @@ def generate(opts) -> dict:
     """Greedy decoding with our KV cache, or transformers' generate, on the same weights (fp32); new tokens/s."""
     from benchmarks.generate import _Checkpointless
     from benchmarks.model_step import ARGS
+    from benchmarks.reference_generator import Generator
     from neox_llama.convert.hf_names import copy_into_hf, hf_config_dict
-    from neox_llama.generation.generator import GenerationSettings, Generator
+    from neox_llama.generation.settings import GenerationSettings
     from neox_llama.model.llama import build_model
 
     args = ARGS.__class__(**{**ARGS.__dict__, "max_position_embeddings": 1024})

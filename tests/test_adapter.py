@@ -182,8 +182,8 @@ def test_one_batch_serves_lora_adapter_and_adapter_v2_rows_each_as_alone(base, t
     from helpers.lora import adapter_checkpoint as lora_checkpoint
 
     from neox_llama.generation.adapter_bank import AdapterBank
-    from neox_llama.generation.generator import GenerationSettings
     from neox_llama.generation.language_model import LanguageModel
+    from neox_llama.generation.settings import GenerationSettings
     from neox_llama.model.lora import LoraSettings
 
     lora_checkpoint(tmp_path / "lora", base, LoraSettings(3, 7.0, 0.0, ("query", "value")), seed=1)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from neox_llama.generation.generator import GenerationError, GenerationSettings, Generator
+from benchmarks.reference_generator import Generator
 from neox_llama.generation.language_model import LanguageModel
+from neox_llama.generation.settings import GenerationError, GenerationSettings
 
 PROMPTS = ["It was the best", "Document 3: it was the age of wisdom, it was", "the"]
 

@@ -42,3 +42,75 @@ def test_the_walk_sees_imports_inside_functions_and_relative_ones(tmp_path):
     path.parent.mkdir(parents=True)
     path.write_text("def f():\n    from neox_llama.model.freeze import parse_freeze\n    from ..training import x\n")
     assert [name for _, name in imported_modules(path, tmp_path)] == ["neox_llama.model.freeze", "neox_llama.training"]
+
+
+def module_name(path, root=ROOT) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(root=ROOT) -> dict[str, set[str]]:
+    """Module -> the package modules it imports (at module level or inside functions; ``from package import
+    module`` counts as importing that module)."""
+    paths = sorted((root / "neox_llama").rglob("*.py"))
+    modules = {module_name(p, root) for p in paths}
+    graph: dict[str, set[str]] = {}
+    for path in paths:
+        edges = set()
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imports = {(node.lineno, alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                   for alias in node.names}
+        for line, name in imported_modules(path, root):
+            children = {f"{name}.{alias}" for ln, alias in imports if ln == line} & modules
+            edges |= children or ({name} & modules)
+        graph[module_name(path, root)] = edges - {module_name(path, root)}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_cycle_anywhere_in_the_package():
+    found = cycles(import_graph())
+    assert not found, "import cycles (imports inside functions count): " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_the_cycle_walk_finds_a_cycle_through_an_import_inside_a_function(tmp_path):
+    """The old model/ circle in small: factory imports lora inside a function, lora imports factory at the top."""
+    package = tmp_path / "neox_llama" / "model"
+    package.mkdir(parents=True)
+    (tmp_path / "neox_llama" / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "factory.py").write_text("def lora():\n    from neox_llama.model.lora import LoRA\n")
+    (package / "lora.py").write_text("from neox_llama.model import factory\n")
+    (package / "init.py").write_text("from . import lora\n")
+    assert cycles(import_graph(tmp_path)) == [["neox_llama.model.factory", "neox_llama.model.lora"]]

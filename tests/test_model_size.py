@@ -9,8 +9,8 @@ from helpers.presets import OFFICIAL_TOTALS
 from neox_llama.config import ConfigError, load_config
 from neox_llama.config.presets import CONFIG_DIR, PRESETS
 from neox_llama.model.args import LlamaArgs
-from neox_llama.planning.flops import count_parameters, flops_per_token, recompute_flops_per_token
 from neox_llama.model.llama import build_model
+from neox_llama.planning.flops import count_parameters, flops_per_token, recompute_flops_per_token
 from neox_llama.planning.memory import estimate_memory
 from neox_llama.utils.peak import known_peak_tflops
 

@@ -22,8 +22,8 @@ from helpers.evaluation import SETTINGS, TEXT
 from helpers.lora import adapter_checkpoint
 from helpers.runner import ROOT, free_port
 
-from neox_llama.generation.generator import GenerationSettings
 from neox_llama.generation.language_model import LanguageModel
+from neox_llama.generation.settings import GenerationSettings
 from neox_llama.model.adapter import AdapterSettings
 from neox_llama.model.lora import LoraSettings
 from neox_llama.serving.text import TextStream

@@ -13,8 +13,7 @@ from neox_llama.checkpoint.weights import fill_layer, fill_layers
 from neox_llama.config import Config, ConfigError, resolve
 from neox_llama.config.loading import build_config, load_raw
 from neox_llama.model.args import LlamaArgs
-from neox_llama.model.llama import LlamaStack, build_model
-from neox_llama.model.rotary import RotaryEmbedding, inverse_frequencies
+from neox_llama.model.llama import Llama, RotaryEmbedding, build_model
 from neox_llama.tokenizers import Tokenizer, TokenizerError, build_tokenizer
 
 
@@ -100,12 +99,11 @@ def reset_buffers(model: torch.nn.Module) -> None:
     """Recompute the buffers that are not saved (rotary frequencies) after a meta-device build."""
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
-            inv_freq, _ = inverse_frequencies(module.rot_dim, module.base, module.scaling, context=module.context)
-            module.inv_freq = inv_freq.to(module.inv_freq.device)
+            module.reset()
 
 
 def load_model(path: str | Path | Run, device: torch.device | str = "cpu",
-               dtype: torch.dtype | None = None) -> tuple[LlamaStack, Run]:
+               dtype: torch.dtype | None = None) -> tuple[Llama, Run]:
     """The checkpoint's model on one device in eval mode, built on the meta device and filled from its weights
     (a LoRA checkpoint, or a Run with adapters: the base with every adapter merged in, layer by layer; an Adapter
     or Adapter v2 checkpoint: the base with its modules attached and filled).

@@ -17,7 +17,7 @@ from torch import nn
 
 from neox_llama.checkpoint.paths import WEIGHTS, CheckpointError, layer_file
 from neox_llama.model.args import LlamaArgs
-from neox_llama.model.init import full_shape, shard
+from neox_llama.model.factory import full_shape, shard
 from neox_llama.model.llama import build_model
 from neox_llama.utils.files import default_file_mode
 

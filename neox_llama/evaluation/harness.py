@@ -19,8 +19,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from neox_llama.errors import NeoxLlamaError
-from neox_llama.generation.generator import GenerationSettings
 from neox_llama.generation.language_model import LanguageModel
+from neox_llama.generation.settings import GenerationSettings
 
 
 @register_model("neox_llama")

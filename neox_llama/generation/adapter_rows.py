@@ -15,7 +15,7 @@ from torch import nn
 
 from neox_llama.checkpoint.paths import CheckpointError
 from neox_llama.model.adapter import is_norm_tensor
-from neox_llama.model.norms import RMSNorm
+from neox_llama.model.llama import RMSNorm
 
 
 class _Rows(nn.Module):

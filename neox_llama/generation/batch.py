@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from neox_llama.generation.generator import GenerationError, GenerationSettings
 from neox_llama.generation.sampling import next_token
+from neox_llama.generation.settings import GenerationError, GenerationSettings
 
 
 class SlotCache:
@@ -71,7 +71,7 @@ class _Decode:
 
 
 @dataclass(eq=False)
-class Sequence_:
+class DecodedSequence:
     """One sequence in a :class:`DecodingBatch`: its prompt, settings and what it has generated so far."""
 
     prompt: list[int]
@@ -99,7 +99,7 @@ class DecodingBatch:
         self.caches = [SlotCache(slots, a.num_kv_heads, self.capacity, a.head_dim, dtype, lm.device)
                        for _ in range(lm.num_blocks)]
         self.free_slots = list(range(slots - 1, -1, -1))
-        self.running: list[Sequence_] = []
+        self.running: list[DecodedSequence] = []
 
     def check(self, prompt: Sequence[int]) -> None:
         """Raise GenerationError when ``prompt`` cannot be generated from (empty, or no room left in the context)."""
@@ -112,14 +112,14 @@ class DecodingBatch:
 
     @torch.no_grad()
     def add(self, prompt: Sequence[int], settings: GenerationSettings, stop_ids: set[int] | None = None,
-            adapter: int = 0) -> Sequence_:
+            adapter: int = 0) -> DecodedSequence:
         """Prefill ``prompt`` into a free slot; it takes its first step with the others at the next :meth:`step`."""
         self.check(prompt)
         if not self.free_slots:
             raise GenerationError("every decoding slot is busy")
         budget = min(settings.max_new_tokens, min(self.lm.max_length, self.capacity) - len(prompt))
         stops = settings.stop_ids or (stop_ids if stop_ids is not None else self.lm.default_stops())
-        seq = Sequence_(list(prompt), settings, stops, budget, adapter,
+        seq = DecodedSequence(list(prompt), settings, stops, budget, adapter,
                         generator=torch.Generator().manual_seed(settings.seed))
         seq.slot = self.free_slots.pop()
         try:
@@ -133,17 +133,17 @@ class DecodingBatch:
         self.running.append(seq)
         return seq
 
-    def cancel(self, seq: Sequence_) -> None:
+    def cancel(self, seq: DecodedSequence) -> None:
         """Stop ``seq`` now and free its slot (a client that went away)."""
         if seq in self.running:
             self._finish(seq, "cancelled")
 
-    def _finish(self, seq: Sequence_, reason: str) -> None:
+    def _finish(self, seq: DecodedSequence, reason: str) -> None:
         seq.finish_reason, seq.logits = reason, None
         self.running.remove(seq)
         self.free_slots.append(seq.slot)
 
-    def _sample(self, seq: Sequence_) -> int | None:
+    def _sample(self, seq: DecodedSequence) -> int | None:
         """Take ``seq``'s next token (None: it stopped on a stop id); finishes it when it is done."""
         s = seq.settings
         token = next_token(seq.logits.cpu(), s.temperature, s.top_k, s.top_p, seq.generator)
@@ -160,7 +160,7 @@ class DecodingBatch:
         return token
 
     @torch.no_grad()
-    def step(self) -> list[tuple[Sequence_, int | None]]:
+    def step(self) -> list[tuple[DecodedSequence, int | None]]:
         """One token for every running sequence: ``(sequence, new token or None)`` for each; a sequence whose
         ``finish_reason`` is set has left the batch (a stop id is not part of the output; a stop string is)."""
         events = [(seq, self._sample(seq)) for seq in list(self.running)]

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from neox_llama.checkpoint.run import Run, load_model, load_run
-from neox_llama.generation.generator import GenerationSettings
-from neox_llama.model.layers import TransformerBlock
-from neox_llama.model.llama import LlamaStack
+from neox_llama.generation.settings import GenerationSettings
+from neox_llama.model.llama import Llama
 
 
 def _default_stops(tokenizer) -> set[int]:
@@ -56,11 +55,9 @@ def sliding_windows(ids: Sequence[int], seq_length: int, stride: int) -> list[Wi
 class LanguageModel:
     """A checkpoint's model and tokenizer, ready to score token sequences."""
 
-    def __init__(self, model: LlamaStack, run: Run, device: str = "cpu"):
+    def __init__(self, model: Llama, run: Run, device: str = "cpu"):
         self.model, self.run, self.device = model.eval().to(device), run, device
         self.tokenizer = run.tokenizer
-        self._layers = list(self.model.children())
-        self._blocks = [m for m in self._layers if isinstance(m, TransformerBlock)]
         self.bank = None
         """An :class:`~neox_llama.generation.adapter_bank.AdapterBank`: LoRA adapters applied per row."""
 
@@ -97,7 +94,7 @@ class LanguageModel:
     # ------------------------------------------------------------------ generation
     @property
     def num_blocks(self) -> int:
-        return len(self._blocks)
+        return len(self.model.blocks())
 
     def default_stops(self) -> set[int]:
         """The ids that end generation when a request names none: end of sequence (and Llama-3's end of turn)."""
@@ -105,15 +102,12 @@ class LanguageModel:
 
     def last_logits(self, ids: torch.Tensor, positions: torch.Tensor, views: list,
                     adapters: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of the last position of each row, the blocks reading and writing ``views`` (one per block);
-        ``adapters``: each row's index in :attr:`bank` (0 = the base model)."""
+        """Logits of the last position of each row, the blocks reading and writing ``views`` (one KV cache per
+        block); ``adapters``: each row's index in :attr:`bank` (0 = the base model)."""
         if self.bank is not None:
             self.bank.select(adapters)
         try:
-            hidden, positions = self._layers[0]((ids, positions))
-            for block, view in zip(self._blocks, views, strict=True):
-                hidden, positions = block((hidden, positions), view)
-            return self._layers[-1](self._layers[-2]((hidden[:, -1:], positions)))[:, -1, : self.run.true_vocab]
+            return self.model(ids, positions, views, last_only=True)[:, -1, : self.run.true_vocab]
         finally:
             if self.bank is not None:
                 self.bank.select(None)

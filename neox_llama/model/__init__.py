@@ -1,4 +1,6 @@
-"""A single-device Llama that reads like the paper; parallel wrappers (neox_llama.parallel) decorate it.
+"""A single-device Llama that reads like the paper, in one file (:mod:`neox_llama.model.llama`); parallel layers
+(neox_llama.parallel) and adapters (``lora``, ``adapter``, ``peft``, ``freeze`` here) decorate it from outside.
 
-No DeepSpeed here: the model is an ordered list of plain layers (see :mod:`neox_llama.model.specs`).
+No DeepSpeed here. Beside the model: its arguments (``args``), where its layers come from and how a parameter records
+its shard (``factory``), layout-free initialisation (``init``) and the loss (``loss``, ``cross_entropy``).
 """

@@ -23,12 +23,14 @@ heads, a column layer's scale and bias are split by output rows and a row layer'
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from neox_llama.model.factory import full_shape, shard
+from neox_llama.model.init import is_norm_tensor, seeded_generator
 
 METHODS = ("adapter", "adapter_v2")
 """The ``peft_method`` values this module implements (``lora`` is neox_llama/model/lora.py)."""
@@ -101,20 +103,9 @@ def _scale_and_shift(module: nn.Module, inputs: tuple, output: torch.Tensor) -> 
     return module.adapter(output)
 
 
-def _generator(seed: int, layer_index: int) -> torch.Generator:
-    digest = hashlib.sha256(f"adapter/{seed}/{layer_index}/prompt".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-
-
 BLOCK_LINEARS = ("attention.query", "attention.key", "attention.value", "attention.dense", "mlp.gate", "mlp.up",
                  "mlp.down")
 """The linear layers of a block that Adapter v2 scales and shifts (those the block has)."""
-
-
-def is_norm_tensor(name: str) -> bool:
-    """A norm's weight or bias (``input_norm.weight``, ``norm.bias`` ...), trainable under Adapter v2."""
-    parts = name.split(".")
-    return len(parts) >= 2 and parts[-2].endswith("norm")
 
 
 def is_adapter_tensor(name: str, settings: AdapterSettings) -> bool:
@@ -130,8 +121,6 @@ def apply_adapter(layers: dict[int, nn.Module], settings: AdapterSettings, facto
     ``args`` (LlamaArgs) gives the shapes and the prompt's initial scale (``init_method_std``); the prompt is drawn
     per (seed, layer), whatever the layout.
     """
-    from neox_llama.model.init import full_shape, shard
-
     for layer in layers.values():
         for param in layer.parameters():
             param.requires_grad_(False)
@@ -144,7 +133,7 @@ def apply_adapter(layers: dict[int, nn.Module], settings: AdapterSettings, facto
             attention = modules["attention"]
             device, dtype = attention.query.weight.device, attention.query.weight.dtype
             prompt = factory.parameter((settings.prompt_length, args.hidden_size), None, device, dtype)
-            full = torch.empty(prompt.shape).normal_(0.0, args.init_method_std, generator=_generator(seed, index))
+            full = torch.empty(prompt.shape).normal_(0.0, args.init_method_std, generator=seeded_generator("adapter", seed, index, "prompt"))
             prompt.copy_(full.to(dtype))
             per_head = settings.gate == "per_head"
             gate = factory.parameter((args.num_attention_heads,) if per_head else (1,), 0 if per_head else None,

@@ -14,45 +14,34 @@ import torch
 from torch import nn
 
 from neox_llama.model.args import LlamaArgs
-from neox_llama.model.norms import LayerNorm, RMSNorm
-from neox_llama.model.specs import is_output_projection
+from neox_llama.model.factory import full_shape, shard
 
 
-def _generator(seed: int, layer_index: int, name: str) -> torch.Generator:
-    digest = hashlib.sha256(f"{seed}/{layer_index}/{name}".encode()).digest()
+def seeded_generator(*parts: object) -> torch.Generator:
+    """A CPU generator seeded by ``parts`` joined with ``/`` (e.g. seed, global layer index, parameter name): the
+    same draw whatever the layout; LoRA and Adapter prefix their own names."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def full_shape(param: nn.Parameter) -> tuple[int, ...]:
-    """The unsharded shape of ``param`` (a ZeRO-3 partitioned parameter: the shape it has when gathered)."""
-    shape = list(getattr(param, "ds_shape", param.shape))
-    dim = getattr(param, "partition_dim", None)
-    if dim is not None:
-        shape[dim] *= getattr(param, "tp_size", 1)
-    return tuple(shape)
+def is_output_projection(name: str) -> bool:
+    """Matrices whose initialisation is scaled down by depth (they add into the residual stream)."""
+    return name.endswith(("attention.dense.weight", "mlp.down.weight"))
 
 
-def held_numel(param: nn.Parameter) -> int:
-    """Elements of ``param`` on this rank before ZeRO-3 partitioning (its tensor-parallel shard)."""
-    return getattr(param, "ds_numel", param.numel())
-
-
-def shard(full: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
-    """This rank's piece of ``full`` for ``param``."""
-    dim = getattr(param, "partition_dim", None)
-    if dim is None:
-        return full
-    return full.chunk(param.tp_size, dim=dim)[param.tp_rank]
+def is_norm_tensor(name: str) -> bool:
+    """A norm's weight or bias (``input_norm.weight``, ``norm.bias`` ...): every norm's name ends in ``norm``."""
+    parts = name.split(".")
+    return len(parts) >= 2 and parts[-2].endswith("norm")
 
 
 @torch.no_grad()
 def init_weights(layer: nn.Module, layer_index: int, args: LlamaArgs) -> None:
     """Initialise one layer: normal(0, std) matrices (output projections std / sqrt(2 x layers)),
     zero biases, unit norm weights."""
-    norm_params = {id(p) for m in layer.modules() if isinstance(m, (RMSNorm, LayerNorm)) for p in m.parameters()}
     for name, param in layer.named_parameters():
         shape = full_shape(param)
-        if id(param) in norm_params:
+        if is_norm_tensor(name):
             full = torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
         elif name.endswith("bias"):
             full = torch.zeros(shape)
@@ -60,5 +49,5 @@ def init_weights(layer: nn.Module, layer_index: int, args: LlamaArgs) -> None:
             std = args.init_method_std
             if is_output_projection(name):
                 std /= math.sqrt(2.0 * args.num_layers)
-            full = torch.empty(shape).normal_(0.0, std, generator=_generator(args.seed, layer_index, name))
+            full = torch.empty(shape).normal_(0.0, std, generator=seeded_generator(args.seed, layer_index, name))
         param.copy_(shard(full, param).to(param.dtype))

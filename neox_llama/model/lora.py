@@ -5,14 +5,14 @@ same) and ``B`` [out, r] from zeros, so step 0 is the base model exactly. An ada
 linear layer it adapts, added to its output by a forward hook, so the base's parameter names (and checkpoint
 files) do not change: ``3.attention.query.weight`` stays, ``3.attention.query.lora.a`` / ``.lora.b`` join it.
 
-The layer factory makes the adapter that fits each linear layer: on one device a plain one; tensor-parallel
-(``neox_llama.parallel.tensor_parallel``) a column layer's ``B`` is split by output rows like ``W`` and a row
-layer's ``A`` by input columns, with the same collective between ``A`` and ``B`` that the layer itself needs.
+An adapter follows its layer's shard record (neox_llama/model/factory.py): on one device both matrices are
+whole; tensor-parallel, a column layer's ``B`` is split by output rows like ``W`` and a row layer's ``A`` by input
+columns, with the same collective between ``A`` and ``B`` that the layer itself needs (asked of the layer factory,
+which knows parallel layers, not LoRA).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neox_llama.model.factory import mark_partition
+from neox_llama.model.factory import LayerFactory, full_shape, shard
+from neox_llama.model.init import seeded_generator
 
 TARGETS: dict[str, tuple[str, ...]] = {
     "query": ("attention.query",), "key": ("attention.key",), "value": ("attention.value",),
@@ -57,23 +58,27 @@ class LoraSettings:
 
 
 class LoRA(nn.Module):
-    """The update ``scaling x B (A (dropout(x)))`` of one linear layer (a single-device one here)."""
+    """The update ``scaling x B (A (dropout(x)))`` of one linear layer, sharded as the layer is (``factory``: the
+    factory that made it). A column layer (weight split by output rows): ``B`` split the same way, the gradient of
+    ``A x`` summed over the group; a row layer (split by input columns): ``A`` split so, ``A x`` summed."""
 
-    def __init__(self, a_shape: tuple[int, int], b_shape: tuple[int, int], settings: LoraSettings):
+    def __init__(self, linear: nn.Module, settings: LoraSettings, factory: LayerFactory):
         super().__init__()
-        self.a = nn.Parameter(torch.zeros(a_shape))
-        self.b = nn.Parameter(torch.zeros(b_shape))
-        mark_partition(self.a, None, 1, 0)
-        mark_partition(self.b, None, 1, 0)
+        split = getattr(linear.weight, "partition_dim", None)
+        out_features, in_features = full_shape(linear.weight)
+        self.a = factory.parameter((settings.r, in_features), 1 if split == 1 else None)
+        self.b = factory.parameter((out_features, settings.r), 0 if split == 0 else None)
+        self.split = split
+        self.factory = factory
         self.scaling = settings.scaling
         self.dropout = nn.Dropout(settings.dropout)
 
-    def between(self, hidden: torch.Tensor) -> torch.Tensor:
-        """What runs between A and B (tensor parallel: the layer's collective)."""
-        return hidden
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.between(F.linear(self.dropout(x), self.a))
+        hidden = F.linear(self.dropout(x), self.a)
+        if self.split == 0:
+            hidden = self.factory.summed_over_group(hidden)
+        elif self.split == 1:
+            hidden = self.factory.reduced_over_group(hidden)
         return F.linear(hidden, self.b) * self.scaling
 
 
@@ -81,19 +86,12 @@ def _add_update(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch
     return output + module.lora(inputs[0])
 
 
-def _generator(seed: int, layer_index: int, name: str) -> torch.Generator:
-    digest = hashlib.sha256(f"lora/{seed}/{layer_index}/{name}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-
-
 @torch.no_grad()
 def _init(adapter: LoRA, layer_index: int, path: str, seed: int) -> None:
     """A as PEFT draws it (kaiming_uniform with a = sqrt(5): bound 1 / sqrt(in)), layout-free; B zero."""
-    from neox_llama.model.init import full_shape, shard
-
     shape = full_shape(adapter.a)
     bound = 1.0 / math.sqrt(shape[1])
-    full = torch.empty(shape).uniform_(-bound, bound, generator=_generator(seed, layer_index, path))
+    full = torch.empty(shape).uniform_(-bound, bound, generator=seeded_generator("lora", seed, layer_index, path))
     adapter.a.copy_(shard(full, adapter.a).to(adapter.a.dtype))
     adapter.b.zero_()
 
@@ -102,9 +100,9 @@ def target_paths(settings: LoraSettings) -> list[str]:
     return [path for target in settings.targets for path in TARGETS[target]]
 
 
-def apply_lora(layers: dict[int, nn.Module], settings: LoraSettings, factory, seed: int) -> int:
+def apply_lora(layers: dict[int, nn.Module], settings: LoraSettings, factory: LayerFactory, seed: int) -> int:
     """Freeze every parameter of ``layers`` (global index -> module) and attach adapters to the targeted linear
-    layers; returns how many adapters were attached. ``factory`` (a LayerFactory) makes each adapter."""
+    layers; returns how many adapters were attached. ``factory``: the one that made the layers."""
     paths = target_paths(settings)
     for layer in layers.values():
         for param in layer.parameters():
@@ -117,7 +115,7 @@ def apply_lora(layers: dict[int, nn.Module], settings: LoraSettings, factory, se
             if linear is None or hasattr(linear, "lora"):
                 continue  # e.g. mlp.gate of a gelu MLP; or a tied layer seen twice
             device, dtype = linear.weight.device, linear.weight.dtype
-            adapter = factory.lora(linear, settings).to(device=device, dtype=dtype)
+            adapter = LoRA(linear, settings, factory).to(device=device, dtype=dtype)
             _init(adapter, index, path, seed)
             linear.add_module("lora", adapter)
             linear.register_forward_hook(_add_update)

@@ -1,24 +1,30 @@
 """Where the layer list meets DeepSpeed: a PipelineModule when pipe_parallel_size > 1, else a plain module.
 
-Both are built from the same :func:`neox_llama.model.specs.layer_specs` list and initialised the same
-way (per global layer index), so the same seed gives the same weights at any layout.
+Both hold the same layer classes of neox_llama/model/llama.py in the same order (0 embedding, 1..N blocks, N+1 final
+norm, N+2 head) and are initialised the same way (per global layer index), so the same seed gives the same weights
+at any layout.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from neox_llama.model.args import LlamaArgs
 from neox_llama.model.factory import SINGLE_DEVICE, LayerFactory
 from neox_llama.model.init import init_weights
-from neox_llama.model.layers import tied_head_forward
-from neox_llama.model.llama import build_model
+from neox_llama.model.llama import EmbeddingLayer, FinalNorm, HeadLayer, TransformerBlock, build_model
 from neox_llama.model.loss import CausalLMLoss
-from neox_llama.model.specs import layer_specs
 from neox_llama.parallel.tensor_parallel import TensorParallelFactory
 from neox_llama.parallel.topology import ParallelState
 
 TIED_WEIGHT = "word_embeddings.weight"
+TIE_KEY = "embed"
+
+
+def tied_head_forward(embedding: EmbeddingLayer, hidden: torch.Tensor) -> torch.Tensor:
+    """Forward of the tied head copy in a pipeline (DeepSpeed TiedLayerSpec.forward_fn)."""
+    return embedding.as_head(hidden)
 
 
 def layer_factory(state: ParallelState) -> LayerFactory:
@@ -33,14 +39,15 @@ def build_pipeline_module(args: LlamaArgs, state: ParallelState, *, partition_me
     from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
 
     factory = layer_factory(state)
-    ds_specs = []
-    for spec in layer_specs(args, factory):
-        if spec.tie_key:
-            forward_fn = tied_head_forward if spec.forward_name == "as_head" else None
-            ds_specs.append(TiedLayerSpec(spec.tie_key, spec.cls, forward_fn=forward_fn, tied_weight_attr=[TIED_WEIGHT],
-                                          **spec.kwargs))
-        else:
-            ds_specs.append(LayerSpec(spec.cls, **spec.kwargs))
+    common = {"args": args, "factory": factory}
+    if args.tie_embeddings:
+        tied = {"tied_weight_attr": [TIED_WEIGHT], **common}
+        embedding = TiedLayerSpec(TIE_KEY, EmbeddingLayer, **tied)
+        head = TiedLayerSpec(TIE_KEY, EmbeddingLayer, forward_fn=tied_head_forward, **tied)
+    else:
+        embedding, head = LayerSpec(EmbeddingLayer, **common), LayerSpec(HeadLayer, **common)
+    ds_specs = [embedding, *(LayerSpec(TransformerBlock, **common) for _ in range(args.num_layers)),
+                LayerSpec(FinalNorm, **common), head]
     # Non-reentrant recomputation: a block whose input needs no gradient (a frozen embedding before it) still
     # gives its trainable parameters theirs (the reentrant kind fails there, DeepSpeed #3339). A frozen tied
     # embedding has no gradient to reduce: DeepSpeed 0.19.8's engine skips it (_exec_reduce_tied_grads; its

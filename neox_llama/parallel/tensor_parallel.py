@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from neox_llama.model.factory import LayerFactory, mark_partition
-from neox_llama.model.lora import LoRA, LoraSettings
 from neox_llama.parallel.cross_entropy import vocab_parallel_cross_entropy
 
 
@@ -113,35 +112,6 @@ class VocabParallelEmbedding(nn.Module):
         return _ReduceFromGroup.apply(out, self.group)
 
 
-class ColumnLoRA(LoRA):
-    """LoRA of a column-parallel layer: A whole on every rank, B split by output rows like W; the gradient of
-    A's output is summed over the group (each rank's B sees only its rows)."""
-
-    def __init__(self, linear: ColumnParallelLinear, settings: LoraSettings):
-        size, rank = dist.get_world_size(linear.group), dist.get_rank(linear.group)
-        super().__init__((settings.r, linear.weight.shape[1]), (linear.weight.shape[0], settings.r), settings)
-        self.group = linear.group
-        _sharded(self.a, None, size, rank)
-        _sharded(self.b, 0, size, rank)
-
-    def between(self, hidden: torch.Tensor) -> torch.Tensor:
-        return _CopyToGroup.apply(hidden, self.group)
-
-
-class RowLoRA(LoRA):
-    """LoRA of a row-parallel layer: A split by input columns like W, partial A x summed over the group, B whole."""
-
-    def __init__(self, linear: RowParallelLinear, settings: LoraSettings):
-        size, rank = dist.get_world_size(linear.group), dist.get_rank(linear.group)
-        super().__init__((settings.r, linear.weight.shape[1]), (linear.weight.shape[0], settings.r), settings)
-        self.group = linear.group
-        _sharded(self.a, 1, size, rank)
-        _sharded(self.b, None, size, rank)
-
-    def between(self, hidden: torch.Tensor) -> torch.Tensor:
-        return _ReduceFromGroup.apply(hidden, self.group)
-
-
 class TensorParallelFactory(LayerFactory):
     """Layers sharded over ``group``; the output head yields this rank's vocabulary slice of the logits."""
 
@@ -158,13 +128,6 @@ class TensorParallelFactory(LayerFactory):
     def vocab_embedding(self, num_embeddings: int, dim: int) -> nn.Module:
         return VocabParallelEmbedding(num_embeddings, dim, self.group)
 
-    def lora(self, linear: nn.Module, settings: LoraSettings) -> nn.Module:
-        if isinstance(linear, ColumnParallelLinear):
-            return ColumnLoRA(linear, settings)
-        if isinstance(linear, RowParallelLinear):
-            return RowLoRA(linear, settings)
-        return super().lora(linear, settings)
-
     def parameter(self, shape: tuple[int, ...], dim: int | None, device=None, dtype=None) -> nn.Parameter:
         local = list(shape)
         if dim is not None:
@@ -176,6 +139,9 @@ class TensorParallelFactory(LayerFactory):
 
     def summed_over_group(self, tensor: torch.Tensor) -> torch.Tensor:
         return _CopyToGroup.apply(tensor, self.group)
+
+    def reduced_over_group(self, tensor: torch.Tensor) -> torch.Tensor:
+        return _ReduceFromGroup.apply(tensor, self.group)
 
     def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
         return _CopyToGroup.apply(hidden, self.group)

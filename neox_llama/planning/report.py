@@ -9,8 +9,8 @@ import yaml
 
 from neox_llama.config import Config, deepspeed_config, zero_text
 from neox_llama.config.typecheck import user_fields
-from neox_llama.planning.launch import LaunchCommand, LaunchPlan
 from neox_llama.planning.flops import count_parameters, count_trainable, flops_per_token
+from neox_llama.planning.launch import LaunchCommand, LaunchPlan
 from neox_llama.planning.memory import estimate_memory
 
 

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from neox_llama.errors import NeoxLlamaError
-from neox_llama.generation.generator import GenerationError, GenerationSettings
+from neox_llama.generation.settings import GenerationError, GenerationSettings
 from neox_llama.serving.engine import Engine, Event, Job
 from neox_llama.serving.protocol import MAX_CHOICES, ApiError, ChatRequest, CompletionRequest
 from neox_llama.serving.text import TextStream

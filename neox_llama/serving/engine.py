@@ -15,8 +15,8 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
-from neox_llama.generation.batch import DecodingBatch, Sequence_
-from neox_llama.generation.generator import GenerationError, GenerationSettings
+from neox_llama.generation.batch import DecodedSequence, DecodingBatch
+from neox_llama.generation.settings import GenerationError, GenerationSettings
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     cancelled: bool = False
-    sequence: Sequence_ | None = field(default=None, repr=False)
+    sequence: DecodedSequence | None = field(default=None, repr=False)
 
     def emit(self, event: Event) -> None:
         try:
@@ -59,7 +59,7 @@ class Engine:
         self.lm, self.slots = lm, slots
         self.batch = DecodingBatch(lm, slots, capacity=context)
         self._waiting: deque[Job] = deque()
-        self._jobs: dict[Sequence_, Job] = {}
+        self._jobs: dict[DecodedSequence, Job] = {}
         self._wake = threading.Condition()
         self._stopping = False
         self.stats = {"finished": 0, "cancelled": 0, "peak_running": 0}
