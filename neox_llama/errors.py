@@ -1,7 +1,7 @@
 """The one base class of every error a user can cause (bad config, data, checkpoint, command line).
 
-Entry points catch :class:`NeoxLlamaError` and print its message as one line (no traceback) and exit
-with ``exit_code``; any other exception is a bug and is shown with its traceback.
+Entry points (the one runner, :mod:`neox_llama.cli.runner`) catch :class:`NeoxLlamaError`, print its message as
+one line (no traceback) and exit with ``exit_code``; any other exception is a bug and is shown with its traceback.
 """
 
 from __future__ import annotations

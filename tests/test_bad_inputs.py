@@ -151,8 +151,7 @@ def case_preprocess_bad_tokenizer_file(world, tmp_path):
 
 
 def case_train_tokenizer_missing_input(world, tmp_path):
-    # a real process: tools/train_tokenizer.py has no neox_llama.cli module to run in-process
-    return _process("train_tokenizer.py", "--input", tmp_path / "no.txt", "--output-prefix", tmp_path / "t"), \
+    return _tool("train_tokenizer.py", "--input", tmp_path / "no.txt", "--output-prefix", tmp_path / "t"), \
         "input not found", []
 
 

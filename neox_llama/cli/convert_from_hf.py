@@ -10,14 +10,14 @@ Then: python deepy.py train.py checkpoints/llama32-1b/model.yml configs/local.ym
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from neox_llama.cli.runner import command
 from neox_llama.convert.hf_import import import_from_hf
-from neox_llama.errors import NeoxLlamaError
 from neox_llama.utils.logging_setup import setup_logging
 
 
+@command("convert_from_hf.py")
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hf", required=True, help="Hugging Face model directory (config.json + weights)")
@@ -27,19 +27,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     args = parser.parse_args(argv)
     setup_logging("info")
-    try:
-        folder = import_from_hf(args.hf, args.output, args.pipe_parallel_size, args.model_parallel_size, args.force)
-    except NeoxLlamaError as err:
-        print(f"convert_from_hf.py: error: {err}", file=sys.stderr)
-        return 2
+    folder = import_from_hf(args.hf, args.output, args.pipe_parallel_size, args.model_parallel_size, args.force)
     print(f"wrote {folder} (fine-tune with: python deepy.py train.py {Path(args.output) / 'model.yml'} configs/local.yml)")
     return 0
 
 
-def console_main() -> int:
-    """The ``neox-*`` console script."""
-    return main(sys.argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+console_main = main  # neox-convert-from-hf

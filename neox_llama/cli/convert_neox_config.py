@@ -11,9 +11,9 @@ nothing written) unless --drop-unsupported. OURS.yml says on every line where it
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
+from neox_llama.cli.runner import command
 from neox_llama.errors import NeoxLlamaError
 
 
@@ -21,6 +21,7 @@ def _section(title: str, lines: list[str]) -> str:
     return f"{title} ({len(lines)}):\n" + "".join(f"  {line}\n" for line in lines)
 
 
+@command("convert_neox_config.py")
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("configs", nargs="+", help="GPT-NeoX YAML files, merged left to right as GPT-NeoX does")
@@ -36,14 +37,9 @@ def main(argv: list[str]) -> int:
 
     files = [Path(p) for p in args.configs]
     output = Path(args.output)
-    try:
-        if output.exists() and not args.force:
-            raise NeoxLlamaError(f"{output}: exists; choose another --output or pass --force")
-        result = translate(files, args.vocab_size)
-    except NeoxLlamaError as err:
-        for line in str(err).splitlines():
-            print(f"convert_neox_config.py: error: {line}", file=sys.stderr)
-        return 2
+    if output.exists() and not args.force:
+        raise NeoxLlamaError(f"{output}: exists; choose another --output or pass --force")
+    result = translate(files, args.vocab_size)
     report = _section("translated", result.translated) + _section(
         "dropped: neox_llama chooses these itself", result.automatic) + _section("no equivalent", result.unsupported)
     name, diffs = preset_check(result.settings)
@@ -53,15 +49,12 @@ def main(argv: list[str]) -> int:
     report += "".join(f"note: {n}\n" for n in result.notes)
     print(report, end="")
     if result.unsupported and not args.drop_unsupported:
-        print(f"convert_neox_config.py: error: {len(result.unsupported)} key(s) have no equivalent (listed above); "
-              f"pass --drop-unsupported to translate without them; nothing was written", file=sys.stderr)
-        return 2
+        raise NeoxLlamaError(f"{len(result.unsupported)} key(s) have no equivalent (listed above); "
+                             "pass --drop-unsupported to translate without them; nothing was written")
     text = render_yaml(result, files)
     problems = _read_back(text)  # our own loader must accept it, before anything is written
     if problems:
-        for line in problems:
-            print(f"convert_neox_config.py: error: the translation does not validate: {line}", file=sys.stderr)
-        return 2
+        raise NeoxLlamaError("\n".join(f"the translation does not validate: {line}" for line in problems))
     atomic_write_text(output, text)
     print(f"wrote {output}" + (f" (dropped {len(result.unsupported)} key(s) without an equivalent)"
                                if result.unsupported else ""))
@@ -82,10 +75,4 @@ def _read_back(text: str) -> list[str]:
     return [p.replace(str(path), "translated config") for p in problems]
 
 
-def console_main() -> int:
-    """The ``neox-convert-neox-config`` console script."""
-    return main(sys.argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+console_main = main  # neox-convert-neox-config

@@ -13,14 +13,14 @@ adapter_model.safetensors) for the base exported without it.
 from __future__ import annotations
 
 import argparse
-import sys
 
+from neox_llama.cli.runner import command
 from neox_llama.convert.hf_export import DEFAULT_SHARD_SIZE, export_to_hf
 from neox_llama.convert.peft_export import export_peft
-from neox_llama.errors import NeoxLlamaError
 from neox_llama.utils.logging_setup import setup_logging
 
 
+@command("convert_to_hf.py")
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="save directory or global_stepN folder")
@@ -37,23 +37,12 @@ def main(argv: list[str]) -> int:
     args.dtype_set = args.dtype is not None
     args.dtype = args.dtype or "bf16"
     setup_logging("info")
-    try:
-        if args.peft:
-            out = export_peft(args.checkpoint, args.output, args.dtype if args.dtype_set else "fp32", args.force,
-                              args.base)
-        else:
-            out = export_to_hf(args.checkpoint, args.output, args.dtype, args.force, args.base, args.max_shard_size)
-    except NeoxLlamaError as err:
-        print(f"convert_to_hf.py: error: {err}", file=sys.stderr)
-        return 2
+    if args.peft:
+        out = export_peft(args.checkpoint, args.output, args.dtype if args.dtype_set else "fp32", args.force, args.base)
+    else:
+        out = export_to_hf(args.checkpoint, args.output, args.dtype, args.force, args.base, args.max_shard_size)
     print(f"wrote {out}")
     return 0
 
 
-def console_main() -> int:
-    """The ``neox-*`` console script."""
-    return main(sys.argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+console_main = main  # neox-convert-to-hf

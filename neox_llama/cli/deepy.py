@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from neox_llama.cli import runner
+
 if TYPE_CHECKING:
     from neox_llama.planning.launch import LaunchCommand
 
@@ -100,6 +102,7 @@ def tokenizer_vocab_size(cfg, problems: list[str]) -> int | None:
         return None
 
 
+@runner.command("deepy.py")
 def main(argv: list[str]) -> int:
     """Check the config, write it to ``{log_dir}/config.yml`` and replace this process with the launch."""
     prepared = prepare_launch(argv)
@@ -169,7 +172,7 @@ def prepare_launch(argv: list[str]) -> PreparedLaunch | int:
         except ConfigError as err:
             problems.extend(err.problems)
     if not problems:
-        from neox_llama import preflight
+        from neox_llama.planning import preflight
 
         vocab = cfg.vocab_size or tokenizer_vocab
         checks = preflight.check_datasets(cfg, vocab) + preflight.check_resume_target(cfg) + preflight.check_offload(cfg)
@@ -209,12 +212,9 @@ def prepare_launch(argv: list[str]) -> PreparedLaunch | int:
     return PreparedLaunch(command, plan.world_size, config_file)
 
 
-def train_main() -> int:
+@runner.command("deepy.py")
+def train_main(argv: list[str]) -> int:
     """``neox-train CONFIG.yml ... [key=value ...] [--dry-run] [--force]``: the same as ``python deepy.py train.py ...``."""
     from neox_llama.cli import train
 
-    return main([train.__file__, *sys.argv[1:]])
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    return main([train.__file__, *argv])

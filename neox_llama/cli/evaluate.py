@@ -17,8 +17,8 @@ first is scored with context). A checkpoint trained at any pipeline/tensor layou
 from __future__ import annotations
 
 import argparse
-import sys
 
+from neox_llama.cli.runner import command
 from neox_llama.errors import NeoxLlamaError
 from neox_llama.utils.files import atomic_write_text
 from neox_llama.utils.logging_setup import setup_logging
@@ -56,38 +56,35 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+@command("evaluate.py")
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     setup_logging("warning")
     from neox_llama.evaluation import perplexity as ppl
     from neox_llama.generation.language_model import LanguageModel
 
-    try:
-        lm = LanguageModel.from_checkpoint(args.checkpoint, adapters=args.adapter, base=args.base, device=args.device)
-        if lm.tokenizer is None:
-            raise NeoxLlamaError("the checkpoint has no tokenizer to turn text into ids (and bytes)")
-        if args.tasks:
-            return _tasks(lm, args)
-        seq_length = args.seq_length or lm.run.cfg.seq_length
-        stride = args.stride or max(1, seq_length // 2)
-        if stride > seq_length:
-            raise NeoxLlamaError(f"--stride {stride} is longer than the window {seq_length}; tokens between windows "
-                                 "would not be scored")
-        total = None
-        if args.text:
-            documents = ppl.text_documents(lm, ppl.read_text(args.text))
-        elif args.jsonl:
-            documents = ppl.text_documents(lm, ppl.read_jsonl(args.jsonl, args.jsonl_keys))
-        else:
-            sources = [(args.data_path, 0, None)] if args.data_path else ppl.test_split_sources(lm)
-            documents = (doc for prefix, first, last in sources for doc in ppl.dataset_documents(lm, prefix, first, last))
-        result = ppl.evaluate_documents(lm, documents, seq_length, stride, args.batch_size,
-                                        progress=not args.no_progress, total=total)
-        if args.output:
-            atomic_write_text(args.output, result.to_json() + "\n")
-    except NeoxLlamaError as err:
-        print(f"evaluate.py: error: {err}", file=sys.stderr)
-        return 2
+    lm = LanguageModel.from_checkpoint(args.checkpoint, adapters=args.adapter, base=args.base, device=args.device)
+    if lm.tokenizer is None:
+        raise NeoxLlamaError("the checkpoint has no tokenizer to turn text into ids (and bytes)")
+    if args.tasks:
+        return _tasks(lm, args)
+    seq_length = args.seq_length or lm.run.cfg.seq_length
+    stride = args.stride or max(1, seq_length // 2)
+    if stride > seq_length:
+        raise NeoxLlamaError(f"--stride {stride} is longer than the window {seq_length}; tokens between windows "
+                             "would not be scored")
+    total = None
+    if args.text:
+        documents = ppl.text_documents(lm, ppl.read_text(args.text))
+    elif args.jsonl:
+        documents = ppl.text_documents(lm, ppl.read_jsonl(args.jsonl, args.jsonl_keys))
+    else:
+        sources = [(args.data_path, 0, None)] if args.data_path else ppl.test_split_sources(lm)
+        documents = (doc for prefix, first, last in sources for doc in ppl.dataset_documents(lm, prefix, first, last))
+    result = ppl.evaluate_documents(lm, documents, seq_length, stride, args.batch_size,
+                                    progress=not args.no_progress, total=total)
+    if args.output:
+        atomic_write_text(args.output, result.to_json() + "\n")
     print(result.summary())
     return 0
 
@@ -113,10 +110,4 @@ def _tasks(lm, args: argparse.Namespace) -> int:
     return 0
 
 
-def console_main() -> int:
-    """The ``neox-*`` console script."""
-    return main(sys.argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+console_main = main  # neox-evaluate

@@ -17,9 +17,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from neox_llama.cli.runner import command
 from neox_llama.errors import NeoxLlamaError
-from neox_llama.generation.generator import GenerationSettings
 from neox_llama.generation.language_model import LanguageModel
+from neox_llama.generation.settings import GenerationSettings
 from neox_llama.tokenizers.prompts import STYLES, Message, check_style, default_chat_style, encode_dialog, stop_ids
 from neox_llama.utils.logging_setup import setup_logging
 
@@ -74,40 +75,31 @@ def stream(generator: LanguageModel, prompt_ids: list[int], settings: Generation
     return text
 
 
+@command("generate.py")
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     setup_logging("warning")
-    try:
-        generator = LanguageModel.from_checkpoint(args.checkpoint, adapters=args.adapter, base=args.base,
-                                                  device=args.device)
-    except NeoxLlamaError as err:
-        print(f"generate.py: error: {err}", file=sys.stderr)
-        return 2
+    generator = LanguageModel.from_checkpoint(args.checkpoint, adapters=args.adapter, base=args.base, device=args.device)
     if generator.tokenizer is None:
-        print("generate.py: error: the checkpoint has no tokenizer to turn text into ids", file=sys.stderr)
-        return 2
+        raise NeoxLlamaError("the checkpoint has no tokenizer to turn text into ids")
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                                   stop_strings=args.stop)
     tok = generator.tokenizer
-    try:
-        if args.prompt is not None or args.prompts_file:
-            prompts = [args.prompt] if args.prompt is not None else _read_prompts(args.prompts_file)
-            for prompt in prompts:
-                if args.prompt_style:  # the prompt as one user turn of the style, answered by the model
-                    check_style(args.prompt_style, tok)
-                    ids, _ = encode_dialog(tok, args.prompt_style, [Message("user", prompt)], open_turn=True)
-                    settings.stop_ids = stop_ids(tok, args.prompt_style)
-                else:
-                    ids = tok.encode_document(prompt)  # the start-token policy (see Tokenizer.starts_with_bos)
-                    sys.stdout.write(prompt)
-                stream(generator, ids, settings)
-            return 0
-        style = args.prompt_style or generator.run.prompt_style or default_chat_style(tok)
-        check_style(style, tok)
-        return chat(generator, style, settings, args.system)
-    except NeoxLlamaError as err:
-        print(f"generate.py: error: {err}", file=sys.stderr)
-        return 2
+    if args.prompt is not None or args.prompts_file:
+        prompts = [args.prompt] if args.prompt is not None else _read_prompts(args.prompts_file)
+        for prompt in prompts:
+            if args.prompt_style:  # the prompt as one user turn of the style, answered by the model
+                check_style(args.prompt_style, tok)
+                ids, _ = encode_dialog(tok, args.prompt_style, [Message("user", prompt)], open_turn=True)
+                settings.stop_ids = stop_ids(tok, args.prompt_style)
+            else:
+                ids = tok.encode_document(prompt)  # the start-token policy (see Tokenizer.starts_with_bos)
+                sys.stdout.write(prompt)
+            stream(generator, ids, settings)
+        return 0
+    style = args.prompt_style or generator.run.prompt_style or default_chat_style(tok)
+    check_style(style, tok)
+    return chat(generator, style, settings, args.system)
 
 
 def chat(generator: LanguageModel, style: str, settings: GenerationSettings, system: str | None) -> int:
@@ -150,10 +142,4 @@ def _read_prompts(path: str) -> list[str]:
         raise NeoxLlamaError(f"--prompts-file {path}: cannot read it ({err})") from None
 
 
-def console_main() -> int:
-    """The ``neox-*`` console script."""
-    return main(sys.argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+console_main = main  # neox-generate

@@ -16,10 +16,9 @@ dropped; an Adapter (v1) checkpoint is only a prompt and does not merge.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from neox_llama.checkpoint.merge import Adapter, merge_to_checkpoint
-from neox_llama.errors import NeoxLlamaError
+from neox_llama.cli.runner import command
 from neox_llama.utils.logging_setup import setup_logging
 
 
@@ -42,24 +41,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+@command("merge_lora.py")
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     setup_logging("info")
     weights = args.weight or [1.0] * len(args.checkpoint)
-    try:
-        adapters = [Adapter.open(path, weight) for path, weight in zip(args.checkpoint, weights, strict=True)]
-        out = merge_to_checkpoint(adapters, args.output, base=args.base, force=args.force, partial=args.partial)
-    except NeoxLlamaError as err:
-        print(f"merge_lora.py: error: {err}", file=sys.stderr)
-        return 2
+    adapters = [Adapter.open(path, weight) for path, weight in zip(args.checkpoint, weights, strict=True)]
+    out = merge_to_checkpoint(adapters, args.output, base=args.base, force=args.force, partial=args.partial)
     print(f"wrote {out}")
     return 0
 
 
-def console_main() -> int:
-    """The ``neox-*`` console script."""
-    return main(sys.argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+console_main = main  # neox-merge-lora

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
+from neox_llama.cli.runner import command
 from neox_llama.data.preprocess import output_prefix_for, preprocess
-from neox_llama.errors import NeoxLlamaError
 from neox_llama.tokenizers import TOKENIZER_TYPES
 from neox_llama.tokenizers.prompts import STYLES
 from neox_llama.utils.logging_setup import setup_logging
@@ -53,6 +52,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+@command("preprocess_data.py", interrupted="interrupted; no output file was written")
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     setup_logging("info")
@@ -60,17 +60,9 @@ def main(argv: list[str]) -> int:
     inputs = [Path(p) for p in args.input.split(",") if p]
     if args.instruction:
         return _instruction(args, inputs)
-    try:
-        summary = preprocess(inputs, args.output_prefix, args.tokenizer_type, args.vocab_file,
-                             keys=tuple(args.jsonl_keys), append_eod=args.append_eod, workers=args.workers,
-                             strict=args.strict, txt_split=args.txt_split, progress=not args.no_progress,
-                             prepend_bos=args.prepend_bos)
-    except NeoxLlamaError as err:
-        print(f"preprocess_data.py: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("preprocess_data.py: interrupted; no output file was written", file=sys.stderr)
-        return 130
+    summary = preprocess(inputs, args.output_prefix, args.tokenizer_type, args.vocab_file, keys=tuple(args.jsonl_keys),
+                         append_eod=args.append_eod, workers=args.workers, strict=args.strict,
+                         txt_split=args.txt_split, progress=not args.no_progress, prepend_bos=args.prepend_bos)
     log.info("done: %s", summary.text())
     for key in args.jsonl_keys if not all(p.suffix == ".txt" for p in inputs) else ["text"]:
         log.info("wrote %s.{bin,idx}", output_prefix_for(args.output_prefix, key))
@@ -81,22 +73,12 @@ def _instruction(args: argparse.Namespace, inputs: list[Path]) -> int:
     from neox_llama.data.instruction import write_label_datasets
     from neox_llama.tokenizers import build_tokenizer
 
-    try:
-        tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file)
-        text, labels, records, tokens = write_label_datasets(inputs, args.output_prefix, tokenizer, args.prompt_style,
-                                                             args.mask_prompt)
-    except NeoxLlamaError as err:
-        print(f"preprocess_data.py: error: {err}", file=sys.stderr)
-        return 2
+    tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file)
+    text, labels, records, tokens = write_label_datasets(inputs, args.output_prefix, tokenizer, args.prompt_style,
+                                                         args.mask_prompt)
     logging.getLogger("preprocess_data").info("wrote %s.{bin,idx} and %s.{bin,idx}: %d records, %d tokens", text,
                                               labels, records, tokens)
     return 0
 
 
-def console_main() -> int:
-    """The ``neox-*`` console script."""
-    return main(sys.argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+console_main = main  # neox-preprocess

@@ -16,10 +16,10 @@ import argparse
 import logging
 import signal
 import socket
-import sys
 
 import torch
 
+from neox_llama.cli.runner import command
 from neox_llama.errors import NeoxLlamaError
 from neox_llama.tokenizers.prompts import STYLES, check_style, default_chat_style
 from neox_llama.utils.logging_setup import setup_logging
@@ -109,20 +109,14 @@ def load_service(args: argparse.Namespace):
     return Service(engine, models)
 
 
+@command("serve.py")
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level)
     problem = _port_problem(args.host, args.port)
     if problem:
-        print(f"serve.py: error: {problem}", file=sys.stderr)
-        return 2
-    try:
-        service = load_service(args)
-    except NeoxLlamaError as err:
-        print(f"serve.py: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+        raise NeoxLlamaError(problem)
+    service = load_service(args)
     import uvicorn
 
     from neox_llama.serving.app import build_app
@@ -139,10 +133,4 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def console_main() -> int:
-    """The ``neox-serve`` console script."""
-    return main(sys.argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+console_main = main  # neox-serve

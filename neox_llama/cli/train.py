@@ -13,6 +13,8 @@ import os
 import sys
 import tempfile
 
+from neox_llama.cli.runner import command
+
 logger = logging.getLogger("train")
 
 
@@ -29,6 +31,7 @@ def _same_config_everywhere(path: str, world_size: int) -> None:
         raise LaunchError(f"ranks read different configs from {path}; every node must get the same merged config")
 
 
+@command("train.py")
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description="neox_llama per-rank training entry (start it through deepy.py)")
     parser.add_argument("--config", required=True, help="merged config file written by deepy.py")
@@ -126,5 +129,5 @@ def _load(config_file: str, world_size: int, accelerator: str):
     return cfg, tokenizer
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":  # the launcher runs this file on every rank (python .../neox_llama/cli/train.py --config ...)
+    sys.exit(main())
