@@ -118,12 +118,13 @@ def test_load_run_reports_a_bad_config_as_a_checkpoint_error(tmp_path):
         load_run(tmp_path / "ck")
 
 
-def test_a_one_rank_zero_1_checkpoint_from_before_stage_0_resumes_at_its_stage(write_yaml):
+def test_a_one_rank_zero_1_checkpoint_from_before_stage_0_resumes_at_its_stage(write_yaml, tmp_path):
     """One fp32 rank at ZeRO 1 runs stage 0 now; a checkpoint such a run saved at stage 1 (before) keeps stage 1
-    for its resume, so that DeepSpeed loads its optimizer state as it is."""
-    from neox_llama.checkpoint.metadata import Layout, Metadata
-    from neox_llama.config import deepspeed_config, load_config
-    from neox_llama.training.checkpointing import keep_saved_zero_stage, same_layout
+    for its resume, so that DeepSpeed loads its optimizer state as it is. The load plan decides the stage the engine
+    is built with; the validated config is left as it is."""
+    from neox_llama.checkpoint.metadata import Layout, Metadata, write_metadata
+    from neox_llama.config import deepspeed_config, load_config, zero_text
+    from neox_llama.training.load_plan import plan_load, resume_zero_stage, same_layout
 
     tiny = ("num_layers: 2\nhidden_size: 64\nnum_attention_heads: 4\nintermediate_size: 192\nseq_length: 32\n"
             "vocab_size: 256\nprecision: fp32\n")
@@ -132,10 +133,20 @@ def test_a_one_rank_zero_1_checkpoint_from_before_stage_0_resumes_at_its_stage(w
         return load_config([write_yaml("a.yml", tiny)], ["zero_optimization.stage=1", *overrides])
 
     old = Metadata(tag="global_step4", step=4, layout=Layout(1, 1, 1, zero_stage=1, world_size=1))
-    now = cfg()
-    assert now.derived.engine_zero_stage == 0 and not same_layout(old, now)
-    assert keep_saved_zero_stage(old, now) and same_layout(old, now)
-    assert deepspeed_config(now)["zero_optimization"]["stage"] == 1
+    folder = tmp_path / "run" / "global_step4"
+    folder.mkdir(parents=True)
+    write_metadata(folder, old)
+    now = cfg(f"load={folder}")
+    plan = plan_load(now)
+    assert now.derived.engine_zero_stage == 0 and not same_layout(old, now, 0)  # the config stays as validated
+    assert plan.resume == folder and plan.zero_stage == 1 and plan.same_layout and plan.weights is None
+    assert plan.notes == [f"{folder} was saved by DeepSpeed at ZeRO stage 1: this run keeps that stage, so that its "
+                          "optimizer state loads as it is"]
+    assert deepspeed_config(now, zero_stage=plan.zero_stage)["zero_optimization"]["stage"] == 1
+    assert deepspeed_config(now)["zero_optimization"]["stage"] == 0 and zero_text(now, runs=plan.zero_stage) == "1"
     new = Metadata(tag="global_step4", step=4, layout=Layout(1, 1, 1, zero_stage=0, world_size=1))  # saved since: nothing to keep
-    assert not keep_saved_zero_stage(new, cfg()) and same_layout(new, cfg())
-    assert not keep_saved_zero_stage(old, cfg("zero_optimization.stage=2"))  # another stage asked: weights only
+    assert resume_zero_stage(new, cfg()) == 0 and same_layout(new, cfg(), 0)
+    another = cfg("zero_optimization.stage=2", f"load={folder}")  # another stage asked: weights only
+    assert resume_zero_stage(old, another) == 0
+    plan = plan_load(another)
+    assert plan.zero_stage == 0 and not plan.same_layout and plan.weights == folder and not plan.notes

@@ -7,11 +7,12 @@ from typing import Any
 from neox_llama.config.schema import Config
 
 
-def deepspeed_config(cfg: Config, accelerator: str = "cpu") -> dict[str, Any]:
+def deepspeed_config(cfg: Config, accelerator: str = "cpu", zero_stage: int | None = None) -> dict[str, Any]:
     """The ``config`` dict for ``deepspeed.initialize``. ``cfg`` must have been resolved.
 
     On CPU the optimizer is torch's (``torch_adam``), so nothing has to be compiled at start-up, unless ZeRO-Offload
-    asks for DeepSpeedCPUAdam.
+    asks for DeepSpeedCPUAdam. ``zero_stage``: the stage DeepSpeed runs when a resume keeps a checkpoint's own
+    (the training load plan's); None: ``derived.engine_zero_stage``.
     """
     d = cfg.derived
     zero = cfg.zero_optimization
@@ -36,7 +37,8 @@ def deepspeed_config(cfg: Config, accelerator: str = "cpu") -> dict[str, Any]:
             },
         },
         "zero_optimization": {
-            "stage": d.engine_zero_stage,  # 0 on one rank (validation.engine_zero_stage)
+            # 0 on one fp32 rank (validation.engine_zero_stage)
+            "stage": d.engine_zero_stage if zero_stage is None else zero_stage,
             "allgather_partitions": zero.allgather_partitions,
             "allgather_bucket_size": _auto(zero.allgather_bucket_size, 500_000_000, 50_000_000, gpu),
             "reduce_scatter": zero.reduce_scatter,

@@ -334,7 +334,9 @@ def engine_zero_stage(cfg: Config, world_size: int) -> int:
     return zero.stage
 
 
-def zero_text(cfg: Config) -> str:
-    """The configured ZeRO stage, and the one DeepSpeed runs where they differ."""
-    stage, runs = cfg.zero_optimization.stage, cfg.derived.engine_zero_stage
+def zero_text(cfg: Config, runs: int | None = None) -> str:
+    """The configured ZeRO stage, and the one DeepSpeed runs (``runs``; None: ``derived.engine_zero_stage``) where
+    they differ."""
+    stage = cfg.zero_optimization.stage
+    runs = cfg.derived.engine_zero_stage if runs is None else runs
     return str(stage) if stage == runs else f"{stage} (runs as {runs}: one rank has nothing to partition in fp32)"

@@ -205,9 +205,10 @@ class TrainingState:
                    evaluations_without_improvement=meta.evaluations_without_improvement)
 
 
-def layout_of(cfg: Config) -> Layout:
-    return Layout(cfg.pipe_parallel_size, cfg.model_parallel_size, cfg.derived.data_parallel_size,
-                  cfg.derived.engine_zero_stage, cfg.derived.world_size)
+def layout_of(cfg: Config, zero_stage: int) -> Layout:
+    """The layout a run at ``cfg``'s parallel sizes writes, its engine running ZeRO ``zero_stage``."""
+    return Layout(cfg.pipe_parallel_size, cfg.model_parallel_size, cfg.derived.data_parallel_size, zero_stage,
+                  cfg.derived.world_size)
 
 
 @dataclass
@@ -221,8 +222,10 @@ class FinetuneInfo:
 
 
 def save_checkpoint(engine, module_state: ParallelState, cfg: Config, train: TrainingState,
-                    tokenizer_files: list[Path], tag: str | None = None, info: FinetuneInfo | None = None) -> Path:
-    """Save everything needed to resume; returns the folder. Every rank must call this.
+                    tokenizer_files: list[Path], tag: str | None = None, info: FinetuneInfo | None = None, *,
+                    zero_stage: int) -> Path:
+    """Save everything needed to resume; returns the folder. Every rank must call this. ``zero_stage``: the stage the
+    engine runs (the load plan's), recorded in the checkpoint's layout.
 
     A LoRA or Adapter run (``info.peft``) saves only what it trains: DeepSpeed's state without the frozen base,
     and the trained tensors in ``adapter/``; its metadata names the base.
@@ -260,7 +263,7 @@ def save_checkpoint(engine, module_state: ParallelState, cfg: Config, train: Tra
         meta = Metadata(tag=tag, step=train.step, consumed_samples=train.consumed_samples,
                         consumed_valid_samples=train.consumed_valid_samples, best_valid_loss=train.best_valid_loss,
                         evaluations_without_improvement=train.evaluations_without_improvement,
-                        layout=layout_of(cfg), tokenizer_files=[f.name for f in tokenizer_files],
+                        layout=layout_of(cfg, zero_stage), tokenizer_files=[f.name for f in tokenizer_files],
                         precision=cfg.precision, prompt_style=info.prompt_style, base=info.base,
                         lora=peft.to_dict() if isinstance(peft, LoraSettings) else None,
                         adapter=peft.to_dict() if peft is not None and not isinstance(peft, LoraSettings) else None)
@@ -297,27 +300,6 @@ def _prune(save: Path, keep_last: int | None, keep: str) -> None:
         for _, path in complete[:-keep_last]:
             if path.name != keep:
                 shutil.rmtree(path, ignore_errors=True)
-
-
-def keep_saved_zero_stage(meta: Metadata, cfg: Config) -> bool:
-    """A checkpoint that one fp32 rank saved at ZeRO 1 or 2 before such runs ran stage 0 (2026-12-03) holds ZeRO's
-    optimizer files: run this resume at the saved stage, so that its optimizer state loads as it is. Returns
-    whether it changed ``cfg.derived.engine_zero_stage``."""
-    saved, now = meta.layout, layout_of(cfg)
-    if (saved.pipe_parallel_size, saved.model_parallel_size, saved.data_parallel_size, saved.world_size) != \
-            (now.pipe_parallel_size, now.model_parallel_size, now.data_parallel_size, now.world_size):
-        return False
-    if now.zero_stage == 0 and saved.zero_stage == cfg.zero_optimization.stage in (1, 2):
-        cfg.derived.engine_zero_stage = saved.zero_stage
-        return True
-    return False
-
-
-def same_layout(meta: Metadata, cfg: Config) -> bool:
-    """Whether DeepSpeed's own state (sharded by layout) can be loaded as it is."""
-    saved, now = meta.layout, layout_of(cfg)
-    return (saved.pipe_parallel_size, saved.model_parallel_size, saved.data_parallel_size, saved.zero_stage) == \
-        (now.pipe_parallel_size, now.model_parallel_size, now.data_parallel_size, now.zero_stage)
 
 
 def check_engine_files(folder: Path) -> None:

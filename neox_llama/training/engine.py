@@ -1,4 +1,5 @@
-"""Building the DeepSpeed engine from the config: model for this rank, optimizer groups, engine config."""
+"""Building the DeepSpeed engine from the config and the load plan: this rank's model, filled with the weights the
+plan names, made trainable (LoRA, Adapter, freezing), its optimizer groups, and the engine at the plan's ZeRO stage."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import contextlib
 import io
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,13 +16,15 @@ from neox_llama.config import Config, deepspeed_config, zero_text
 from neox_llama.distributed import agree
 from neox_llama.errors import TrainingError
 from neox_llama.model.args import LlamaArgs
-from neox_llama.model.factory import LayerFactory
+from neox_llama.model.factory import LayerFactory, full_shape, held_numel
 from neox_llama.model.freeze import apply_freeze
-from neox_llama.model.init import full_shape, held_numel, init_weights
-from neox_llama.model.layers import TransformerBlock
+from neox_llama.model.init import init_weights
+from neox_llama.model.llama import TransformerBlock
 from neox_llama.model.peft import apply_peft, describe, peft_settings
 from neox_llama.parallel.pipeline import build_module, layer_factory, rank_layers
 from neox_llama.parallel.topology import ParallelState
+from neox_llama.training import checkpointing as ckpt
+from neox_llama.training.load_plan import LoadPlan
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +47,16 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_embeddings: bo
 
 
 @dataclass
-class Engine:
-    """The engine and what the training loop needs next to it."""
+class TrainingEngine:
+    """The DeepSpeed engine and what the step, the loop and checkpoints need next to it."""
 
     engine: object
     """deepspeed.DeepSpeedEngine, or PipelineEngine when pipelined."""
     state: ParallelState
     factory: LayerFactory
     args: LlamaArgs
+    zero_stage: int
+    """The ZeRO stage DeepSpeed runs (the load plan's; checkpoints record it in their layout)."""
 
     @property
     def pipelined(self) -> bool:
@@ -83,11 +87,6 @@ def compile_blocks(module: nn.Module, enabled: bool) -> int:
     return len(blocks)
 
 
-def is_partitioned(module: nn.Module) -> bool:
-    """Whether ``module``'s parameters are ZeRO-3 partitions (built under ``deepspeed.zero.Init``)."""
-    return any(hasattr(p, "ds_id") for p in module.parameters())
-
-
 def build_partitioned(cfg: Config, args: LlamaArgs, state: ParallelState, accelerator: str,
                       checkpoint_every: int) -> nn.Module:
     """The model under ZeRO-3 with every rank holding only its partition from the start.
@@ -106,7 +105,7 @@ def build_partitioned(cfg: Config, args: LlamaArgs, state: ParallelState, accele
         torch.empty(0)
     # Partitioned over the data-parallel group only: zero.Init's default is the whole world, which under tensor
     # parallelism would mix different ranks' shards into one partitioned tensor (mpu= does not change that).
-    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, accelerator), mpu=state,
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, accelerator, zero_stage=3), mpu=state,
                              data_parallel_group=state.dp_group):
         module = build_module(args, state, checkpoint_every=checkpoint_every, initialize=False)
     for index, layer in module.named_children():
@@ -144,20 +143,42 @@ def keep_grad_norm(engine, one_rank: bool) -> None:
     engine.clip_fp32_gradients = clip
 
 
+def fill_weights(module: nn.Module, plan: LoadPlan, state: ParallelState, args: LlamaArgs) -> None:
+    """Before the engine exists (so that the optimizer's master copies start from them): the weights of
+    ``plan.weights``; or, resuming at the same layout (DeepSpeed loads the weights later), one clear error naming
+    the file for a damaged checkpoint, before DeepSpeed reads its state."""
+    if plan.weights is not None:
+        ckpt.load_layer_weights(module, state, plan.weights, args)
+    elif plan.resume is not None:
+        ckpt.check_resume_files(module, state, plan.resume, args)
+
+
+def fill_adapters(module: nn.Module, plan: LoadPlan, state: ParallelState) -> None:
+    """After the adapters are attached: the tensors of the adapter checkpoint the plan resumes (if any), and at the
+    same layout a check of its engine files before DeepSpeed reads them."""
+    if plan.adapters is None:
+        return
+    ckpt.load_adapter_weights(module, state, plan.adapters, plan.peft)
+    if plan.same_layout:
+        agree(lambda: ckpt.check_engine_files(plan.adapters))
+
+
 def setup_engine(cfg: Config, args: LlamaArgs, state: ParallelState, accelerator: str = "cpu", *,
-                 prepare_module: Callable[[nn.Module], None] | None = None, with_schedule: bool = False,
-                 prepare_adapters: Callable[[nn.Module], None] | None = None) -> Engine:
+                 plan: LoadPlan | None = None, with_schedule: bool = False) -> TrainingEngine:
     """``deepspeed.initialize`` on this rank's model with the engine config derived from ``cfg``.
 
-    ``prepare_module`` runs on the module before the engine exists (e.g. to load weights, so that the
-    optimizer's master copies start from them); then LoRA adapters or freezing are applied
-    (:func:`make_trainable`) and ``prepare_adapters`` runs (e.g. to load a LoRA checkpoint's adapters);
-    ``with_schedule`` attaches the LR schedule. Only trainable parameters reach the optimizer.
+    ``plan`` (:func:`neox_llama.training.load_plan.plan_load`; None: a fresh model) says which weights fill the
+    module before the engine exists (:func:`fill_weights`) and the ZeRO stage the engine runs; then LoRA adapters
+    or freezing are applied (:func:`make_trainable`) and a resumed adapter checkpoint's tensors loaded
+    (:func:`fill_adapters`); ``with_schedule`` attaches the LR schedule. Only trainable parameters reach the
+    optimizer.
     """
     import deepspeed
 
     from neox_llama.training.schedule import LRSchedule
 
+    plan = plan if plan is not None else LoadPlan(zero_stage=cfg.derived.engine_zero_stage)
+    stage = plan.zero_stage
     # Dropout: tensor-parallel ranks share a stream (their activations are replicated); data-parallel ranks and
     # pipeline stages draw different masks. Initialisation does not use this stream (see model/init.py).
     torch.manual_seed(cfg.seed + 100_003 * state.dp_rank + 10_007 * state.pp_rank)
@@ -171,8 +192,7 @@ def setup_engine(cfg: Config, args: LlamaArgs, state: ParallelState, accelerator
     logger.info("built the model on this rank: %s parameters held of %s on this stage/slice%s", f"{held:,}",
                 f"{sum(held_numel(p) for p in module.parameters()):,}",
                 " (ZeRO-3 partitions)" if cfg.zero_optimization.stage == 3 else "")
-    if prepare_module is not None:
-        prepare_module(module)
+    fill_weights(module, plan, state, args)
     trainable, total = make_trainable(module, cfg, state, args)
     how = ""
     if peft_settings(cfg) is not None:
@@ -191,8 +211,7 @@ def setup_engine(cfg: Config, args: LlamaArgs, state: ParallelState, accelerator
                                 "holds; freeze less")
 
     agree(check)
-    if prepare_adapters is not None:
-        prepare_adapters(module)
+    fill_adapters(module, plan, state)
     default_compile = accelerator == "cuda" and cfg.zero_optimization.stage != 3  # ZeRO-3's hooks do not trace
     if compile_blocks(module, cfg.compile if cfg.compile is not None else default_compile):
         logger.info("compile: each transformer block runs through torch.compile (compiled at its first step)")
@@ -205,20 +224,20 @@ def setup_engine(cfg: Config, args: LlamaArgs, state: ParallelState, accelerator
             clear_stale_build_lock(op)
     with contextlib.redirect_stdout(io.StringIO()) as chatter:  # DeepSpeed prints memory reports on rank 0
         engine, _, _, _ = deepspeed.initialize(
-            model=module, model_parameters=groups, config=deepspeed_config(cfg, accelerator),
+            model=module, model_parameters=groups, config=deepspeed_config(cfg, accelerator, zero_stage=stage),
             mpu=None if state.pp_size > 1 else state,
             lr_scheduler=(lambda optimizer: LRSchedule(optimizer, cfg)) if with_schedule else None,
         )
     if chatter.getvalue().strip():
         logger.debug("deepspeed.initialize printed:\n%s", chatter.getvalue().rstrip())
-    if cfg.derived.engine_zero_stage == 0 and cfg.precision == "fp32":
+    if stage == 0 and cfg.precision == "fp32":
         keep_grad_norm(engine, one_rank=cfg.derived.world_size == 1)
-    if cfg.derived.world_size == 1 and cfg.derived.engine_zero_stage == 0:
+    if cfg.derived.world_size == 1 and stage == 0:
         # One rank: DeepSpeed's gradient "all-reduce" would flatten every gradient into buckets, reduce over itself
         # and copy them back (4 % of an fp32 step at the benchmark shape). ZeRO 1-3 must keep it (their epilogue).
         engine.enable_backward_allreduce = False
     offload = [f"{what} offloaded to {device}" for what, device in (("optimizer state", zero.offload_optimizer),
                                                                      ("weights", zero.offload_param)) if device != "none"]
     logger.info("optimizer %s, ZeRO stage %s%s", type(getattr(engine, "basic_optimizer", None) or engine.optimizer).__name__,
-                zero_text(cfg), f" ({', '.join(offload)})" if offload else "")
-    return Engine(engine, state, layer_factory(state), args)
+                zero_text(cfg, runs=stage), f" ({', '.join(offload)})" if offload else "")
+    return TrainingEngine(engine, state, layer_factory(state), args, stage)

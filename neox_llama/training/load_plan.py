@@ -9,6 +9,9 @@ The rules (docs/finetuning.md):
   ``load``'s — the run resumes from it instead, so re-running the same command continues it.
 - ``finetune: false``: resume ``load`` exactly (step, optimizer, data position). An adapter checkpoint (LoRA,
   Adapter, Adapter v2) resumes with its base found through its metadata; its settings must be the config's.
+
+The plan also fixes the ZeRO stage the engine is built with (the validated config is never changed): the config's
+``derived.engine_zero_stage``, except where a resumed checkpoint keeps its own (:func:`resume_zero_stage`).
 """
 
 from __future__ import annotations
@@ -29,14 +32,21 @@ logger = logging.getLogger("train")
 
 @dataclass
 class LoadPlan:
-    """Where this run's weights, adapters and training state come from."""
+    """Where this run's weights, adapters and training state come from, and the ZeRO stage its engine runs."""
 
+    zero_stage: int = field(kw_only=True)
+    """The ZeRO stage DeepSpeed runs: ``derived.engine_zero_stage``, or a resumed checkpoint's own
+    (:func:`resume_zero_stage`)."""
     resume: Path | None = None
     """The checkpoint whose step, data position (and, at the same layout, optimizer) the run continues."""
     meta: Metadata | None = None
-    """``resume``'s metadata."""
+    """``resume``'s metadata (for a fine-tune from a base: the base's)."""
+    same_layout: bool = False
+    """Whether ``resume``'s DeepSpeed state (sharded by layout: model, optimizer, LR schedule) loads as it is. If
+    not, the run continues from the weights alone (``weights``, ``adapters``) with a fresh optimizer."""
     weights: Path | None = None
-    """A full checkpoint whose weights fill the model before the engine exists (base, or another layout)."""
+    """A full checkpoint whose weights fill the model before the engine exists (base, or ``resume`` saved at
+    another layout)."""
     adapters: Path | None = None
     """An adapter checkpoint whose tensors are loaded (resuming a LoRA / Adapter run)."""
     base: BaseRef | None = None
@@ -58,8 +68,36 @@ def _complete(path: str | Path) -> tuple[Path, Metadata] | None:
     return folder, read_metadata(folder)
 
 
-def _resume_plan(folder: Path, meta: Metadata, peft: PeftSettings | None, finetune: bool = False,
+def resume_zero_stage(meta: Metadata, cfg: Config) -> int:
+    """The ZeRO stage a run resuming the checkpoint of ``meta`` builds its engine with: ``derived.engine_zero_stage``,
+    except for a checkpoint that one fp32 rank saved at ZeRO 1 or 2 before such runs ran stage 0 (2026-12-03). It
+    holds ZeRO's optimizer files, so the resume keeps the saved stage and its optimizer state loads as it is."""
+    saved, runs = meta.layout, cfg.derived.engine_zero_stage
+    if (saved.pipe_parallel_size, saved.model_parallel_size, saved.data_parallel_size, saved.world_size) != \
+            (cfg.pipe_parallel_size, cfg.model_parallel_size, cfg.derived.data_parallel_size, cfg.derived.world_size):
+        return runs
+    if runs == 0 and saved.zero_stage == cfg.zero_optimization.stage in (1, 2):
+        return saved.zero_stage
+    return runs
+
+
+def same_layout(meta: Metadata, cfg: Config, zero_stage: int) -> bool:
+    """Whether DeepSpeed's own state of the checkpoint of ``meta`` (sharded by layout) loads as it is into an engine
+    at ``cfg``'s layout running ``zero_stage``."""
+    saved = meta.layout
+    return (saved.pipe_parallel_size, saved.model_parallel_size, saved.data_parallel_size, saved.zero_stage) == \
+        (cfg.pipe_parallel_size, cfg.model_parallel_size, cfg.derived.data_parallel_size, zero_stage)
+
+
+def _resume_plan(folder: Path, meta: Metadata, cfg: Config, finetune: bool = False,
                  base: Path | None = None) -> LoadPlan:
+    peft = peft_settings(cfg)
+    stage = resume_zero_stage(meta, cfg)
+    same = same_layout(meta, cfg, stage)
+    notes = []
+    if stage != cfg.derived.engine_zero_stage:
+        notes.append(f"{folder} was saved by DeepSpeed at ZeRO stage {stage}: this run keeps that stage, so that its "
+                     "optimizer state loads as it is")
     try:
         saved = settings_of(meta)
     except ValueError as err:
@@ -76,7 +114,8 @@ def _resume_plan(folder: Path, meta: Metadata, peft: PeftSettings | None, finetu
             logger.warning("resuming %s with lora_dropout %g (it was trained with %g)", folder, peft.dropout,
                            saved.dropout)
         base_folder = resolve_base(folder, meta, base)
-        return LoadPlan(resume=folder, meta=meta, weights=base_folder, adapters=folder, base=meta.base, peft=peft)
+        return LoadPlan(resume=folder, meta=meta, same_layout=same, weights=base_folder, adapters=folder,
+                        base=meta.base, peft=peft, zero_stage=stage, notes=notes)
     if peft is not None:
         if finetune:
             raise TrainingError(f"save holds {folder}, a full fine-tune of this base, but the config trains "
@@ -84,24 +123,25 @@ def _resume_plan(folder: Path, meta: Metadata, peft: PeftSettings | None, finetu
         keys = f"lora_r {peft.r}" if kind(peft) == "LoRA" else f"peft_method {peft.method}"
         raise TrainingError(f"{keys} with load {folder} (a full checkpoint) and finetune false: set "
                             f"finetune: true to start {kind(peft)} from it")
-    return LoadPlan(resume=folder, meta=meta, base=meta.base)
+    return LoadPlan(resume=folder, meta=meta, same_layout=same, weights=None if same else folder, base=meta.base,
+                    zero_stage=stage, notes=notes)
 
 
 def plan_load(cfg: Config) -> LoadPlan:
     """The plan for ``cfg`` (every rank makes it from its own files; they must agree)."""
-    peft = peft_settings(cfg)
+    peft, stage = peft_settings(cfg), cfg.derived.engine_zero_stage
     if not cfg.load:
-        return LoadPlan(peft=peft)
+        return LoadPlan(peft=peft, zero_stage=stage)
     try:
         folder = resolve_checkpoint(cfg.load)
     except CheckpointError as err:
         if cfg.finetune or Path(cfg.load).joinpath(LATEST).exists() or Path(cfg.load, METADATA).exists():
             raise TrainingError(str(err)) from None
         logger.info("no checkpoint in %s yet: starting from scratch", cfg.load)
-        return LoadPlan(peft=peft)
+        return LoadPlan(peft=peft, zero_stage=stage)
     meta = read_metadata(folder)
     if not cfg.finetune:
-        return _resume_plan(folder, meta, peft)
+        return _resume_plan(folder, meta, cfg)
     if meta.is_adapter:
         raise TrainingError(f"load {folder} is a {kind(settings_of(meta))} checkpoint: to continue it set finetune: "
                             f"false{_merge_hint(settings_of(meta))}")
@@ -116,10 +156,10 @@ def plan_load(cfg: Config) -> LoadPlan:
             if saved_meta.base is None or saved_meta.base.fingerprint != base.fingerprint:
                 raise TrainingError(f"save {cfg.save} already holds {saved_folder}, which is not a fine-tune of "
                                     f"{folder}; choose another save directory (or remove it) so nothing is overwritten")
-            plan = _resume_plan(saved_folder, saved_meta, peft, finetune=True, base=folder)
-            plan.notes.append(f"{cfg.save} holds {saved_folder.name} of this fine-tune of {folder}: resuming it")
+            plan = _resume_plan(saved_folder, saved_meta, cfg, finetune=True, base=folder)
+            plan.notes.insert(0, f"{cfg.save} holds {saved_folder.name} of this fine-tune of {folder}: resuming it")
             return plan
-    return LoadPlan(weights=folder, base=base, peft=peft, meta=meta)
+    return LoadPlan(weights=folder, base=base, peft=peft, meta=meta, zero_stage=stage)
 
 
 def _merge_hint(settings: PeftSettings) -> str:

@@ -12,7 +12,10 @@ import math
 import os
 from pathlib import Path
 
+import torch
+
 from neox_llama.config.schema import Config
+from neox_llama.utils.peak import known_peak_tflops, measure_matmul_tflops
 
 logger = logging.getLogger("train")
 
@@ -90,6 +93,30 @@ def _truncate_after(path: Path, step: int) -> None:
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def peak_tflops(cfg: Config, accelerator: str) -> float:
+    """The peak TFLOP/s per rank MFU is measured against, where ``peak_tflops`` is not set: a known GPU's dense peak at
+    the run's precision, else a measured matmul (on a CPU without native bf16, the faster fp32 one)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.precision]
+    device = "cuda" if accelerator == "cuda" else "cpu"
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        known = known_peak_tflops(name, dtype)
+        if known is not None:
+            logger.info("peak_tflops not set: %s's dense %s peak, %.0f TFLOP/s, for MFU", name, cfg.precision, known)
+            return known
+    peak = measure_matmul_tflops(dtype, device=device)
+    if device == "cpu" and dtype == torch.bfloat16:
+        fp32 = measure_matmul_tflops(torch.float32)
+        if peak < 0.5 * fp32:  # emulated bf16 converts to fp32 anyway: the hardware's peak is the fp32 one
+            logger.warning("this CPU has no native bf16 (no AVX-512-BF16/AMX): its bf16 matmuls run at %.1f%% of "
+                           "fp32 speed; precision: fp32 trains faster here", 100 * peak / fp32)
+            logger.info("peak_tflops not set: measured %.3f TFLOP/s per rank (fp32 matmul, faster than this CPU's "
+                        "emulated bf16) for MFU", fp32)
+            return fp32
+    logger.info("peak_tflops not set: measured %.3f TFLOP/s per rank (%s matmul) for MFU", peak, cfg.precision)
+    return peak
 
 
 def format_train(record: dict) -> str:

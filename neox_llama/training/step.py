@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from neox_llama.model.loss import CausalLMLoss, token_weights
-from neox_llama.training.engine import Engine
+from neox_llama.training.engine import TrainingEngine
 
 MicroBatch = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """((input_ids, position_ids), (labels, loss weights)) as the model and the loss take them."""
@@ -30,13 +30,14 @@ class GlobalBatch:
     """Valid (loss-bearing) tokens of the whole step, over every data-parallel rank."""
 
 
-def make_global_batch(samples: list[dict[str, torch.Tensor]], runner: Engine, device: torch.device) -> GlobalBatch:
+def make_global_batch(samples: list[dict[str, torch.Tensor]], training_engine: TrainingEngine,
+                      device: torch.device) -> GlobalBatch:
     """Weight ``samples`` (this rank's micro-batches: input_ids, labels, loss_mask, position_ids) for one step.
 
     Collective device: the valid-token count is a host tensor, reduced over the data-parallel group by gloo
     (the CPU backend of ``cpu:gloo,cuda:nccl`` on GPUs).
     """
-    state = runner.state
+    state = training_engine.state
     valid = torch.tensor([float(sum(m["loss_mask"].sum() for m in samples))])
     dist.all_reduce(valid, group=state.dp_group)
     scale = len(samples) * state.dp_size
@@ -62,15 +63,16 @@ def next_samples(iterator: Iterator[dict], count: int) -> list[dict] | None:
         return None
 
 
-def run_global_batch(runner: Engine, batch: GlobalBatch, loss_fn: CausalLMLoss, *, train: bool) -> torch.Tensor:
+def run_global_batch(training_engine: TrainingEngine, batch: GlobalBatch, loss_fn: CausalLMLoss, *,
+                     train: bool) -> torch.Tensor:
     """Forward (and with ``train`` backward + optimizer step) over the step's micro-batches.
 
     Returns the step's mean loss per valid token, equal on every rank, as a one-element tensor on the model's
     device: reading it (``float()``) waits for the device, so the training loop does that only at log, evaluation
     and save steps. Collective device: the loss sum lives on the model's device (NCCL on GPUs, gloo on CPU).
     """
-    engine = runner.engine
-    if runner.pipelined:
+    engine = training_engine.engine
+    if training_engine.pipelined:
         # DeepSpeed's pipeline averages the micro-batch losses over accumulation steps and data-parallel ranks.
         loss = engine.train_batch(iter(batch.micro_batches)) if train else engine.eval_batch(iter(batch.micro_batches))
         return loss.detach().float().reshape(())
@@ -85,5 +87,5 @@ def run_global_batch(runner: Engine, batch: GlobalBatch, loss_fn: CausalLMLoss, 
                 loss = loss_fn(engine(*inputs), targets)
         loss = loss.detach().float().reshape(1)
         total = loss if total is None else total + loss
-    dist.all_reduce(total, group=runner.state.dp_group)
-    return (total / (len(batch.micro_batches) * runner.state.dp_size)).reshape(())
+    dist.all_reduce(total, group=training_engine.state.dp_group)
+    return (total / (len(batch.micro_batches) * training_engine.state.dp_size)).reshape(())

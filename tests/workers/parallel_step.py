@@ -48,8 +48,8 @@ def run(argv: list[str]) -> None:
     info = init_distributed("cpu")
     state = ParallelState(cfg.pipe_parallel_size, cfg.model_parallel_size)
     args = LlamaArgs.from_config(cfg)
-    runner = setup_engine(cfg, args, state)
-    engine = runner.engine
+    training_engine = setup_engine(cfg, args, state)
+    engine = training_engine.engine
     if cfg.zero_optimization.stage == 3:  # built partitioned: no rank ever held the whole model
         sizes = [p.ds_tensor.numel() for p in engine.module.parameters()]
         # and a meta-device build after zero.Init (checkpoint shape checks) still allocates nothing
@@ -63,12 +63,12 @@ def run(argv: list[str]) -> None:
     mine = [(ids[s:s + micro], mask[s:s + micro]) for s in range(0, len(ids), micro)][state.dp_rank::d.data_parallel_size]
     samples = [{"input_ids": x[:, :-1], "labels": x[:, 1:], "loss_mask": m,
                 "position_ids": torch.arange(cfg.seq_length).expand(len(x), -1)} for x, m in mine]
-    batch = make_global_batch(samples, runner, info.device)
-    loss_fn = CausalLMLoss(runner.factory)
+    batch = make_global_batch(samples, training_engine, info.device)
+    loss_fn = CausalLMLoss(training_engine.factory)
     initial = full_weights(engine.module, state)  # layout-free initialisation: equal to the 1-rank build, exactly
-    before = float(run_global_batch(runner, batch, loss_fn, train=False))
+    before = float(run_global_batch(training_engine, batch, loss_fn, train=False))
     engine.train()
-    run_global_batch(runner, batch, loss_fn, train=True)
+    run_global_batch(training_engine, batch, loss_fn, train=True)
     weights = full_weights(engine.module, state)
     wrote = save_layer_weights(engine.module, state, out_dir / "saved")  # the checkpoint's layout-free weights
     torch.save({"loss": before, "weights": weights, "wrote": wrote, "initial": initial}, out_dir / f"rank{info.rank}.pt")

@@ -1,0 +1,117 @@
+"""Wiring one rank's run from the validated config: what it starts from (the load plan), the engine built and filled
+from it, the restored training state, the metrics sinks and the data. Nothing here steps or evaluates."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from neox_llama.config.schema import Config
+from neox_llama.data.instruction import build_instruction_datasets
+from neox_llama.data.loader import build_datasets, split_sample_counts
+from neox_llama.distributed import RankInfo, agree
+from neox_llama.errors import TrainingError
+from neox_llama.model.args import LlamaArgs
+from neox_llama.model.loss import CausalLMLoss
+from neox_llama.model.peft import describe
+from neox_llama.parallel.topology import ParallelState
+from neox_llama.tokenizers import Tokenizer
+from neox_llama.training import checkpointing as ckpt
+from neox_llama.training.engine import TrainingEngine, setup_engine
+from neox_llama.training.load_plan import LoadPlan, plan_load
+from neox_llama.training.metrics import MetricsWriter
+
+logger = logging.getLogger("train")
+
+
+@dataclass
+class TrainingRun:
+    """One rank's run, wired: what the training loop and the evaluation work with."""
+
+    cfg: Config
+    info: RankInfo
+    accelerator: str
+    tokenizer: Tokenizer | None
+    plan: LoadPlan
+    training_engine: TrainingEngine
+    train_state: ckpt.TrainingState
+    """The step, the data positions and the best validation loss: restored from a resumed checkpoint, saved in each."""
+    finetune_info: ckpt.FinetuneInfo
+    metrics: MetricsWriter
+    datasets: dict
+    """The splits (``train``, and ``valid`` / ``test`` where the config gives them)."""
+    loss_fn: CausalLMLoss
+
+    @property
+    def engine(self):
+        """The DeepSpeed engine."""
+        return self.training_engine.engine
+
+    @property
+    def state(self) -> ParallelState:
+        return self.training_engine.state
+
+
+def build_run(cfg: Config, info: RankInfo, accelerator: str, tokenizer: Tokenizer | None) -> TrainingRun:
+    """Plan the load, build and fill the engine, restore the training state, open the metrics and build the data."""
+    state = ParallelState(cfg.pipe_parallel_size, cfg.model_parallel_size)
+    args = LlamaArgs.from_config(cfg)
+    # Every rank looks for itself (nodes need not share a filesystem) and all must find the same checkpoint.
+    plan = agree(lambda: plan_load(cfg), same_result="the checkpoint to load (load)")
+    for note in plan.notes:
+        logger.info("%s", note)
+    training_engine = setup_engine(cfg, args, state, accelerator, plan=plan, with_schedule=True)
+    finetune_info = ckpt.FinetuneInfo(base=plan.base, peft=plan.peft,
+                                      prompt_style=plan.meta.prompt_style if plan.resume is not None else None)
+    train_state = start_state(cfg, plan, training_engine, info.rank)
+    metrics = agree(lambda: MetricsWriter(cfg, info.rank, resume_step=train_state.step))
+    datasets = build_data(cfg, tokenizer, finetune_info)
+    return TrainingRun(cfg, info, accelerator, tokenizer, plan, training_engine, train_state, finetune_info, metrics,
+                       datasets, CausalLMLoss(training_engine.factory))
+
+
+def start_state(cfg: Config, plan: LoadPlan, training_engine: TrainingEngine, rank: int) -> ckpt.TrainingState:
+    """The training state the run starts at: step 0, or the resumed checkpoint's, with DeepSpeed's own state (at the
+    same layout) or the LR schedule's position (at another), and the random state (at the same world size)."""
+    if plan.resume is None:
+        if plan.weights is not None:
+            what = "the weights"
+            if plan.peft is not None:  # LoRA keeps its short form (LoRA r 8); an Adapter names its settings
+                what = (f"LoRA r {cfg.lora_r}" if cfg.lora_r else describe(plan.peft)) + " on the frozen weights"
+            logger.info("fine-tuning from %s of %s (fresh optimizer, step 0)", what, plan.weights)
+        return ckpt.TrainingState()
+    folder, layout, engine = plan.resume, plan.meta.layout, training_engine.engine
+    train_state = ckpt.TrainingState.from_metadata(plan.meta)
+    if plan.same_layout:
+        ckpt.restore_engine_state(engine, folder, strict=plan.adapters is None)
+        logger.info("resumed from %s at step %d (%d samples consumed)", folder, train_state.step,
+                    train_state.consumed_samples)
+    else:
+        engine.lr_scheduler.load_state_dict({"num_steps": train_state.step})
+        logger.warning("resuming %s saved at pp %d x tp %d x dp %d (ZeRO %d) under pp %d x tp %d x dp %d (ZeRO %d): "
+                       "weights, step %d, data position and LR schedule restored; optimizer state NOT restored "
+                       "(it is sharded by layout), the optimizer starts fresh",
+                       folder, layout.pipe_parallel_size, layout.model_parallel_size, layout.data_parallel_size,
+                       layout.zero_stage, cfg.pipe_parallel_size, cfg.model_parallel_size,
+                       cfg.derived.data_parallel_size, plan.zero_stage, train_state.step)
+    if layout.world_size == cfg.derived.world_size:
+        ckpt.restore_rng(folder, rank)
+    return train_state
+
+
+def build_data(cfg: Config, tokenizer: Tokenizer | None, finetune_info: ckpt.FinetuneInfo) -> dict:
+    """The run's splits: instruction data (its prompt style checked against a resumed checkpoint's and recorded in
+    ``finetune_info``) or token datasets; a run without a training split is an error."""
+    if cfg.sft_data_path:
+        data = build_instruction_datasets(cfg, tokenizer, split_sample_counts(cfg))
+        saved_style = finetune_info.prompt_style
+        if saved_style is not None and saved_style != data.style:
+            raise TrainingError(f"the checkpoint's records were rendered in prompt style {saved_style}, this run "
+                                f"renders them in {data.style}; set prompt_style: {saved_style}")
+        finetune_info.prompt_style = data.style
+        datasets = data.datasets
+    else:
+        datasets = build_datasets(cfg)
+    if "train" not in datasets:
+        raise TrainingError("no training data: set data_path (split by `split`), train_data_paths or sft_data_path")
+    return datasets
