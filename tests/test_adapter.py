@@ -11,7 +11,7 @@ from helpers.adapter import adapted, adapter_checkpoint
 from helpers.checkpoints import TINY, save_random_checkpoint
 
 from neox_llama.checkpoint.run import load_model
-from neox_llama.model.adapter import AdapterSettings, is_adapter_tensor
+from neox_llama.peft.adapter import AdapterSettings, is_adapter_tensor
 
 UNTIED = {**TINY, "no_weight_tying": True, "num_layers": 3}
 IDS = torch.tensor([[1, 5, 9, 20, 33, 7, 64, 100, 3], [4, 8, 15, 16, 23, 42, 2, 1, 0]])
@@ -184,7 +184,7 @@ def test_one_batch_serves_lora_adapter_and_adapter_v2_rows_each_as_alone(base, t
     from neox_llama.generation.adapter_bank import AdapterBank
     from neox_llama.generation.language_model import LanguageModel
     from neox_llama.generation.settings import GenerationSettings
-    from neox_llama.model.lora import LoraSettings
+    from neox_llama.peft.lora import LoraSettings
 
     lora_checkpoint(tmp_path / "lora", base, LoraSettings(3, 7.0, 0.0, ("query", "value")), seed=1)
     v1, _ = adapter_checkpoint(tmp_path / "v1", base, AdapterSettings("adapter", 6, 0, "per_head"), seed=2)

@@ -12,7 +12,7 @@ from neox_llama.checkpoint.paths import CheckpointError
 from neox_llama.generation.adapter_bank import AdapterBank
 from neox_llama.generation.language_model import LanguageModel
 from neox_llama.generation.settings import GenerationSettings
-from neox_llama.model.lora import LoraSettings
+from neox_llama.peft.lora import LoraSettings
 
 PROMPTS = [[1, 5, 9, 20], [1, 33, 7], [1, 64, 100, 3, 8, 2], [1, 12]]
 

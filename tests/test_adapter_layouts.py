@@ -9,7 +9,7 @@ import torch
 from helpers.launches import Case, register
 from helpers.peft_layouts import COMMON, UNTIED, base_checkpoint, layout_args, read_layout
 
-from neox_llama.model.adapter import AdapterSettings, is_adapter_tensor
+from neox_llama.peft.adapter import AdapterSettings, is_adapter_tensor
 
 pytestmark = pytest.mark.dist
 

@@ -8,7 +8,7 @@ import ast
 
 from helpers.runner import ROOT
 
-ABOVE_CONFIG = ("neox_llama.model", "neox_llama.training", "neox_llama.parallel", "neox_llama.generation",
+ABOVE_CONFIG = ("neox_llama.model", "neox_llama.peft", "neox_llama.planning", "neox_llama.training", "neox_llama.parallel", "neox_llama.generation",
                 "neox_llama.serving", "neox_llama.checkpoint", "neox_llama.convert", "neox_llama.evaluation",
                 "neox_llama.data", "neox_llama.cli", "torch", "deepspeed")
 
@@ -114,3 +114,30 @@ def test_the_cycle_walk_finds_a_cycle_through_an_import_inside_a_function(tmp_pa
     (package / "lora.py").write_text("from neox_llama.model import factory\n")
     (package / "init.py").write_text("from . import lora\n")
     assert cycles(import_graph(tmp_path)) == [["neox_llama.model.factory", "neox_llama.model.lora"]]
+
+
+FLOORS = {
+    "errors": 0, "utils": 0,
+    "distributed": 1, "config": 1, "tokenizers": 1,
+    "model": 2, "data": 2,
+    "peft": 3, "parallel": 3,
+    "checkpoint": 4,
+    "generation": 5, "convert": 5,
+    "evaluation": 6, "serving": 6, "planning": 6,
+    "training": 7,
+    "cli": 8,
+}
+"""Each package's floor (docs/architecture.md): a module imports only packages on lower floors, or its own."""
+
+
+def test_every_floor_imports_only_downward():
+    def package(module: str) -> str:
+        return module.split(".")[1] if "." in module else ""
+
+    graph = import_graph()
+    unplaced = sorted({package(m) for m in graph} - set(FLOORS) - {""})
+    assert not unplaced, f"packages with no floor in FLOORS (and docs/architecture.md): {unplaced}"
+    upward = sorted(f"{a} imports {b}" for a, edges in graph.items() for b in edges
+                    if package(a) and package(b) and package(a) != package(b)
+                    and FLOORS[package(b)] >= FLOORS[package(a)])
+    assert not upward, upward

@@ -21,7 +21,7 @@ from neox_llama.checkpoint.paths import CheckpointError
 from neox_llama.checkpoint.run import load_model, load_run
 from neox_llama.checkpoint.weights import read_layer_file
 from neox_llama.model.factory import SINGLE_DEVICE
-from neox_llama.model.lora import LoraSettings, apply_lora
+from neox_llama.peft.lora import LoraSettings, apply_lora
 
 
 @pytest.fixture

@@ -24,8 +24,8 @@ from helpers.runner import ROOT, free_port
 
 from neox_llama.generation.language_model import LanguageModel
 from neox_llama.generation.settings import GenerationSettings
-from neox_llama.model.adapter import AdapterSettings
-from neox_llama.model.lora import LoraSettings
+from neox_llama.peft.adapter import AdapterSettings
+from neox_llama.peft.lora import LoraSettings
 from neox_llama.serving.text import TextStream
 from neox_llama.tokenizers import build_tokenizer
 from neox_llama.tokenizers.prompts import Message, encode_dialog

@@ -16,7 +16,7 @@ from helpers.checkpoints import TINY, save_random_checkpoint
 from helpers.lora import adapter_checkpoint
 from helpers.runner import ROOT
 
-from neox_llama.model.lora import LoraSettings
+from neox_llama.peft.lora import LoraSettings
 
 WIDE = {**TINY, "num_layers": 32, "hidden_size": 512, "num_attention_heads": 8, "num_kv_heads": 8,
         "intermediate_size": 1408, "vocab_size": 4096, "no_weight_tying": True}

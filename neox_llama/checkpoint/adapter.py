@@ -109,7 +109,7 @@ def fill_adapters(layers: dict[int, torch.nn.Module], folder: Path, settings) ->
     a PeftSettings, attached), each cut to this rank's tensor-parallel shard; every trained tensor must find its
     values with their full shapes, and no file of these layers may hold tensors the model does not train."""
     from neox_llama.model.factory import full_shape, shard
-    from neox_llama.model.peft import trained_tensors
+    from neox_llama.peft.methods import trained_tensors
 
     for index, layer in layers.items():
         params = trained_tensors(layer, settings)

@@ -19,8 +19,8 @@ from neox_llama.checkpoint.adapter import adapter_layers, fingerprint, resolve_b
 from neox_llama.checkpoint.metadata import Layout, Metadata, read_metadata, write_metadata
 from neox_llama.checkpoint.paths import CheckpointError, layer_file, resolve_checkpoint
 from neox_llama.checkpoint.weights import layer_indices, read_layer_file, write_layer_file
-from neox_llama.model.lora import LoraSettings, merged_weight
-from neox_llama.model.peft import PeftSettings, kind, settings_of
+from neox_llama.peft.lora import LoraSettings, merged_weight
+from neox_llama.peft.methods import PeftSettings, kind, settings_of
 from neox_llama.utils.files import building_dir, output_dir_problem
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def _partially_merged_layers(base: Path, adapters: list[Adapter],
                              partial: bool) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """An Adapter v2 checkpoint's scales, biases and norms folded into ``base`` (``partial`` must be set: its prompt
     and gates are dropped); an Adapter (v1) checkpoint has nothing that folds."""
-    from neox_llama.model.adapter import folded_layer, is_norm_tensor
+    from neox_llama.peft.adapter import folded_layer, is_norm_tensor
 
     adapter = lone_adapter(adapters)
     if not adapter.settings.v2:

@@ -20,8 +20,8 @@ class Layout:
     model_parallel_size: int = 1
     data_parallel_size: int = 1
     zero_stage: int = -1
-    """The ZeRO stage DeepSpeed ran (``derived.engine_zero_stage``: 0 for one fp32 rank at ZeRO 1 or 2); -1: no
-    engine state (e.g. a Hugging Face import)."""
+    """The ZeRO stage DeepSpeed ran (the load plan's: ``derived.engine_zero_stage``, 0 for one fp32 rank at ZeRO 1
+    or 2, unless a resumed checkpoint kept its own stage); -1: no engine state (e.g. a Hugging Face import)."""
     world_size: int = 1
 
 

@@ -87,7 +87,7 @@ def _attach_adapter(layers: dict[int, torch.nn.Module], run: Run, expected: set[
     from neox_llama.checkpoint.adapter import fill_adapters
     from neox_llama.checkpoint.merge import lone_adapter
     from neox_llama.model.factory import SINGLE_DEVICE
-    from neox_llama.model.peft import apply_peft
+    from neox_llama.peft.methods import apply_peft
 
     adapter = lone_adapter(run.adapters)
     fill_layers(layers, run.folder, expected=expected)

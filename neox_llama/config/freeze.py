@@ -1,7 +1,7 @@
 """``freeze``: the rules of which parameters a full fine-tune keeps fixed (``requires_grad`` off, so out of the optimizer).
 
 Parsed here, in the configuration floor (torch-free, so that validation can check the entries); applied to
-the built model by :mod:`neox_llama.model.freeze`.
+the built model by :mod:`neox_llama.peft.freeze`.
 
 Entries (``freeze: [embeddings, "layers.0-11", "layers.20.mlp"]``):
 

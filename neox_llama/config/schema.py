@@ -303,7 +303,7 @@ class Derived:
     train_batch_size: int = doc_field(1, "micro batch x accumulation x data parallel size.")
     lr_decay_iters: int = doc_field(1, "lr_decay_iters, or train_iters when unset.")
     warmup_iters: int = doc_field(0, "warmup_iters, or warmup x lr_decay_iters.")
-    engine_zero_stage: int = doc_field(0, "The ZeRO stage DeepSpeed runs: zero_optimization.stage, or 0 for stage 1 or 2 on one fp32 rank without offload (nothing to partition; stage 0 skips ZeRO's flat fp32 copy of the weights and gradients).")
+    engine_zero_stage: int = doc_field(0, "The ZeRO stage DeepSpeed runs: zero_optimization.stage, or 0 for stage 1 or 2 on one fp32 rank without offload (nothing to partition; stage 0 skips ZeRO's flat fp32 copy of the weights and gradients). A resume of a one-rank fp32 checkpoint saved at stage 1 or 2 keeps that stage (the load plan decides; this value is not changed).")
 
 
 @dataclass

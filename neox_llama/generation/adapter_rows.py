@@ -4,7 +4,7 @@ biases, the base's norms). Used by :class:`neox_llama.generation.adapter_bank.Ad
 so the server decodes requests for LoRA, Adapter and Adapter v2 fine-tunes of one base together.
 
 Prompts of different lengths are padded and the padding masked out; a row whose adapter has no prompt in a layer
-attends to zeros through a closed gate. The maths per row is model/adapter.py's.
+attends to zeros through a closed gate. The maths per row is peft/adapter.py's.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from neox_llama.checkpoint.paths import CheckpointError
-from neox_llama.model.adapter import is_norm_tensor
 from neox_llama.model.llama import RMSNorm
+from neox_llama.peft.adapter import is_norm_tensor
 
 
 class _Rows(nn.Module):

@@ -4,7 +4,7 @@ The model asks a factory for a *column* layer (output features may be split acro
 ranks), a *row* layer (input features split, results summed) or a *vocab* embedding (rows split).
 On one device these are plain ``nn.Linear`` / ``nn.Embedding``; neox_llama.parallel supplies a
 factory whose layers hold one rank's shard. The model code is the same either way. A factory knows parallel
-layers only: adapters (neox_llama/model/lora.py, adapter.py) ask it for parameters and collectives.
+layers only: adapters (neox_llama/peft/lora.py, adapter.py) ask it for parameters and collectives.
 
 Every parameter records how it is sharded (``partition_dim``, ``tp_size``, ``tp_rank``): initialisation, adapters
 and checkpoints read that record through the helpers here (``full_shape``, ``shard``, ``held_numel``).

@@ -10,7 +10,7 @@ Every layer's ``forward`` is the only code that computes it: :class:`Llama` comp
 evaluation, generation and serving, and DeepSpeed's ``PipelineModule`` composes the same layer classes when
 pp > 1 (neox_llama/parallel/pipeline.py). Linear and embedding layers come from a :class:`LayerFactory`: plain
 ``nn.Linear`` on one device, one rank's shard under tensor parallelism. Adapters (LoRA, Adapter, Adapter v2)
-attach to the built model from outside (neox_llama/model/lora.py, adapter.py).
+attach to the built model from outside (neox_llama/peft/lora.py, adapter.py).
 
 Global layer indices (stable; checkpoints and converters rely on them): ``0`` embedding, ``1..N`` blocks, ``N+1``
 final norm, ``N+2`` head. Parameter names are ``{index}.{name}``: ``0.word_embeddings.weight``,
@@ -238,7 +238,7 @@ class Attention(nn.Module):
         self.dropout = args.attention_dropout
         self.document_attention = args.document_attention
         self.recompute = args.recompute_attention
-        self.register_module("adapter", None)  # LLaMA-Adapter's gated prompt, when a run adds one (model/adapter.py)
+        self.register_module("adapter", None)  # LLaMA-Adapter's gated prompt, when a run adds one (peft/adapter.py)
         self.rotary = None
         if args.pos_emb == "rotary":
             scaling = dict(args.rope_scaling) if args.rope_scaling else None

@@ -84,9 +84,9 @@ def count_trainable(cfg: Config, vocab_size: int | None = None) -> Trainable:
     used)."""
     from neox_llama.model.args import LlamaArgs
     from neox_llama.model.factory import SINGLE_DEVICE
-    from neox_llama.model.freeze import apply_freeze
     from neox_llama.model.llama import build_model
-    from neox_llama.model.peft import apply_peft, peft_settings
+    from neox_llama.peft.freeze import apply_freeze
+    from neox_llama.peft.methods import apply_peft, peft_settings
 
     args = LlamaArgs.from_config(cfg, vocab_size)
     model = build_model(args, device="meta", initialize=False)

@@ -56,7 +56,7 @@ def model_text(cfg: Config, accelerator: str = "cpu") -> str:
     vocab = f"vocab {cfg.vocab_size} padded to {d.padded_vocab_size}"
     trained = ""
     if cfg.lora_r or cfg.freeze or cfg.peft_method != "lora":
-        from neox_llama.model.peft import describe, peft_settings
+        from neox_llama.peft.methods import describe, peft_settings
 
         t = count_trainable(cfg)
         settings = peft_settings(cfg)

@@ -39,10 +39,10 @@ from neox_llama.config.loading import dump_raw
 from neox_llama.config.schema import Config
 from neox_llama.distributed import agree
 from neox_llama.model.args import LlamaArgs
-from neox_llama.model.lora import LoraSettings
-from neox_llama.model.peft import PeftSettings, trained_tensors
 from neox_llama.parallel.pipeline import rank_layers
 from neox_llama.parallel.topology import ParallelState
+from neox_llama.peft.lora import LoraSettings
+from neox_llama.peft.methods import PeftSettings, trained_tensors
 from neox_llama.utils.files import atomic_write_text
 
 logger = logging.getLogger("train")

@@ -17,12 +17,12 @@ from neox_llama.distributed import agree
 from neox_llama.errors import TrainingError
 from neox_llama.model.args import LlamaArgs
 from neox_llama.model.factory import LayerFactory, full_shape, held_numel
-from neox_llama.model.freeze import apply_freeze
 from neox_llama.model.init import init_weights
 from neox_llama.model.llama import TransformerBlock
-from neox_llama.model.peft import apply_peft, describe, peft_settings
 from neox_llama.parallel.pipeline import build_module, layer_factory, rank_layers
 from neox_llama.parallel.topology import ParallelState
+from neox_llama.peft.freeze import apply_freeze
+from neox_llama.peft.methods import apply_peft, describe, peft_settings
 from neox_llama.training import checkpointing as ckpt
 from neox_llama.training.load_plan import LoadPlan
 

@@ -25,7 +25,7 @@ from neox_llama.checkpoint.metadata import BaseRef, Metadata, read_metadata
 from neox_llama.checkpoint.paths import LATEST, METADATA, CheckpointError, resolve_checkpoint
 from neox_llama.config.schema import Config
 from neox_llama.errors import TrainingError
-from neox_llama.model.peft import PeftSettings, describe, kind, peft_settings, same_shapes, settings_of
+from neox_llama.peft.methods import PeftSettings, describe, kind, peft_settings, same_shapes, settings_of
 
 logger = logging.getLogger("train")
 

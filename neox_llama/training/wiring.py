@@ -13,8 +13,8 @@ from neox_llama.distributed import RankInfo, agree
 from neox_llama.errors import TrainingError
 from neox_llama.model.args import LlamaArgs
 from neox_llama.model.loss import CausalLMLoss
-from neox_llama.model.peft import describe
 from neox_llama.parallel.topology import ParallelState
+from neox_llama.peft.methods import describe
 from neox_llama.tokenizers import Tokenizer
 from neox_llama.training import checkpointing as ckpt
 from neox_llama.training.engine import TrainingEngine, setup_engine

@@ -9,8 +9,8 @@ from neox_llama.checkpoint.adapter import adapter_file, base_ref
 from neox_llama.checkpoint.metadata import Layout, Metadata, write_metadata
 from neox_llama.checkpoint.run import load_model
 from neox_llama.checkpoint.weights import write_layer_file
-from neox_llama.model.adapter import AdapterSettings, apply_adapter, is_adapter_tensor
 from neox_llama.model.factory import SINGLE_DEVICE
+from neox_llama.peft.adapter import AdapterSettings, apply_adapter, is_adapter_tensor
 
 
 def adapted(base, settings: AdapterSettings):

@@ -11,7 +11,7 @@ from neox_llama.checkpoint.metadata import Layout, Metadata, write_metadata
 from neox_llama.checkpoint.run import load_model
 from neox_llama.checkpoint.weights import write_layer_file
 from neox_llama.model.factory import SINGLE_DEVICE
-from neox_llama.model.lora import LoraSettings, apply_lora
+from neox_llama.peft.lora import LoraSettings, apply_lora
 
 UNTIED = {**TINY, "no_weight_tying": True}
 IDS = torch.tensor([[1, 5, 9, 20, 33, 7, 64, 100, 3]])

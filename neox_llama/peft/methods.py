@@ -1,4 +1,4 @@
-"""The parameter-efficient methods side by side: LoRA (model/lora.py), Adapter and Adapter v2 (model/adapter.py).
+"""The parameter-efficient methods side by side: LoRA (peft/lora.py), Adapter and Adapter v2 (peft/adapter.py).
 
 One place answers, for any of them: which settings a config or a checkpoint's metadata holds, how the settings
 attach to a model's layers, which of a layer's tensors the method trains (and an adapter checkpoint saves), and
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from neox_llama.model.adapter import AdapterSettings, apply_adapter, is_adapter_tensor
-from neox_llama.model.lora import LoraSettings, apply_lora
+from neox_llama.peft.adapter import AdapterSettings, apply_adapter, is_adapter_tensor
+from neox_llama.peft.lora import LoraSettings, apply_lora
 
 PeftSettings = LoraSettings | AdapterSettings
 """The settings of one parameter-efficient method."""

@@ -33,7 +33,7 @@ from neox_llama.model.factory import full_shape, shard
 from neox_llama.model.init import is_norm_tensor, seeded_generator
 
 METHODS = ("adapter", "adapter_v2")
-"""The ``peft_method`` values this module implements (``lora`` is neox_llama/model/lora.py)."""
+"""The ``peft_method`` values this module implements (``lora`` is neox_llama/peft/lora.py)."""
 
 
 @dataclass(frozen=True)
