@@ -19,7 +19,7 @@ from neox_llama.checkpoint.run import load_model, load_run
 
 DEEPSPEED_FREE = ("neox_llama.checkpoint", "neox_llama.generation", "neox_llama.convert", "neox_llama.config",
                   "neox_llama.model", "neox_llama.data", "neox_llama.tokenizers", "neox_llama.evaluation",
-                  "neox_llama.serving")
+                  "neox_llama.serving", "neox_llama.peft", "neox_llama.planning")
 
 def test_checkpoint_generation_convert_and_config_import_no_deepspeed():
     modules = []

@@ -122,10 +122,14 @@ def test_every_cli_module_and_tool_goes_through_the_runner():
         assert f"from neox_llama.cli.{name} import main" in text and len(text.splitlines()) <= 16, name
     for script in ("deepy.py", "train.py"):
         assert f"from neox_llama.cli.{script[:-3]} import main" in (ROOT / script).read_text(encoding="utf-8")
+    for name in modules:  # python -m neox_llama.cli.NAME runs it too
+        assert 'if __name__ == "__main__":' in (ROOT / "neox_llama/cli" / f"{name}.py").read_text(encoding="utf-8"), name
 
 
-def test_a_real_tool_in_a_process_of_its_own(tmp_path):
-    proc = run([sys.executable, str(ROOT / "tools" / "plot_metrics.py"), str(tmp_path / "missing.jsonl")], timeout=120)
+@pytest.mark.parametrize("how", ["tool", "module"])
+def test_a_real_tool_in_a_process_of_its_own(tmp_path, how):
+    start = [str(ROOT / "tools" / "plot_metrics.py")] if how == "tool" else ["-m", "neox_llama.cli.plot_metrics"]
+    proc = run([sys.executable, *start, str(tmp_path / "missing.jsonl")], timeout=120)
     assert proc.returncode == 2
     assert _lines(proc.stderr) == [f"plot_metrics.py: error: {tmp_path / 'missing.jsonl'} not found"]
     assert "Traceback" not in proc.stderr

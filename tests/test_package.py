@@ -44,6 +44,8 @@ def test_the_wheel_ships_presets_cli_and_entry_points(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"neox_llama/configs/llama3/tiny.yml", "neox_llama/configs/llama2/7B.yml", "neox_llama/configs/local.yml",
             "neox_llama/cli/train.py", "neox_llama/checkpoint/run.py"} <= names
+    sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "neox_llama").rglob("*.py")}
+    assert not sources - names, f"modules missing from the wheel (pyproject.toml packages): {sorted(sources - names)}"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert all(f"{s} = " in text for s in SCRIPTS)

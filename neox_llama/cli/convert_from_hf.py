@@ -10,6 +10,7 @@ Then: python deepy.py train.py checkpoints/llama32-1b/model.yml configs/local.ym
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from neox_llama.cli.runner import command
@@ -33,3 +34,7 @@ def main(argv: list[str]) -> int:
 
 
 console_main = main  # neox-convert-from-hf
+
+
+if __name__ == "__main__":
+    sys.exit(main())

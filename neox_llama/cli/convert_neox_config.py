@@ -11,6 +11,7 @@ nothing written) unless --drop-unsupported. OURS.yml says on every line where it
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from neox_llama.cli.runner import command
@@ -76,3 +77,7 @@ def _read_back(text: str) -> list[str]:
 
 
 console_main = main  # neox-convert-neox-config
+
+
+if __name__ == "__main__":
+    sys.exit(main())

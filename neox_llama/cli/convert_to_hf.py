@@ -13,6 +13,7 @@ adapter_model.safetensors) for the base exported without it.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from neox_llama.cli.runner import command
 from neox_llama.convert.hf_export import DEFAULT_SHARD_SIZE, export_to_hf
@@ -46,3 +47,7 @@ def main(argv: list[str]) -> int:
 
 
 console_main = main  # neox-convert-to-hf
+
+
+if __name__ == "__main__":
+    sys.exit(main())

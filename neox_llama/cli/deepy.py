@@ -218,3 +218,7 @@ def train_main(argv: list[str]) -> int:
     from neox_llama.cli import train
 
     return main([train.__file__, *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,6 +17,7 @@ first is scored with context). A checkpoint trained at any pipeline/tensor layou
 from __future__ import annotations
 
 import argparse
+import sys
 
 from neox_llama.cli.runner import command
 from neox_llama.errors import NeoxLlamaError
@@ -111,3 +112,7 @@ def _tasks(lm, args: argparse.Namespace) -> int:
 
 
 console_main = main  # neox-evaluate
+
+
+if __name__ == "__main__":
+    sys.exit(main())

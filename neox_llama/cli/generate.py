@@ -143,3 +143,7 @@ def _read_prompts(path: str) -> list[str]:
 
 
 console_main = main  # neox-generate
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,6 +16,7 @@ dropped; an Adapter (v1) checkpoint is only a prompt and does not merge.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from neox_llama.checkpoint.merge import Adapter, merge_to_checkpoint
 from neox_llama.cli.runner import command
@@ -53,3 +54,7 @@ def main(argv: list[str]) -> int:
 
 
 console_main = main  # neox-merge-lora
+
+
+if __name__ == "__main__":
+    sys.exit(main())

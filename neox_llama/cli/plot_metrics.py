@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from neox_llama.cli.runner import command
@@ -65,3 +66,7 @@ def main(argv: list[str]) -> int:
     tmp.replace(output)
     print(f"wrote {output}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 from neox_llama.cli.runner import command
@@ -60,3 +61,7 @@ def main(argv: list[str]) -> int:
         log.info("wrote %s", target)
     log.info("data ready in %s", data)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from neox_llama.cli.runner import command
@@ -82,3 +83,7 @@ def _instruction(args: argparse.Namespace, inputs: list[Path]) -> int:
 
 
 console_main = main  # neox-preprocess
+
+
+if __name__ == "__main__":
+    sys.exit(main())

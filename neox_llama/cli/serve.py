@@ -16,6 +16,7 @@ import argparse
 import logging
 import signal
 import socket
+import sys
 
 import torch
 
@@ -134,3 +135,7 @@ def main(argv: list[str]) -> int:
 
 
 console_main = main  # neox-serve
+
+
+if __name__ == "__main__":
+    sys.exit(main())

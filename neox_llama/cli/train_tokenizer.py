@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from neox_llama.cli.runner import command
@@ -35,3 +36,7 @@ def main(argv: list[str]) -> int:
         raise NeoxLlamaError(f"sentencepiece could not train: {err}") from None
     print(f"wrote {model} (vocab {args.vocab_size})")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

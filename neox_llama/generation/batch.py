@@ -120,7 +120,7 @@ class DecodingBatch:
         budget = min(settings.max_new_tokens, min(self.lm.max_length, self.capacity) - len(prompt))
         stops = settings.stop_ids or (stop_ids if stop_ids is not None else self.lm.default_stops())
         seq = DecodedSequence(list(prompt), settings, stops, budget, adapter,
-                        generator=torch.Generator().manual_seed(settings.seed))
+                              generator=torch.Generator().manual_seed(settings.seed))
         seq.slot = self.free_slots.pop()
         try:
             ids = torch.tensor([seq.prompt], device=self.lm.device)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +69,8 @@ def _plain(rot_dim: int, base: float) -> torch.Tensor:
 
 def _llama3(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     """Llama-3.1: long wavelengths stretched by ``factor``, short ones kept, the band between interpolated."""
-    factor, low, high, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old = s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
     smooth = (old / wavelen - low) / (high - low)
@@ -133,7 +133,8 @@ def inverse_frequencies(rot_dim: int, base: float, scaling: dict | None = None, 
             attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
         ext = torch.tensor(s["long_factor"] if seq_len and seq_len > original else s["short_factor"],
                            dtype=torch.float32)
-        return 1.0 / (ext * base ** (torch.arange(0, rot_dim, 2, dtype=torch.int64).float() / rot_dim)), float(attention)
+        exponents = torch.arange(0, rot_dim, 2, dtype=torch.int64).float() / rot_dim
+        return 1.0 / (ext * base**exponents), float(attention)
     raise ValueError(f"unknown rope_type {kind!r}; valid types are {', '.join(ROPE_TYPES)}")
 
 
@@ -385,8 +386,9 @@ class Llama(nn.Module):
     def __init__(self, args: LlamaArgs, factory: LayerFactory = SINGLE_DEVICE, checkpoint_every: int = 0):
         super().__init__()
         embedding = EmbeddingLayer(args, factory)
-        layers = [embedding, *(TransformerBlock(args, factory) for _ in range(args.num_layers)), FinalNorm(args, factory)]
-        layers.append(_TiedForward(embedding, "as_head") if args.tie_embeddings else HeadLayer(args, factory))
+        blocks = [TransformerBlock(args, factory) for _ in range(args.num_layers)]
+        head = _TiedForward(embedding, "as_head") if args.tie_embeddings else HeadLayer(args, factory)
+        layers = [embedding, *blocks, FinalNorm(args, factory), head]
         for index, layer in enumerate(layers):
             self.add_module(str(index), layer)
         self.checkpoint_every = checkpoint_every
@@ -401,26 +403,22 @@ class Llama(nn.Module):
         ``cache``: one KV cache per block (generation: the blocks read and extend it); ``last_only``: the logits of
         the last position only ([batch, 1, vocab]; the final norm and head run on that position alone).
         """
-        x: Any = (input_ids, position_ids)
-        caches = iter(cache) if cache is not None else None
-        layers = list(self.children())
-        i = 0
-        while i < len(layers):
-            layer = layers[i]
-            if isinstance(layer, TransformerBlock) and caches is not None:
-                x = layer(x, next(caches))
-            elif isinstance(layer, TransformerBlock) and self.checkpoint_every and self.training:
-                group = layers[i:i + self.checkpoint_every]
-                group = group[:next((n for n, m in enumerate(group) if not isinstance(m, TransformerBlock)), len(group))]
-                x = checkpoint(_run_group, group, *x, use_reentrant=False)
-                i += len(group)
-                continue
-            else:
-                if last_only and isinstance(layer, FinalNorm):
-                    x = (x[0][:, -1:], x[1])
-                x = layer(x)
-            i += 1
-        return x
+        layers, blocks = list(self.children()), self.blocks()
+        if cache is not None and len(cache) != len(blocks):
+            raise ValueError(f"{len(cache)} KV caches for {len(blocks)} blocks")
+        x = layers[0]((input_ids, position_ids))
+        if cache is not None:
+            for block, block_cache in zip(blocks, cache, strict=True):
+                x = block(x, block_cache)
+        elif self.checkpoint_every and self.training:
+            for start in range(0, len(blocks), self.checkpoint_every):
+                x = checkpoint(_run_group, blocks[start:start + self.checkpoint_every], *x, use_reentrant=False)
+        else:
+            for block in blocks:
+                x = block(x)
+        if last_only:
+            x = (x[0][:, -1:], x[1])
+        return layers[-1](layers[-2](x))
 
     def new_cache(self, batch: int, capacity: int) -> list[KVCache]:
         """Empty KV caches (one per block) for ``batch`` sequences of up to ``capacity`` positions."""

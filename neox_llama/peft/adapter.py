@@ -133,7 +133,8 @@ def apply_adapter(layers: dict[int, nn.Module], settings: AdapterSettings, facto
             attention = modules["attention"]
             device, dtype = attention.query.weight.device, attention.query.weight.dtype
             prompt = factory.parameter((settings.prompt_length, args.hidden_size), None, device, dtype)
-            full = torch.empty(prompt.shape).normal_(0.0, args.init_method_std, generator=seeded_generator("adapter", seed, index, "prompt"))
+            draw = seeded_generator("adapter", seed, index, "prompt")
+            full = torch.empty(prompt.shape).normal_(0.0, args.init_method_std, generator=draw)
             prompt.copy_(full.to(dtype))
             per_head = settings.gate == "per_head"
             gate = factory.parameter((args.num_attention_heads,) if per_head else (1,), 0 if per_head else None,
