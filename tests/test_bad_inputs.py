@@ -3,86 +3,20 @@ was already written changed (hashed before and after)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
-import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
-from helpers import inprocess
-from helpers.data import make_docs
-from helpers.runner import ROOT, run
-from helpers.training import deepy_train
-
-from neox_llama.data.indexed import IndexedDatasetWriter
-from neox_llama.data.preprocess import preprocess
-from neox_llama.tokenizers.train import train_sentencepiece
+from helpers import bad_cases, inprocess
+from helpers.bad_inputs import copy_run as _copy_run
+from helpers.bad_inputs import deepy as _deepy
+from helpers.bad_inputs import make_world, tree_hash
+from helpers.bad_inputs import process as _process
+from helpers.bad_inputs import tool as _tool
+from helpers.bad_inputs import train_py as _train_py
+from helpers.bad_inputs import truncate as _truncate
+from helpers.runner import ROOT
 
 pytestmark = pytest.mark.dist
-
-
-def tree_hash(*paths: Path) -> str:
-    digest = hashlib.sha256()
-    for root in paths:
-        for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
-            digest.update(str(path).encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tokenizer, a dataset made with it, a dataset with ids beyond it, a trained checkpoint and its HF export."""
-    w = tmp_path_factory.mktemp("bad")
-    (w / "corpus.txt").write_text("\n".join(make_docs(300)))
-    (w / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in make_docs(300)))
-    tok = train_sentencepiece([w / "corpus.txt"], w / "tok", 320)
-    preprocess([w / "corpus.jsonl"], str(w / "data"), "SPMTokenizer", str(tok), append_eod=True, progress=False)
-    with IndexedDatasetWriter(w / "wide", np.uint16) as writer:  # as if made with a bigger tokenizer
-        for i in range(200):
-            writer.add_document([*range(i, i + 99), 4999])
-    proc = deepy_train(w / "run", w / "data_text_document", "tokenizer_type=SPMTokenizer", f"vocab_file={tok}",
-                       "vocab_size=null", "train_iters=2", "checkpoint_factor=2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = inprocess.tool("convert_to_hf.py", "--checkpoint", str(w / "run/ck"), "--output", str(w / "hf"), "--dtype",
-                          "fp32")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"w": w, "tok": tok}
-
-
-def _copy_run(world, tmp_path) -> Path:
-    shutil.copytree(world["w"] / "run", tmp_path / "run")
-    return tmp_path / "run"
-
-
-def _truncate(path: Path, keep: int = 100) -> Path:
-    path.write_bytes(path.read_bytes()[:keep])
-    return path
-
-
-def _tool(name: str, *args: str):
-    """``python tools/NAME ARGS``, run in this process."""
-    return inprocess.tool(name, *map(str, args))
-
-
-def _process(name: str, *args: str):
-    """``python tools/NAME ARGS`` in a process of its own."""
-    return run([sys.executable, str(ROOT / "tools" / name), *map(str, args)], timeout=300)
-
-
-def _train_py(*args: str, env: dict | None = None):
-    """``python train.py ARGS`` (without deepy.py), run in this process."""
-    from neox_llama.cli import train
-
-    return inprocess.call(train.main, list(map(str, args)), env=env,
-                          args=[sys.executable, str(ROOT / "train.py"), *map(str, args)])
-
-
-def _deepy(world, run_dir: Path, *overrides: str, corpus: str = "data_text_document"):
-    return deepy_train(run_dir, world["w"] / corpus, "tokenizer_type=SPMTokenizer", f"vocab_file={world['tok']}",
-                       "vocab_size=null", *overrides, timeout=300)
 
 
 def case_deepy_missing_data(world, tmp_path):
@@ -240,6 +174,13 @@ def case_generate_adapter_that_is_not_lora(world, tmp_path):
 
 
 CASES = {name.removeprefix("case_"): fn for name, fn in dict(globals()).items() if name.startswith("case_")}
+CASES.update(bad_cases.collect())  # the cases of tests/helpers/bad_cases/*.py (one module per kind of input)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tokenizer, a dataset made with it, a dataset with ids beyond it, a trained checkpoint and its HF export."""
+    return make_world(tmp_path_factory.mktemp("bad"))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
