@@ -38,12 +38,26 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if latest.is_file():
         tag = latest.read_text().strip()
         folder = path / tag
-        if not is_checkpoint(folder):
-            raise CheckpointError(f"{latest} names {tag}, but {folder} is not a complete checkpoint (no {METADATA})")
+        if not tag or not is_checkpoint(folder):
+            found = complete_checkpoints(path)
+            what = f"{latest} is empty" if not tag else \
+                f"{latest} names {tag}, but {folder} is not a complete checkpoint (no {METADATA})"
+            newest = next((name for name in reversed(found) if name != BEST), found[-1]) if found else ""
+            there = f"the complete checkpoints in {path}: {', '.join(found)}; write one of them into {latest}, or " \
+                f"load one directly (e.g. {path / newest})" if found else f"{path} holds no complete checkpoint"
+            raise CheckpointError(f"{what}; {there}")
         return folder
     if path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint (no {METADATA}) and not a save directory (no {LATEST} file)")
     raise CheckpointError(f"{path}: checkpoint directory not found")
+
+
+def complete_checkpoints(save: str | Path) -> list[str]:
+    """The complete checkpoint folders in a save directory: ``global_stepN`` by step, then ``best``."""
+    save = Path(save)
+    steps = sorted((int(p.name.removeprefix("global_step")), p.name) for p in save.glob("global_step*")
+                   if p.name.removeprefix("global_step").isdigit() and is_checkpoint(p))
+    return [name for _, name in steps] + ([BEST] if is_checkpoint(save / BEST) else [])
 
 
 def layer_file(folder: Path, index: int) -> Path:

@@ -1,12 +1,20 @@
 #!/usr/bin/env python
 """Launch a neox_llama script on every rank.
 
-    python deepy.py train.py CONFIG.yml [CONFIG.yml ...] [key=value ...] [--dry-run] [--force]
+    python deepy.py train.py CONFIG [CONFIG ...] [key=value ...] [--preset NAME] [--dry-run] [--force]
+    neox-train CONFIG [CONFIG ...] [key=value ...] [--preset NAME] [--dry-run] [--force]   (the same, for train.py)
 
 Config files merge left to right, then ``key=value`` overrides (dotted for nested keys, e.g.
 ``optimizer.params.lr=1e-4``). The merged config is validated for the world it will run in before
 any process starts; it is then written to ``{log_dir}/config.yml`` and every rank reads that file.
 One rank runs the script directly; more go through DeepSpeed's launcher.
+
+A CONFIG that is a file here is read; one that is not is looked up among the configs shipped with neox_llama
+(the repository's configs/, installed as the package data neox_llama.configs), by its name under configs/ with
+or without ``configs/`` and ``.yml`` (``llama3/tiny``, ``configs/llama3/tiny.yml``, ``local.yml``,
+``finetune/lora``) or by a model name (``tiny-llama3``, ``Meta-Llama-3-8B``). ``--preset NAME`` reads the shipped
+config of that name even when a file of that name exists here, at its place among the CONFIGs.
+``model_name=NAME`` alone, without a CONFIG, starts from that model's preset.
 
 Before that, the datasets, a resume target's shapes and (without GPUs) the host memory are checked
 (neox_llama/planning/preflight.py); ``--force`` starts even when the memory estimate exceeds this machine's RAM.
@@ -28,35 +36,81 @@ from neox_llama.cli import runner
 if TYPE_CHECKING:
     from neox_llama.planning.launch import LaunchCommand
 
-USAGE = "usage: python deepy.py SCRIPT.py CONFIG.yml [CONFIG.yml ...] [key=value ...] [--dry-run] [--force]"
+def invoked_as() -> str:
+    """How this process was started, as its user typed it, from ``sys.argv[0]`` (where argparse takes its ``prog``):
+    ``python deepy.py``, ``python -m neox_llama.cli.deepy``, or a console script's name such as ``neox-train``."""
+    started = Path(sys.argv[0] if sys.argv and sys.argv[0] else "deepy.py")
+    if started.suffix != ".py":
+        return started.name
+    if started.parent.name == "cli" and started.parent.parent.name == "neox_llama":
+        return f"python -m neox_llama.cli.{started.stem}"
+    return f"python {started.name}"
+
+
+def usage(prog: str) -> str:
+    """The usage line of ``prog`` (a console script such as neox-train names no script: it runs train.py)."""
+    script = " SCRIPT.py" if prog.startswith("python") else ""
+    return f"usage: {prog}{script} CONFIG [CONFIG ...] [key=value ...] [--preset NAME] [--dry-run] [--force]"
+
+
+def help_text(prog: str) -> str:
+    """``--help``: the usage line of ``prog``, this module's description and the names of the shipped configs."""
+    from neox_llama.config.presets import shipped_names
+
+    return f"{usage(prog)}\n\n{__doc__.strip()}\n\nshipped configs: {', '.join(shipped_names())}"
 
 
 def parse_args(argv: list[str]) -> tuple[str, list[str], list[str], bool, bool]:
-    """Split the command line into the script, config files, overrides, and the dry-run and force flags."""
+    """Split the command line into the script, config files, overrides, and the dry-run and force flags.
+
+    ``--preset NAME`` becomes the shipped config's path, where it stands among the config files."""
+    line = usage(invoked_as())
     dry_run = force = False
-    positional: list[str] = []
-    for arg in argv:
+    entries: list[tuple[str, bool]] = []  # (argument, named by --preset)
+    args = iter(argv)
+    for arg in args:
         if arg == "--dry-run":
             dry_run = True
         elif arg == "--force":
             force = True
         elif arg in ("-h", "--help"):
-            print(__doc__.strip())
+            print(help_text(invoked_as()))
             sys.exit(0)
+        elif arg == "--preset" or arg.startswith("--preset="):
+            name = arg.partition("=")[2] if "=" in arg else next(args, "")
+            if not name or name.startswith("--"):
+                _usage_error(f"deepy.py: error: --preset needs a NAME, e.g. --preset llama3/tiny\n{line}")
+            entries.append((_shipped(name, line), True))
         elif arg.startswith("--"):
-            _usage_error(f"deepy.py: error: unknown option {arg}\n{USAGE}")
+            _usage_error(f"deepy.py: error: unknown option {arg}\n{line}")
         else:
-            positional.append(arg)
-    if not positional or not positional[0].endswith(".py"):
-        _usage_error(f"deepy.py: error: the first argument must be the script to run (e.g. train.py)\n{USAGE}")
-    script, rest = positional[0], positional[1:]
+            entries.append((arg, False))
+    first = next((i for i, (_, preset) in enumerate(entries) if not preset), None)
+    if first is None or not entries[first][0].endswith(".py"):
+        _usage_error(f"deepy.py: error: the first argument must be the script to run (e.g. train.py)\n{line}")
+    script, rest = entries[first][0], entries[:first] + entries[first + 1:]
     if not Path(script).is_file():
         _usage_error(f"deepy.py: error: script {script} not found")
-    files = [a for a in rest if _is_config_file(a)]
-    overrides = [a for a in rest if not _is_config_file(a)]
-    if not files:
-        _usage_error(f"deepy.py: error: no config file given\n{USAGE}")
+    files = [a for a, preset in rest if preset or _is_config_file(a)]
+    overrides = [a for a, preset in rest if not (preset or _is_config_file(a))]
+    if not files and not any(o.partition("=")[0].strip() == "model_name" for o in overrides):
+        _usage_error("deepy.py: error: no config file given: name a YAML file, a shipped config (llama3/tiny, "
+                     f"local.yml, --preset NAME) or a model (model_name=tiny-llama3)\n{line}")
     return script, files, overrides, dry_run, force
+
+
+def _shipped(name: str, line: str) -> str:
+    """The path of the shipped config ``--preset name`` names; a usage error naming the shipped ones otherwise."""
+    from neox_llama.config.presets import shipped_config, shipped_names
+    from neox_llama.config.typecheck import did_you_mean
+
+    path = shipped_config(name)
+    if path is None:
+        names = shipped_names()
+        _usage_error(f"deepy.py: error: --preset {name}: no config of that name ships with neox_llama"
+                     f"{did_you_mean(name.removeprefix('configs/').removesuffix('.yml'), names)}; shipped: "
+                     f"{', '.join(names)}, or a model name such as tiny-llama3\n{line}")
+    return str(path)
 
 
 def _neox_hints(files: list[str], problems: list[str]) -> list[str]:
@@ -214,7 +268,8 @@ def prepare_launch(argv: list[str]) -> PreparedLaunch | int:
 
 @runner.command("deepy.py")
 def train_main(argv: list[str]) -> int:
-    """``neox-train CONFIG.yml ... [key=value ...] [--dry-run] [--force]``: the same as ``python deepy.py train.py ...``."""
+    """``neox-train CONFIG ... [key=value ...] [--preset NAME] [--dry-run] [--force]``: the same as
+    ``python deepy.py train.py ...`` (its usage line names neox-train, as the console script is called)."""
     from neox_llama.cli import train
 
     return main([train.__file__, *argv])

@@ -4,8 +4,9 @@ a small sentencepiece tokenizer trained on it, and the Alpaca demo instructions.
 
     python tools/prepare_data.py [--data-dir data] [--vocab-size 2048] [--force]
 
-Writes data/shakespeare.jsonl (one play per document), data/tokenizer/shakespeare_bpe.model,
-data/shakespeare_text_document.{bin,idx} and data/alpaca_en_demo.json. Steps already done are skipped.
+Writes data/shakespeare.jsonl (one play per document), data/macbeth.txt (one play as plain text, for
+evaluate.py --text), data/tokenizer/shakespeare_bpe.model, data/shakespeare_text_document.{bin,idx} and
+data/alpaca_en_demo.json. Steps already done are skipped.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ def main(argv: list[str]) -> int:
                  for p in plays]
         atomic_write_text(corpus, "\n".join(lines) + "\n")
         log.info("wrote %s (%d plays)", corpus, len(plays))
+    play = data / "macbeth.txt"
+    if args.force or not play.exists():
+        atomic_write_text(play, (texts / "macbeth_gut.txt").read_text(encoding="utf-8", errors="replace"))
+        log.info("wrote %s (a play as plain text, for tools/evaluate.py --text)", play)
     tokenizer = data / "tokenizer" / "shakespeare_bpe.model"
     if args.force or not tokenizer.exists():
         train_sentencepiece([corpus], tokenizer.with_suffix(""), args.vocab_size)

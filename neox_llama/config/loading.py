@@ -185,18 +185,38 @@ def _with_preset(layers: list[tuple[str, dict]], file_paths: list[Path]) -> list
     return [(label, read_yaml(path)), *layers]
 
 
+def locate_config(arg: str | os.PathLike) -> Path:
+    """The config file an argument names: a path that exists wins; else a config shipped with the package, by
+    its name under ``configs/`` (``llama3/tiny``, ``configs/llama3/tiny.yml``, ``local.yml``) or a model name
+    (:func:`presets.shipped_config`), so installed console scripts reach the presets from any directory."""
+    path = Path(arg)
+    if path.is_file():
+        return path
+    shipped = presets.shipped_config(str(arg))
+    if shipped is None:
+        hint = did_you_mean(str(arg).removeprefix("configs/").removesuffix(".yml"), presets.shipped_names())
+        raise ConfigError([f"{arg}: config file not found, here or among the configs shipped with neox_llama{hint} "
+                           f"(those: {', '.join(presets.shipped_names())}, or a model name such as tiny-llama3)"])
+    logger.info("%s: no such file here; reading the shipped config %s", arg, shipped)
+    return shipped
+
+
 def load_raw(files: Sequence[str | os.PathLike], overrides: Sequence[str] = (), *,
              apply_presets: bool = True) -> tuple[dict, dict[str, str]]:
     """Read, check and merge config files and overrides; returns the merged mapping and its provenance.
 
+    A file that does not exist here is looked up among the shipped configs (:func:`locate_config`).
     ``apply_presets=False`` reads an already merged file (a launched run's or a checkpoint's config.yml)
     as it is, without putting the preset named by its model_name underneath again.
     """
     problems: list[str] = []
     layers: list[tuple[str, dict]] = []
-    for path in files:
+    paths: list[Path] = []
+    for arg in files:
         try:
-            layers.append((str(path), read_yaml(path)))
+            path = locate_config(arg) if apply_presets else Path(arg)
+            layers.append((str(arg) if path == Path(arg) else str(path), read_yaml(path)))
+            paths.append(path)
         except ConfigError as err:
             problems.extend(err.problems)
     for arg in overrides:
@@ -207,7 +227,7 @@ def load_raw(files: Sequence[str | os.PathLike], overrides: Sequence[str] = (), 
     if problems:
         raise ConfigError(problems)
     if apply_presets:
-        layers = _with_preset(layers, [Path(p) for p in files])
+        layers = _with_preset(layers, paths)
     return merge_layers(layers)
 
 

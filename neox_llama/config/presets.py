@@ -1,4 +1,5 @@
-"""Model presets by name, for users who pick a model the LitGPT way (``model_name: Meta-Llama-3-8B``)."""
+"""The shipped configs by name: model presets picked the LitGPT way (``model_name: Meta-Llama-3-8B``), and every
+file of the package data ``neox_llama.configs`` by its path under ``configs/`` (``llama3/tiny``, ``local.yml``)."""
 
 from __future__ import annotations
 
@@ -65,3 +66,24 @@ def preset_path(name: str) -> Path | None:
 def known_names() -> list[str]:
     """Every accepted name, canonical ones first."""
     return list(PRESETS) + list(ALIASES)
+
+
+def shipped_config(name: str) -> Path | None:
+    """The shipped config file that ``name`` names, or None.
+
+    ``name`` is a file's path under the repository's ``configs/`` (the package data ``neox_llama.configs``), with or
+    without ``configs/`` in front and ``.yml`` at the end (``llama3/tiny``, ``configs/llama3/tiny.yml``, ``local``,
+    ``finetune/lora.yml``), or a model name (``Meta-Llama-3-8B``, ``tiny-llama3``).
+    """
+    relative = name.strip().removeprefix("./").removeprefix("configs/")
+    root = CONFIG_DIR.resolve()
+    for candidate in (relative, f"{relative}.yml", f"{relative}.yaml"):
+        path = CONFIG_DIR / candidate
+        if candidate and path.is_file() and path.resolve().is_relative_to(root):
+            return path
+    return preset_path(name)
+
+
+def shipped_names() -> list[str]:
+    """Every shipped config file by the name :func:`shipped_config` takes (``llama3/tiny``, ``local``, ...)."""
+    return sorted(path.relative_to(CONFIG_DIR).with_suffix("").as_posix() for path in CONFIG_DIR.rglob("*.yml"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from neox_llama.config.loading import ConfigError
+from neox_llama.config.loading import COMMAND_LINE, ConfigError
 from neox_llama.config.schema import Config, Derived
 
 
@@ -129,12 +129,26 @@ def _check_model(cfg: Config, tp: int, problems: _Problems, d: Derived, tokenize
         problems.add("vocab_size", "vocab_size is not set and there is no tokenizer (vocab_file) to take it from")
 
 
+def _sft_and_token_data(cfg: Config, token_key: str) -> str:
+    """Both instruction records and token data are set: which file set each, and how to clear the inherited one."""
+    sft_from, token_from = cfg.sources.get("sft_data_path", "default"), cfg.sources.get(token_key, "default")
+    both = f"sft_data_path (instruction records) and {token_key} (token data, set by {token_from}) are both set; " \
+        "train on one of them"
+    if token_from == sft_from:
+        return f"{both}: remove one of them"
+    if token_from == COMMAND_LINE:
+        return f"{both}: drop {token_key}=... from the command line to fine-tune on the records"
+    clear = f"{token_key}=null on the command line" if sft_from == COMMAND_LINE else \
+        f"`{token_key}: null` in {sft_from} (or {token_key}=null on the command line)"
+    return f"{both}: to fine-tune on the records, clear the inherited {token_key} with {clear}"
+
+
 def _check_finetune(cfg: Config, problems: _Problems) -> None:
     from neox_llama.config.freeze import FreezeError, parse_freeze
 
     if cfg.sft_data_path and (cfg.data_path or cfg.train_data_paths):
-        problems.add(("sft_data_path", "data_path"), "set sft_data_path (instruction records) or data_path / "
-                                                      "train_data_paths (token data), not both")
+        token_key = "data_path" if cfg.data_path else "train_data_paths"
+        problems.add(("sft_data_path", token_key), _sft_and_token_data(cfg, token_key))
     if cfg.sft_valid_data_path and not cfg.sft_data_path:
         problems.add("sft_valid_data_path", "sft_valid_data_path is set but sft_data_path (the training records) is not")
     if cfg.sft_valid_data_path and "val_split_fraction" in cfg.sources:
