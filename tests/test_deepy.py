@@ -77,6 +77,46 @@ def test_usage_errors():  # real processes: deepy.py's own command line
     assert proc.returncode == 2 and "unknown option --fast" in proc.stderr
 
 
+NEOX_TRAIN = [sys.executable, "/opt/venv/bin/neox-train"]
+"""The process's command line when the installed console script runs (what argparse and deepy read the name from)."""
+
+
+def neox_train(*args: str, cwd: Path):
+    """``neox-train ARGS`` in this process (dry runs and refusals only: a real start would replace the process)."""
+    return call(deepy.train_main, list(args), cwd=cwd, args=[*NEOX_TRAIN, *args])
+
+
+def test_neox_train_reaches_the_shipped_configs_by_name_from_another_directory(tmp_path):
+    (tmp_path / "mine.yml").write_text("vocab_size: 256\ntokenizer_type: null\nvocab_file: null\n")
+    proc = neox_train("llama3/tiny", "configs/local.yml", "mine.yml", f"log_dir={tmp_path / 'logs'}", "--dry-run",
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "llama3/tiny: no such file here; reading the shipped config" in proc.stderr
+    assert "num_layers: 2 " in proc.stdout and "configs/llama3/tiny.yml" in proc.stdout
+    assert "data_path: data/shakespeare_text_document" in proc.stdout and "configs/local.yml" in proc.stdout
+    (tmp_path / "local.yml").write_text("seed: 77\n")  # a file here wins over the shipped one of the same name...
+    proc = neox_train("llama3/tiny", "local.yml", "mine.yml", "--dry-run", cwd=tmp_path)
+    assert proc.returncode == 0 and "seed: 77" in proc.stdout and "data_path: data/" not in proc.stdout, proc.stderr
+    proc = neox_train("llama3/tiny", "--preset", "local", "mine.yml", "--dry-run", cwd=tmp_path)  # ...unless --preset
+    assert proc.returncode == 0 and "seed: 77" not in proc.stdout and "data_path: data/" in proc.stdout, proc.stderr
+    proc = neox_train("model_name=tiny-llama3", "vocab_size=256", "tokenizer_type=null", "vocab_file=null",
+                      "--dry-run", cwd=tmp_path)  # a model name alone, no file
+    assert proc.returncode == 0 and "num_layers: 2 " in proc.stdout, proc.stderr
+
+
+def test_usage_lines_name_the_command_that_ran(tmp_path):
+    proc = neox_train(cwd=tmp_path)
+    assert proc.returncode == 2 and "no config file given" in proc.stderr
+    assert "usage: neox-train CONFIG [CONFIG ...] [key=value ...] [--preset NAME]" in proc.stderr
+    proc = neox_train("--help", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: neox-train CONFIG")
+    assert "--preset NAME" in proc.stdout and "shipped configs: " in proc.stdout and "llama3/tiny" in proc.stdout
+    for argv0, prog in ((ROOT / "deepy.py", "python deepy.py"),
+                        (ROOT / "neox_llama/cli/deepy.py", "python -m neox_llama.cli.deepy")):
+        proc = call(deepy.main, ["--fast"], args=[sys.executable, str(argv0), "--fast"])
+        assert proc.returncode == 2 and f"usage: {prog} SCRIPT.py CONFIG" in proc.stderr, proc.stderr
+
+
 def _launch(tmp_path: Path, *extra: str, env: dict | None = None):
     from helpers.training import write_corpus
 

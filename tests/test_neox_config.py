@@ -1,7 +1,8 @@
 """Coming from GPT-NeoX: its Llama-2 config files translate to ours exactly, with a report of every key.
 
-The GPT-NeoX files below are copied verbatim from EleutherAI/gpt-neox (configs/llama2/{7B,13B,70B}.yml and
-configs/llama/train_config.yml at commit ea7aefd8; Apache-2.0), comments and trailing commas included.
+The GPT-NeoX files in tests/data/gpt_neox/ are copied verbatim from EleutherAI/gpt-neox (configs/llama2/{7B,13B,70B}.yml
+and configs/llama/train_config.yml at commit ea7aefd8; Apache-2.0), comments and trailing commas included; the
+README and docs/from_gpt_neox.md translate them in their examples.
 """
 
 from __future__ import annotations
@@ -16,171 +17,10 @@ from helpers.runner import ROOT, run
 from neox_llama.config.loading import ConfigError, build_config, load_raw
 from neox_llama.config.neox_translate import mlp_width
 
-NEOX = {
-    "7B.yml": """{
-  "pipe_parallel_size": 1,
-  "model_parallel_size": 1,
-  "make_vocab_size_divisible_by": 1,
-
-  # model settings
-  "num_layers": 32,
-  "hidden_size": 4096,
-  "intermediate_size": 32768,
-  "num_attention_heads": 32,
-  "seq_length": 4096,
-  "max_position_embeddings": 4096,
-  "pos_emb": "rotary",
-  "rotary_pct": 1,
-  "no_weight_tying": true,
-  "gpt_j_residual": false,
-  "output_layer_parallelism": "column",
-  "norm": "rmsnorm",
-  "rms_norm_epsilon": 1.0e-5,
-
-  "scaled_upper_triang_masked_softmax_fusion": true,
-  "bias_gelu_fusion": false,
-  "use_bias_in_norms": false,
-  "use_bias_in_attn_linear": false,
-  "activation": "swiglu",
-  "mlp_multiple_of": 256,
-}
-""",
-    "13B.yml": """{
-  "pipe_parallel_size": 1,
-  "model_parallel_size": 2,
-  "make_vocab_size_divisible_by": 1,
-
-  # model settings
-  "num_layers": 40,
-  "hidden_size": 5120,
-  "intermediate_size": 41472,
-  "num_attention_heads": 40,
-  "seq_length": 4096,
-  "max_position_embeddings": 4096,
-  "pos_emb": "rotary",
-  "rotary_pct": 1,
-  "no_weight_tying": true,
-  "gpt_j_residual": false,
-  "output_layer_parallelism": "column",
-  "norm": "rmsnorm",
-  "rms_norm_epsilon": 1.0e-5,
-
-  "scaled_upper_triang_masked_softmax_fusion": true,
-  "bias_gelu_fusion": false,
-  "use_bias_in_norms": false,
-  "use_bias_in_attn_linear": false,
-  "activation": "swiglu",
-  "mlp_multiple_of": 256,
-}
-""",
-    "70B.yml": """{
-  "pipe_parallel_size": 1,
-  "model_parallel_size": 1,
-  "make_vocab_size_divisible_by": 1,
-
-  # model settings
-  "num_layers": 80,
-  "hidden_size": 8192,
-  "intermediate_size": 86016,
-  "num_attention_heads": 64,
-  "num_kv_heads": 8,
-  "seq_length": 4096,
-  "max_position_embeddings": 4096,
-  "pos_emb": "rotary",
-  "rotary_pct": 1,
-  "rotary_emb_base": 1000000,
-  "no_weight_tying": true,
-  "gpt_j_residual": false,
-  "output_layer_parallelism": "column",
-  "norm": "rmsnorm",
-  "rms_norm_epsilon": 1.0e-5,
-
-  "attention_config": [[["flash"], 80]],
-
-  "scaled_upper_triang_masked_softmax_fusion": true,
-  "bias_gelu_fusion": false,
-  "use_bias_in_norms": false,
-  "use_bias_in_attn_linear": false,
-  "activation": "swiglu",
-  "mlp_multiple_of": 256,
-}
-""",
-    "train_config.yml": """{
-  # finetuning option
-  "finetune": true,
-
-  # init methods
-  "init_method": "small_init",
-  "output_layer_init_method": "wang_init",
-
-  # optimizer settings
-  "optimizer": {
-    "type": "Adam",
-    "params": {
-     "lr": 0.0002,
-     "betas": [0.9, 0.95],
-     "eps":  1.0e-8,
-    }
-  },
-  "min_lr": 0.00002,
-  "override_lr_scheduler": true,
-
-  # for all zero_optimization options, see https://www.deepspeed.ai/docs/config-json/#zero-optimizations-for-fp16-training
-   "zero_optimization": {
-   "stage": 1,
-   "allgather_partitions": True,
-   "allgather_bucket_size": 500000000,
-   "overlap_comm": True,
-   "reduce_scatter": True,
-   "reduce_bucket_size": 500000000,
-   "contiguous_gradients": True,
-  },
-
-  # batch / data settings
-  "train_micro_batch_size_per_gpu": 4,
-  "data_impl": "mmap",
-
-  # activation checkpointing
-  "checkpoint_activations": true,
-  "checkpoint_num_layers": 1,
-  "partition_activations": true,
-  "synchronize_each_layer": true,
-
-  # regularization
-  "gradient_clipping": 1.0,
-  "weight_decay": 0.1,
-  "hidden_dropout": 0,
-  "attention_dropout": 0,
-
-  # precision settings
-  "fp16": {
-    "fp16": true,
-    "enabled": true,
-    "loss_scale": 0,
-    "loss_scale_window": 1000,
-    "hysteresis": 2,
-    "min_loss_scale": 1
-  },
-
-  # misc. training settings
-  "train_iters": 320000,
-  "lr_decay_iters": 320000,
-  "distributed_backend": "nccl",
-  "lr_decay_style": "cosine",
-  "warmup": 0.01,
-  "checkpoint_factor": 10000,
-  "eval_interval": 1000,
-  "eval_iters": 10,
-
-  # logging
-  "log_interval": 100,
-  "steps_per_print": 10,
-  "keep_last_n_checkpoints": 4,
-  "wall_clock_breakdown": true,
-
-}
-""",
-}
+GPT_NEOX = ROOT / "tests/data/gpt_neox"
+NEOX = {name: (GPT_NEOX / folder / name).read_text() for folder, name in
+        [("llama2", "7B.yml"), ("llama2", "13B.yml"), ("llama2", "70B.yml"), ("llama", "train_config.yml")]}
+"""GPT-NeoX's own files, as the docs' examples name them (tests/data/gpt_neox/)."""
 
 OFFICIAL = {"7B.yml": 6_738_415_616, "13B.yml": 13_015_864_320, "70B.yml": 68_976_648_192}
 """Hugging Face parameter counts of meta-llama/Llama-2-{7b,13b,70b}-hf."""

@@ -58,3 +58,25 @@ def test_unknown_model_name_lists_the_known_ones(write_yaml):
 def test_model_name_contradicting_a_listed_preset_is_an_error():
     with pytest.raises(ConfigError, match="list one or the other"):
         load_config([CONFIG_DIR / "llama2/7B.yml"], ["model_name=Meta-Llama-3-8B"])
+
+
+@pytest.mark.parametrize("name", ["llama3/tiny", "llama3/tiny.yml", "configs/llama3/tiny.yml", "tiny-llama3"])
+def test_a_config_that_is_no_file_here_is_read_from_the_shipped_configs(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config([name, "local"], ["vocab_size=512"])
+    assert cfg.num_layers == 2 and cfg.data_path == "data/shakespeare_text_document"
+    assert cfg.sources["num_layers"] == str(CONFIG_DIR / "llama3/tiny.yml")
+    (tmp_path / "configs/llama3").mkdir(parents=True)
+    shipped = (CONFIG_DIR / "llama3/tiny.yml").read_text()
+    (tmp_path / "configs/llama3/tiny.yml").write_text(shipped.replace("num_layers: 2", "num_layers: 4"))
+    assert load_config(["configs/llama3/tiny.yml"], ["vocab_size=512"]).num_layers == 4  # a file here wins
+
+
+def test_a_config_neither_here_nor_shipped_names_the_shipped_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(["llama3/tinny"])
+    (line,) = excinfo.value.problems
+    assert line.startswith("llama3/tinny: config file not found, here or among the configs shipped with neox_llama "
+                           "(did you mean 'llama3/tiny'?)")
+    assert "finetune/lora" in line and "llama3.1/405B" in line

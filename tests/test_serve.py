@@ -17,6 +17,7 @@ import openai
 import pytest
 from helpers import inprocess
 from helpers.adapter import adapter_checkpoint as v2_checkpoint
+from helpers.bad_cases.generate_args import ROOM, SAME_AS_SERVER
 from helpers.checkpoints import save_random_checkpoint
 from helpers.evaluation import SETTINGS, TEXT
 from helpers.lora import adapter_checkpoint
@@ -26,12 +27,16 @@ from neox_llama.generation.language_model import LanguageModel
 from neox_llama.generation.settings import GenerationSettings
 from neox_llama.peft.adapter import AdapterSettings
 from neox_llama.peft.lora import LoraSettings
+from neox_llama.serving.app import ServedModel, Service, build_app
+from neox_llama.serving.engine import Engine
 from neox_llama.serving.text import TextStream
 from neox_llama.tokenizers import build_tokenizer
 from neox_llama.tokenizers.prompts import Message, encode_dialog
 from neox_llama.tokenizers.train import train_sentencepiece
 
 PROMPT = "it was the age of"
+MAX_REQUEST_BYTES = 65536
+"""The server's --max-request-bytes (its default, 1 MiB, is tested in-process)."""
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +58,8 @@ def server(folders):
     log = open(folders / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "serve.py"), "--checkpoint", str(folders / "base"),
                              "--adapter", f"a={folders / 'a'}", "--adapter", f"b={folders / 'b'}", "--port", str(port),
-                             "--max-batch-size", "8"], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+                             "--max-batch-size", "8", "--max-request-bytes", str(MAX_REQUEST_BYTES)],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     for _ in range(120):
         try:
@@ -204,6 +210,91 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, path, bod
     error = answer.json()["error"]
     assert error["param"] == param and error["message"] and error["type"] == "invalid_request_error"
     assert httpx.get(f"{url}/health").status_code == 200
+
+
+CHAT = '"messages": [{"role": "user", "content": "x"}]'
+EXACT = [  # (path, raw JSON body, param, the whole message): the rules tools/generate.py shares, strict integers
+    *[("/v1/completions", f'{{"prompt": "x", "{field}": {value}}}', field, message.format(field))
+      for field, _flag, value, _cli, message in SAME_AS_SERVER.values()],
+    ("/v1/completions", '{"prompt": "x", "temperature": Infinity}', "temperature",
+     "temperature is inf, not a finite number; it must be between 0 and 2 (0: greedy)"),
+    ("/v1/completions", '{"prompt": "x", "temperature": true}', "temperature",
+     "temperature: Input should be a valid number, got true"),
+    ("/v1/completions", '{"prompt": "x", "max_tokens": true}', "max_tokens",
+     "max_tokens: Input should be a valid integer, got true"),
+    ("/v1/completions", '{"prompt": "x", "max_tokens": 4.0}', "max_tokens",
+     "max_tokens: Input should be a valid integer, got 4.0"),
+    ("/v1/completions", '{"prompt": "x", "n": true}', "n", "n: Input should be a valid integer, got true"),
+    ("/v1/completions", '{"prompt": "x", "top_k": true}', "top_k", "top_k: Input should be a valid integer, got true"),
+    ("/v1/completions", '{"prompt": "x", "seed": 1.5}', "seed", "seed: Input should be a valid integer, got 1.5"),
+    ("/v1/completions", '{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', "stop",
+     "stop may hold at most 4 strings, got 5"),
+    ("/v1/chat/completions", f'{{{CHAT}, "max_completion_tokens": true}}', "max_completion_tokens",
+     "max_completion_tokens: Input should be a valid integer, got true"),
+    ("/v1/chat/completions", f'{{{CHAT}, "max_completion_tokens": 0}}', "max_completion_tokens",
+     "max_completion_tokens must be at least 1, got 0"),
+    ("/v1/chat/completions", f'{{{CHAT}, "temperature": NaN}}', "temperature",
+     "temperature is NaN, not a number; it must be between 0 and 2 (0: greedy)"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "param", "message"), EXACT)
+def test_bad_settings_get_the_messages_generate_py_gives(server, path, body, param, message):
+    url, _ = server
+    answer = httpx.post(f"{url}{path}", content=body.encode(), headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"] | {"code": None} == {"message": message, "type": "invalid_request_error",
+                                                       "param": param, "code": None}
+
+
+def test_max_tokens_beyond_the_context_names_both_lengths(server, folders):
+    url, _ = server
+    n = len(build_tokenizer("SPMTokenizer", folders / "base" / "tok.model").encode_document(PROMPT))
+    answer = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 100000})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"] == {"message": ROOM.format(n, "max_tokens", 256, 256 - n), "param": "max_tokens",
+                                      "type": "invalid_request_error", "code": "context_length_exceeded"}
+
+
+def test_a_body_over_max_request_bytes_is_a_413(server):
+    url, _ = server
+    body = json.dumps({"prompt": "word " * 20000}).encode()
+    answer = httpx.post(f"{url}/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 413, answer.text
+    assert answer.json()["error"] == {
+        "message": f"the request body is {len(body)} bytes; this server accepts at most {MAX_REQUEST_BYTES} "
+                   "(tools/serve.py --max-request-bytes)",
+        "type": "invalid_request_error", "param": None, "code": "request_too_large"}
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_parsed_or_tokenized(folders, monkeypatch):
+    from starlette.testclient import TestClient
+
+    lm = LanguageModel.from_checkpoint(str(folders / "base"), device="cpu")
+    service = Service(Engine(lm, 1), [ServedModel("base", 0, "llama2-chat")])  # no lifespan: the engine never runs
+    calls = []
+    encode = service.tokenizer.encode_document
+    monkeypatch.setattr(service.tokenizer, "encode_document", lambda text: calls.append(len(text)) or encode(text))
+    small = TestClient(build_app(service, max_request_bytes=4096))
+    big = json.dumps({"prompt": "word " * 2000}).encode()
+    answer = small.post("/v1/completions", content=big, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 413 and f"the request body is {len(big)} bytes" in answer.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: counted as it arrives, refused once past the limit
+        yield from (big[i:i + 1000] for i in range(0, len(big), 1000))
+
+    answer = small.post("/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+    assert answer.status_code == 413, answer.text
+    assert answer.json()["error"]["message"].startswith("the request body is more than 4096 bytes")
+    assert calls == []  # neither was tokenized
+    answer = small.post("/v1/completions", json={"prompt": "word " * 400})  # under the limit: tokenized, then too long
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == "context_length_exceeded"
+    assert calls == [2000]
+    default = TestClient(build_app(service))  # 16 bytes per position of a 256-token context is below 1 MiB
+    answer = default.post("/v1/completions", content=b" " * (2**20 + 1), headers={"Content-Type": "application/json"})
+    assert answer.status_code == 413 and "at most 1048576 " in answer.json()["error"]["message"]
+    assert calls == [2000]
 
 
 def test_not_json_and_unknown_routes(server):

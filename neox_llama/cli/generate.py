@@ -10,6 +10,10 @@
 Adapter v2 attached as modules (their prompts cannot be merged); an adapter checkpoint given as --checkpoint alone
 finds its base through its metadata. --chat is a multi-turn loop on stdin in the
 checkpoint's prompt style (/reset forgets the history, /exit or end of input leaves).
+
+The sampling flags follow the server's rules, in the same words (neox_llama/generation/settings.py): --temperature
+in [0, 2], --top-p in (0, 1], --top-k and --max-new-tokens at least 1, and a --max-new-tokens that does not fit
+into the context after a prompt is an error naming both (without the flag, 64 cut to what the context leaves).
 """
 
 from __future__ import annotations
@@ -20,9 +24,15 @@ import sys
 from neox_llama.cli.runner import command
 from neox_llama.errors import NeoxLlamaError
 from neox_llama.generation.language_model import LanguageModel
-from neox_llama.generation.settings import GenerationSettings
+from neox_llama.generation.settings import GenerationSettings, check_new_tokens, check_prompt_length, check_sampling
 from neox_llama.tokenizers.prompts import STYLES, Message, check_style, default_chat_style, encode_dialog, stop_ids
 from neox_llama.utils.logging_setup import setup_logging
+
+DEFAULT_NEW_TOKENS = 64
+"""New tokens per answer without --max-new-tokens (cut to what the context leaves)."""
+FLAGS = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k",
+         "max_new_tokens": "--max-new-tokens"}
+"""The shared sampling rules' names for this command's flags (the server names its fields)."""
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -40,19 +50,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     source.add_argument("--prompts-file", help="one prompt per line; each is generated in turn")
     source.add_argument("--chat", action="store_true", help="interactive multi-turn chat (reads stdin)")
     parser.add_argument("--system", help="system message for --chat")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int)
-    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--max-new-tokens", type=int,
+                        help=f"new tokens per answer, at most what the context leaves after the prompt (an error "
+                             f"beyond it); default: {DEFAULT_NEW_TOKENS}, cut to what the context leaves")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); at most 2")
+    parser.add_argument("--top-k", type=int, help="sample from the k most likely tokens (at least 1)")
+    parser.add_argument("--top-p", type=float, help="sample from the smallest set of tokens holding this much "
+                                                    "probability, in (0, 1]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     args = parser.parse_args(argv)
-    if args.max_new_tokens < 1:
-        parser.error("--max-new-tokens must be at least 1")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        parser.error("--top-p must be in (0, 1]")
+    check_sampling(args.temperature, args.top_p, args.top_k, args.max_new_tokens, FLAGS)  # before loading anything
     return args
+
+
+def check_room(generator: LanguageModel, ids: list[int], max_new_tokens: int | None) -> None:
+    """The prompt fits into the context, and so does an asked-for --max-new-tokens after it (the server's rule)."""
+    check_prompt_length(len(ids), generator.max_length)
+    if max_new_tokens is not None:
+        check_new_tokens(max_new_tokens, len(ids), generator.max_length, FLAGS["max_new_tokens"])
 
 
 def stream(generator: LanguageModel, prompt_ids: list[int], settings: GenerationSettings) -> str:
@@ -82,28 +99,36 @@ def main(argv: list[str]) -> int:
     generator = LanguageModel.from_checkpoint(args.checkpoint, adapters=args.adapter, base=args.base, device=args.device)
     if generator.tokenizer is None:
         raise NeoxLlamaError("the checkpoint has no tokenizer to turn text into ids")
-    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                                  stop_strings=args.stop)
+    settings = GenerationSettings(args.max_new_tokens or DEFAULT_NEW_TOKENS, args.temperature, args.top_k,
+                                  args.top_p, args.seed, stop_strings=args.stop)
     tok = generator.tokenizer
     if args.prompt is not None or args.prompts_file:
         prompts = [args.prompt] if args.prompt is not None else _read_prompts(args.prompts_file)
+        if args.prompt_style:
+            check_style(args.prompt_style, tok)
+            settings.stop_ids = stop_ids(tok, args.prompt_style)
+        encoded = []
         for prompt in prompts:
             if args.prompt_style:  # the prompt as one user turn of the style, answered by the model
-                check_style(args.prompt_style, tok)
                 ids, _ = encode_dialog(tok, args.prompt_style, [Message("user", prompt)], open_turn=True)
-                settings.stop_ids = stop_ids(tok, args.prompt_style)
             else:
                 ids = tok.encode_document(prompt)  # the start-token policy (see Tokenizer.starts_with_bos)
+            check_room(generator, ids, args.max_new_tokens)  # every prompt, before the first answer
+            encoded.append(ids)
+        for prompt, ids in zip(prompts, encoded, strict=True):
+            if not args.prompt_style:
                 sys.stdout.write(prompt)
             stream(generator, ids, settings)
         return 0
     style = args.prompt_style or generator.run.prompt_style or default_chat_style(tok)
     check_style(style, tok)
-    return chat(generator, style, settings, args.system)
+    return chat(generator, style, settings, args.system, args.max_new_tokens)
 
 
-def chat(generator: LanguageModel, style: str, settings: GenerationSettings, system: str | None) -> int:
-    """The multi-turn loop: every answer sees the whole history, rendered in ``style``."""
+def chat(generator: LanguageModel, style: str, settings: GenerationSettings, system: str | None,
+         max_new_tokens: int | None = None) -> int:
+    """The multi-turn loop: every answer sees the whole history, rendered in ``style``; a turn whose history no
+    longer leaves room for an asked-for ``max_new_tokens`` is an error (as a prompt too long for the context)."""
     tok = generator.tokenizer
     settings.stop_ids = stop_ids(tok, style)
     history: list[Message] = [Message("system", system)] if system else []
@@ -127,6 +152,7 @@ def chat(generator: LanguageModel, style: str, settings: GenerationSettings, sys
             continue
         history.append(Message("user", message))
         ids, _ = encode_dialog(tok, style, history, open_turn=True)
+        check_room(generator, ids, max_new_tokens)
         if not interactive:
             sys.stdout.write(f">>> {message}\n")
         answer = stream(generator, ids, settings)
