@@ -7,7 +7,8 @@
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream: true for server-sent events),
 GET /health. A request without "model" goes to the base (named by --name). Requests that arrive together are
 decoded together (continuous batching, up to --max-batch-size at once), whatever adapter each one uses; the base
-weights are loaded once. Ctrl-C or SIGTERM stops it cleanly.
+weights are loaded once. A request body over --max-request-bytes is answered 413 before it is parsed or tokenized.
+Ctrl-C or SIGTERM stops it cleanly.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--prompt-style", choices=STYLES,
                         help="chat template of the base for /v1/chat/completions; default: the one it was trained "
                              "with, else the model family's (adapters use their own)")
+    parser.add_argument("--max-request-bytes", type=int, metavar="BYTES",
+                        help="larger request bodies are answered 413 before they are parsed or tokenized (default: "
+                             "16 bytes per position of --max-context, at least 1 MiB)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     parser.add_argument("--dtype", choices=tuple(DTYPES), help="default: bfloat16 on a GPU that has it, else float32")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -57,6 +61,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--max-batch-size must be at least 1")
     if args.max_context is not None and args.max_context < 2:
         parser.error("--max-context must be at least 2")
+    if args.max_request_bytes is not None and args.max_request_bytes < 1:
+        parser.error("--max-request-bytes must be at least 1")
     if not 0 < args.port < 65536:
         parser.error("--port must be in 1..65535")
     args.adapters = {}
@@ -121,9 +127,12 @@ def main(argv: list[str]) -> int:
     import uvicorn
 
     from neox_llama.serving.app import build_app
+    from neox_llama.serving.limits import default_max_request_bytes
 
+    limit = args.max_request_bytes or default_max_request_bytes(service.engine.batch.capacity)
+    logger.debug("request bodies up to %d bytes", limit)
     logger.info("serving on http://%s:%d/v1 (Ctrl-C to stop)", args.host, args.port)
-    config = uvicorn.Config(build_app(service), host=args.host, port=args.port, log_level=args.log_level,
+    config = uvicorn.Config(build_app(service, limit), host=args.host, port=args.port, log_level=args.log_level,
                             access_log=args.log_level == "debug", log_config=None, timeout_graceful_shutdown=5)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler it found; with
     # these the process ends with "stopped" and exit status 0 instead of dying of the signal.

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from neox_llama.generation.sampling import next_token
-from neox_llama.generation.settings import GenerationError, GenerationSettings
+from neox_llama.generation.settings import GenerationError, GenerationSettings, check_prompt_length
 
 
 class SlotCache:
@@ -103,12 +103,7 @@ class DecodingBatch:
 
     def check(self, prompt: Sequence[int]) -> None:
         """Raise GenerationError when ``prompt`` cannot be generated from (empty, or no room left in the context)."""
-        if not prompt:
-            raise GenerationError("the prompt is empty")
-        limit = min(self.lm.max_length, self.capacity)
-        if len(prompt) >= limit:
-            raise GenerationError(f"the prompt has {len(prompt)} tokens; the model's context is {limit} and at least "
-                                  "one must be left to generate")
+        check_prompt_length(len(prompt), min(self.lm.max_length, self.capacity))
 
     @torch.no_grad()
     def add(self, prompt: Sequence[int], settings: GenerationSettings, stop_ids: set[int] | None = None,

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException
 from neox_llama.errors import NeoxLlamaError
 from neox_llama.generation.settings import GenerationError, GenerationSettings
 from neox_llama.serving.engine import Engine, Event, Job
+from neox_llama.serving.limits import BodySizeLimit, default_max_request_bytes
 from neox_llama.serving.protocol import MAX_CHOICES, ApiError, ChatRequest, CompletionRequest
 from neox_llama.serving.text import TextStream
 from neox_llama.tokenizers.prompts import Message, encode_dialog, stop_ids
@@ -83,10 +84,8 @@ class Service:
 
     def _settings(self, req, max_tokens: int | None, prompt: list[int], seed: int) -> GenerationSettings:
         room = self.engine.batch.capacity - len(prompt)
-        if max_tokens is not None and max_tokens > room and _asked_for_max_tokens(req):
-            raise ApiError(400, f"the prompt has {len(prompt)} tokens and max_tokens is {max_tokens}, but the context "
-                                f"holds {self.engine.batch.capacity} (at most {room} new tokens)", "max_tokens",
-                           "context_length_exceeded")
+        if max_tokens is not None and _asked_for_max_tokens(req):
+            req.check_room(max_tokens, len(prompt), self.engine.batch.capacity)
         return GenerationSettings(min(max_tokens or room, room), req.temperature, req.top_k,
                                   None if req.top_p >= 1.0 else req.top_p, seed, stop_strings=req.stop_strings())
 
@@ -247,11 +246,16 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     loc = [x for x in loc if not (x.startswith(("str", "list[", "int", "function-")) or x == "constrained-int")]
     param = ".".join(loc) or None
     message = f"{param}: {problem.get('msg')}" if param else str(problem.get("msg"))
+    given = problem.get("input")
+    if isinstance(given, bool | int | float | str) and len(shown := json.dumps(given)) <= 40:
+        message += f", got {shown}"  # e.g. "max_tokens: Input should be a valid integer, got true"
     return ApiError(400, message, param, problem.get("type"))
 
 
-def build_app(service: Service) -> FastAPI:
-    """The FastAPI application; its lifespan starts and stops the engine thread."""
+def build_app(service: Service, max_request_bytes: int | None = None) -> FastAPI:
+    """The FastAPI application; its lifespan starts and stops the engine thread. A request body over
+    ``max_request_bytes`` (default: :func:`default_max_request_bytes` of the engine's context) is answered 413
+    before it is parsed or tokenized."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -260,6 +264,8 @@ def build_app(service: Service) -> FastAPI:
         service.engine.stop()
 
     app = FastAPI(title="neox_llama", lifespan=lifespan, docs_url=None, redoc_url=None)
+    limit = max_request_bytes or default_max_request_bytes(service.engine.batch.capacity)
+    app.add_middleware(BodySizeLimit, limit=limit)
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError):

@@ -3,7 +3,10 @@
 Fields follow OpenAI's completions and chat-completions APIs. Parameters the server does not implement
 (``logprobs``, ``echo``, ``best_of`` > 1, ``suffix``, ``tools``, ``response_format``, ``logit_bias``, non-zero
 presence/frequency penalties) are refused with a 400 naming them rather than silently ignored; ``top_k`` is
-accepted as vLLM accepts it. Any problem is an :class:`ApiError`, answered as
+accepted as vLLM accepts it. Integers are strict (``true`` or ``1.0`` is not 1) and numbers are not booleans;
+the sampling settings follow :func:`neox_llama.generation.settings.check_sampling`, the rules and words
+``tools/generate.py`` uses too (NaN and Infinity are named as not numbers). :meth:`check` runs every rule that
+needs no tokenizer, so a bad request costs nothing to refuse. Any problem is an :class:`ApiError`, answered as
 ``{"error": {"message", "type", "param", "code"}}``.
 """
 
@@ -11,14 +14,17 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from neox_llama.errors import NeoxLlamaError
+from neox_llama.generation.settings import SettingError, check_new_tokens, check_sampling
 
 MAX_N = 16
 """At most this many choices per request."""
 MAX_CHOICES = 64
 """At most this many sequences (prompts x n) per request."""
+MAX_STOPS = 4
+"""At most this many stop strings per request (OpenAI's limit)."""
 MAX_STOP_LENGTH = 256
 """The longest stop string accepted (each is searched for at every token)."""
 
@@ -34,6 +40,11 @@ class ApiError(NeoxLlamaError):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
+    @classmethod
+    def bad_setting(cls, err: SettingError) -> ApiError:
+        """The 400 for a setting the shared rules refuse: their message, the field as ``param``."""
+        return cls(400, str(err), err.name, err.code)
+
 
 class _Sampling(BaseModel):
     """What completions and chat completions share."""
@@ -42,29 +53,53 @@ class _Sampling(BaseModel):
 
     model: str | None = None
     """A name from /v1/models; none: the base model."""
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, Field(ge=1)] | None = None
-    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
-    seed: Annotated[int, Field(ge=0, le=2**63 - 1 - MAX_N)] | None = None
+    temperature: StrictFloat = 1.0
+    """Checked by :func:`check_sampling` (in [0, 2]), as top_p and top_k."""
+    top_p: StrictFloat = 1.0
+    top_k: StrictInt | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
+    stop: str | list[str] | None = None
+    seed: Annotated[StrictInt, Field(ge=0, le=2**63 - 1 - MAX_N)] | None = None
     stream: bool = False
     stream_options: dict | None = None
     user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: StrictFloat = 0.0
+    frequency_penalty: StrictFloat = 0.0
     logit_bias: dict | None = None
-    logprobs: bool | int | None = None
+    logprobs: bool | StrictInt | None = None
     ignore_eos: bool = False
     """Keep generating past end-of-sequence ids (as vLLM's ``ignore_eos``; for benchmarks)."""
 
     def stop_strings(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def check_settings(self, limits: dict[str, int | None]) -> None:
+        """400 for a sampling setting, a length limit (``limits``: field -> value) or a stop list out of its rule."""
+        try:
+            check_sampling(self.temperature, self.top_p, self.top_k)
+            for name, value in limits.items():
+                if value is not None:
+                    check_sampling(max_new_tokens=value, names={"max_new_tokens": name})
+        except SettingError as err:
+            raise ApiError.bad_setting(err) from None
+        stops = self.stop_strings()
+        if len(stops) > MAX_STOPS:
+            raise ApiError(400, f"stop may hold at most {MAX_STOPS} strings, got {len(stops)}", "stop")
         if any(not s for s in stops):
             raise ApiError(400, "stop strings must not be empty", "stop")
         if any(len(s) > MAX_STOP_LENGTH for s in stops):
             raise ApiError(400, f"stop strings may be at most {MAX_STOP_LENGTH} characters long", "stop")
-        return stops
+
+    def check_room(self, max_tokens: int, prompt_length: int, context: int) -> None:
+        """400 (``context_length_exceeded``) when the asked-for answer length does not fit after the prompt."""
+        try:
+            check_new_tokens(max_tokens, prompt_length, context, self.limit_field())
+        except SettingError as err:
+            raise ApiError.bad_setting(err) from None
+
+    def limit_field(self) -> str:
+        """The field that set the answer's length limit."""
+        return "max_tokens"
 
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
@@ -81,10 +116,10 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     """POST /v1/completions."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    max_tokens: StrictInt | None = 16
     echo: bool = False
-    best_of: int | None = None
+    best_of: StrictInt | None = None
     suffix: str | None = None
 
     def prompts(self) -> list[str | list[int]]:
@@ -99,8 +134,10 @@ class CompletionRequest(_Sampling):
         return list(p)
 
     def check(self) -> None:
+        """Every rule that needs no tokenizer (the handler calls it first)."""
         self.refuse_unsupported({"echo": self.echo, "best_of": None if self.best_of in (None, 1) else self.best_of,
                                  "suffix": self.suffix})
+        self.check_settings({"max_tokens": self.max_tokens})
 
 
 class ContentPart(BaseModel):
@@ -122,17 +159,22 @@ class ChatRequest(_Sampling):
     """POST /v1/chat/completions."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = None
     tools: list | None = None
     response_format: dict | None = None
-    top_logprobs: int | None = None
+    top_logprobs: StrictInt | None = None
 
     def limit(self) -> int | None:
         """The answer's length limit (max_completion_tokens, or the older max_tokens; None: the context's rest)."""
         return self.max_completion_tokens or self.max_tokens
 
+    def limit_field(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
     def check(self) -> None:
+        """Every rule that needs no tokenizer (the handler calls it first)."""
         text_format = (self.response_format or {}).get("type") in (None, "text")
         self.refuse_unsupported({"tools": self.tools or None, "top_logprobs": self.top_logprobs,
                                  "response_format": None if text_format else self.response_format})
+        self.check_settings({"max_tokens": self.max_tokens, "max_completion_tokens": self.max_completion_tokens})
