@@ -124,6 +124,10 @@ def write(path, records, jsonl=False):
     ({"messages": [{"role": "assistant", "content": "a"}]}, "record 1: message 0 has role 'assistant'"),
     ({"messages": []}, "record 1: 'messages' must be a non-empty list"),
     ("text", "record 1: a record must be an object"),
+    ({"instruction": "a\ud800", "output": "b"},  # valid JSON ("\\ud800"), but no tokenizer can encode it
+     "record 1: field 'instruction' holds a lone surrogate \\ud800 at character 2, which no tokenizer can encode"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "\udc00"}]},
+     "record 1: messages[1].content holds a lone surrogate \\udc00 at character 1"),
 ])
 @pytest.mark.parametrize("jsonl", [False, True], ids=["json", "jsonl"])
 def test_bad_records_name_the_file_and_index(tmp_path, record, message, jsonl):

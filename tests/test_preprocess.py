@@ -169,9 +169,67 @@ def test_llama3_dataset_holds_tiktokens_ids(tmp_path, monkeypatch):
     docs = ["<|eot_id|> is text here", "cut \ud800 emoji", *make_docs(20), "a" * 30_000 + " end"]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     monkeypatch.setattr(pre, "BATCH_DOCS", 8)  # the last batch holds the long run, the others take the numpy path
-    pre.preprocess([tmp_path / "in.jsonl"], str(tmp_path / "out"), "Llama3Tokenizer", str(vocab), append_eod=True,
-                   progress=False)
+    summary = pre.preprocess([tmp_path / "in.jsonl"], str(tmp_path / "out"), "Llama3Tokenizer", str(vocab),
+                             append_eod=True, progress=False)
+    assert summary.skipped == [f"{tmp_path / 'in.jsonl'}:2: the value of 'text' holds a lone surrogate \\ud800 at "
+                               "character 5, which no tokenizer can encode"]  # the text policy of every tokenizer
+    docs.remove("cut \ud800 emoji")
     ds = IndexedDataset(tmp_path / "out_text_document")
     assert ds.dtype == np.int32 and len(ds) == len(docs)  # (Megatron's dtype codes have no uint32)
     for i, doc in enumerate(docs):
         assert ds[i].tolist() == [tok.bos_id, *tok.encode(doc), tok.eod_id], i
+
+
+def test_text_no_tokenizer_can_encode_is_a_skipped_record_and_encoding_reads_latin1(tmp_path, spm_model):
+    sp = spm.SentencePieceProcessor(model_file=str(spm_model))
+    (tmp_path / "mixed.jsonl").write_bytes(b'{"text": "good one"}\n{"text": "caf\xe9"}\n{"text": "a \\ud800 b"}\n'
+                                           b'{"text": "good two"}\n')
+    proc = run_cli("--input", str(tmp_path / "mixed.jsonl"), "--output-prefix", str(tmp_path / "out"),
+                   "--tokenizer-type", "SPMTokenizer", "--vocab-file", str(spm_model))
+    assert proc.returncode == 0, proc.stderr
+    assert f"{tmp_path / 'mixed.jsonl'}:2: not valid utf-8 text (byte 0xe9 at column 14); a corpus in another " \
+           "encoding needs --encoding, e.g. --encoding latin-1" in proc.stderr
+    assert f"{tmp_path / 'mixed.jsonl'}:3: the value of 'text' holds a lone surrogate \\ud800 at character 3" in proc.stderr
+    assert "2 documents" in proc.stderr and "2 malformed record(s) skipped" in proc.stderr
+    assert [d.tolist() for d in IndexedDataset(tmp_path / "out_text_document")] == \
+        [[1, *sp.encode("good one")], [1, *sp.encode("good two")]]
+
+    text = "café au lait\n\nnaïve crème"
+    (tmp_path / "latin1.jsonl").write_bytes((json.dumps({"text": text}, ensure_ascii=False) + "\n").encode("latin-1"))
+    (tmp_path / "latin1.txt").write_bytes(text.encode("latin-1"))
+    proc = run_cli("--input", f"{tmp_path / 'latin1.jsonl'},{tmp_path / 'latin1.txt'}", "--output-prefix",
+                   str(tmp_path / "l1"), "--tokenizer-type", "SPMTokenizer", "--vocab-file", str(spm_model),
+                   "--encoding", "latin-1")
+    assert proc.returncode == 0 and "0 malformed record(s) skipped" in proc.stderr, proc.stderr
+    assert [d.tolist() for d in IndexedDataset(tmp_path / "l1_text_document")] == [[1, *sp.encode(text)]] * 2
+
+    (tmp_path / "para.txt").write_bytes("plain first\n\n\nnaïve crème".encode("latin-1"))
+    summary = pre.preprocess([tmp_path / "para.txt"], str(tmp_path / "para"), "SPMTokenizer", str(spm_model),
+                             txt_split="paragraph", progress=False)  # read as UTF-8: the second paragraph is skipped
+    assert summary.documents == 1 and summary.skipped == [
+        f"{tmp_path / 'para.txt'}:paragraph 2: not valid utf-8 text (byte 0xef at line 4 column 3); a corpus in "
+        "another encoding needs --encoding, e.g. --encoding latin-1"]
+
+
+def test_a_damaged_input_stops_preprocessing_with_how_far_it_got(tmp_path, spm_model):
+    """A truncated stream is never a shorter corpus: exit 2 naming the lines read (the issue's .zst cut in half
+    exited 0 with 617 of 2,000 documents), nothing written, no folder left; a whole multi-frame .zst reads fully."""
+    import re
+
+    import zstandard
+
+    data = "".join(json.dumps({"text": d}) + "\n" for d in make_docs(2000, seed=5)).encode()
+    whole = zstandard.ZstdCompressor().compress(data)
+    (tmp_path / "half.jsonl.zst").write_bytes(whole[: len(whole) // 2])
+    for workers in ("1", "2"):
+        proc = run_cli("--input", str(tmp_path / "half.jsonl.zst"), "--output-prefix", str(tmp_path / "new/sub/o"),
+                       "--tokenizer-type", "SPMTokenizer", "--vocab-file", str(spm_model), "--workers", workers)
+        lines = re.search(r"after ([\d,]+) line\(s\) were read; stopped, no output was written", proc.stderr)
+        assert proc.returncode == 2 and lines and 0 < int(lines[1].replace(",", "")) < 2000, proc.stderr
+        assert "Traceback" not in proc.stderr and not (tmp_path / "new").exists()
+    lines = data.splitlines(keepends=True)
+    (tmp_path / "frames.jsonl.zst").write_bytes(b"".join(zstandard.ZstdCompressor().compress(b"".join(lines[a:b]))
+                                                         for a, b in ((0, 700), (700, 1500), (1500, 2000))))
+    summary = pre.preprocess([tmp_path / "frames.jsonl.zst"], str(tmp_path / "all"), "SPMTokenizer", str(spm_model),
+                             progress=False)
+    assert summary.documents == 2000 and not summary.skipped

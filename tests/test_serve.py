@@ -5,6 +5,7 @@ and to each adapter's own model; concurrent requests batched; bad requests answe
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -295,6 +296,39 @@ def test_a_body_over_the_limit_is_refused_before_it_is_parsed_or_tokenized(folde
     answer = default.post("/v1/completions", content=b" " * (2**20 + 1), headers={"Content-Type": "application/json"})
     assert answer.status_code == 413 and "at most 1048576 " in answer.json()["error"]["message"]
     assert calls == [2000]
+
+
+def test_text_that_is_not_unicode_is_repaired_by_the_server_and_generate_py(server, folders):
+    """The one text policy (docs/tokenizers.md): a lone surrogate in a request (valid JSON) and a byte that is not
+    UTF-8 on generate.py's command line or stdin are encoded as U+FFFD, said once in the log; never a 500 (it was:
+    sentencepiece's pybind11 error) nor a traceback."""
+    url, _ = server
+
+    def post(path: str, body: str) -> dict:
+        answer = httpx.post(f"{url}{path}", content=body.encode(), headers={"Content-Type": "application/json"})
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    def complete(prompt: str) -> dict:
+        return post("/v1/completions", f'{{"prompt": "{prompt}", "max_tokens": 4, "temperature": 0}}')
+
+    bad, repaired = complete("it was \\ud800 the age"), complete("it was \\ufffd the age")
+    assert bad["choices"][0]["text"] == repaired["choices"][0]["text"] and bad["usage"] == repaired["usage"]
+    post("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi \\udfff"}], "max_tokens": 2}')
+    assert (folders / "serve.log").read_text().count("text to tokenize holds a lone surrogate \\ud800 (not valid "
+                                                     "Unicode): each such character is encoded as U+FFFD") == 1
+
+    args = ["--checkpoint", str(folders / "base"), "--max-new-tokens", "4"]
+    latin1 = b"it was the \xe9ge".decode("utf-8", "surrogateescape")  # the argument as Python reads it from argv
+    cli = inprocess.tool("generate.py", *args, "--prompt", latin1, cwd=ROOT)
+    same = inprocess.tool("generate.py", *args, "--prompt", "it was the \ufffdge", cwd=ROOT)
+    assert cli.returncode == 0 and cli.stdout == same.stdout and cli.stdout.startswith("it was the \ufffdge")
+    chat = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), *args, "--chat"],  # a real stdin
+                          input=b"caf\xe9 noir\n", capture_output=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    out, err = chat.stdout.decode(), chat.stderr.decode()
+    assert chat.returncode == 0 and ">>> caf\ufffd noir" in out and "Traceback" not in err, err
+    assert "text to tokenize holds the byte 0xe9 (not valid UTF-8): each such character is encoded as U+FFFD" in err
 
 
 def test_not_json_and_unknown_routes(server):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import sentencepiece as spm
 from helpers.assets import asset
 from helpers.tokenizers import TEXTS, llama3_reference
 
 from neox_llama.tokenizers import TokenizerError, build_tokenizer
+from neox_llama.tokenizers import text as text_policy
 
 
 def test_llama3_ids_equal_tiktoken_with_metas_pattern():
@@ -71,3 +74,44 @@ def test_unknown_tokenizer_type(tmp_path):
     (tmp_path / "t").write_text("x")
     with pytest.raises(TokenizerError, match="use one of SPMTokenizer, Llama3Tokenizer, HFTokenizer"):
         build_tokenizer("GPT2Tokenizer", tmp_path / "t")
+
+
+def _small_tokenizer_json(folder) -> str:
+    """A byte-level BPE tokenizer.json trained in a moment (the HFTokenizer path without a download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(TEXTS * 4, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(folder / "tokenizer.json"))
+    return str(folder / "tokenizer.json")
+
+
+NOT_UNICODE = {
+    "a \ud800 b": "a \ufffd b",  # a lone surrogate, as JSON's "\ud800" gives it
+    b"caf\xe9 noir".decode("utf-8", "surrogateescape"): "caf\ufffd noir",  # a Latin-1 byte, as Python keeps argv's
+    "\udfff\ud800 x": "\ufffd\ufffd x",
+    "pair \ud83d\ude00": "pair \U0001f600",  # a surrogate pair is its character
+}
+
+
+@pytest.mark.parametrize("kind", ["SPMTokenizer", "Llama3Tokenizer", "HFTokenizer"])
+def test_text_that_is_not_unicode_is_repaired_with_ufffd_by_every_tokenizer(tmp_path, kind, caplog, monkeypatch):
+    """One text policy (neox_llama/tokenizers/text.py): the ids of text no library can take are those of the text
+    with U+FFFD in place of each such character, on every encode path, said once per process."""
+    monkeypatch.setattr(text_policy, "_warned", [])
+    path = {"SPMTokenizer": lambda: asset("spm-32k"), "Llama3Tokenizer": lambda: asset("llama3-tokenizer"),
+            "HFTokenizer": lambda: _small_tokenizer_json(tmp_path)}[kind]()
+    tok = build_tokenizer(kind, path)
+    bad, repaired = list(NOT_UNICODE), list(NOT_UNICODE.values())
+    with caplog.at_level(logging.WARNING, logger=text_policy.__name__):
+        for text, fixed in NOT_UNICODE.items():
+            assert tok.encode(text) == tok.encode(fixed) and tok.encode(fixed), text
+            assert tok.encode(text, allow_special=True) == tok.encode(fixed, allow_special=True), text
+            assert tok.encode_document(text) == tok.encode_document(fixed), text
+        assert tok.encode_batch(bad) == tok.encode_batch(repaired)
+        assert [list(ids) for ids in tok.encode_arrays(bad)] == [list(ids) for ids in tok.encode_arrays(repaired)]
+    assert [r.getMessage() for r in caplog.records] == [
+        "text to tokenize holds a lone surrogate \\ud800 (not valid Unicode): each such character is encoded as U+FFFD "
+        "(said once per process)"]

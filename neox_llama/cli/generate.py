@@ -26,6 +26,7 @@ from neox_llama.errors import NeoxLlamaError
 from neox_llama.generation.language_model import LanguageModel
 from neox_llama.generation.settings import GenerationSettings, check_new_tokens, check_prompt_length, check_sampling
 from neox_llama.tokenizers.prompts import STYLES, Message, check_style, default_chat_style, encode_dialog, stop_ids
+from neox_llama.tokenizers.text import USER_TEXT_ERRORS, usable_text
 from neox_llama.utils.logging_setup import setup_logging
 
 DEFAULT_NEW_TOKENS = 64
@@ -103,7 +104,7 @@ def main(argv: list[str]) -> int:
                                   args.top_p, args.seed, stop_strings=args.stop)
     tok = generator.tokenizer
     if args.prompt is not None or args.prompts_file:
-        prompts = [args.prompt] if args.prompt is not None else _read_prompts(args.prompts_file)
+        prompts = [usable_text(args.prompt)] if args.prompt is not None else _read_prompts(args.prompts_file)
         if args.prompt_style:
             check_style(args.prompt_style, tok)
             settings.stop_ids = stop_ids(tok, args.prompt_style)
@@ -134,11 +135,13 @@ def chat(generator: LanguageModel, style: str, settings: GenerationSettings, sys
     history: list[Message] = [Message("system", system)] if system else []
     start = len(history)
     interactive = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):  # a byte that is not UTF-8 is repaired with U+FFFD, not fatal
+        sys.stdin.reconfigure(errors=USER_TEXT_ERRORS)
     while True:
         if interactive:
             sys.stdout.write(">>> ")
             sys.stdout.flush()
-        line = sys.stdin.readline()
+        line = usable_text(sys.stdin.readline())
         if not line:
             return 0
         message = line.rstrip("\n")
@@ -160,10 +163,10 @@ def chat(generator: LanguageModel, style: str, settings: GenerationSettings, sys
 
 
 def _read_prompts(path: str) -> list[str]:
-    """One prompt per non-empty line of ``path``."""
+    """One prompt per non-empty line of ``path`` (UTF-8; a byte that is not is repaired with U+FFFD)."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            return [line.rstrip("\n") for line in handle if line.strip()]
+        with open(path, encoding="utf-8", errors=USER_TEXT_ERRORS) as handle:
+            return [usable_text(line.rstrip("\n")) for line in handle if line.strip()]
     except (OSError, UnicodeDecodeError) as err:
         raise NeoxLlamaError(f"--prompts-file {path}: cannot read it ({err})") from None
 

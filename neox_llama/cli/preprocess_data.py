@@ -40,6 +40,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--txt-split", choices=("file", "paragraph"), default="file",
                         help=".txt inputs: one document per file, or per blank-line-separated paragraph")
     parser.add_argument("--strict", action="store_true", help="stop at the first malformed record instead of skipping it")
+    parser.add_argument("--encoding", default="utf-8",
+                        help="text encoding of the inputs (default utf-8; e.g. latin-1 or cp1252 for older corpora): "
+                             "a line that is not valid text in it is a malformed record, skipped with its file and line")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--instruction", action="store_true",
                         help="instruction records -> PREFIX_text_document + PREFIX_label_document")
@@ -63,7 +66,8 @@ def main(argv: list[str]) -> int:
         return _instruction(args, inputs)
     summary = preprocess(inputs, args.output_prefix, args.tokenizer_type, args.vocab_file, keys=tuple(args.jsonl_keys),
                          append_eod=args.append_eod, workers=args.workers, strict=args.strict,
-                         txt_split=args.txt_split, progress=not args.no_progress, prepend_bos=args.prepend_bos)
+                         txt_split=args.txt_split, progress=not args.no_progress, prepend_bos=args.prepend_bos,
+                         encoding=args.encoding)
     log.info("done: %s", summary.text())
     for key in args.jsonl_keys if not all(p.suffix == ".txt" for p in inputs) else ["text"]:
         log.info("wrote %s.{bin,idx}", output_prefix_for(args.output_prefix, key))
@@ -72,11 +76,13 @@ def main(argv: list[str]) -> int:
 
 def _instruction(args: argparse.Namespace, inputs: list[Path]) -> int:
     from neox_llama.data.instruction import write_label_datasets
+    from neox_llama.data.readers import check_encoding
     from neox_llama.tokenizers import build_tokenizer
 
+    check_encoding(args.encoding)
     tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file)
     text, labels, records, tokens = write_label_datasets(inputs, args.output_prefix, tokenizer, args.prompt_style,
-                                                         args.mask_prompt)
+                                                         args.mask_prompt, encoding=args.encoding)
     logging.getLogger("preprocess_data").info("wrote %s.{bin,idx} and %s.{bin,idx}: %d records, %d tokens", text,
                                               labels, records, tokens)
     return 0

@@ -29,6 +29,7 @@ from neox_llama.data.gpt_dataset import DataError
 from neox_llama.distributed import agree
 from neox_llama.tokenizers.base import Tokenizer, TokenizerError
 from neox_llama.tokenizers.prompts import Message, check_conversation, check_style, default_chat_style, encode_dialog
+from neox_llama.tokenizers.text import undecodable_reason, unencodable_reason
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +42,15 @@ class InstructionDataError(DataError):
 
 
 # --------------------------------------------------------------------------- records
-def _parse_file(path: Path) -> list:
+def _parse_file(path: Path, encoding: str) -> list:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding=encoding, errors="surrogateescape")
     except (OSError, UnicodeDecodeError) as err:
         raise InstructionDataError(f"{path}: cannot read it ({err})") from None
+    bad = undecodable_reason(text, encoding, first_line=1)
+    if bad:
+        raise InstructionDataError(f"{path}: {bad}; instruction data must be {encoding} text (preprocess_data.py "
+                                   "--instruction reads other encodings with --encoding)")
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -63,6 +68,13 @@ def _parse_file(path: Path) -> list:
             raise InstructionDataError(f"{path}: line {number} is not valid JSON ({err.msg}); a JSONL file holds one "
                                        "record per line, a JSON file one list of records") from None
     return records
+
+
+def _check_text(text: str, where: str) -> None:
+    """Text no tokenizer can encode (a lone surrogate such as JSON's "\\ud800") is a malformed record."""
+    bad = unencodable_reason(text)
+    if bad:
+        raise InstructionDataError(f"{where} holds {bad}")
 
 
 def _record_messages(record: object, where: str) -> list[Message]:
@@ -83,6 +95,7 @@ def _record_messages(record: object, where: str) -> list[Message]:
             if message["role"] not in ("system", "user", "assistant"):
                 raise InstructionDataError(f"{where}: messages[{i}].role {message['role']!r} is unknown; valid roles "
                                            "are system, user, assistant")
+            _check_text(message["content"], f"{where}: messages[{i}].content")
             out.append(Message(message["role"], message["content"]))
         problem = check_conversation(out, open_turn=False)
         if problem:
@@ -96,15 +109,17 @@ def _record_messages(record: object, where: str) -> list[Message]:
     extra = record.get("input")
     if extra is not None and not isinstance(extra, str):
         raise InstructionDataError(f"{where}: field 'input' is a {type(extra).__name__}; it must be a string")
+    for key in ("instruction", "input", "output"):
+        _check_text(record.get(key) or "", f"{where}: field {key!r}")
     return [Message("user", record["instruction"], extra or None), Message("assistant", record["output"])]
 
 
-def load_records(path: str | Path) -> tuple[list[list[Message]], bool]:
-    """Every record of ``path`` as a conversation, and whether any was a chat record."""
+def load_records(path: str | Path, encoding: str = "utf-8") -> tuple[list[list[Message]], bool]:
+    """Every record of ``path`` (``encoding`` text) as a conversation, and whether any was a chat record."""
     path = Path(path)
     if not path.is_file():
         raise InstructionDataError(f"{path}: instruction data file not found")
-    data = _parse_file(path)
+    data = _parse_file(path, encoding)
     if not isinstance(data, list):
         raise InstructionDataError(f"{path}: the JSON must be a list of records")
     if not data:
@@ -355,7 +370,7 @@ def build_instruction_datasets(cfg, tokenizer: Tokenizer | None, counts: dict[st
 
 
 def write_label_datasets(inputs: list[Path], output_prefix: str, tokenizer: Tokenizer, style: str | None,
-                         mask_prompt: bool = True) -> tuple[str, str, int, int]:
+                         mask_prompt: bool = True, encoding: str = "utf-8") -> tuple[str, str, int, int]:
     """Instruction records -> ``{prefix}_text_document`` (token ids) and ``{prefix}_label_document`` (int32 labels,
     -100 without loss) in GPT-NeoX's format; for corpora too large to tokenise at start-up. Returns the two
     prefixes, the records and the tokens written. Records are not truncated: training packs them by seq_length."""
@@ -364,7 +379,7 @@ def write_label_datasets(inputs: list[Path], output_prefix: str, tokenizer: Toke
     text_prefix, label_prefix = f"{output_prefix}_text_document", f"{output_prefix}_label_document"
     conversations, chat = [], False
     for path in inputs:
-        records, is_chat = load_records(path)
+        records, is_chat = load_records(path, encoding)
         conversations += [(path, i, r) for i, r in enumerate(records)]
         chat = chat or is_chat
     try:

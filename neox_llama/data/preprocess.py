@@ -7,8 +7,6 @@ One dataset is written per JSON key: ``{output_prefix}_{key}_document.{bin,idx}`
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import logging
 import multiprocessing
@@ -21,19 +19,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from neox_llama.errors import NeoxLlamaError
 from neox_llama.data.indexed import IndexedDatasetWriter, token_dtype
+from neox_llama.data.readers import Malformed, PreprocessError, check_encoding, input_kind, json_reason, read_records
 from neox_llama.tokenizers import Tokenizer, build_tokenizer
+from neox_llama.tokenizers.text import unencodable_reason
 
 logger = logging.getLogger(__name__)
 
 BATCH_DOCS = 256
 SHOWN_PROBLEMS = 5
 """Malformed records shown one by one; the rest are only counted."""
-
-
-class PreprocessError(NeoxLlamaError):
-    """Bad input (with --strict) or an unreadable file; the message names file and line."""
 
 
 @dataclass
@@ -51,70 +46,25 @@ class Summary:
                 f"{len(self.skipped)} malformed record(s) skipped, {self.empty} empty document(s) skipped")
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    if path.suffix == ".zst":
-        import zstandard
-
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")), encoding="utf-8")  # noqa: SIM115
-    return open(path, encoding="utf-8")  # noqa: SIM115
-
-
-def _kind(path: Path) -> str:
-    suffixes = [s for s in path.suffixes if s not in (".gz", ".zst")]
-    kind = suffixes[-1] if suffixes else ""
-    if kind not in (".jsonl", ".json", ".txt"):
-        raise PreprocessError(f"{path}: unsupported input type; use .jsonl, .json or .txt (optionally .gz/.zst)")
-    return kind
-
-
-def _json_reason(err: json.JSONDecodeError) -> str:
-    """json's message without its truncation ("Invalid control character at" -> "... at column 12")."""
-    return f"{err.msg} column {err.colno}" if err.msg.endswith(" at") else f"{err.msg} at column {err.colno}"
-
-
-def read_records(paths: list[Path], txt_split: str) -> Iterator[tuple[str, object]]:
-    """(location, raw record) for every input in order: a JSON line, a parsed .json item, or a text document."""
-    for path in paths:
-        if not path.is_file():
-            raise PreprocessError(f"{path}: input file not found")
-        kind = _kind(path)
-        with _open_text(path) as handle:
-            if kind == ".txt":
-                text = handle.read()
-                if txt_split == "file":
-                    yield f"{path}", {"text": text}
-                else:
-                    for n, block in enumerate(b for b in text.split("\n\n") if b.strip()):
-                        yield f"{path}:paragraph {n + 1}", {"text": block}
-            elif kind == ".jsonl":
-                for number, line in enumerate(handle, 1):
-                    if line.strip():
-                        yield f"{path}:{number}", line
-            else:
-                try:
-                    items = json.load(handle)
-                except json.JSONDecodeError as err:
-                    raise PreprocessError(f"{path}:{err.lineno}:{err.colno}: not valid JSON ({_json_reason(err)})") from None
-                if not isinstance(items, list):
-                    raise PreprocessError(f"{path}: a .json input must hold a list of objects")
-                for n, item in enumerate(items):
-                    yield f"{path}:item {n}", item
-
-
 def _parse(record: object, keys: list[str]) -> dict[str, str] | str:
-    """The texts of a record, or the reason it is malformed."""
+    """The texts of a record, or the reason it is malformed (text no tokenizer can encode included: the policy of
+    :mod:`neox_llama.tokenizers.text` for data)."""
+    if isinstance(record, Malformed):
+        return record.reason
     if isinstance(record, str):
         try:
             record = json.loads(record)
         except json.JSONDecodeError as err:
-            return f"not valid JSON ({_json_reason(err)})"
+            return f"not valid JSON ({json_reason(err)})"
     if not isinstance(record, dict):
         return f"expected a JSON object, got {type(record).__name__}"
     missing = [k for k in keys if not isinstance(record.get(k), str)]
     if missing:
         return f"no string value for key(s) {', '.join(missing)}"
+    for key in keys:
+        bad = unencodable_reason(record[key])
+        if bad:
+            return f"the value of {key!r} holds {bad}"
     return {k: record[k] for k in keys}
 
 
@@ -180,6 +130,15 @@ def _batches(records: Iterator[tuple[str, object]], keys: list[str], append_eod:
         yield batch, keys, append_eod, dtype, bos
 
 
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its parents that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
 def output_prefix_for(output_prefix: str, key: str) -> str:
     """The dataset prefix written for one JSON key (the contract: ``{prefix}_{key}_document``)."""
     return f"{output_prefix}_{key}_document"
@@ -188,15 +147,18 @@ def output_prefix_for(output_prefix: str, key: str) -> str:
 def preprocess(inputs: list[Path], output_prefix: str, tokenizer_type: str, vocab_file: str, *,
                keys: tuple[str, ...] = ("text",), append_eod: bool = False, workers: int = 1,
                strict: bool = False, txt_split: str = "file", progress: bool = True,
-               prepend_bos: bool | None = None) -> Summary:
+               prepend_bos: bool | None = None, encoding: str = "utf-8") -> Summary:
     """Tokenize ``inputs`` into one dataset per key; returns what was done.
 
     ``prepend_bos`` None follows the start-token policy (BOS first for the sentencepiece and Llama-3
     tokenizers, see :attr:`Tokenizer.starts_with_bos`); False matches data made by GPT-NeoX.
-    Fails, writing nothing, when no record gave a document (all malformed or empty, or a key absent).
+    Fails, writing nothing, when no record gave a document (all malformed or empty, or a key absent), and when an
+    input cannot be read to its end (:mod:`neox_llama.data.readers`). Inputs are read as ``encoding`` text; a record
+    that is not valid text in it, or holds text no tokenizer can encode, is malformed.
     """
+    check_encoding(encoding)
     for path in inputs:  # before any output or progress bar
-        _kind(path)
+        input_kind(path)
         if not path.is_file():
             raise PreprocessError(f"{path}: input file not found")
     tokenizer = build_tokenizer(tokenizer_type, vocab_file)
@@ -205,7 +167,7 @@ def preprocess(inputs: list[Path], output_prefix: str, tokenizer_type: str, voca
     if prepend_bos and tokenizer.bos_id is None:
         raise PreprocessError(f"{vocab_file}: --prepend-bos, but the {tokenizer_type} tokenizer has no BOS token")
     bos = tokenizer.bos_id if prepend_bos else None
-    keys = list(keys) if not all(_kind(p) == ".txt" for p in inputs) else ["text"]
+    keys = list(keys) if not all(input_kind(p) == ".txt" for p in inputs) else ["text"]
     summary = Summary()
 
     def report(where: str, reason: str) -> None:
@@ -218,12 +180,14 @@ def preprocess(inputs: list[Path], output_prefix: str, tokenizer_type: str, voca
             logger.warning("more malformed records: they are counted in the summary, not shown")
 
     dtype = np.dtype(token_dtype(tokenizer.vocab_size))
-    writers = {k: IndexedDatasetWriter(output_prefix_for(output_prefix, k), dtype) for k in keys}
+    made = _missing_folders(Path(output_prefix).parent)
+    writers: dict[str, IndexedDatasetWriter] = {}
     start = time.perf_counter()
     bar = tqdm(disable=not progress, unit=" docs", desc="preprocess", dynamic_ncols=True)
     pool = None
     try:
-        batches = _batches(read_records(inputs, txt_split), keys, append_eod, dtype.str, bos)
+        writers.update({k: IndexedDatasetWriter(output_prefix_for(output_prefix, k), dtype) for k in keys})
+        batches = _batches(read_records(inputs, txt_split, encoding), keys, append_eod, dtype.str, bos)
         _WORKER["tok"] = tokenizer
         if workers > 1:
             if os.name == "posix":  # forked workers inherit the loaded tokenizer
@@ -257,6 +221,9 @@ def preprocess(inputs: list[Path], output_prefix: str, tokenizer_type: str, voca
     except BaseException:
         for writer in writers.values():
             writer.abort()
+        for folder in made:  # the output folders this run created, when nothing else is in them
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise
     finally:
         bar.close()

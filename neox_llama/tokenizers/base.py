@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from neox_llama.errors import NeoxLlamaError
+from neox_llama.tokenizers.text import usable_text
 
 
 class TokenizerError(NeoxLlamaError):
@@ -72,19 +73,33 @@ class Tokenizer(ABC):
         """Special token text -> id."""
         return {}
 
-    @abstractmethod
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         """Ids of ``text`` without bos/eos. ``allow_special`` parses special-token text (e.g. chat
-        headers) as the special token; otherwise it is encoded as ordinary text."""
+        headers) as the special token; otherwise it is encoded as ordinary text.
+
+        Text that is not valid Unicode (a lone surrogate, a byte that was not UTF-8) is repaired with U+FFFD first,
+        the same way for every tokenizer (:func:`neox_llama.tokenizers.text.usable_text`)."""
+        return self._encode(usable_text(text), allow_special=allow_special)
 
     def encode_batch(self, texts: list[str], *, allow_special: bool = False) -> list[list[int]]:
-        """Ids of several texts (implementations may use the library's batched call)."""
-        return [self.encode(t, allow_special=allow_special) for t in texts]
+        """Ids of several texts (implementations may use the library's batched call); repaired as in :meth:`encode`."""
+        return self._encode_batch([usable_text(t) for t in texts], allow_special=allow_special)
 
     def encode_arrays(self, texts: list[str]) -> list[Sequence[int]]:
         """Ids of several texts (special-token text as ordinary text) for writing a dataset: lists, or numpy arrays
-        where the library makes them without Python ints (tiktoken's ``encode_to_numpy``)."""
-        return self.encode_batch(texts)
+        where the library makes them without Python ints (tiktoken's ``encode_to_numpy``); repaired as in
+        :meth:`encode` (preprocessing skips such records before they get here)."""
+        return self._encode_arrays([usable_text(t) for t in texts])
+
+    # What each library implements, for text every tokenizer can encode (no lone surrogates).
+    @abstractmethod
+    def _encode(self, text: str, *, allow_special: bool) -> list[int]: ...
+
+    def _encode_batch(self, texts: list[str], *, allow_special: bool) -> list[list[int]]:
+        return [self._encode(t, allow_special=allow_special) for t in texts]
+
+    def _encode_arrays(self, texts: list[str]) -> list[Sequence[int]]:
+        return self._encode_batch(texts, allow_special=False)
 
     @abstractmethod
     def decode(self, ids: list[int]) -> str:

@@ -54,10 +54,10 @@ class HFTokenizer(Tokenizer):
     def special_tokens(self) -> dict[str, int]:
         return dict(self._specials)
 
-    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+    def _encode(self, text: str, *, allow_special: bool) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str], *, allow_special: bool = False) -> list[list[int]]:
+    def _encode_batch(self, texts: list[str], *, allow_special: bool) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:

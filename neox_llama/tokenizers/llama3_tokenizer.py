@@ -106,33 +106,30 @@ class Llama3Tokenizer(Tokenizer):
         for i in range(0, len(text), MAX_CHARS_PER_CALL):
             yield from _split_long_runs(text[i:i + MAX_CHARS_PER_CALL])
 
-    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+    def _encode(self, text: str, *, allow_special: bool) -> list[int]:
         allowed = "all" if allow_special else set()
         ids: list[int] = []
         for piece in self._pieces(text):
             ids += self.enc.encode(piece, allowed_special=allowed, disallowed_special=())
         return ids
 
-    def encode_batch(self, texts: list[str], *, allow_special: bool = False) -> list[list[int]]:
+    def _encode_batch(self, texts: list[str], *, allow_special: bool) -> list[list[int]]:
         if any(len(t) > MAX_RUN for t in texts):
-            return [self.encode(t, allow_special=allow_special) for t in texts]
+            return [self._encode(t, allow_special=allow_special) for t in texts]
         allowed = "all" if allow_special else set()
         # On the calling thread, not tiktoken's encode_batch: that runs every call in a new thread pool, whose
         # threads start with cold regex caches (one thread each: 1.3x slower, docs/benchmarks.md). Parallelism
         # comes from preprocess workers (processes).
         return [self.enc.encode(t, allowed_special=allowed, disallowed_special=()) for t in texts]
 
-    def encode_arrays(self, texts: list[str]) -> list[Sequence[int]]:
+    def _encode_arrays(self, texts: list[str]) -> list[Sequence[int]]:
         if any(len(t) > MAX_RUN for t in texts):
-            return self.encode_batch(texts)
+            return self._encode_batch(texts, allow_special=False)
         # uint32 arrays straight from tiktoken's buffer: no Python int per token (1.15x on the benchmark's corpus)
         return [self._array(t) for t in texts]
 
     def _array(self, text: str) -> Sequence[int]:
-        try:
-            return self.enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
-        except UnicodeEncodeError:  # a lone surrogate (e.g. "\ud800" in JSON): encode() repairs it as tiktoken does
-            return self.enc.encode(text, allowed_special=set(), disallowed_special=())
+        return self.enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
 
     def decode(self, ids: list[int]) -> str:
         return self.enc.decode(list(ids))

@@ -42,12 +42,12 @@ class SPMTokenizer(Tokenizer):
         return {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
                 if self.sp.is_control(i) or self.sp.is_unknown(i)}
 
-    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+    def _encode(self, text: str, *, allow_special: bool) -> list[int]:
         if allow_special:
             return self._encode_with_specials(text)
         return self.sp.encode(text)
 
-    def encode_batch(self, texts: list[str], *, allow_special: bool = False) -> list[list[int]]:
+    def _encode_batch(self, texts: list[str], *, allow_special: bool) -> list[list[int]]:
         if allow_special:
             return [self._encode_with_specials(t) for t in texts]
         return self.sp.encode(texts, num_threads=1)
