@@ -115,3 +115,18 @@ def test_text_that_is_not_unicode_is_repaired_with_ufffd_by_every_tokenizer(tmp_
     assert [r.getMessage() for r in caplog.records] == [
         "text to tokenize holds a lone surrogate \\ud800 (not valid Unicode): each such character is encoded as U+FFFD "
         "(said once per process)"]
+
+
+def test_training_a_tokenizer_skips_lines_no_tokenizer_can_encode(tmp_path, caplog):
+    from neox_llama.tokenizers.train import train_sentencepiece
+
+    (tmp_path / "a.txt").write_bytes(b"caf\xe9 latin-1\n" + "\n".join(TEXTS).encode())
+    (tmp_path / "b.jsonl").write_text('{"text": "a \\ud800 b"}\n{broken\n{"text": "good text"}\n')
+    with caplog.at_level(logging.WARNING, logger="neox_llama.tokenizers.train"):
+        model = train_sentencepiece([tmp_path / "a.txt", tmp_path / "b.jsonl"], tmp_path / "tok", 400)
+    assert model.is_file() and [r.getMessage() for r in caplog.records] == [
+        f"skipping {tmp_path / 'a.txt'}:1: not valid utf-8 text (byte 0xe9 at column 4)",
+        f"skipping {tmp_path / 'b.jsonl'}:1: the value of 'text' holds a lone surrogate \\ud800 at character 3, which "
+        "no tokenizer can encode",
+        f"skipping {tmp_path / 'b.jsonl'}:2: not a JSON object",
+        "3 line(s) skipped: not valid UTF-8 text, text no tokenizer can encode, or not JSON objects"]
