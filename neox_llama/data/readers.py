@@ -70,7 +70,7 @@ class ZstdStream(io.RawIOBase):
     def __init__(self, raw: BinaryIO):
         self._raw = raw
         self._frame: zstandard.ZstdDecompressionObj | None = None  # the frame being read; None between frames
-        self._out, self._at = b"", 0
+        self._out, self._at = memoryview(b""), 0
 
     def readable(self) -> bool:
         return True
@@ -87,9 +87,9 @@ class ZstdStream(io.RawIOBase):
                     return 0
             if data:
                 self._frame = self._frame or zstandard.ZstdDecompressor().decompressobj()
-                self._out, self._at = self._frame.decompress(data), 0
+                self._out, self._at = memoryview(self._frame.decompress(data)), 0
         n = min(len(buffer), len(self._out) - self._at)
-        buffer[:n] = self._out[self._at:self._at + n]
+        memoryview(buffer).cast("B")[:n] = self._out[self._at:self._at + n]
         self._at += n
         return n
 
@@ -103,7 +103,7 @@ def _decompressed(raw: BinaryIO, path: Path) -> BinaryIO:
     if path.suffix == ".gz":
         return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
     if path.suffix == ".zst":
-        return io.BufferedReader(ZstdStream(raw))  # type: ignore[return-value]
+        return io.BufferedReader(ZstdStream(raw), READ_CHUNK)  # type: ignore[return-value]
     return raw
 
 
