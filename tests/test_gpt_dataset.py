@@ -128,3 +128,42 @@ def test_sample_index_covers_one_epoch_exactly():
     ends = np.cumsum(sizes[order])
     begin = ends[starts[:, 0]] - sizes[order][starts[:, 0]] + starts[:, 1]
     assert np.array_equal(begin, np.arange(len(shuffle) + 1) * 64)
+
+
+def _three_documents(tmp_path, write_yaml, *overrides):
+    with IndexedDatasetWriter(tmp_path / "three", np.uint16) as w:
+        for i in range(3):
+            w.add_document(np.arange(40) + i)
+    return load_config([write_yaml("c.yml", "num_layers: 2\nhidden_size: 64\nnum_attention_heads: 4\n"
+                                   "intermediate_size: 128\nvocab_size: 100\n")],
+                       [f"seq_length={SEQ}", f"data_path={tmp_path / 'three'}", "train_iters=4", "num_workers=0",
+                        *overrides])
+
+
+def test_an_empty_split_the_run_reads_is_one_warning(tmp_path, write_yaml, caplog):
+    cfg = _three_documents(tmp_path, write_yaml, "split=90,5,5", "eval_interval=2", "eval_iters=1")
+    with caplog.at_level(logging.WARNING, logger="neox_llama.data.loader"):
+        sets = build_datasets(cfg)
+    assert set(sets) == {"train"}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    for part in ('split: "90,5,5"', "over the 3 document(s)", "validation and test splits with 0 documents",
+                 "will not validate (eval_interval 2, eval_iters 1)"):
+        assert part in warnings[0], warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="neox_llama.data.loader"):
+        build_datasets(cfg, announce=False)  # ranks other than 0 say nothing
+        build_datasets(_three_documents(tmp_path, write_yaml, "split=90,5,5", "eval_iters=0"))  # nothing to read
+        build_datasets(_three_documents(tmp_path, write_yaml, "split=34,33,33", "eval_iters=1"))  # a document each
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+
+
+def test_a_split_that_leaves_training_empty_is_an_error(tmp_path, write_yaml):
+    cfg = _three_documents(tmp_path, write_yaml, "split=0,50,50")
+    assert split_ranges("0,50,50", 3) == [(0, 0), (0, 1), (1, 3)]  # Megatron's rounding, never below zero
+    with pytest.raises(DataError) as err:
+        build_datasets(cfg)
+    assert str(err.value) == (
+        f'command line: split: "0,50,50" over the 3 document(s) of {tmp_path / "three"} leaves the training split '
+        'empty (training 0, validation 1, test 2 documents); give training a share that holds at least one document '
+        '(e.g. split: "969,30,1") or add documents')

@@ -38,6 +38,8 @@ def split_ranges(split: str, num_documents: int) -> list[tuple[int, int]]:
         bounds.append(bounds[-1] + int(round(w / total * num_documents)))
     diff = bounds[-1] - num_documents
     bounds = [bounds[0]] + [b - diff for b in bounds[1:]]
+    for i in range(1, 4):  # a split given no document ("0,50,50" over 3) must not reach below the one before it
+        bounds[i] = max(bounds[i], bounds[i - 1])
     return [(bounds[i], bounds[i + 1]) for i in range(3)]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -21,6 +22,9 @@ from neox_llama.data.gpt_dataset import (
 from neox_llama.data.indexed import IndexedDataset
 
 SPLITS = ("train", "valid", "test")
+SPLIT_NAMES = {"train": "training", "valid": "validation", "test": "test"}
+
+logger = logging.getLogger(__name__)
 
 
 class PretrainingSampler:
@@ -101,13 +105,48 @@ def _blend(name: str, prefixes: list[str], weights: list[float], size: int, cfg:
     return BlendedDataset(parts, weights, size)
 
 
-def build_datasets(cfg: Config) -> dict[str, object]:
-    """train/valid/test datasets from ``data_path`` + ``split``, or from the ``*_data_paths`` lists."""
+def split_documents(cfg: Config, num_documents: int) -> list[tuple[int, int]]:
+    """The document ranges of train/valid/test that ``split`` gives ``data_path``'s ``num_documents``; a split that
+    leaves training without a document is an error naming the ``split`` value and what each split got."""
+    ranges = split_ranges(cfg.split, num_documents)
+    if ranges[0][1] <= ranges[0][0]:
+        got = ", ".join(f"{SPLIT_NAMES[n]} {last - first}" for n, (first, last) in zip(SPLITS, ranges, strict=True))
+        raise DataError(f"{cfg.sources.get('split', 'default')}: split: \"{cfg.split}\" over the {num_documents} "
+                        f"document(s) of {cfg.data_path} leaves the training split empty ({got} documents); give "
+                        "training a share that holds at least one document (e.g. split: \"969,30,1\") or add documents")
+    return ranges
+
+
+def empty_split_warning(cfg: Config, ranges: list[tuple[int, int]], num_documents: int) -> str | None:
+    """One line naming every split the run would read (validation and test, with ``eval_iters`` > 0) that ``split``
+    leaves without a document; None when there is none."""
+    counts = split_sample_counts(cfg)
+    empty = [SPLIT_NAMES[n] for n, (first, last) in zip(SPLITS, ranges, strict=True)
+             if n != "train" and counts[n] > 0 and last <= first]
+    if not empty:
+        return None
+    skipped = {"validation": f"validate (eval_interval {cfg.eval_interval}, eval_iters {cfg.eval_iters})",
+               "test": "report a test loss at the end"}
+    return (f"split: \"{cfg.split}\" ({cfg.sources.get('split', 'default')}) over the {num_documents} document(s) of "
+            f"{cfg.data_path} leaves the {' and '.join(empty)} split{'s' if len(empty) > 1 else ''} with 0 documents: "
+            f"this run will not {' nor '.join(skipped[e] for e in empty)}; give {'them' if len(empty) > 1 else 'it'} "
+            "a larger share of split or add documents (eval_iters: 0 turns evaluation off)")
+
+
+def build_datasets(cfg: Config, announce: bool = True) -> dict[str, object]:
+    """train/valid/test datasets from ``data_path`` + ``split``, or from the ``*_data_paths`` lists.
+
+    With ``data_path``, a ``split`` that leaves training without a document is an error, and one that leaves a split
+    the run reads (validation, test) empty is said once in a warning (where ``announce``: rank 0)."""
     counts = split_sample_counts(cfg)
     out: dict[str, object] = {}
     if cfg.data_path:
         data = IndexedDataset(cfg.data_path)
-        for name, docs in zip(SPLITS, split_ranges(cfg.split, len(data)), strict=True):
+        ranges = split_documents(cfg, len(data))
+        warning = empty_split_warning(cfg, ranges, len(data)) if announce else None
+        if warning:
+            logger.warning("%s", warning)
+        for name, docs in zip(SPLITS, ranges, strict=True):
             if docs[1] > docs[0] and counts[name] > 0:
                 out[name] = GPTDataset(name, cfg.data_path, docs, cfg.seq_length, counts[name], cfg.seed, data)
         return out

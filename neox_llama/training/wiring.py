@@ -65,7 +65,7 @@ def build_run(cfg: Config, info: RankInfo, accelerator: str, tokenizer: Tokenize
                                       prompt_style=plan.meta.prompt_style if plan.resume is not None else None)
     train_state = start_state(cfg, plan, training_engine, info.rank)
     metrics = agree(lambda: MetricsWriter(cfg, info.rank, resume_step=train_state.step))
-    datasets = build_data(cfg, tokenizer, finetune_info)
+    datasets = build_data(cfg, tokenizer, finetune_info, announce=info.rank == 0)
     return TrainingRun(cfg, info, accelerator, tokenizer, plan, training_engine, train_state, finetune_info, metrics,
                        datasets, CausalLMLoss(training_engine.factory))
 
@@ -99,9 +99,11 @@ def start_state(cfg: Config, plan: LoadPlan, training_engine: TrainingEngine, ra
     return train_state
 
 
-def build_data(cfg: Config, tokenizer: Tokenizer | None, finetune_info: ckpt.FinetuneInfo) -> dict:
+def build_data(cfg: Config, tokenizer: Tokenizer | None, finetune_info: ckpt.FinetuneInfo,
+               announce: bool = True) -> dict:
     """The run's splits: instruction data (its prompt style checked against a resumed checkpoint's and recorded in
-    ``finetune_info``) or token datasets; a run without a training split is an error."""
+    ``finetune_info``) or token datasets (an empty split the run reads is said once, where ``announce``: rank 0); a
+    run without a training split is an error."""
     if cfg.sft_data_path:
         data = build_instruction_datasets(cfg, tokenizer, split_sample_counts(cfg))
         saved_style = finetune_info.prompt_style
@@ -111,7 +113,7 @@ def build_data(cfg: Config, tokenizer: Tokenizer | None, finetune_info: ckpt.Fin
         finetune_info.prompt_style = data.style
         datasets = data.datasets
     else:
-        datasets = build_datasets(cfg)
+        datasets = build_datasets(cfg, announce)
     if "train" not in datasets:
         raise TrainingError("no training data: set data_path (split by `split`), train_data_paths or sft_data_path")
     return datasets
