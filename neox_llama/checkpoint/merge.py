@@ -2,12 +2,14 @@
 
 The same streaming merge serves ``tools/merge_lora.py`` (written as a full checkpoint), generation with
 ``--adapter`` and the Hugging Face export of a LoRA checkpoint, through :func:`merged_weight`, so all of them
-compute the same tensors to the bit. Peak memory is about one layer of the base, never the whole model.
+compute the same tensors to the bit. Peak memory is about one layer of the base, never the whole model. A weight
+must be finite and within ``MAX_WEIGHT`` (``force`` goes beyond), and every merged tensor must come out finite.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ import torch
 from neox_llama.checkpoint.adapter import adapter_layers, fingerprint, resolve_base, updates_by_weight
 from neox_llama.checkpoint.metadata import Layout, Metadata, read_metadata, write_metadata
 from neox_llama.checkpoint.paths import CheckpointError, layer_file, resolve_checkpoint
-from neox_llama.checkpoint.weights import layer_indices, read_layer_file, write_layer_file
+from neox_llama.checkpoint.weights import check_finite, layer_indices, read_layer_file, write_layer_file
 from neox_llama.peft.lora import LoraSettings, merged_weight
 from neox_llama.peft.methods import PeftSettings, kind, settings_of
 from neox_llama.utils.files import building_dir, output_dir_problem
@@ -28,6 +30,19 @@ logger = logging.getLogger(__name__)
 PEFT_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "peft_method", "adapter_prompt_length",
              "adapter_start_layer", "adapter_gate")
 """Config keys a merged checkpoint drops: it is a plain model."""
+MAX_WEIGHT = 10.0
+"""The largest ``|weight|`` of a LoRA update merged without ``force`` (1 is the update as trained)."""
+
+
+def check_weight(weight: float, source: str | Path, force: bool = False) -> None:
+    """Refuse a merge weight that is not a finite number, or (unless ``force``) one beyond ``MAX_WEIGHT``; ``source``
+    names the adapter checkpoint it scales. Checked before anything is read or written."""
+    if not math.isfinite(weight):
+        raise CheckpointError(f"--weight {weight:g} for {source}: not a finite number; give the scale of the "
+                              f"adapter's update, between -{MAX_WEIGHT:g} and {MAX_WEIGHT:g} (1 = as trained)")
+    if abs(weight) > MAX_WEIGHT and not force:
+        raise CheckpointError(f"--weight {weight:g} for {source}: outside -{MAX_WEIGHT:g}..{MAX_WEIGHT:g} (1 = the "
+                              "update as trained); pass --force to merge so large a weight anyway")
 
 
 @dataclass
@@ -83,8 +98,13 @@ def merged_layer(index: int, tensors: dict[str, torch.Tensor], adapters: list[Ad
             if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or (b.shape[0], a.shape[1]) != tuple(weight.shape):
                 raise CheckpointError(f"{path}: {name} has shape {tuple(weight.shape)}, but the adapter's update is "
                                       f"{tuple(b.shape)} x {tuple(a.shape)}; the adapter was trained on another model")
-        out[name] = merged_weight(weight, items)
+        out[name] = check_finite(merged_weight(weight, items), path, name, _overflow(adapters))
     return out
+
+
+def _overflow(adapters: list[Adapter]) -> str:
+    weights = ", ".join(f"{a.folder} x {a.weight:g}" for a in adapters)
+    return f"merging {weights} overflows; lower the --weight"
 
 
 def merged_layers(base: Path, adapters: list[Adapter],
@@ -154,10 +174,14 @@ def _partially_merged_layers(base: Path, adapters: list[Adapter],
                 raise CheckpointError(f"{path}: {name} has {value.shape[0]} features, {target} {tensors[target].shape[0]}; "
                                       "the adapter was trained on another model")
         try:
-            yield index, folded_layer(tensors, trained.get(index, {}))
+            folded = folded_layer(tensors, trained.get(index, {}))
         except KeyError as err:
             raise CheckpointError(f"{adapter.folder}: layer {index}: adapter tensor {err} is missing beside its "
                                   "companions; the checkpoint is incomplete") from None
+        for name, tensor in folded.items():
+            if tensor is not tensors.get(name):  # the folded ones; the rest was checked as it was read
+                check_finite(tensor, path, name, f"folding {adapter.folder} into the base overflows")
+        yield index, folded
 
 
 def merge_to_checkpoint(adapters: list[Adapter], output: str | Path, base: str | Path | None = None,
@@ -168,9 +192,13 @@ def merge_to_checkpoint(adapters: list[Adapter], output: str | Path, base: str |
     the adapter's prompt style; generate.py, convert_to_hf.py and further training take it like any checkpoint.
     ``partial``: an Adapter v2 checkpoint's scales, biases and norms without its prompt; the merged linear layers
     then have biases (``use_bias_in_attn_linear`` / ``use_bias_in_mlp``; HF ``attention_bias`` / ``mlp_bias``).
+    ``force`` accepts a base whose fingerprint differs and weights beyond ``MAX_WEIGHT`` (:func:`check_weight`); a
+    merged tensor that is not finite stops the merge, and nothing is left at ``output``.
     """
     from neox_llama.config.loading import dump_raw, load_raw
 
+    for adapter in adapters:
+        check_weight(adapter.weight, adapter.folder, force)
     output = Path(output)
     problem = output_dir_problem(output, force=False)
     if problem:

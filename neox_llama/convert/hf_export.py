@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from neox_llama.checkpoint.merge import merged_layers
 from neox_llama.checkpoint.paths import CheckpointError, layer_file
 from neox_llama.checkpoint.run import Run, load_run
-from neox_llama.checkpoint.weights import layer_indices, read_layer_file
+from neox_llama.checkpoint.weights import check_finite, layer_indices, read_layer_file
 from neox_llama.convert.hf_names import expected_shape, hf_config_dict, hf_to_ours
 from neox_llama.convert.hf_tokenizer_export import write_tokenizer_files
 from neox_llama.utils.files import building_dir, default_file_mode, output_dir_problem
@@ -38,7 +38,8 @@ def _layer_table(args) -> dict[int, list[tuple[str, str]]]:
 
 def hf_tensors(ckpt: Run, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """(Hugging Face name, tensor) one layer at a time, vocabulary padding trimmed (a LoRA checkpoint's base with its
-    adapter merged); at most one layer of the checkpoint is read at once."""
+    adapter merged); at most one layer of the checkpoint is read at once, each tensor checked for NaN and Inf as it
+    is read (and again after a cast to fp16, which overflows beyond 65504)."""
     table = _layer_table(ckpt.args)
     indices = layer_indices(ckpt.folder)
     extra = sorted(set(indices) - set(table))
@@ -66,7 +67,11 @@ def hf_tensors(ckpt: Run, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tenso
                                       f"config.yml implies {expected}")
             if hf_name in ("model.embed_tokens.weight", "lm_head.weight"):
                 tensor = tensor[: ckpt.true_vocab]
-            yield hf_name, tensor.to(dtype).contiguous()
+            out = tensor.to(dtype).contiguous()
+            if dtype == torch.float16 and tensor.dtype != torch.float16:  # fp16 overflows beyond 65504
+                check_finite(out, layer_file(ckpt.folder, index), name, "its values do not fit fp16 (largest 65504); "
+                             "export with --dtype bf16 or fp32")
+            yield hf_name, out
         if ours:
             raise CheckpointError(f"{ckpt.folder}: tensors with no Hugging Face name: "
                                   f"{', '.join(f'{index}.{n}' for n in sorted(ours)[:5])}")

@@ -1,9 +1,10 @@
 """A local Hugging Face Llama directory -> a neox_llama checkpoint that ``finetune: true`` loads at any layout.
 
 Tensors are streamed one layer at a time (safetensors, or ``.bin`` read with ``weights_only=True``), so
-memory stays near one layer plus the output. The checkpoint holds ``global_step0/weights/``, a generated
-``config.yml``, the tokenizer file and ``metadata.json``; ``{output}/model.yml`` is a config to list when
-fine-tuning (``python deepy.py train.py OUTPUT/model.yml configs/local.yml``).
+memory stays near one layer plus the output; each is checked for NaN and Inf as it is read. The checkpoint
+holds ``global_step0/weights/``, a generated ``config.yml``, the tokenizer file and ``metadata.json``;
+``{output}/model.yml`` is a config to list when fine-tuning (``python deepy.py train.py OUTPUT/model.yml
+configs/local.yml``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 
 from neox_llama.checkpoint.metadata import Layout, Metadata, write_metadata
 from neox_llama.checkpoint.paths import CheckpointError, layer_file
-from neox_llama.checkpoint.weights import write_layer_file
+from neox_llama.checkpoint.weights import check_finite, write_layer_file
 from neox_llama.config import load_config
 from neox_llama.convert.hf_names import expected_shape, hf_to_ours
 from neox_llama.model.args import ROPE_KEYS, LlamaArgs
@@ -112,11 +113,14 @@ class _TensorSource:
             raise CheckpointError(f"{hf_dir}: no *.safetensors or pytorch_model*.bin weight files")
 
     def get(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as read, checked for NaN and Inf (an error naming the file and the tensor)."""
         file = self.where[name]
         if file in self._bin_cache:
-            return self._bin_cache[file][name]
-        with _reading(file), safe_open(str(file), framework="pt") as handle:
-            return handle.get_tensor(name)
+            tensor = self._bin_cache[file][name]
+        else:
+            with _reading(file), safe_open(str(file), framework="pt") as handle:
+                tensor = handle.get_tensor(name)
+        return check_finite(tensor, file, name, "the model's weights are damaged; nothing was written")
 
 
 def import_from_hf(hf_dir: str | Path, output: str | Path, pipe_parallel_size: int = 1,
