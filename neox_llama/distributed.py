@@ -102,7 +102,14 @@ def init_distributed(accelerator: str, timeout_minutes: float = 10.0) -> RankInf
     if accelerator == "cpu":
         _skip_shared_memory_all_reduce()
     _JOINED_HERE = _JOINED_HERE or not dist.is_initialized()
-    deepspeed.init_distributed(dist_backend=BACKENDS[accelerator], timeout=timedelta(minutes=timeout_minutes))
+    try:
+        deepspeed.init_distributed(dist_backend=BACKENDS[accelerator], timeout=timedelta(minutes=timeout_minutes))
+    except dist.DistNetworkError as err:  # rank 0's store could not listen: the port was taken since deepy checked it
+        if "EADDRINUSE" not in str(err):
+            raise
+        raise LaunchError(f"MASTER_PORT {os.environ['MASTER_PORT']} is already in use on this machine (another run?), "
+                          "so rank 0 cannot listen on it: start again (deepy.py picks a free port on one node when "
+                          "master_port is taken) or set master_port to a free port") from None
     info = RankInfo(dist.get_rank(), local_rank, dist.get_world_size(), device)
     logger.debug("joined process group: rank %d of %d on %s", info.rank, info.world_size, device)
     return info

@@ -16,9 +16,11 @@ or without ``configs/`` and ``.yml`` (``llama3/tiny``, ``configs/llama3/tiny.yml
 config of that name even when a file of that name exists here, at its place among the CONFIGs.
 ``model_name=NAME`` alone, without a CONFIG, starts from that model's preset.
 
-Before that, the datasets, a resume target's shapes and (without GPUs) the host memory are checked
-(neox_llama/planning/preflight.py); ``--force`` starts even when the memory estimate exceeds this machine's RAM.
-``--dry-run`` prints the plan and turns every refusal into a warning.
+Before that, the datasets, a resume target's shapes and (without GPUs) the host memory and cores are checked
+(neox_llama/planning/preflight.py); ``--force`` starts even when the memory estimate exceeds this machine's RAM or
+its ranks' threads are more than 4 per core. A ``master_port`` taken on this machine is replaced by a free one on a
+single node (logged), and refused on several nodes. ``--dry-run`` prints the plan and turns every refusal into a
+warning.
 """
 
 from __future__ import annotations
@@ -228,18 +230,12 @@ def prepare_launch(argv: list[str]) -> PreparedLaunch | int:
     if not problems:
         from neox_llama.planning import preflight
 
-        vocab = cfg.vocab_size or tokenizer_vocab
-        checks = preflight.check_datasets(cfg, vocab) + preflight.check_resume_target(cfg) + preflight.check_offload(cfg)
-        # This machine's RAM and files stand for the ranks' only when they run here (not on a hostfile's nodes).
-        memory = preflight.check_host_memory(cfg, plan.ranks_per_node) \
-            if accelerator == "cpu" and not plan.multi_node else []
-        if dry_run or plan.multi_node:  # a plan for the target cluster, or files on other machines: warn only
-            for line in checks + memory:
-                print(f"deepy.py: warning: {line}", file=sys.stderr)
-        else:
-            problems.extend(checks + ([] if force else memory))
-            for line in memory if force else []:
-                print(f"deepy.py: warning: {line} (--force: starting anyway)", file=sys.stderr)
+        # This machine's RAM, cores and files stand for the ranks' only when they run here (not on a hostfile's nodes).
+        checks = preflight.run_checks(cfg, plan, cfg.vocab_size or tokenizer_vocab, accelerator)
+        refused, warnings = checks.verdict(dry_run, force)
+        for line in warnings:
+            print(f"deepy.py: warning: {line}", file=sys.stderr)
+        problems.extend(refused)
     if problems:
         problems = _neox_hints(files, problems) + problems
         for line in problems:
@@ -254,7 +250,7 @@ def prepare_launch(argv: list[str]) -> PreparedLaunch | int:
     config_file = str(Path(cfg.log_dir) / "config.yml")
     header = f"# merged by deepy.py from: {' '.join(files + overrides)}"
     config_text = dump_raw_text(raw, header=header)
-    command = build_launch_command(cfg, plan, script, config_file, config_text)
+    command = build_launch_command(cfg, plan, script, config_file, config_text, checks.master_port)
 
     if dry_run:
         from neox_llama.planning.report import dry_run_text

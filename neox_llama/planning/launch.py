@@ -9,6 +9,7 @@ started directly with the environment variables torch.distributed expects.
 from __future__ import annotations
 
 import base64
+import errno
 import os
 import shlex
 import socket
@@ -116,6 +117,69 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def port_in_use(port: int) -> bool:
+    """Whether rank 0 could not listen on ``port`` here: something is bound to it (torch's store binds every address,
+    with SO_REUSEADDR, so a port a finished run left in TIME_WAIT is free, as it is for the store)."""
+    for family, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # no IPv6 on this machine
+            continue
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind((address, port))
+            except OSError as err:
+                if family == socket.AF_INET or err.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
+def is_this_machine(host: str) -> bool:
+    """Whether ``host`` names this machine (one of its addresses can be bound here)."""
+    if host in ("localhost", socket.gethostname(), socket.getfqdn()):
+        return True
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)}
+    except OSError:
+        return False
+    for address in addresses:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.bind((address, 0))
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def choose_master_port(cfg: Config, plan: LaunchPlan) -> tuple[int, str | None]:
+    """The port rank 0 listens on, and a line saying so where it is not ``master_port``: on one node, a taken port is
+    replaced by a free one; a one-rank run without a configured port always takes a free one (said nowhere), so
+    concurrent runs never collide.
+
+    On several nodes every node must be given the same port, so a taken one is an error naming it and the host (when
+    rank 0's node is this machine; another node's ports cannot be seen from here)."""
+    port, origin = cfg.master_port, cfg.sources.get("master_port")
+    if plan.multi_node:
+        host = cfg.master_addr or next(iter(plan.hosts))
+        if is_this_machine(host) and port_in_use(port):
+            raise ConfigError([f"{origin or 'default'}: master_port {port} is already in use on {host} (rank 0's node, "
+                               "this machine); every node must be given the same port, so none is picked for you: set "
+                               f"master_port to a free one (e.g. master_port={free_port()})"])
+        return port, None
+    if plan.world_size == 1 and origin is None:
+        return free_port(), None
+    if not port_in_use(port):
+        return port, None
+    chosen = free_port()
+    return chosen, (f"master_port {port} ({origin or 'the default'}) is in use on this machine; rank 0 listens on free "
+                    f"port {chosen} instead")
+
+
 def threads_per_rank(cfg: Config, plan: LaunchPlan) -> int:
     """OMP threads per rank: the configured number, or the node's cores shared among its ranks."""
     if cfg.omp_num_threads:
@@ -141,8 +205,10 @@ def rank_environment(cfg: Config, plan: LaunchPlan) -> dict[str, str]:
 
 
 def build_launch_command(cfg: Config, plan: LaunchPlan, script: str, config_file: str,
-                         config_text: str | None = None) -> LaunchCommand:
-    """The command that starts ``script --config config_file`` on every rank of ``plan``.
+                         config_text: str | None = None, master_port: int | None = None) -> LaunchCommand:
+    """The command that starts ``script --config config_file`` on every rank of ``plan``, rank 0 listening on
+    ``master_port`` (deepy.py passes :func:`choose_master_port`'s; unset: ``master_port`` as configured, or a free
+    port for one rank without one).
 
     Ranks on other nodes see neither this environment (DeepSpeed's pdsh/openmpi/slurm runners forward only
     their own variable prefixes and ``.deepspeed_env``) nor, without a shared filesystem, ``config_file``:
@@ -157,13 +223,14 @@ def build_launch_command(cfg: Config, plan: LaunchPlan, script: str, config_file
             script_args += [CONFIG_DATA, base64.b64encode(config_text.encode("utf-8")).decode("ascii")]
     if plan.world_size == 1 and not plan.multi_node:
         # Nobody else joins: an unset master_port gets a free one, so concurrent single-rank runs never collide.
-        port = cfg.master_port if "master_port" in cfg.sources else free_port()
+        port = master_port or (cfg.master_port if "master_port" in cfg.sources else free_port())
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                    MASTER_ADDR=cfg.master_addr or "127.0.0.1", MASTER_PORT=str(port))
         if plan.include and plan.accelerator == "cuda":
             env["CUDA_VISIBLE_DEVICES"] = plan.include.split(":", 1)[1]
         return LaunchCommand([sys.executable, *script_args], env)
-    argv = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(cfg.master_port), "--no_local_rank"]
+    argv = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(master_port or cfg.master_port),
+            "--no_local_rank"]
     if cfg.hostfile:
         argv += ["--hostfile", cfg.hostfile, "--launcher", cfg.launcher]
     if cfg.master_addr:

@@ -1,4 +1,5 @@
-"""Per-rank memory estimate for ``deepy.py --dry-run``: model states under ZeRO, and activations.
+"""Per-rank memory estimate for ``deepy.py --dry-run`` and its host-memory check: model states under ZeRO, and
+activations; on CPU also the rank process itself and its data-loader workers (baselines measured, see below).
 
 An estimate, not a measurement: it counts the largest pipeline stage and ignores allocator slack. DeepSpeed's
 communication buffers are counted at their configured sizes (reduce bucket, doubled with ``overlap_comm``;
@@ -44,9 +45,21 @@ from neox_llama.planning.flops import count_parameters, count_trainable
 GIB = 1024**3
 
 
-CPU_RUNTIME = 0.3 * GIB
-"""A CPU rank's own resident memory before any model state: Python with torch 2.13, DeepSpeed 0.19 and the trainer
-imported measures 0.25 GB (ru_maxrss), plus thread stacks and the allocator's arenas."""
+CPU_RUNTIME = 400 * 2**20
+"""A CPU rank's own resident memory besides the model terms below: Python with torch 2.13, DeepSpeed 0.19 and the
+trainer imported and the process group up (249 MiB alone), then the engine, the optimizer, the loaders, the
+allocator's arenas and the thread pools of a step. Measured with ``python -m benchmarks.rank_memory``
+(docs/benchmarks.md; Intel Xeon, 2 cores, 2026-12-07): the peak RSS of a one-rank run of the tiny preset without
+data-loader workers less what this estimate counts for its model: 369 and 387 MiB in fp32 (two runs), 473 MiB in bf16
+(AMX); 422 MiB for the preset as shipped (bf16, vocabulary 2048; 459 MiB peak, 468 MB in the issue)."""
+
+DATA_WORKER = 10 * 2**20
+"""One data-loader worker (``num_workers``): forked from its rank, it shares the rank's pages and holds up to 9 MiB
+of its own (USS, sampled every 0.05 s by the same benchmark; the rank with 6 workers peaked 24 MiB above the
+same run without them, since the rank then reads no data itself)."""
+EVALUATION_LOADERS = 2
+"""Loaders besides training's whose workers can be alive at once when the run evaluates (``eval_iters`` > 0):
+validation and test (evaluation keeps its loaders between evaluations)."""
 
 
 @dataclass
@@ -75,13 +88,15 @@ class MemoryEstimate:
     runtime: float = 0.0
     """On CPU, the rank process itself (CPU_RUNTIME): its RSS counts against host RAM; a GPU's device memory does
     not hold it."""
+    workers: float = 0.0
+    """On CPU, the rank's data-loader workers (``num_workers`` per loader, DATA_WORKER each), in host RAM."""
 
     @property
     def total(self) -> float:
         """Bytes per rank on its device (on CPU: host RAM, where everything lives)."""
         acts = self.activations_checkpointed if self.checkpointing else self.activations
         states = self.weights + self.gradients + self.optimizer + self.workspace
-        return states + acts + self.buffers + self.runtime - self.offloaded_host - self.offloaded_nvme
+        return states + acts + self.buffers + self.runtime + self.workers - self.offloaded_host - self.offloaded_nvme
 
     def text(self) -> str:
         chosen = f"with {self.granularity} activation checkpointing" if self.checkpointing else \
@@ -94,7 +109,9 @@ class MemoryEstimate:
                 f"weights {self.weights / GIB:.2f} GiB, gradients {self.gradients / GIB:.2f} GiB, "
                 f"optimizer {self.optimizer / GIB:.2f} GiB, optimizer step workspace {self.workspace / GIB:.2f} GiB, "
                 f"communication buffers {self.buffers / GIB:.2f} GiB, "
-                f"{f'process runtime {self.runtime / GIB:.2f} GiB, ' if self.runtime else ''}activations {self.activations / GIB:.2f} GiB "
+                f"{f'process runtime {self.runtime / GIB:.2f} GiB, ' if self.runtime else ''}"
+                f"{f'data-loader workers {self.workers / GIB:.2f} GiB ({self.workers / DATA_WORKER:.0f} x {DATA_WORKER / 2**20:.0f} MiB), ' if self.workers else ''}"
+                f"activations {self.activations / GIB:.2f} GiB "
                 f"without checkpointing / {self.activations_checkpointed / GIB:.2f} GiB with ({self.granularity}); "
                 f"total {self.total / GIB:.2f} GiB ({chosen}){offload}; host RAM at start-up "
                 f"{self.startup_host / GIB:.2f} GiB")
@@ -192,5 +209,7 @@ def estimate_memory(cfg: Config, accelerator: str = "cpu") -> MemoryEstimate:
         elif device == "cpu" and accelerator == "cuda":
             host += amount
     runtime = CPU_RUNTIME if accelerator != "cuda" else 0.0
+    loaders = 1 + (EVALUATION_LOADERS if cfg.eval_iters else 0)
+    workers = cfg.num_workers * loaders * DATA_WORKER if accelerator != "cuda" else 0.0
     return MemoryEstimate(params, weights, gradients, optimizer, full, checkpointed, cfg.checkpoint_activations,
-                          startup, workspace, buffers, host, nvme, cfg.checkpoint_granularity, runtime)
+                          startup, workspace, buffers, host, nvme, cfg.checkpoint_granularity, runtime, workers)

@@ -3,21 +3,106 @@
 - every dataset prefix exists and is readable, and its largest token id fits the model's vocabulary;
 - a resume target's tensors have the shapes this config builds (safetensors headers only), and a fine-tune
   beyond the context the checkpoint was trained for sets rope_scaling;
-- on a machine without GPUs, where every rank lives in host memory, the node's estimated total fits its RAM;
-- NVMe offload can run: DeepSpeed's async_io op builds here and ``nvme_path`` is a writable folder.
+- on a machine without GPUs, where every rank lives in host memory, the node's estimated total fits its RAM, and
+  its ranks' threads fit its cores (more than one thread per core warns, more than 4 refuses);
+- NVMe offload can run: DeepSpeed's async_io op builds here and ``nvme_path`` is a writable folder;
+- ``master_port`` is free where rank 0 listens (:func:`neox_llama.planning.launch.choose_master_port`).
 
-Each returns one-line problems naming the file or key; deepy.py refuses to launch on them (``--force``
-overrides the memory check) and ``--dry-run`` prints them as warnings.
+Each returns one-line problems naming the file or key; :func:`run_checks` gathers them and :meth:`Checks.verdict`
+says which refuse a launch: ``--force`` overrides the memory and core checks, ``--dry-run`` prints everything as
+warnings, and a multi-node launch only warns about files (they are the nodes', not this machine's).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 
+from neox_llama.config.loading import ConfigError
 from neox_llama.config.schema import Config
 from neox_llama.errors import NeoxLlamaError
+from neox_llama.planning.launch import LaunchPlan, choose_master_port, threads_per_rank
 
 GIB = 1024**3
+OVERSUBSCRIPTION_REFUSED = 4
+"""CPU threads per core beyond which a launch is refused without ``--force``."""
+
+
+@dataclass
+class Checks:
+    """What the checks before a launch found, by how the launch treats each."""
+
+    files: list[str] = field(default_factory=list)
+    """Datasets, a resume target, NVMe offload: refuse a launch on this machine; only warn for other nodes."""
+    machine: list[str] = field(default_factory=list)
+    """This machine's memory and cores: refuse unless ``--force``."""
+    launch: list[str] = field(default_factory=list)
+    """The launch itself cannot start (a taken ``master_port`` on several nodes)."""
+    notes: list[str] = field(default_factory=list)
+    """Warnings that never refuse (a machine oversubscribed up to OVERSUBSCRIPTION_REFUSED threads per core)."""
+    master_port: int | None = None
+    """The port rank 0 listens on (``master_port``, or a free one where that is taken on one node)."""
+    port_note: str | None = None
+    """The line saying which port replaced a taken ``master_port`` (said when the launch goes ahead)."""
+    multi_node: bool = False
+
+    def verdict(self, dry_run: bool, force: bool) -> tuple[list[str], list[str]]:
+        """(errors that refuse the launch, warnings) for a launch with these flags."""
+        port = [self.port_note] if self.port_note else []
+        if dry_run:  # a plan, perhaps for another machine: everything is said, nothing refused
+            return [], self.notes + self.files + self.machine + self.launch + port
+        errors = self.launch + ([] if self.multi_node else self.files) + ([] if force else self.machine)
+        warnings = self.notes + (self.files if self.multi_node else [])
+        warnings += [f"{line} (--force: starting anyway)" for line in self.machine] if force else []
+        return errors, warnings + ([] if errors else port)
+
+
+def run_checks(cfg: Config, plan: LaunchPlan, vocab: int | None, accelerator: str) -> Checks:
+    """Every check deepy.py runs before a launch; the machine's memory and cores only for CPU ranks that run here."""
+    found = Checks(files=check_datasets(cfg, vocab) + check_resume_target(cfg) + check_offload(cfg),
+                   multi_node=plan.multi_node)
+    if accelerator == "cpu" and not plan.multi_node:
+        found.notes, refused = check_cpu_load(cfg, plan)
+        found.machine = refused + check_host_memory(cfg, plan.ranks_per_node)
+    try:
+        found.master_port, found.port_note = choose_master_port(cfg, plan)
+    except ConfigError as err:
+        found.launch = err.problems
+    return found
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, e.g. a container's cpuset), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_cpu_load(cfg: Config, plan: LaunchPlan, cores: int | None = None) -> tuple[list[str], list[str]]:
+    """(warnings, refusals) for the CPU ranks of this machine: their threads (``omp_num_threads``, or the cores
+    shared out, at least one per rank) against its cores; above one per core warns, above
+    OVERSUBSCRIPTION_REFUSED refuses."""
+    cores = cores or usable_cores()
+    ranks, threads = plan.ranks_per_node, threads_per_rank(cfg, plan)
+    load = ranks * threads / cores
+    if load <= 1:
+        return [], []
+    if cfg.omp_num_threads and ranks <= cores:
+        key, value = "omp_num_threads", cfg.omp_num_threads
+        fix = f"omp_num_threads {max(1, cores // ranks)} or less"
+    elif cfg.num_gpus:
+        key, value = "num_gpus", cfg.num_gpus
+        fix = f"at most {cores // threads or 1} ranks (num_gpus)"
+    else:
+        key, value = "pipe_parallel_size", cfg.pipe_parallel_size
+        fix = f"at most {cores} ranks (pipe_parallel_size x model_parallel_size)"
+    said = (f"{cfg.sources.get(key, 'default')}: {key} {value}: {ranks} CPU rank(s) x {threads} thread(s) each on "
+            f"this machine's {cores} core(s) is {load:.1f}x oversubscribed")
+    if load <= OVERSUBSCRIPTION_REFUSED:
+        return [f"{said}; the ranks take turns on the cores, so every step is slower than with {fix}"], []
+    return [], [f"{said} (more than {OVERSUBSCRIPTION_REFUSED}x is refused: the ranks would spend their time waiting "
+                f"for each other); use {fix}, or pass --force to start anyway"]
 
 
 def _prefixes(cfg: Config) -> list[tuple[str, str]]:
@@ -29,8 +114,10 @@ def _prefixes(cfg: Config) -> list[tuple[str, str]]:
 
 
 def check_datasets(cfg: Config, vocab: int | None) -> list[str]:
-    """Each dataset opens (index and data agree) and holds no token id >= ``vocab`` (a memory-mapped scan)."""
+    """Each dataset opens (index and data agree) and holds no token id >= ``vocab`` (a memory-mapped scan), and
+    ``split`` leaves ``data_path``'s training split at least one document."""
     from neox_llama.data.indexed import IndexedDataset
+    from neox_llama.data.loader import split_documents
 
     problems = []
     for key, prefix in _prefixes(cfg):
@@ -41,6 +128,11 @@ def check_datasets(cfg: Config, vocab: int | None) -> list[str]:
         except (NeoxLlamaError, OSError) as err:
             problems.append(f"{origin}: {key}: {err}")
             continue
+        if key == "data_path":
+            try:
+                split_documents(cfg, len(dataset))
+            except NeoxLlamaError as err:
+                problems.append(str(err))
         if vocab is not None and top is not None and top >= vocab:
             problems.append(f"{origin}: {key}: {prefix}.bin holds token id {top}, but the model's vocabulary has "
                             f"{vocab} ids (0-{vocab - 1}); the data was made with another tokenizer: preprocess it "
@@ -137,6 +229,8 @@ def check_host_memory(cfg: Config, ranks_on_node: int, total: int | None = None)
         return []
     knobs = [] if cfg.checkpoint_activations else ["checkpoint_activations: true"]
     knobs += ["a smaller train_micro_batch_size_per_gpu or seq_length", "a smaller model (e.g. a tiny preset)"]
+    knobs += [f"fewer ranks on this machine (num_gpus {ranks_on_node})"] if ranks_on_node > 1 else []
+    knobs += [f"fewer data-loader workers (num_workers {cfg.num_workers})"] if cfg.num_workers else []
     if cfg.precision == "fp32":
         knobs.insert(0, "precision: bf16")
     return [f"{cfg.sources.get('num_layers', 'default')}: the {ranks_on_node} rank(s) on this machine need about "
