@@ -190,8 +190,8 @@ def locate_config(arg: str | os.PathLike) -> Path:
     its name under ``configs/`` (``llama3/tiny``, ``configs/llama3/tiny.yml``, ``local.yml``) or a model name
     (:func:`presets.shipped_config`), so installed console scripts reach the presets from any directory."""
     path = Path(arg)
-    if path.is_file():
-        return path
+    if path.is_file() or path.is_absolute():
+        return path  # an absolute path names no shipped config: read_yaml says it is not found
     shipped = presets.shipped_config(str(arg))
     if shipped is None:
         hint = did_you_mean(str(arg).removeprefix("configs/").removesuffix(".yml"), presets.shipped_names())
