@@ -128,6 +128,16 @@ def test_bad_inputs_are_one_line(checkpoint, tmp_path):
     assert proc.returncode == 2 and "line 2 has no string field 'text'" in proc.stderr
 
 
+def test_a_lone_surrogate_is_scored_as_the_replacement_character(checkpoint, tmp_path):
+    """docs/tokenizers.md: text no tokenizer can take is read as U+FFFD, its bytes counted as U+FFFD's."""
+    (tmp_path / "odd.jsonl").write_text(json.dumps({"text": "the cat \ud800 sat"}) + "\n")
+    (tmp_path / "fixed.jsonl").write_text(json.dumps({"text": "the cat \ufffd sat"}) + "\n")
+    odd = tool("--checkpoint", checkpoint / "ck", "--jsonl", tmp_path / "odd.jsonl")
+    fixed = tool("--checkpoint", checkpoint / "ck", "--jsonl", tmp_path / "fixed.jsonl")
+    assert odd.returncode == 0 and "Traceback" not in odd.stderr, odd.stderr
+    assert odd.stdout == fixed.stdout and fixed.returncode == 0
+
+
 def test_a_lora_checkpoint_evaluates_as_its_merged_model(checkpoint, tmp_path):
     from helpers.lora import SETTINGS as LORA
     from helpers.lora import adapter_checkpoint

@@ -84,7 +84,8 @@ def test_a_taken_port_on_several_nodes_is_an_error_naming_it_and_the_host(write_
 
 
 def test_more_cpu_threads_than_cores_warn_and_beyond_4x_refuse(write_yaml, monkeypatch):
-    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr("os.cpu_count", lambda: 64)  # a container's 2 cores on a bigger host: its 2 count
 
     def load(*overrides):
         ranks = next((int(o.split("=")[1]) for o in overrides if o.startswith("num_gpus=")), 1)
@@ -92,6 +93,8 @@ def test_more_cpu_threads_than_cores_warn_and_beyond_4x_refuse(write_yaml, monke
         return check_cpu_load(cfg, plan_resources(cfg, "cpu"), cores=2)
 
     assert load("num_gpus=2") == ([], [])
+    cfg = config(write_yaml, world_size=1)
+    assert check_cpu_load(cfg, plan_resources(cfg, "cpu")) == ([], [])  # one rank on the cores it may use
     warned, refused = load("num_gpus=4")
     assert refused == [] and warned == [
         "command line: num_gpus 4: 4 CPU rank(s) x 1 thread(s) each on this machine's 2 core(s) is 2.0x "

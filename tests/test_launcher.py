@@ -125,8 +125,13 @@ def test_malformed_hostfile_names_the_file(write_yaml, tmp_path):
 
 
 def test_threads_are_shared_between_ranks_of_a_node(write_yaml, monkeypatch):
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
     cfg = config(write_yaml, "num_gpus=4")
+    assert threads_per_rank(cfg, plan_resources(cfg, "cpu")) == 2
+    # a container limited to 2 of a host's 64 CPUs: the cores it may use count, not the host's
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    cfg = config(write_yaml, "num_gpus=1")
     assert threads_per_rank(cfg, plan_resources(cfg, "cpu")) == 2
     cfg = config(write_yaml, "num_gpus=4", "omp_num_threads=3")
     assert threads_per_rank(cfg, plan_resources(cfg, "cpu")) == 3

@@ -47,10 +47,10 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     # A sum that meets a NaN or an Inf is NaN or Inf, so a finite sum proves every value finite in one pass that
     # allocates nothing (torch.isfinite(t).all() builds the tensor's absolute values and two masks: 15x slower, and
     # twice the largest tensor of memory). Only a non-finite sum (a bad value, or finite values whose sum overflows)
-    # takes the exact check.
+    # takes the exact check. The sum is float32 even for fp16 tensors, whose own sum overflows past 65504.
     if not tensor.is_floating_point():
         return True
-    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+    return bool(torch.isfinite(tensor.sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())
 
 
 def read_layer_file(path: Path) -> dict[str, torch.Tensor]:

@@ -259,9 +259,9 @@ class LauncherArgs:
     include: str | None = doc_field(None, "DeepSpeed --include filter, e.g. `worker-0:0,1@worker-1`.")
     exclude: str | None = doc_field(None, "DeepSpeed --exclude filter.")
     master_addr: str | None = doc_field(None, "Address of rank 0; unset = the launcher's choice (127.0.0.1 on one node).")
-    master_port: int = doc_field(29500, "TCP port of rank 0.", minimum=1, maximum=65535)
+    master_port: int = doc_field(29500, "TCP port of rank 0. On one node a port already in use is replaced by a free one (a warning names both); on several nodes it is an error.", minimum=1, maximum=65535)
     launcher: LauncherType = doc_field("pdsh", "Multi-node launcher backend.")
-    omp_num_threads: int | None = doc_field(None, "Threads per rank; unset = CPU cores / ranks on the node.", minimum=1)
+    omp_num_threads: int | None = doc_field(None, "Threads per rank; unset = the CPU cores this process may use (its affinity mask, e.g. a container's cpuset) / ranks on the node.", minimum=1)
     bind_cores: bool = doc_field(True, "CPU ranks sharing a machine each run on their own omp_num_threads cores (local rank i on cores i x threads ...), so their thread pools do not contend; only where the machine has that many cores available.")
 
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from neox_llama.data.indexed import IndexedDataset
 from neox_llama.distributed import agree
 from neox_llama.errors import NeoxLlamaError
-from neox_llama.data.indexed import IndexedDataset
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def split_ranges(split: str, num_documents: int) -> list[tuple[int, int]]:
     total = sum(weights)
     bounds = [0]
     for w in weights:
-        bounds.append(bounds[-1] + int(round(w / total * num_documents)))
+        bounds.append(bounds[-1] + int(round(w / total * num_documents)))  # noqa: RUF046 (numpy floats)
     diff = bounds[-1] - num_documents
     bounds = [bounds[0]] + [b - diff for b in bounds[1:]]
     for i in range(1, 4):  # a split given no document ("0,50,50" over 3) must not reach below the one before it

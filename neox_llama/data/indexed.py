@@ -58,7 +58,7 @@ class IndexedDatasetWriter:
             raise ValueError(f"unsupported token dtype {self.dtype}")
         self._tmp_bin = Path(f"{self.prefix}.bin.tmp")
         self._tmp_bin.parent.mkdir(parents=True, exist_ok=True)
-        self._bin = open(self._tmp_bin, "wb")  # noqa: SIM115 - closed in finalize/abort
+        self._bin = open(self._tmp_bin, "wb")
         self.sizes: list[int] = []
         self.doc_idx: list[int] = [0]
 

@@ -16,6 +16,7 @@ fresh order drawn from the seed and the epoch number, and epochs repeat until th
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -246,7 +247,7 @@ def cached_examples(path: Path, records: list[list[Message]], name: str, tokeniz
     with np.load(cache) as data:
         ids, trained, lengths = data["ids"], data["trained"], data["lengths"]
     bounds = np.concatenate([[0], np.cumsum(lengths)])
-    return [Example(ids[a:b], trained[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return [Example(ids[a:b], trained[a:b]) for a, b in itertools.pairwise(bounds)]
 
 
 # --------------------------------------------------------------------------- samples

@@ -96,7 +96,7 @@ class ZstdStream(io.RawIOBase):
 
 def open_binary(path: Path) -> BinaryIO:
     """The file's bytes as stored (tests replace this to simulate a failing disk)."""
-    return open(path, "rb")  # noqa: SIM115 - closed by the caller
+    return open(path, "rb")
 
 
 def _decompressed(raw: BinaryIO, path: Path) -> BinaryIO:

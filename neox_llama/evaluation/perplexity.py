@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from neox_llama.errors import NeoxLlamaError
 from neox_llama.generation.language_model import LanguageModel, sliding_windows
+from neox_llama.tokenizers.text import usable_text
 
 
 class EvaluationError(NeoxLlamaError):
@@ -74,8 +75,10 @@ def evaluate_documents(lm: LanguageModel, documents: Iterable[tuple[list[int], i
 
 
 def text_documents(lm: LanguageModel, texts: Iterable[str]) -> Iterator[tuple[list[int], int]]:
-    """Texts as documents: ids with the start-token policy, and their UTF-8 size."""
+    """Texts as documents: ids with the start-token policy, and their UTF-8 size (of the text as the tokenizer reads
+    it: a lone surrogate counts as the U+FFFD it is encoded as, docs/tokenizers.md)."""
     for text in texts:
+        text = usable_text(text)
         yield lm.tokenizer.encode_document(text), len(text.encode("utf-8"))
 
 

@@ -181,10 +181,19 @@ def choose_master_port(cfg: Config, plan: LaunchPlan) -> tuple[int, str | None]:
 
 
 def threads_per_rank(cfg: Config, plan: LaunchPlan) -> int:
-    """OMP threads per rank: the configured number, or the node's cores shared among its ranks."""
+    """OMP threads per rank: the configured number, or the cores this process may use (its affinity mask, e.g. a
+    container's cpuset) shared among the node's ranks."""
     if cfg.omp_num_threads:
         return cfg.omp_num_threads
-    return max(1, (os.cpu_count() or 1) // plan.ranks_per_node)
+    return max(1, usable_cores() // plan.ranks_per_node)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, e.g. a container's cpuset), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def rank_environment(cfg: Config, plan: LaunchPlan) -> dict[str, str]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from neox_llama.config.loading import ConfigError
 from neox_llama.config.schema import Config
 from neox_llama.errors import NeoxLlamaError
-from neox_llama.planning.launch import LaunchPlan, choose_master_port, threads_per_rank
+from neox_llama.planning.launch import LaunchPlan, choose_master_port, threads_per_rank, usable_cores
 
 GIB = 1024**3
 OVERSUBSCRIPTION_REFUSED = 4
@@ -69,14 +69,6 @@ def run_checks(cfg: Config, plan: LaunchPlan, vocab: int | None, accelerator: st
     except ConfigError as err:
         found.launch = err.problems
     return found
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask, e.g. a container's cpuset), else the machine's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def check_cpu_load(cfg: Config, plan: LaunchPlan, cores: int | None = None) -> tuple[list[str], list[str]]:
