@@ -3,6 +3,8 @@
 
     python tools/preprocess_data.py --input data/a.jsonl,data/b.jsonl.gz --output-prefix data/corpus \\
         --tokenizer-type SPMTokenizer --vocab-file tokenizer.model --append-eod --workers 2
+    python tools/preprocess_data.py --input path/to/corpus.parquet --jsonl-keys text --output-prefix data/corpus \\
+        --tokenizer-type SPMTokenizer --vocab-file tokenizer.model --append-eod
     python tools/preprocess_data.py --instruction --input data/alpaca.json --output-prefix data/sft \
         --tokenizer-type SPMTokenizer --vocab-file tokenizer.model [--prompt-style alpaca] [--no-mask-prompt]
 
@@ -27,11 +29,16 @@ from neox_llama.utils.logging_setup import setup_logging
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input", required=True, help="comma-separated .jsonl/.json/.txt files, optionally .gz/.zst")
+    parser.add_argument("--input", required=True,
+                        help="comma-separated .jsonl/.json/.txt files (optionally .gz/.zst), .parquet files (read a "
+                             "batch of rows at a time), or folders saved by datasets' save_to_disk")
     parser.add_argument("--output-prefix", required=True, help="datasets are written to PREFIX_{key}_document.{bin,idx}")
     parser.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
     parser.add_argument("--vocab-file", required=True, help="tokenizer file (.model or tokenizer.json)")
-    parser.add_argument("--jsonl-keys", nargs="+", default=["text"], help="JSON keys to tokenize, one dataset each")
+    parser.add_argument("--jsonl-keys", nargs="+", default=["text"],
+                        help="JSON keys (parquet/datasets: text columns) to tokenize, one dataset each")
+    parser.add_argument("--split", default="train",
+                        help="a save_to_disk folder holding a DatasetDict: the split to read (default train)")
     parser.add_argument("--append-eod", action="store_true", help="append the end-of-document token to each document")
     parser.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=None,
                         help="start each document with BOS (default: on for SPMTokenizer and Llama3Tokenizer, as Meta "
@@ -67,7 +74,7 @@ def main(argv: list[str]) -> int:
     summary = preprocess(inputs, args.output_prefix, args.tokenizer_type, args.vocab_file, keys=tuple(args.jsonl_keys),
                          append_eod=args.append_eod, workers=args.workers, strict=args.strict,
                          txt_split=args.txt_split, progress=not args.no_progress, prepend_bos=args.prepend_bos,
-                         encoding=args.encoding)
+                         encoding=args.encoding, split=args.split)
     log.info("done: %s", summary.text())
     for key in args.jsonl_keys if not all(p.suffix == ".txt" for p in inputs) else ["text"]:
         log.info("wrote %s.{bin,idx}", output_prefix_for(args.output_prefix, key))

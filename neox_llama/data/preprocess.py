@@ -1,8 +1,10 @@
 """Corpus files -> tokenized MMIDIDX datasets (the library behind tools/preprocess_data.py).
 
 Inputs: ``.jsonl`` (one JSON object per line), ``.json`` (a list of objects), ``.txt`` (one document
-per file, or per blank-line-separated paragraph), each optionally compressed (``.gz``, ``.zst``).
-One dataset is written per JSON key: ``{output_prefix}_{key}_document.{bin,idx}`` (``text`` for .txt).
+per file, or per blank-line-separated paragraph), each optionally compressed (``.gz``, ``.zst``); ``.parquet``
+files and folders saved by ``datasets.save_to_disk`` (:mod:`neox_llama.data.columnar`: a row is the record of its
+columns). One dataset is written per JSON key (column): ``{output_prefix}_{key}_document.{bin,idx}`` (``text`` for
+.txt).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from neox_llama.data.columnar import check_input, input_kind, read_inputs
 from neox_llama.data.indexed import IndexedDatasetWriter, token_dtype
-from neox_llama.data.readers import Malformed, PreprocessError, check_encoding, input_kind, json_reason, read_records
+from neox_llama.data.readers import Malformed, PreprocessError, check_encoding, json_reason
 from neox_llama.tokenizers import Tokenizer, build_tokenizer
 from neox_llama.tokenizers.text import unencodable_reason
 
@@ -147,27 +150,26 @@ def output_prefix_for(output_prefix: str, key: str) -> str:
 def preprocess(inputs: list[Path], output_prefix: str, tokenizer_type: str, vocab_file: str, *,
                keys: tuple[str, ...] = ("text",), append_eod: bool = False, workers: int = 1,
                strict: bool = False, txt_split: str = "file", progress: bool = True,
-               prepend_bos: bool | None = None, encoding: str = "utf-8") -> Summary:
+               prepend_bos: bool | None = None, encoding: str = "utf-8", split: str = "train") -> Summary:
     """Tokenize ``inputs`` into one dataset per key; returns what was done.
 
     ``prepend_bos`` None follows the start-token policy (BOS first for the sentencepiece and Llama-3
     tokenizers, see :attr:`Tokenizer.starts_with_bos`); False matches data made by GPT-NeoX.
     Fails, writing nothing, when no record gave a document (all malformed or empty, or a key absent), and when an
     input cannot be read to its end (:mod:`neox_llama.data.readers`). Inputs are read as ``encoding`` text; a record
-    that is not valid text in it, or holds text no tokenizer can encode, is malformed.
+    that is not valid text in it, or holds text no tokenizer can encode, is malformed. Parquet and ``save_to_disk``
+    inputs (a DatasetDict's ``split``) are read by column: each key names a text column.
     """
     check_encoding(encoding)
+    keys = list(keys) if not all(input_kind(p) == ".txt" for p in inputs) else ["text"]
     for path in inputs:  # before any output or progress bar
-        input_kind(path)
-        if not path.is_file():
-            raise PreprocessError(f"{path}: input file not found")
+        check_input(path, keys, split)
     tokenizer = build_tokenizer(tokenizer_type, vocab_file)
     if prepend_bos is None:
         prepend_bos = tokenizer.starts_with_bos
     if prepend_bos and tokenizer.bos_id is None:
         raise PreprocessError(f"{vocab_file}: --prepend-bos, but the {tokenizer_type} tokenizer has no BOS token")
     bos = tokenizer.bos_id if prepend_bos else None
-    keys = list(keys) if not all(input_kind(p) == ".txt" for p in inputs) else ["text"]
     summary = Summary()
 
     def report(where: str, reason: str) -> None:
@@ -187,7 +189,7 @@ def preprocess(inputs: list[Path], output_prefix: str, tokenizer_type: str, voca
     pool = None
     try:
         writers.update({k: IndexedDatasetWriter(output_prefix_for(output_prefix, k), dtype) for k in keys})
-        batches = _batches(read_records(inputs, txt_split, encoding), keys, append_eod, dtype.str, bos)
+        batches = _batches(read_inputs(inputs, keys, txt_split, encoding, split), keys, append_eod, dtype.str, bos)
         _WORKER["tok"] = tokenizer
         if workers > 1:
             if os.name == "posix":  # forked workers inherit the loaded tokenizer

@@ -45,7 +45,8 @@ def input_kind(path: Path) -> str:
     suffixes = [s for s in path.suffixes if s not in COMPRESSED]
     kind = suffixes[-1] if suffixes else ""
     if kind not in KINDS:
-        raise PreprocessError(f"{path}: unsupported input type; use .jsonl, .json or .txt (optionally .gz/.zst)")
+        raise PreprocessError(f"{path}: unsupported input type; use .jsonl, .json or .txt (optionally .gz/.zst), "
+                              ".parquet, or a folder saved by datasets' save_to_disk")
     return kind
 
 
