@@ -151,7 +151,7 @@ def export_to_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bf16"
     except ValueError as err:
         raise CheckpointError(f"{ckpt.folder}: {err}") from None
     with building_dir(output) as tmp:
-        ids = write_tokenizer_files(ckpt.tokenizer, tmp) if ckpt.tokenizer else {}
+        ids = write_tokenizer_files(ckpt.tokenizer, tmp, ckpt.prompt_style) if ckpt.tokenizer else {}
         config = LlamaConfig(**config_kwargs, **ids, dtype=dtype_name(dtype), architectures=["LlamaForCausalLM"])
         config.save_pretrained(tmp)
         _add_legacy_rope_keys(tmp / "config.json", config_kwargs["rope_parameters"])
@@ -159,6 +159,8 @@ def export_to_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bf16"
         GenerationConfig(bos_token_id=ids.get("bos_token_id"), eos_token_id=stops or None).save_pretrained(tmp)
         write_safetensors(hf_tensors(ckpt, DTYPES[dtype]), tmp, shard_bytes)
     logger.info("exported %s to %s (%s)", ckpt.folder, output, dtype)
+    if ckpt.tokenizer and ckpt.prompt_style and (output / "chat_template.jinja").is_file():
+        logger.info("chat template: prompt style %s (tokenizer_config.json and chat_template.jinja)", ckpt.prompt_style)
     return output
 
 

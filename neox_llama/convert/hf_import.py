@@ -4,7 +4,8 @@ Tensors are streamed one layer at a time (safetensors, or ``.bin`` read with ``w
 memory stays near one layer plus the output; each is checked for NaN and Inf as it is read. The checkpoint
 holds ``global_step0/weights/``, a generated ``config.yml``, the tokenizer file and ``metadata.json``;
 ``{output}/model.yml`` is a config to list when fine-tuning (``python deepy.py train.py OUTPUT/model.yml
-configs/local.yml``).
+configs/local.yml``). A chat template that renders as one of our prompt styles (:mod:`.chat_template`) becomes the
+checkpoint's ``prompt_style`` (metadata.json), which generation and chat default to; any other is said in one line.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from neox_llama.checkpoint.metadata import Layout, Metadata, write_metadata
 from neox_llama.checkpoint.paths import CheckpointError, layer_file
 from neox_llama.checkpoint.weights import check_finite, write_layer_file
 from neox_llama.config import load_config
+from neox_llama.convert.chat_template import recognise
 from neox_llama.convert.hf_names import expected_shape, hf_to_ours
 from neox_llama.model.args import ROPE_KEYS, LlamaArgs
 from neox_llama.utils.files import atomic_write_text, building_dir, output_dir_problem
@@ -81,6 +83,49 @@ def _tokenizer_settings(hf_dir: Path) -> tuple[dict, Path | None]:
     if (hf_dir / "tokenizer.json").is_file():
         return {"tokenizer_type": "HFTokenizer"}, hf_dir / "tokenizer.json"
     return {}, None
+
+
+def _chat_template(hf_dir: Path) -> tuple[str | None, str | None, str | None]:
+    """The directory's chat template (chat_template.jinja, else tokenizer_config.json's ``chat_template``, the
+    default one of a list) and its BOS and EOS texts (tokenizer_config.json, else special_tokens_map.json); Nones
+    where there is none or it cannot be read."""
+    config: dict = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second's keys win
+        try:
+            data = json.loads((hf_dir / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        config.update(data if isinstance(data, dict) else {})
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    jinja = hf_dir / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            template = jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            template = None
+
+    def text(token) -> str | None:  # "<s>" or {"content": "<s>", ...}
+        return token.get("content") if isinstance(token, dict) else token if isinstance(token, str) else None
+
+    return (template if isinstance(template, str) else None), text(config.get("bos_token")), \
+        text(config.get("eos_token"))
+
+
+def prompt_style_of(hf_dir: Path) -> str | None:
+    """The prompt style whose chat template the directory carries, or None (one line says which case)."""
+    template, bos, eos = _chat_template(hf_dir)
+    if template is None:
+        return None
+    style = recognise(template, bos, eos)
+    if style is None:
+        logger.info("%s: chat template not recognised as one of our prompt styles; prompt_style stays unset "
+                    "(generation and chat use the model family's default; set prompt_style or --prompt-style)", hf_dir)
+    else:
+        logger.info("%s: chat template is prompt style %s (saved as the checkpoint's prompt_style)", hf_dir, style)
+    return style
 
 
 @contextlib.contextmanager
@@ -157,7 +202,7 @@ def import_from_hf(hf_dir: str | Path, output: str | Path, pipe_parallel_size: i
         layout = Layout(pipe_parallel_size, model_parallel_size, 1, -1, world)
         write_metadata(folder, Metadata(tag="global_step0", layout=layout, precision=settings["precision"],
                                         tokenizer_files=[tok_file.name] if tok_file else [],
-                                        converted_from=str(hf_dir)))
+                                        converted_from=str(hf_dir), prompt_style=prompt_style_of(hf_dir)))
         atomic_write_text(tmp / "latest", "global_step0")
         model_yml = {k: v for k, v in raw.items() if k != "vocab_file"}
         if tok_file is not None:

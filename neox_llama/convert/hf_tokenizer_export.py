@@ -6,15 +6,23 @@
   ``tokenizer.model`` is copied too.
 - Llama-3 tiktoken: ``tokenizer.json`` from transformers' ``TikTokenConverter`` with Meta's split pattern.
 - ``tokenizer.json`` tokenizers are copied as they are.
+
+A checkpoint trained in a prompt style also gets that style's chat template (:mod:`neox_llama.convert.chat_template`)
+as ``chat_template`` in ``tokenizer_config.json`` (transformers >= 4.43 reads it) and as ``chat_template.jinja``
+(transformers 5 reads that file first); the two hold the same text.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
+from neox_llama.convert.chat_template import chat_template
 from neox_llama.tokenizers import Tokenizer, TokenizerError
+
+logger = logging.getLogger(__name__)
 
 
 def _spm_tokenizer_json(model_file: Path, tokenizer: Tokenizer):
@@ -62,9 +70,20 @@ def _add_bos_post_processor(path: Path, tokenizer: Tokenizer) -> None:
     fast.save(str(path))
 
 
-def write_tokenizer_files(tokenizer: Tokenizer, output: Path) -> dict:
-    """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json (+ tokenizer.model); returns the
-    bos/eos ids for the model config."""
+def _template(tokenizer: Tokenizer, prompt_style: str | None) -> str | None:
+    if prompt_style is None:
+        return None
+    try:
+        return chat_template(prompt_style, tokenizer)
+    except TokenizerError as err:
+        logger.warning("no chat template written: %s", err)
+        return None
+
+
+def write_tokenizer_files(tokenizer: Tokenizer, output: Path, prompt_style: str | None = None) -> dict:
+    """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json (+ tokenizer.model, + the chat template
+    of ``prompt_style`` in tokenizer_config.json and chat_template.jinja); returns the bos/eos ids for the model
+    config."""
     source = tokenizer.files[0]
     if tokenizer.name == "SPMTokenizer":
         _spm_tokenizer_json(source, tokenizer).save(str(output / "tokenizer.json"))
@@ -85,6 +104,10 @@ def write_tokenizer_files(tokenizer: Tokenizer, output: Path) -> dict:
         "clean_up_tokenization_spaces": False,
         "model_max_length": 1_000_000_000,
     }
+    template = _template(tokenizer, prompt_style)
+    if template is not None:
+        config["chat_template"] = template
+        (output / "chat_template.jinja").write_text(template, encoding="utf-8")
     (output / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (output / "special_tokens_map.json").write_text(json.dumps({"bos_token": bos, "eos_token": eos}, indent=2))
     return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
