@@ -233,3 +233,57 @@ def test_a_damaged_input_stops_preprocessing_with_how_far_it_got(tmp_path, spm_m
     summary = pre.preprocess([tmp_path / "frames.jsonl.zst"], str(tmp_path / "all"), "SPMTokenizer", str(spm_model),
                              progress=False)
     assert summary.documents == 2000 and not summary.skipped
+
+
+def _same_files(prefix_a, prefix_b, keys=("text",)):
+    for key in keys:
+        for ext in ("bin", "idx"):
+            a, b = f"{prefix_a}_{key}_document.{ext}", f"{prefix_b}_{key}_document.{ext}"
+            assert open(a, "rb").read() == open(b, "rb").read(), (a, b)
+
+
+def test_parquet_and_save_to_disk_give_the_bytes_of_the_same_records_as_jsonl(tmp_path, spm_model):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [{"text": d, "title": f"title {i}", "n": i} for i, d in enumerate(make_docs(300, seed=4))]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "in.parquet", row_group_size=70)  # 5 row groups
+    assert pq.ParquetFile(tmp_path / "in.parquet").num_row_groups == 5
+    whole = datasets.Dataset.from_list(records)
+    whole.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": whole.select(range(7)), "test": whole}).save_to_disk(str(tmp_path / "dict"))
+    common = ["--tokenizer-type", "SPMTokenizer", "--vocab-file", str(spm_model), "--append-eod",
+              "--jsonl-keys", "text", "title"]
+    for name, source, extra in [("jsonl", "in.jsonl", []), ("parquet", "in.parquet", ["--workers", "2"]),
+                                ("saved", "saved", []), ("test", "dict", ["--split", "test"]), ("train", "dict", [])]:
+        proc = run_cli("--input", str(tmp_path / source), "--output-prefix", str(tmp_path / name), *common, *extra)
+        assert proc.returncode == 0, proc.stderr
+    for name in ("parquet", "saved", "test"):
+        _same_files(tmp_path / "jsonl", tmp_path / name, keys=("text", "title"))
+    assert len(IndexedDataset(tmp_path / "train_text_document")) == 7  # the default split is train
+    proc = run_cli("--input", str(tmp_path / "dict"), "--output-prefix", str(tmp_path / "o"), *common, "--split", "dev")
+    assert proc.returncode == 2 and f"{tmp_path / 'dict'}: no split 'dev' (--split); its splits are: train, test" \
+        in proc.stderr
+    assert not list(tmp_path.glob("o_*"))
+
+
+def test_a_parquet_value_that_is_not_utf8_or_a_lone_surrogate_is_a_skipped_record(tmp_path, spm_model):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    values = [b"first ok", b"a \xed\xa0\x80 b", b"caf\xe9", None, b"last ok"]  # \xed\xa0\x80: U+D800 as UTF-8
+    column = pa.array(values, pa.binary()).view(pa.string())  # as another writer may store it: not validated
+    pq.write_table(pa.table({"text": column}), tmp_path / "in.parquet")
+    path = tmp_path / "in.parquet"
+    proc = run_cli("--input", str(path), "--output-prefix", str(tmp_path / "out"), "--tokenizer-type", "SPMTokenizer",
+                   "--vocab-file", str(spm_model))
+    assert proc.returncode == 0, proc.stderr
+    assert (f"{path}:row 1: the value of 'text' holds a lone surrogate \\ud800 at character 3, which no tokenizer "
+            "can encode") in proc.stderr
+    assert f"{path}:row 2: the value of 'text' is not valid utf-8 text (byte 0xe9 at column 4)" in proc.stderr
+    assert f"{path}:row 3: no string value for key(s) text" in proc.stderr
+    assert "2 documents" in proc.stderr and "3 malformed record(s) skipped" in proc.stderr
+    sp = spm.SentencePieceProcessor(model_file=str(spm_model))
+    assert IndexedDataset(tmp_path / "out_text_document")[1].tolist() == [1, *sp.encode("last ok")]
