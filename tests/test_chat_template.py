@@ -47,6 +47,8 @@ def test_apply_chat_template_gives_our_prompt_ids(tmp_path, kind, tokenizer_type
         ours, _ = encode_dialog(tokenizer, style, messages, open_turn=open_turn)
         assert hf_ids(hf, messages, open_turn) == ours, (style, messages)
     assert recognise(config["chat_template"], config["bos_token"], config["eos_token"]) == style
+    with pytest.raises(Exception, match="user and assistant turns alternating"):  # as encode_dialog refuses it
+        hf.apply_chat_template([{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}])
 
 
 META_LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "

@@ -26,9 +26,14 @@ def _literal(text: str) -> str:
 
 
 _SPLIT_SYSTEM = ("{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
-                 "{% set turns = messages[1:] %}{% else %}{% set system = none %}{% set turns = messages %}{% endif %}")
+                 "{% set turns = messages[1:] %}{% else %}{% set system = none %}{% set turns = messages %}{% endif %}"
+                 "{% for message in turns %}{% if message['role'] != ['user', 'assistant'][loop.index0 % 2] %}"
+                 "{{ raise_exception('an optional system message first, then user and assistant turns alternating') }}"
+                 "{% endif %}{% endfor %}")
+"""Sets ``system`` and ``turns``; refuses (as :func:`~neox_llama.tokenizers.prompts.check_conversation` does) a
+conversation whose turns do not alternate from a user turn."""
 
-_LLAMA3 = ("{{ '<|begin_of_text|>' }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+_LLAMA3 = (_SPLIT_SYSTEM + "{{ '<|begin_of_text|>' }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
            "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
            "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 
