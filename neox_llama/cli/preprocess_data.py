@@ -82,11 +82,16 @@ def main(argv: list[str]) -> int:
 
 
 def _instruction(args: argparse.Namespace, inputs: list[Path]) -> int:
+    from neox_llama.data.columnar import DATASET_FOLDER, PARQUET, input_kind
     from neox_llama.data.instruction import write_label_datasets
-    from neox_llama.data.readers import check_encoding
+    from neox_llama.data.readers import PreprocessError, check_encoding
     from neox_llama.tokenizers import build_tokenizer
 
     check_encoding(args.encoding)
+    for path in inputs:
+        if input_kind(path) in (PARQUET, DATASET_FOLDER):
+            raise PreprocessError(f"{path}: --instruction reads .json/.jsonl instruction records; parquet and "
+                                  "datasets folders are read as plain corpora only (without --instruction)")
     tokenizer = build_tokenizer(args.tokenizer_type, args.vocab_file)
     text, labels, records, tokens = write_label_datasets(inputs, args.output_prefix, tokenizer, args.prompt_style,
                                                          args.mask_prompt, encoding=args.encoding)

@@ -35,6 +35,8 @@ def input_kind(path: Path) -> str:
     """``.parquet``, :data:`DATASET_FOLDER` (a folder), or the kind of a text input (:func:`readers.input_kind`)."""
     if path.is_dir():
         return DATASET_FOLDER
+    if not path.suffix and not path.exists():
+        raise PreprocessError(f"{path}: no such file or folder (a folder saved by datasets' save_to_disk, or a file)")
     if path.suffix == PARQUET:
         return PARQUET
     if PARQUET in path.suffixes:

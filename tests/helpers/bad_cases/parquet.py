@@ -97,3 +97,17 @@ def case_parquet_compressed_whole(world, tmp_path):
     return _preprocess(world, path, out), \
         f"{path}: a parquet file is read as stored (parquet compresses its own pages); decompress it to .parquet", \
         protected
+
+
+def case_parquet_with_instruction(world, tmp_path):
+    path = _parquet(tmp_path / "c.parquet")
+    out, protected = _out(tmp_path)
+    return _preprocess(world, path, out, "--instruction"), \
+        f"{path}: --instruction reads .json/.jsonl instruction records; parquet and datasets folders are read as " \
+        "plain corpora only (without --instruction)", protected
+
+
+def case_parquet_saved_folder_that_does_not_exist(world, tmp_path):
+    out, protected = _out(tmp_path)
+    return _preprocess(world, tmp_path / "saved", out), \
+        f"{tmp_path / 'saved'}: no such file or folder (a folder saved by datasets' save_to_disk, or a file)", protected
