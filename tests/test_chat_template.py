@@ -25,7 +25,7 @@ CONVERSATIONS = [  # (messages, open turn): a system message, several turns, whi
     ([Message("system", "Answer in French."), Message("user", "東京 café"), Message("assistant", "d'accord\n\n"),
       Message("user", "digits 1234567890"), Message("assistant", "ok")], False),
 ]
-CASES = [("spm-32k", "SPMTokenizer", "alpaca"), ("spm-32k", "SPMTokenizer", "llama2-chat"),
+CASES = [("spm-32k", "SPMTokenizer", "alpaca"), ("spm-32k", "SPMTokenizer", "llama2-chat"), ("spm-32k", "SPMTokenizer", "plain"),
          ("llama3-tokenizer", "Llama3Tokenizer", "llama3-chat"), ("llama3-tokenizer", "Llama3Tokenizer", "alpaca")]
 
 
@@ -77,6 +77,10 @@ def test_export_writes_the_template_and_import_reads_the_style_back(tmp_path):
     tokenizer = build_tokenizer("SPMTokenizer", asset("spm-32k"))
     messages, open_turn = CONVERSATIONS[0]
     assert hf_ids(hf, messages, open_turn) == encode_dialog(tokenizer, "llama2-chat", messages, open_turn=True)[0]
+    (tmp_path / "no_style").mkdir()
+    write_tokenizer_files(tokenizer, tmp_path / "no_style")  # a checkpoint without a prompt style: no template
+    assert "chat_template" not in json.loads((tmp_path / "no_style" / "tokenizer_config.json").read_text())
+    assert not (tmp_path / "no_style" / "chat_template.jinja").exists()
 
     proc = inprocess.tool("convert_from_hf.py", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "back"))
     assert proc.returncode == 0, proc.stderr
