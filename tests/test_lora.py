@@ -188,3 +188,17 @@ def test_freeze_head_freezes_the_embedding_only_when_tied():
     for bad in ("layer.1", "layers.3-1", "layers.0.ffn", "embedding"):
         with pytest.raises(FreezeError, match="freeze entry"):
             parse_freeze([bad], 4)
+
+
+def test_a_gate_only_lora_adapts_mlp_gate_alone_and_exports_as_gate_proj(base, tmp_path):
+    model, _ = load_model(base)
+    layers = {int(i): m for i, m in model.named_children()}
+    assert apply_lora(layers, LoraSettings(2, 4.0, 0.0, ("gate",)), SINGLE_DEVICE, 0) == 2
+    adapted = sorted({n.split(".lora.")[0] for n, _ in model.named_parameters() if ".lora." in n})
+    assert adapted == ["1.mlp.gate", "2.mlp.gate"]
+    settings = LoraSettings(2, 4.0, 0.0, ("gate", "down"))
+    adapter = adapter_checkpoint(tmp_path / "lora", base, settings, seed=4)
+    proc = tool("convert_to_hf.py", "--checkpoint", str(adapter), "--output", str(tmp_path / "peft"), "--peft")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["target_modules"] == [
+        "down_proj", "gate_proj"]

@@ -22,7 +22,7 @@ PrecisionType = Literal["bf16", "fp16", "fp32", "auto"]
 TokenizerType = Literal["SPMTokenizer", "Llama3Tokenizer", "HFTokenizer"]
 LRDecayStyle = Literal["cosine", "linear", "constant", "inverse_sqrt"]
 PromptStyle = Literal["alpaca", "llama2-chat", "llama3-chat", "plain"]
-LoraTarget = Literal["query", "key", "value", "output", "mlp", "head"]
+LoraTarget = Literal["query", "key", "value", "output", "mlp", "gate", "up", "down", "head"]
 PeftMethod = Literal["lora", "adapter", "adapter_v2"]
 AdapterGate = Literal["per_layer", "per_head"]
 LauncherType = Literal["pdsh", "openmpi", "mvapich", "slurm", "impi"]
@@ -273,7 +273,7 @@ class LoraArgs:
     lora_r: int = doc_field(0, "LoRA rank; 0 = off (full fine-tuning). Needs load (the base checkpoint).", minimum=0)
     lora_alpha: float = doc_field(16.0, "LoRA scaling numerator: the update is scaled by lora_alpha / lora_r.", minimum=0.0)
     lora_dropout: float = doc_field(0.05, "Dropout on the LoRA input (training only).", minimum=0.0, maximum=1.0)
-    lora_targets: list[LoraTarget] = doc_field(["query", "value"], "Matrices that get adapters: query, key, value, output (attention), mlp (gate, up, down), head (refused while the head is tied to the embedding).")
+    lora_targets: list[LoraTarget] = doc_field(["query", "value"], "Matrices that get adapters: query, key, value, output (attention), mlp (gate, up and down together), gate, up, down (one MLP projection each, as PEFT's gate_proj, up_proj, down_proj), head (refused while the head is tied to the embedding).")
     peft_method: PeftMethod = doc_field("lora", "Parameter-efficient method: lora (on when lora_r > 0), adapter (LLaMA-Adapter: a learned prompt per top layer, mixed into attention through a zero-initialised gate) or adapter_v2 (adapter, plus a learned scale and bias on every linear layer and trainable norms). adapter and adapter_v2 need load (the base).")
     adapter_prompt_length: int = doc_field(10, "adapter / adapter_v2: learned prompt tokens per adapted layer.", minimum=1)
     adapter_start_layer: int = doc_field(2, "adapter / adapter_v2: the first block (from 0) that gets a prompt; every later one does too.", minimum=0)

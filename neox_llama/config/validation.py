@@ -171,7 +171,7 @@ def _check_finetune(cfg: Config, problems: _Problems) -> None:
             problems.add(("lora_r", "load"), f"lora_r {cfg.lora_r} adapts a trained base: set load (the base "
                                              "checkpoint, or a LoRA checkpoint to resume)")
         if not cfg.lora_targets:
-            problems.add("lora_targets", "lora_targets is empty; list query, key, value, output, mlp or head")
+            problems.add("lora_targets", "lora_targets is empty; list query, key, value, output, mlp, gate, up, down or head")
         if "head" in cfg.lora_targets and not cfg.no_weight_tying:
             problems.add(("lora_targets", "no_weight_tying"),
                          "lora_targets head is refused while the head is tied to the embedding (no_weight_tying: "

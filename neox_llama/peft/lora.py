@@ -25,7 +25,8 @@ from neox_llama.model.init import seeded_generator
 
 TARGETS: dict[str, tuple[str, ...]] = {
     "query": ("attention.query",), "key": ("attention.key",), "value": ("attention.value",),
-    "output": ("attention.dense",), "mlp": ("mlp.gate", "mlp.up", "mlp.down"), "head": ("head",),
+    "output": ("attention.dense",), "mlp": ("mlp.gate", "mlp.up", "mlp.down"), "gate": ("mlp.gate",),
+    "up": ("mlp.up",), "down": ("mlp.down",), "head": ("head",),
 }
 """A ``lora_targets`` entry -> the paths of the linear layers it adapts, inside a block or the head layer."""
 

@@ -158,8 +158,9 @@ def estimate_memory(cfg: Config, accelerator: str = "cpu") -> MemoryEstimate:
         attention_core = b * s * s * act_bytes
     per_block += attention_core
     if cfg.lora_r and cfg.lora_dropout > 0:  # each adapter keeps its dropped input and the boolean mask
-        widths = {"query": h, "key": h, "value": h, "output": h / tp, "mlp": 2 * h + d.intermediate_size / tp}
-        per_block += s * b * sum(widths.get(t, 0) for t in cfg.lora_targets) * (act_bytes + 1)
+        widths = {"query": h, "key": h, "value": h, "output": h / tp, "gate": h, "up": h, "down": d.intermediate_size / tp}
+        paths = set(cfg.lora_targets) - {"mlp"} | ({"gate", "up", "down"} if "mlp" in cfg.lora_targets else set())
+        per_block += s * b * sum(widths.get(t, 0) for t in paths) * (act_bytes + 1)
     vocab_rows = s * b * (d.padded_vocab_size or 0) / tp
     if tp == 1:  # the logits and their gradient in the activation dtype, one float32 chunk at a time beside them
         from neox_llama.model.cross_entropy import CHUNK_ELEMENTS
