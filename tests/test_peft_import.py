@@ -109,3 +109,25 @@ def test_ours_to_peft_to_ours_is_exact(world, tmp_path):
     assert (lora["r"], lora["alpha"], lora["dropout"]) == (SETTINGS.r, SETTINGS.alpha, SETTINGS.dropout)
     assert lora["targets"] == ["key", "output", "gate", "up", "down", "head"]
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["r"] == SETTINGS.r
+
+
+def test_the_imported_checkpoint_merges_generates_and_serves_with_peft_logits(world, tmp_path):
+    """merge_lora.py's checkpoint, generate.py's --adapter load and serve.py's per-row adapter bank all give PEFT's
+    logits: the import is a normal LoRA checkpoint."""
+    from neox_llama.generation.adapter_bank import AdapterBank
+    from neox_llama.generation.language_model import LanguageModel
+
+    adapter = peft_adapter(world / "hf", tmp_path / "peft", seed=9, **CASES["patterns"])
+    theirs = peft_logits(world / "hf", adapter)
+    vocab = theirs.shape[-1]
+    assert tool("convert_from_hf.py", "--peft", str(adapter), "--base", str(world / "base"), "--output",
+                str(tmp_path / "ours")).returncode == 0
+    proc = tool("merge_lora.py", "--checkpoint", str(tmp_path / "ours"), "--output", str(tmp_path / "merged"))
+    assert proc.returncode == 0, proc.stderr
+    merged, _ = load_model(tmp_path / "merged")
+    generating = LanguageModel.from_checkpoint(str(world / "base"), adapters=[str(tmp_path / "ours")])
+    serving = LanguageModel.from_checkpoint(str(world / "base"))
+    AdapterBank.attach(serving, {"p": str(tmp_path / "ours")}).select(torch.tensor([1]))
+    with torch.no_grad():
+        for model in (merged, generating.model, serving.model):
+            assert (model.eval()(IDS)[..., :vocab] - theirs).abs().max().item() <= 1e-5
