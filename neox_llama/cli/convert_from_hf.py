@@ -48,7 +48,8 @@ def main(argv: list[str]) -> int:
         if args.pipe_parallel_size != 1 or args.model_parallel_size != 1:
             parser.error("--peft writes a layout-free LoRA checkpoint; drop --pipe-parallel-size/--model-parallel-size")
         folder = import_peft(args.peft, args.base, args.output, args.force)
-        print(f"wrote {folder} (use it with: python tools/generate.py --adapter {folder} ...)")
+        print(f"wrote {folder} (a LoRA checkpoint: python tools/generate.py --checkpoint {args.base} --adapter {folder} ..., "
+              "merge_lora.py, serve.py --adapter)")
         return 0
     if args.base is not None:
         parser.error("--base goes with --peft")
