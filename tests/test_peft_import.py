@@ -131,3 +131,20 @@ def test_the_imported_checkpoint_merges_generates_and_serves_with_peft_logits(wo
     with torch.no_grad():
         for model in (merged, generating.model, serving.model):
             assert (model.eval()(IDS)[..., :vocab] - theirs).abs().max().item() <= 1e-5
+
+
+def test_lora_training_goes_on_from_the_imported_checkpoint(world, tmp_path):
+    """finetune: false with the imported settings continues it: base weights, its adapter tensors, a fresh optimizer
+    (the import has no DeepSpeed state, so its layout is never taken for the engine's)."""
+    from neox_llama.config import load_config
+    from neox_llama.training.load_plan import plan_load
+
+    adapter = peft_adapter(world / "hf", tmp_path / "peft", seed=5, r=2, lora_alpha=4, target_modules=["q_proj"])
+    assert tool("convert_from_hf.py", "--peft", str(adapter), "--base", str(world / "base"), "--output",
+                str(tmp_path / "ours")).returncode == 0
+    cfg = load_config([ROOT / "configs/llama3/tiny.yml"], ["tokenizer_type=null", "vocab_file=null", "vocab_size=128",
+                                                          f"load={tmp_path / 'ours'}", "finetune=false", "lora_r=2",
+                                                          "lora_alpha=4", "lora_targets=[query]"])
+    plan = plan_load(cfg)
+    assert plan.adapters == tmp_path / "ours" / "global_step0" and plan.weights == (world / "base").resolve()
+    assert not plan.same_layout

@@ -176,7 +176,7 @@ def import_peft(adapter_dir: str | Path, base: str | Path, output: str | Path, f
         for index, layer in layers.items():
             write_layer_file(adapter_file(folder, index), layer)
         (folder / "config.yml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        write_metadata(folder, Metadata(tag="global_step0", layout=Layout(zero_stage=0), precision="fp32",
+        write_metadata(folder, Metadata(tag="global_step0", layout=Layout(zero_stage=-1), precision="fp32",
                                         converted_from=str(adapter_dir.resolve()), prompt_style=run.prompt_style,
                                         base=base_ref(base_folder), lora=lora))
         atomic_write_text(tmp / "latest", "global_step0")
