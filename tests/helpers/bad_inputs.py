@@ -82,3 +82,16 @@ def train_py(*args: str, env: dict | None = None):
 def deepy(world, run_dir: Path, *overrides: str, corpus: str = "data_text_document"):
     return deepy_train(run_dir, world["w"] / corpus, "tokenizer_type=SPMTokenizer", f"vocab_file={world['tok']}",
                        "vocab_size=null", *overrides, timeout=300)
+
+
+def preprocess_tool(world: dict, inputs: Path, out: Path, *args: str):
+    """``preprocess_data.py`` on ``inputs`` into ``out/o`` with the world's tokenizer, in this process."""
+    return tool("preprocess_data.py", "--input", inputs, "--output-prefix", out / "o", "--tokenizer-type",
+                "SPMTokenizer", "--vocab-file", world["tok"], "--no-progress", *args)
+
+
+def empty_output(tmp_path: Path) -> tuple[Path, list]:
+    """An empty output folder and its hash: the case proves nothing was left in it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    return out, [(out, tree_hash(out))]

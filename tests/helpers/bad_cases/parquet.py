@@ -11,19 +11,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from helpers.bad_inputs import tool, tree_hash
+from helpers.bad_inputs import empty_output as _out
+from helpers.bad_inputs import preprocess_tool as _preprocess
+from helpers.bad_inputs import tree_hash
 from helpers.data import make_docs
-
-
-def _preprocess(world, inputs: Path, out: Path, *args: str):
-    return tool("preprocess_data.py", "--input", inputs, "--output-prefix", out / "o", "--tokenizer-type",
-                "SPMTokenizer", "--vocab-file", world["tok"], "--no-progress", *args)
-
-
-def _out(tmp_path: Path) -> tuple[Path, list]:
-    out = tmp_path / "out"
-    out.mkdir()
-    return out, [(out, tree_hash(out))]
 
 
 def _parquet(path: Path, n: int = 600, row_group_size: int = 200) -> Path:

@@ -13,21 +13,11 @@ from unittest import mock
 
 import zstandard
 
-from helpers.bad_inputs import tool, tree_hash
+from helpers.bad_inputs import empty_output as _out
+from helpers.bad_inputs import preprocess_tool as _preprocess
+from helpers.bad_inputs import tree_hash
 from helpers.data import make_docs
 from neox_llama.data import readers
-
-
-def _preprocess(world, inputs: Path, out: Path, *args: str):
-    return tool("preprocess_data.py", "--input", inputs, "--output-prefix", out / "o", "--tokenizer-type",
-                "SPMTokenizer", "--vocab-file", world["tok"], "--no-progress", *args)
-
-
-def _out(tmp_path: Path) -> tuple[Path, list]:
-    """An empty output folder and its hash: the case proves nothing was left in it."""
-    out = tmp_path / "out"
-    out.mkdir()
-    return out, [(out, tree_hash(out))]
 
 
 def _corpus(n: int = 2000) -> bytes:
