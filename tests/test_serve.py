@@ -17,23 +17,17 @@ import httpx
 import openai
 import pytest
 from helpers import inprocess
-from helpers.adapter import adapter_checkpoint as v2_checkpoint
 from helpers.bad_cases.generate_args import ROOM, SAME_AS_SERVER
-from helpers.checkpoints import save_random_checkpoint
-from helpers.evaluation import SETTINGS, TEXT
-from helpers.lora import adapter_checkpoint
-from helpers.runner import ROOT, free_port
+from helpers.runner import ROOT
+from helpers.serving import running_server, served_checkpoints
 
 from neox_llama.generation.language_model import LanguageModel
 from neox_llama.generation.settings import GenerationSettings
-from neox_llama.peft.adapter import AdapterSettings
-from neox_llama.peft.lora import LoraSettings
 from neox_llama.serving.app import ServedModel, Service, build_app
 from neox_llama.serving.engine import Engine
 from neox_llama.serving.text import TextStream
 from neox_llama.tokenizers import build_tokenizer
 from neox_llama.tokenizers.prompts import Message, encode_dialog
-from neox_llama.tokenizers.train import train_sentencepiece
 
 PROMPT = "it was the age of"
 MAX_REQUEST_BYTES = 65536
@@ -42,38 +36,13 @@ MAX_REQUEST_BYTES = 65536
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    (root / "text.jsonl").write_text(json.dumps({"text": TEXT}) + "\n")
-    tokenizer = train_sentencepiece([root / "text.jsonl"], root / "tok", 320)
-    settings = {**SETTINGS, "max_position_embeddings": 256}
-    save_random_checkpoint(root / "base", settings, tokenizer_type="SPMTokenizer", tokenizer_file=tokenizer)
-    adapter_checkpoint(root / "a", root / "base", LoraSettings(4, 8.0, 0.0, ("query", "value", "head")), seed=1)
-    # b: an Adapter v2 checkpoint, routed per request beside the LoRA one
-    v2_checkpoint(root / "b", root / "base", AdapterSettings("adapter_v2", 4, 0), seed=2, style="llama2-chat")
-    return root
+    return served_checkpoints(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
 def server(folders):
-    port = free_port()
-    log = open(folders / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "serve.py"), "--checkpoint", str(folders / "base"),
-                             "--adapter", f"a={folders / 'a'}", "--adapter", f"b={folders / 'b'}", "--port", str(port),
-                             "--max-batch-size", "8", "--max-request-bytes", str(MAX_REQUEST_BYTES)],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(120):
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.5)
-        if proc.poll() is not None:
-            pytest.fail((folders / "serve.log").read_text())
-    yield url, proc
-    if proc.poll() is None:
-        proc.kill()
-    log.close()
+    with running_server(folders, "--max-batch-size", "8", "--max-request-bytes", str(MAX_REQUEST_BYTES)) as served:
+        yield served
 
 
 def client(url: str) -> openai.OpenAI:
@@ -190,7 +159,18 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "model": "nope"}, 404, "model"),
     ("/v1/completions", {"prompt": "word " * 400}, 400, "prompt"),
     ("/v1/completions", {"prompt": [1, 99999]}, 400, "prompt"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 6}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "logprobs": True}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "echo": 1}, 400, "echo"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "word " * 300, "max_tokens": 0, "echo": True}, 400, "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
+     "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+     400, "top_logprobs"),
+    ("/tokenize", {"add_special_tokens": False}, 400, "prompt"),
+    ("/tokenize", {"prompt": "x", "model": "nope"}, 404, "model"),
+    ("/detokenize", {"tokens": [1, 99999]}, 400, "tokens"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "seed": 2**70}, 400, "seed"),
     ("/v1/completions", {"prompt": "x", "stop": "y" * 300}, 400, "stop"),

@@ -25,6 +25,7 @@ from neox_llama.cli.runner import command
 from neox_llama.errors import NeoxLlamaError
 from neox_llama.generation.language_model import LanguageModel
 from neox_llama.generation.settings import GenerationSettings, check_new_tokens, check_prompt_length, check_sampling
+from neox_llama.serving.text import TextStream
 from neox_llama.tokenizers.prompts import STYLES, Message, check_style, default_chat_style, encode_dialog, stop_ids
 from neox_llama.tokenizers.text import USER_TEXT_ERRORS, usable_text
 from neox_llama.utils.logging_setup import setup_logging
@@ -73,24 +74,21 @@ def check_room(generator: LanguageModel, ids: list[int], max_new_tokens: int | N
         check_new_tokens(max_new_tokens, len(ids), generator.max_length, FLAGS["max_new_tokens"])
 
 
-def stream(generator: LanguageModel, prompt_ids: list[int], settings: GenerationSettings) -> str:
-    printed = ""
-    produced: list[int] = []
+def stream(generator: LanguageModel, prompt_ids: list[int], settings: GenerationSettings,
+           continues_prompt: bool = False) -> str:
+    """Print the answer as it is generated (never half a character); ``continues_prompt``: the answer is the text
+    its ids add after the prompt's (a leading space kept), else the text of its ids alone (a chat answer)."""
+    text = TextStream(generator.tokenizer, [], context=prompt_ids if continues_prompt else ())
 
     def show(token: int) -> None:
-        nonlocal printed
-        produced.append(token)
-        text = generator.tokenizer.decode(produced)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(printed):])
+        if delta := text.push(token):
+            sys.stdout.write(delta)
             sys.stdout.flush()
-            printed = text
 
-    ids = generator.generate_one(prompt_ids, settings, on_token=show)
-    text = generator.tokenizer.decode(ids)
-    sys.stdout.write(text[len(printed):] + "\n")
+    generator.generate_one(prompt_ids, settings, on_token=show)
+    sys.stdout.write(text.finish() + "\n")
     sys.stdout.flush()
-    return text
+    return text.text
 
 
 @command("generate.py")
@@ -119,7 +117,7 @@ def main(argv: list[str]) -> int:
         for prompt, ids in zip(prompts, encoded, strict=True):
             if not args.prompt_style:
                 sys.stdout.write(prompt)
-            stream(generator, ids, settings)
+            stream(generator, ids, settings, continues_prompt=not args.prompt_style)
         return 0
     style = args.prompt_style or generator.run.prompt_style or default_chat_style(tok)
     check_style(style, tok)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from neox_llama.generation.sampling import next_token
+from neox_llama.generation.scores import TokenScore, score_tokens
 from neox_llama.generation.settings import GenerationError, GenerationSettings, check_prompt_length
 
 
@@ -88,6 +89,10 @@ class DecodedSequence:
     generator: torch.Generator | None = None
     logits: torch.Tensor | None = None
     """The next token's logits, waiting to be sampled at the next step."""
+    prompt_scores: list[TokenScore] | None = None
+    """With ``settings.prompt_logprobs``: the scores of the prompt's tokens after the first (from its prefill)."""
+    scores: list[TokenScore] = field(default_factory=list)
+    """With ``settings.logprobs``: one score per sampled token, a stop id included (it is not in ``output``)."""
 
 
 class DecodingBatch:
@@ -101,15 +106,20 @@ class DecodingBatch:
         self.free_slots = list(range(slots - 1, -1, -1))
         self.running: list[DecodedSequence] = []
 
-    def check(self, prompt: Sequence[int]) -> None:
-        """Raise GenerationError when ``prompt`` cannot be generated from (empty, or no room left in the context)."""
-        check_prompt_length(len(prompt), min(self.lm.max_length, self.capacity))
+    def check(self, prompt: Sequence[int], *, generate: bool = True) -> None:
+        """Raise GenerationError when ``prompt`` cannot be generated from (empty, or no room left in the context;
+        without ``generate``, a prompt only scored, it may fill the context)."""
+        check_prompt_length(len(prompt), min(self.lm.max_length, self.capacity), generate=generate)
 
     @torch.no_grad()
     def add(self, prompt: Sequence[int], settings: GenerationSettings, stop_ids: set[int] | None = None,
             adapter: int = 0) -> DecodedSequence:
-        """Prefill ``prompt`` into a free slot; it takes its first step with the others at the next :meth:`step`."""
-        self.check(prompt)
+        """Prefill ``prompt`` into a free slot; it takes its first step with the others at the next :meth:`step`.
+
+        With ``settings.prompt_logprobs`` the prefill keeps every position's logits and scores the prompt (one
+        forward pass, as for any prompt); with ``max_new_tokens`` 0 the sequence ends there (``length``) and
+        never joins the running batch."""
+        self.check(prompt, generate=settings.max_new_tokens > 0)
         if not self.free_slots:
             raise GenerationError("every decoding slot is busy")
         budget = min(settings.max_new_tokens, min(self.lm.max_length, self.capacity) - len(prompt))
@@ -121,11 +131,17 @@ class DecodingBatch:
             ids = torch.tensor([seq.prompt], device=self.lm.device)
             positions = torch.arange(len(prompt), device=self.lm.device)[None]
             views = [c.prefill(seq.slot) for c in self.caches]
-            seq.logits = self.lm.last_logits(ids, positions, views, torch.tensor([adapter]))[0]
+            scored = settings.prompt_logprobs is not None
+            logits = self.lm.cached_logits(ids, positions, views, torch.tensor([adapter]), last_only=not scored)[0]
+            if scored:
+                seq.prompt_scores = score_tokens(logits[:-1], seq.prompt[1:], settings.prompt_logprobs)
+            seq.logits = logits[-1]
         except BaseException:
             self.free_slots.append(seq.slot)
             raise
         self.running.append(seq)
+        if budget <= 0:
+            self._finish(seq, "length")
         return seq
 
     def cancel(self, seq: DecodedSequence) -> None:
@@ -142,6 +158,8 @@ class DecodingBatch:
         """Take ``seq``'s next token (None: it stopped on a stop id); finishes it when it is done."""
         s = seq.settings
         token = next_token(seq.logits.cpu(), s.temperature, s.top_k, s.top_p, seq.generator)
+        if s.logprobs is not None:
+            seq.scores += score_tokens(seq.logits[None], [token], s.logprobs)
         if token in seq.stops:
             self._finish(seq, "stop")
             return None

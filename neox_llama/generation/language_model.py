@@ -104,10 +104,15 @@ class LanguageModel:
                     adapters: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the last position of each row, the blocks reading and writing ``views`` (one KV cache per
         block); ``adapters``: each row's index in :attr:`bank` (0 = the base model)."""
+        return self.cached_logits(ids, positions, views, adapters)[:, -1]
+
+    def cached_logits(self, ids: torch.Tensor, positions: torch.Tensor, views: list,
+                      adapters: torch.Tensor | None = None, *, last_only: bool = True) -> torch.Tensor:
+        """Logits over the true vocabulary [rows, positions (1 with ``last_only``), vocab], as :meth:`last_logits`."""
         if self.bank is not None:
             self.bank.select(adapters)
         try:
-            return self.model(ids, positions, views, last_only=True)[:, -1, : self.run.true_vocab]
+            return self.model(ids, positions, views, last_only=last_only)[..., : self.run.true_vocab]
         finally:
             if self.bank is not None:
                 self.bank.select(None)

@@ -43,6 +43,10 @@ class GenerationSettings:
     seed: int = 0
     stop_ids: set[int] = field(default_factory=set)
     stop_strings: list[str] = field(default_factory=list)
+    logprobs: int | None = None
+    """Score every new token: its log-probability and its ``logprobs`` most likely alternatives (None: no scores)."""
+    prompt_logprobs: int | None = None
+    """Score the prompt's tokens too (after the first), with this many alternatives each (None: no scores)."""
 
 
 def _number(name: str, value: float, rule: str) -> None:
@@ -89,11 +93,14 @@ def check_sampling(temperature: float | None = None, top_p: float | None = None,
                                                        f"got {max_new_tokens}")
 
 
-def check_prompt_length(length: int, context: int) -> None:
-    """GenerationError when a prompt of ``length`` tokens is empty or leaves no room in a ``context``."""
+def check_prompt_length(length: int, context: int, *, generate: bool = True) -> None:
+    """GenerationError when a prompt of ``length`` tokens is empty or leaves no room in a ``context`` (without
+    ``generate``, a prompt only scored, it may fill the context)."""
     if not length:
         raise GenerationError("the prompt is empty")
-    if length >= context:
+    if not generate and length > context:
+        raise GenerationError(f"the prompt has {length} tokens; the model's context is {context}")
+    if generate and length >= context:
         raise GenerationError(f"the prompt has {length} tokens; the model's context is {context} and at least "
                               "one must be left to generate")
 

@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP API (FastAPI) over a :class:`~neox_llama.serving.engine.Engine`.
 
 ``GET /v1/models`` lists the base and every adapter; ``POST /v1/completions`` and ``POST /v1/chat/completions``
-answer whole or as server-sent events in OpenAI's chunk format ending with ``data: [DONE]``; ``GET /health``.
+answer whole or as server-sent events in OpenAI's chunk format ending with ``data: [DONE]``, with log-probabilities
+when asked (:mod:`neox_llama.serving.logprobs`); ``POST /tokenize``, ``POST /detokenize`` and
+``GET /tokenizer_info`` answer as vLLM's do (lm-eval's ``tokenizer_backend=remote`` uses them); ``GET /health``.
 Every choice of every request is one job in the engine's running batch, whatever adapter it uses. Errors are
 OpenAI's body ``{"error": {"message", "type", "param", "code"}}`` with 400/404 (never FastAPI's 422).
 """
@@ -27,8 +29,17 @@ from neox_llama.errors import NeoxLlamaError
 from neox_llama.generation.settings import GenerationError, GenerationSettings
 from neox_llama.serving.engine import Engine, Event, Job
 from neox_llama.serving.limits import BodySizeLimit, default_max_request_bytes
-from neox_llama.serving.protocol import MAX_CHOICES, ApiError, ChatRequest, CompletionRequest
+from neox_llama.serving.logprobs import ChoiceLogprobs
+from neox_llama.serving.protocol import (
+    MAX_CHOICES,
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from neox_llama.serving.text import TextStream
+from neox_llama.serving.tokenizer_info import tokenizer_info
 from neox_llama.tokenizers.prompts import Message, encode_dialog, stop_ids
 
 logger = logging.getLogger(__name__)
@@ -47,6 +58,9 @@ class ServedModel:
 class _Choice:
     job: Job
     stream: TextStream
+    logprobs: ChoiceLogprobs | None = None
+    prefix: str = ""
+    """With ``echo``: the prompt's text, which the choice's text starts with."""
     finish_reason: str | None = None
 
     @property
@@ -72,25 +86,45 @@ class Service:
                            "model", "model_not_found")
         return self.models[name]
 
-    def _check_prompt(self, ids: list[int], param: str) -> list[int]:
-        vocab = self.engine.lm.run.true_vocab
-        if any(not 0 <= i < vocab for i in ids):
-            raise ApiError(400, f"token ids must be in [0, {vocab})", param)
+    def _check_prompt(self, ids: list[int], param: str, generate: bool = True) -> list[int]:
+        self.check_ids(ids, param)
         try:
-            self.engine.check(ids)
+            self.engine.check(ids, generate=generate)
         except GenerationError as err:
             raise ApiError(400, str(err), param, "context_length_exceeded") from None
         return ids
 
-    def _settings(self, req, max_tokens: int | None, prompt: list[int], seed: int) -> GenerationSettings:
+    def check_ids(self, ids: list[int], param: str) -> None:
+        vocab = self.engine.lm.run.true_vocab
+        if any(not 0 <= i < vocab for i in ids):
+            raise ApiError(400, f"token ids must be in [0, {vocab})", param)
+
+    def _settings(self, kind: str, req, max_tokens: int | None, prompt: list[int], seed: int) -> GenerationSettings:
         room = self.engine.batch.capacity - len(prompt)
         if max_tokens is not None and _asked_for_max_tokens(req):
             req.check_room(max_tokens, len(prompt), self.engine.batch.capacity)
-        return GenerationSettings(min(max_tokens or room, room), req.temperature, req.top_k,
-                                  None if req.top_p >= 1.0 else req.top_p, seed, stop_strings=req.stop_strings())
+        if kind == "chat":
+            logprobs, prompt_logprobs = ((req.top_logprobs or 0) if req.logprobs else None), None
+        else:
+            logprobs, prompt_logprobs = req.logprobs, (req.logprobs if req.echo else None)
+        return GenerationSettings(room if max_tokens is None else min(max_tokens, room), req.temperature, req.top_k,
+                                  None if req.top_p >= 1.0 else req.top_p, seed, stop_strings=req.stop_strings(),
+                                  logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
-    def _choices(self, req, prompts: list[list[int]], max_tokens: int | None, stops: set[int], adapter: int,
-                 loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> list[_Choice]:
+    def _choice(self, kind: str, req, job: Job) -> _Choice:
+        tok, prompt = self.tokenizer, job.prompt
+        if kind == "chat":
+            logprobs = ChoiceLogprobs(tok, prompt, "chat") if req.logprobs else None
+            return _Choice(job, TextStream(tok, req.stop_strings()), logprobs)
+        choice = _Choice(job, TextStream(tok, req.stop_strings(), context=prompt))
+        if req.logprobs is not None:
+            choice.logprobs = ChoiceLogprobs(tok, prompt, "completion", echo=req.echo)
+        elif req.echo:
+            choice.prefix = tok.decode(prompt)
+        return choice
+
+    def _choices(self, kind: str, req, prompts: list[list[int]], max_tokens: int | None, stops: set[int],
+                 adapter: int, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> list[_Choice]:
         seed = req.seed if req.seed is not None else random.SystemRandom().randrange(2**31)
         if len(prompts) * req.n > MAX_CHOICES:
             raise ApiError(400, f"{len(prompts)} prompts x n {req.n} = {len(prompts) * req.n} sequences; at most "
@@ -99,9 +133,9 @@ class Service:
         for p, prompt in enumerate(prompts):
             for i in range(req.n):
                 index = p * req.n + i
-                job = Job(prompt, self._settings(req, max_tokens, prompt, seed + i), stops, adapter, index,
+                job = Job(prompt, self._settings(kind, req, max_tokens, prompt, seed + i), stops, adapter, index,
                           loop, queue)
-                choices.append(_Choice(job, TextStream(self.tokenizer, req.stop_strings())))
+                choices.append(self._choice(kind, req, job))
         return choices
 
     def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
@@ -115,7 +149,8 @@ class Service:
                 ids = list(p)
             else:
                 raise ApiError(400, "prompt must be a string, a list of strings, or token ids", "prompt")
-            prompts.append(self._check_prompt(ids, "prompt" if len(req.prompts()) == 1 else f"prompt.{k}"))
+            prompts.append(self._check_prompt(ids, "prompt" if len(req.prompts()) == 1 else f"prompt.{k}",
+                                              generate=not req.scores_prompt_only()))
         return prompts
 
     def chat_prompt(self, req: ChatRequest, model: ServedModel) -> list[int]:
@@ -130,8 +165,8 @@ class Service:
     async def respond(self, request: Request, kind: str, req, model: ServedModel, prompts: list[list[int]],
                       max_tokens: int | None, stops: set[int]) -> Response:
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        choices = self._choices(req, prompts, max_tokens, set() if req.ignore_eos else stops, model.adapter, loop,
-                                queue)
+        choices = self._choices(kind, req, prompts, max_tokens, set() if req.ignore_eos else stops, model.adapter,
+                                loop, queue)
         head = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": model.name}
         usage_prompt = sum(len(p) for p in prompts)
@@ -160,18 +195,28 @@ class Service:
         choice = choices[event.choice]
         if event.error is not None:
             raise ApiError(500, event.error, None, None, "server_error")
-        delta = choice.stream.push(event.token) if event.token is not None else ""
+        delta = ""
+        if event.prompt_scores is not None and choice.logprobs is not None:  # echo: the prompt comes first
+            choice.prefix = delta = choice.logprobs.echo(event.prompt_scores)
+        if event.score is not None and choice.logprobs is not None:
+            choice.logprobs.token(event.score, in_text=event.token is not None)
+        if event.token is not None:
+            delta += choice.stream.push(event.token)
         if event.finish_reason is not None:
             choice.finish_reason = "stop" if event.finish_reason == "stop" else "length"
             delta += choice.stream.finish()
+            if choice.logprobs is not None:
+                choice.logprobs.finish()
         return delta
 
     @staticmethod
     def _final(kind: str, index: int, c: _Choice) -> dict:
+        logprobs = c.logprobs.whole() if c.logprobs is not None else None
         if kind == "chat":
             return {"index": index, "message": {"role": "assistant", "content": c.stream.text},
-                    "logprobs": None, "finish_reason": c.finish_reason}
-        return {"index": index, "text": c.stream.text, "logprobs": None, "finish_reason": c.finish_reason}
+                    "logprobs": logprobs, "finish_reason": c.finish_reason}
+        return {"index": index, "text": c.prefix + c.stream.text, "logprobs": logprobs,
+                "finish_reason": c.finish_reason}
 
     @staticmethod
     def _usage(prompt_tokens: int, choices: list[_Choice]) -> dict:
@@ -184,18 +229,22 @@ class Service:
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
         def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> str:
+            c = choices[index]
+            logprobs = c.logprobs.take() if c.logprobs is not None and not role else None
             if kind == "chat":
                 delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-                part = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+                part = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             else:
-                part = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+                part = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
             return _sse({**head, "object": obj, "choices": [part]})
 
         self.engine.submit([c.job for c in choices])
         try:
-            if kind == "chat":
-                for i in range(len(choices)):
+            for i, c in enumerate(choices):
+                if kind == "chat":
                     yield chunk(i, None, None, role=True)
+                elif c.prefix:  # echo without log-probabilities: the prompt's text first
+                    yield chunk(i, c.prefix, None)
             while any(c.finish_reason is None for c in choices):
                 event = await queue.get()
                 try:
@@ -203,7 +252,7 @@ class Service:
                 except ApiError as err:
                     yield _sse(err.body())
                     return
-                if delta:
+                if delta:  # carries the log-probabilities of the tokens since the last chunk
                     yield chunk(event.choice, delta, None)
                 if choices[event.choice].finish_reason is not None:
                     yield chunk(event.choice, None, choices[event.choice].finish_reason)
@@ -308,6 +357,32 @@ def build_app(service: Service, max_request_bytes: int | None = None) -> FastAPI
         prompts = service.completion_prompts(body)
         return await service.respond(request, "completion", body, served, prompts, body.max_tokens,
                                      service.engine.lm.default_stops())
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        body.check()
+        served = service.model(body.model)
+        tok = service.tokenizer
+        if body.messages is not None:
+            try:
+                ids, _ = encode_dialog(tok, served.prompt_style, [Message(m.role, m.text()) for m in body.messages],
+                                       open_turn=body.add_generation_prompt)
+            except NeoxLlamaError as err:
+                raise ApiError(400, f"messages: {err}", "messages") from None
+        else:  # special-token names read as those tokens, as Hugging Face tokenizers and vLLM read them
+            ids = tok.encode_document(body.prompt, bos=None if body.add_special_tokens else False, allow_special=True)
+        strs = [tok.decode([i]) for i in ids] if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": service.engine.batch.capacity, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        service.model(body.model)
+        service.check_ids(body.tokens, "tokens")
+        return {"prompt": service.tokenizer.decode(body.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_information():
+        return tokenizer_info(service.tokenizer, service.base.prompt_style, service.engine.batch.capacity)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):

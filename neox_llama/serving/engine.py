@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from neox_llama.generation.batch import DecodedSequence, DecodingBatch
+from neox_llama.generation.scores import TokenScore
 from neox_llama.generation.settings import GenerationError, GenerationSettings
 
 logger = logging.getLogger(__name__)
@@ -23,12 +24,16 @@ logger = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class Event:
-    """What a job's handler hears: a new token (``token``), the end (``finish_reason``), or a failure (``error``)."""
+    """What a job's handler hears: its prompt's scores (``prompt_scores``, right after the prefill, when asked
+    for), a new token (``token``, with its ``score`` when asked for; a stop id comes as a score without a token),
+    the end (``finish_reason``), or a failure (``error``)."""
 
     choice: int
     token: int | None = None
     finish_reason: str | None = None
     error: str | None = None
+    score: TokenScore | None = None
+    prompt_scores: list[TokenScore] | None = None
 
 
 @dataclass(eq=False)
@@ -76,9 +81,10 @@ class Engine:
             self._wake.notify_all()
         self._thread.join(timeout)
 
-    def check(self, prompt: list[int]) -> None:
-        """GenerationError when ``prompt`` is empty or leaves no room to generate (thread-safe, no model call)."""
-        self.batch.check(prompt)
+    def check(self, prompt: list[int], *, generate: bool = True) -> None:
+        """GenerationError when ``prompt`` is empty or leaves no room to generate (thread-safe, no model call;
+        without ``generate``, a prompt only scored, it may fill the context)."""
+        self.batch.check(prompt, generate=generate)
 
     def submit(self, jobs: list[Job]) -> None:
         with self._wake:
@@ -132,8 +138,14 @@ class Engine:
             if job.cancelled:
                 continue
             try:
-                job.sequence = self.batch.add(job.prompt, job.settings, job.stops, job.adapter)
-                self._jobs[job.sequence] = job
+                job.sequence = seq = self.batch.add(job.prompt, job.settings, job.stops, job.adapter)
+                if seq.finish_reason is not None:  # scored only (max_tokens 0): done with its prefill
+                    job.emit(Event(job.choice, finish_reason=seq.finish_reason, prompt_scores=seq.prompt_scores))
+                    self.stats["finished"] += 1
+                    continue
+                self._jobs[seq] = job
+                if seq.prompt_scores is not None:
+                    job.emit(Event(job.choice, prompt_scores=seq.prompt_scores))
             except GenerationError as err:
                 job.emit(Event(job.choice, error=str(err)))
             except Exception as err:
@@ -155,7 +167,8 @@ class Engine:
             return
         for seq, token in events:
             job = self._jobs[seq]
-            job.emit(Event(job.choice, token=token, finish_reason=seq.finish_reason))
+            score = seq.scores[-1] if seq.settings.logprobs is not None else None
+            job.emit(Event(job.choice, token=token, finish_reason=seq.finish_reason, score=score))
             if seq.finish_reason is not None:
                 del self._jobs[seq]
                 self.stats["finished"] += 1

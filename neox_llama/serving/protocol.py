@@ -1,9 +1,11 @@
 """The OpenAI request bodies the server accepts (validated by pydantic) and its error body.
 
-Fields follow OpenAI's completions and chat-completions APIs. Parameters the server does not implement
-(``logprobs``, ``echo``, ``best_of`` > 1, ``suffix``, ``tools``, ``response_format``, ``logit_bias``, non-zero
-presence/frequency penalties) are refused with a 400 naming them rather than silently ignored; ``top_k`` is
-accepted as vLLM accepts it. Integers are strict (``true`` or ``1.0`` is not 1) and numbers are not booleans;
+Fields follow OpenAI's completions and chat-completions APIs: completions take ``echo`` and ``logprobs`` (0 to
+5, OpenAI's legacy limit; ``max_tokens: 0`` with ``echo`` scores the prompt alone), chat completions take
+``logprobs: true`` with ``top_logprobs`` (0 to 20). Parameters the server does not implement (``best_of`` > 1,
+``suffix``, ``tools``, ``response_format``, ``logit_bias``, non-zero presence/frequency penalties) are refused
+with a 400 naming them rather than silently ignored; ``top_k`` is accepted as vLLM accepts it. ``/tokenize`` and
+``/detokenize`` take vLLM's bodies. Integers are strict (``true`` or ``1.0`` is not 1) and numbers are not booleans;
 the sampling settings follow :func:`neox_llama.generation.settings.check_sampling`, the rules and words
 ``tools/generate.py`` uses too (NaN and Infinity are named as not numbers). :meth:`check` runs every rule that
 needs no tokenizer, so a bad request costs nothing to refuse. Any problem is an :class:`ApiError`, answered as
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 from neox_llama.errors import NeoxLlamaError
 from neox_llama.generation.settings import SettingError, check_new_tokens, check_sampling
@@ -27,6 +29,10 @@ MAX_STOPS = 4
 """At most this many stop strings per request (OpenAI's limit)."""
 MAX_STOP_LENGTH = 256
 """The longest stop string accepted (each is searched for at every token)."""
+MAX_LOGPROBS = 5
+"""The most alternatives per token a completion's ``logprobs`` asks for (OpenAI's legacy limit)."""
+MAX_TOP_LOGPROBS = 20
+"""The most alternatives per token a chat completion's ``top_logprobs`` asks for (OpenAI's limit)."""
 
 
 class ApiError(NeoxLlamaError):
@@ -66,7 +72,6 @@ class _Sampling(BaseModel):
     presence_penalty: StrictFloat = 0.0
     frequency_penalty: StrictFloat = 0.0
     logit_bias: dict | None = None
-    logprobs: bool | StrictInt | None = None
     ignore_eos: bool = False
     """Keep generating past end-of-sequence ids (as vLLM's ``ignore_eos``; for benchmarks)."""
 
@@ -107,7 +112,7 @@ class _Sampling(BaseModel):
     def refuse_unsupported(self, extra: dict[str, object]) -> None:
         """400 for a parameter set to something this server does not implement."""
         unsupported = {"presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
-                       "logit_bias": self.logit_bias or None, "logprobs": self.logprobs or None, **extra}
+                       "logit_bias": self.logit_bias or None, **extra}
         for name, value in unsupported.items():
             if value not in (None, 0, 0.0, False):
                 raise ApiError(400, f"{name} is not supported by this server", name, "unsupported_parameter")
@@ -118,7 +123,10 @@ class CompletionRequest(_Sampling):
 
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     max_tokens: StrictInt | None = 16
-    echo: bool = False
+    echo: StrictBool = False
+    """The answer's text (and its ``logprobs``) starts with the prompt's."""
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    """Log-probabilities of every token and of its ``logprobs`` most likely alternatives (None: none)."""
     best_of: StrictInt | None = None
     suffix: str | None = None
 
@@ -133,11 +141,15 @@ class CompletionRequest(_Sampling):
             return [list(p)]
         return list(p)
 
+    def scores_prompt_only(self) -> bool:
+        """``max_tokens: 0`` with ``echo``: the prompt is scored, nothing is generated."""
+        return self.echo and self.max_tokens == 0
+
     def check(self) -> None:
         """Every rule that needs no tokenizer (the handler calls it first)."""
-        self.refuse_unsupported({"echo": self.echo, "best_of": None if self.best_of in (None, 1) else self.best_of,
+        self.refuse_unsupported({"best_of": None if self.best_of in (None, 1) else self.best_of,
                                  "suffix": self.suffix})
-        self.check_settings({"max_tokens": self.max_tokens})
+        self.check_settings({"max_tokens": None if self.scores_prompt_only() else self.max_tokens})
 
 
 class ContentPart(BaseModel):
@@ -163,7 +175,9 @@ class ChatRequest(_Sampling):
     max_completion_tokens: StrictInt | None = None
     tools: list | None = None
     response_format: dict | None = None
-    top_logprobs: StrictInt | None = None
+    logprobs: StrictBool | None = None
+    """The answer's tokens' log-probabilities (and ``top_logprobs`` alternatives each)."""
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
     def limit(self) -> int | None:
         """The answer's length limit (max_completion_tokens, or the older max_tokens; None: the context's rest)."""
@@ -175,6 +189,36 @@ class ChatRequest(_Sampling):
     def check(self) -> None:
         """Every rule that needs no tokenizer (the handler calls it first)."""
         text_format = (self.response_format or {}).get("type") in (None, "text")
-        self.refuse_unsupported({"tools": self.tools or None, "top_logprobs": self.top_logprobs,
+        self.refuse_unsupported({"tools": self.tools or None,
                                  "response_format": None if text_format else self.response_format})
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         self.check_settings({"max_tokens": self.max_tokens, "max_completion_tokens": self.max_completion_tokens})
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's body): a ``prompt``, or chat ``messages`` rendered in the model's prompt style."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: StrictBool = True
+    """A prompt starts with the start token (where the tokenizer's policy adds one)."""
+    add_generation_prompt: StrictBool = True
+    """Messages end with an open assistant turn."""
+    return_token_strs: StrictBool = False
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ApiError(400, "give either prompt (a string) or messages (a chat)", "prompt")
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize (vLLM's body)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[StrictInt]
