@@ -151,7 +151,8 @@ def test_greedy_generation_equals_transformers_and_the_cache_equals_recomputing(
 
 
 def _hf_greedy_text(hf_dir, text: str, new_tokens: int) -> str:
-    """What a transformers user gets: AutoTokenizer(text) (no manual BOS), greedy generate, decode."""
+    """What a transformers user gets: AutoTokenizer(text) (no manual BOS), greedy generate, and the text the new
+    tokens add (the whole sequence decoded, less the prompt: a leading space of the answer is kept)."""
     tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     ids = tok(text, return_tensors="pt").input_ids
@@ -164,7 +165,9 @@ def _hf_greedy_text(hf_dir, text: str, new_tokens: int) -> str:
         if token in stops:
             break
         kept.append(token)
-    return tok.decode(kept, skip_special_tokens=False)
+    whole = tok.decode(ids[0].tolist() + kept, skip_special_tokens=True)
+    assert whole.startswith(text)
+    return whole[len(text):]
 
 
 @uses_trained
