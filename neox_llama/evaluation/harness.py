@@ -25,7 +25,9 @@ from neox_llama.generation.settings import GenerationSettings
 
 @register_model("neox_llama")
 class NeoxLlamaLM(TemplateLM):
-    """``lm_eval --model neox_llama --model_args checkpoint=DIR[,adapter=DIR][,batch_size=8]`` or an instance.
+    """``lm_eval --model neox_llama --model_args checkpoint=DIR[,adapter=DIR][,batch_size=8][,max_length=N]`` or an
+    instance. ``max_length`` (default: the model's context) is the longest sequence scored, as the ``hf`` backend's
+    (a perplexity task's rolling windows are this long).
 
     ``group`` (a torch.distributed group, e.g. the data-parallel ranks of a training run) makes each member one
     lm-eval rank: lm-eval gives it its share of the documents and gathers the metrics on the group's first rank.
@@ -34,7 +36,8 @@ class NeoxLlamaLM(TemplateLM):
     """
 
     def __init__(self, lm: LanguageModel | None = None, checkpoint: str | None = None, adapter: str | None = None,
-                 batch_size: int | str = 8, max_gen_toks: int = 256, device: str | None = None, *,
+                 batch_size: int | str = 8, max_gen_toks: int = 256, device: str | None = None,
+                 max_length: int | str | None = None, *,
                  group: dist.ProcessGroup | None = None, even_batches: bool = False, progress: bool = True,
                  **_: object):
         super().__init__()
@@ -42,6 +45,7 @@ class NeoxLlamaLM(TemplateLM):
         self.tokenizer = self.lm.tokenizer
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_gen_toks = int(max_gen_toks)
+        self._max_length = min(int(max_length), self.lm.max_length) if max_length else self.lm.max_length
         self.group, self.even_batches, self.progress = group, even_batches, progress
         if group is not None:
             self._rank, self._world_size = dist.get_rank(group), dist.get_world_size(group)
@@ -88,7 +92,7 @@ class NeoxLlamaLM(TemplateLM):
 
     @property
     def max_length(self) -> int:
-        return self.lm.max_length
+        return self._max_length
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         """As the hf backend with our exported tokenizer: the start-token policy unless told otherwise."""
