@@ -72,6 +72,7 @@ CASES = {
                      rank_pattern={"o_proj": 6, "model.layers.1.mlp.up_proj": 2}, alpha_pattern={"k_proj": 3}),
     "rslora": dict(r=4, lora_alpha=5, use_rslora=True, target_modules=["q_proj", "gate_proj"],
                    rank_pattern={"gate_proj": 2}),
+    "one_layer": dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], layers_to_transform=[1]),
 }
 
 
@@ -131,6 +132,41 @@ def test_the_imported_checkpoint_merges_generates_and_serves_with_peft_logits(wo
     with torch.no_grad():
         for model in (merged, generating.model, serving.model):
             assert (model.eval()(IDS)[..., :vocab] - theirs).abs().max().item() <= 1e-5
+
+
+def test_the_command_lines_take_the_imported_checkpoint_as_adapter(tmp_path):
+    """evaluate.py --adapter equals evaluating the merged model; generate.py --adapter equals generating from it;
+    serve.py --adapter NAME=DIR scores a prompt (echo, logprobs) as the merged model does."""
+    import httpx
+    from helpers.serving import running_server, served_checkpoints
+
+    from neox_llama.generation.language_model import LanguageModel
+
+    world = served_checkpoints(tmp_path)  # a base with a tokenizer (the module's has none)
+    assert tool("convert_to_hf.py", "--checkpoint", str(world / "base"), "--output", str(world / "hf"), "--dtype",
+                "fp32").returncode == 0
+    adapter = peft_adapter(world / "hf", tmp_path / "peft", seed=5, **CASES["plain"])
+    ours, merged = tmp_path / "ours", tmp_path / "merged"
+    assert tool("convert_from_hf.py", "--peft", str(adapter), "--base", str(world / "base"), "--output",
+                str(ours)).returncode == 0
+    assert tool("merge_lora.py", "--checkpoint", str(ours), "--output", str(merged)).returncode == 0
+    (tmp_path / "text.txt").write_text("tokens " * 40)
+    losses = []
+    for args in (["--checkpoint", str(world / "base"), "--adapter", str(ours)], ["--checkpoint", str(merged)]):
+        proc = tool("evaluate.py", *args, "--text", str(tmp_path / "text.txt"), "--seq-length", "32", "--output",
+                    str(tmp_path / "eval.json"), "--no-progress")
+        assert proc.returncode == 0, proc.stderr
+        losses.append(json.loads((tmp_path / "eval.json").read_text())["loss"])
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    ids = [int(i) for i in IDS[0]]
+    outputs = [tool("generate.py", *args, "--prompt", "x", "--max-new-tokens", "4").stdout
+               for args in (["--checkpoint", str(world / "base"), "--adapter", str(ours)], ["--checkpoint", str(merged)])]
+    assert outputs[0] == outputs[1] and outputs[0].startswith("x")
+    want = LanguageModel.from_checkpoint(str(merged), device="cpu").token_logprobs([ids])[0].tolist()
+    with running_server(world, log_name="serve_peft.log", adapters={"peft": ours}) as (url, _):
+        body = {"model": "peft", "prompt": ids, "echo": True, "logprobs": 0, "max_tokens": 0}
+        got = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["logprobs"]
+    assert max(abs(a - b) for a, b in zip(got["token_logprobs"][1:], want, strict=True)) <= 1e-5
 
 
 def test_lora_training_goes_on_from_the_imported_checkpoint(world, tmp_path):

@@ -4,8 +4,9 @@
     python tools/serve.py --checkpoint runs/local/checkpoints --port 8000
     python tools/serve.py --checkpoint BASE --adapter alpaca=runs/lora/checkpoints --adapter chat=runs/chat/global_step300
 
-Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream: true for server-sent events),
-GET /health. A request without "model" goes to the base (named by --name). Requests that arrive together are
+Endpoints: GET /v1/models, POST /v1/completions (echo and logprobs for scoring, as lm-eval's local-completions
+sends them), POST /v1/chat/completions (logprobs, top_logprobs; stream: true for server-sent events), POST /tokenize,
+POST /detokenize, GET /tokenizer_info (vLLM's shapes), GET /health. A request without "model" goes to the base (named by --name). Requests that arrive together are
 decoded together (continuous batching, up to --max-batch-size at once), whatever adapter each one uses; the base
 weights are loaded once. A request body over --max-request-bytes is answered 413 before it is parsed or tokenized.
 Ctrl-C or SIGTERM stops it cleanly.

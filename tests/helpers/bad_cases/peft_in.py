@@ -75,3 +75,13 @@ def case_peft_in_shape_mismatch(world, tmp_path):
     _edit_tensors(adapter, lambda t: t.update({key: torch.zeros(2, t[key].shape[1] + 8)}))
     proc, hashes = _import(world, tmp_path, adapter)
     return proc, "model.layers.1.self_attn.v_proj: lora_A (2, ", hashes
+
+
+def case_peft_in_lora_bias(world, tmp_path):
+    proc, hashes = _import(world, tmp_path, _adapter(world, tmp_path, lora_bias=True))
+    return proc, "adapter_config.json: lora_bias: a bias on lora_B", hashes
+
+
+def case_peft_in_fan_in_fan_out(world, tmp_path):
+    proc, hashes = _import(world, tmp_path, _adapter(world, tmp_path, fan_in_fan_out=True))
+    return proc, "adapter_config.json: fan_in_fan_out: transposed (Conv1D-style) weights", hashes
