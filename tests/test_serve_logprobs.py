@@ -172,6 +172,10 @@ def test_chat_logprobs_in_openais_chat_format(server, models):
     assert max(abs(t.logprob - w) for t, w in zip(content, want, strict=True)) <= DECODED
     plain = c.chat.completions.create(model="b", messages=messages, max_tokens=8, temperature=0)
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == done.choices[0].message.content
+    chunks = list(c.chat.completions.create(model="b", messages=messages, max_tokens=8, temperature=0, logprobs=True,
+                                            top_logprobs=3, stream=True))
+    streamed = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
 
 
 def test_tokenize_and_detokenize_as_vllm_and_lm_evals_remote_tokenizer(server, models):
