@@ -10,6 +10,9 @@ LATEST = "latest"
 METADATA = "metadata.json"
 BEST = "best"
 WEIGHTS = "weights"
+OPTIMIZER = "optimizer"
+"""The layout-free optimizer state: one file of moments per layer, and ``state.json`` (steps, loss scale)."""
+OPTIMIZER_STATE = "state.json"
 
 
 class CheckpointError(NeoxLlamaError):
@@ -63,3 +66,13 @@ def complete_checkpoints(save: str | Path) -> list[str]:
 def layer_file(folder: Path, index: int) -> Path:
     """The layout-free weight file of global layer ``index``."""
     return folder / WEIGHTS / f"layer_{index:03d}.safetensors"
+
+
+def optimizer_file(folder: Path, index: int) -> Path:
+    """The layout-free optimizer state (e.g. Adam's moments) of global layer ``index``'s trained tensors."""
+    return Path(folder) / OPTIMIZER / f"layer_{index:03d}.safetensors"
+
+
+def has_optimizer_state(folder: Path) -> bool:
+    """Whether the checkpoint carries its optimizer state layout-free (saved since 2026-12-07)."""
+    return (Path(folder) / OPTIMIZER / OPTIMIZER_STATE).is_file()

@@ -1,10 +1,11 @@
 """The distributed half of checkpoints: every rank saves and restores its part (format: :mod:`neox_llama.checkpoint`).
 
-A save writes DeepSpeed's engine state (exact resumption at the same layout), the layout-free
-``weights/`` (whole-layer files shared out over the data-parallel ranks; tensor-parallel shards gathered, ZeRO-3
-partitions gathered one layer at a time), every
-rank's random state, then, on rank 0, ``config.yml``, the tokenizer files and ``metadata.json``, and last
-``{save}/latest``. Rank 0's part is shared with the other ranks (:func:`neox_llama.distributed.agree`),
+A save writes the layout-free ``weights/`` (the fp32 masters; whole-layer files shared out over the data-parallel
+ranks; tensor-parallel shards gathered, ZeRO-3 partitions gathered one layer at a time) and ``optimizer/`` (each
+trained tensor's optimizer state, :mod:`neox_llama.training.optimizer_state`), from which a run resumes exactly at
+its own layout and continues at any other; DeepSpeed's own engine files only where the optimizer has no
+per-parameter view (fp16 at ZeRO stage 0). Then every rank's random state, then, on rank 0, ``config.yml``, the
+tokenizer files and ``metadata.json``, and last ``{save}/latest``. Rank 0's part is shared with the other ranks (:func:`neox_llama.distributed.agree`),
 so a failure there stops every rank with its message instead of leaving them in a barrier.
 """
 
@@ -18,6 +19,7 @@ import random
 import re
 import shutil
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +45,7 @@ from neox_llama.parallel.pipeline import rank_layers
 from neox_llama.parallel.topology import ParallelState
 from neox_llama.peft.lora import LoraSettings
 from neox_llama.peft.methods import PeftSettings, trained_tensors
+from neox_llama.training.optimizer_state import OptimizerView, master_values, save_optimizer_state
 from neox_llama.utils.files import atomic_write_text
 
 logger = logging.getLogger("train")
@@ -63,10 +66,11 @@ def gathered(params: list[torch.nn.Parameter]):
 
 
 @torch.no_grad()
-def full_tensor(param: torch.Tensor, state: ParallelState) -> torch.Tensor:
-    """The un-sharded tensor (tensor-parallel shards gathered). Collective device: the parameter's own device."""
+def full_tensor(param: torch.Tensor, state: ParallelState, value: torch.Tensor | None = None) -> torch.Tensor:
+    """The un-sharded tensor (tensor-parallel shards gathered) of ``param`` (or of ``value``, shaped like its shard,
+    e.g. its fp32 master). Collective device: the tensor's own device."""
     dim = getattr(param, "partition_dim", None)
-    tensor = param.detach()
+    tensor = param.detach() if value is None else value
     if dim is None or state.tp_size == 1:
         return tensor.cpu().clone()
     parts = [torch.empty_like(tensor) for _ in range(state.tp_size)]
@@ -75,7 +79,8 @@ def full_tensor(param: torch.Tensor, state: ParallelState) -> torch.Tensor:
 
 
 def save_layer_weights(module: torch.nn.Module, state: ParallelState, folder: Path,
-                       adapters_only: PeftSettings | None = None) -> list[int]:
+                       adapters_only: PeftSettings | None = None,
+                       master_of: Callable[[torch.nn.Parameter], torch.Tensor] | None = None) -> list[int]:
     """Write this stage's layers as full, layout-free tensors, one whole-layer file each; returns the global indices
     of the files this rank wrote.
 
@@ -83,7 +88,9 @@ def save_layer_weights(module: torch.nn.Module, state: ParallelState, folder: Pa
     first tensor-parallel rank), so no rank writes the whole model and writes run in parallel. Tensor-parallel
     shards are gathered, and ZeRO-3 partitions (on every data-parallel rank, as DeepSpeed gathers) one layer at a
     time: at most one full layer is in memory. ``adapters_only`` (a LoRA / Adapter run's settings): only the
-    tensors the method trains, into ``adapter/`` instead of ``weights/``.
+    tensors the method trains, into ``adapter/`` instead of ``weights/``. ``master_of``: a trained parameter's fp32
+    master (a bf16 / fp16 run's, joined over the data-parallel ranks, which all take part), written instead of its
+    rounded value.
     """
     failure: CheckpointError | None = None
     wrote: list[int] = []
@@ -95,11 +102,15 @@ def save_layer_weights(module: torch.nn.Module, state: ParallelState, folder: Pa
             continue
         chosen = state.dp_rank == index % state.dp_size  # this data-parallel replica writes the layer
         writer = chosen and state.tp_rank == 0
-        if not chosen and not any(_is_zero3_partitioned(p) for p in params.values()):
+        masters = master_of is not None and any(p.requires_grad for p in params.values())
+        if not chosen and not masters and not any(_is_zero3_partitioned(p) for p in params.values()):
             continue  # another replica writes it; nothing to gather with
         with gathered(list(params.values())):  # ZeRO-3: one layer at a time, on every data-parallel rank
-            # The chosen replica's tensor-parallel ranks gather its shards (a collective in their own group).
-            tensors = {name: full_tensor(p, state) for name, p in params.items()} if chosen else {}
+            tensors = {}
+            for name, p in params.items():
+                value = master_of(p) if master_of is not None and p.requires_grad else None  # every dp rank
+                if chosen:  # its tensor-parallel ranks gather the shards (a collective in their own group)
+                    tensors[name] = full_tensor(p, state, value)
         target = adapter_file(folder, index) if adapters_only is not None else layer_file(folder, index)
         if writer and failure is None:
             try:
@@ -247,8 +258,13 @@ def save_checkpoint(engine, module_state: ParallelState, cfg: Config, train: Tra
             (folder / METADATA).unlink(missing_ok=True)  # re-saving a tag: incomplete until metadata is rewritten
 
     agree(invalidate, rank0_only=True)
-    engine.save_checkpoint(str(save), tag=folder.name, save_latest=False, exclude_frozen_parameters=peft is not None)
-    save_layer_weights(engine.module, module_state, folder, adapters_only=peft)
+    view = OptimizerView.of(engine)
+    if view is None:  # fp16 at ZeRO stage 0: only DeepSpeed's own files hold its optimizer state
+        engine.save_checkpoint(str(save), tag=folder.name, save_latest=False,
+                               exclude_frozen_parameters=peft is not None)
+    save_layer_weights(engine.module, module_state, folder, adapters_only=peft,
+                       master_of=master_values(view, cfg.precision))
+    save_optimizer_state(engine, module_state, folder, peft)
 
     def save_rng() -> None:
         (folder / "rng").mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,11 @@ The rules (docs/finetuning.md):
 - ``finetune: true``: start from ``load``'s weights at step 0 with a fresh optimizer and new data. When ``save``
   (a directory other than ``load``'s) already holds a checkpoint of this fine-tune — its base fingerprint is
   ``load``'s — the run resumes from it instead, so re-running the same command continues it.
-- ``finetune: false``: resume ``load`` exactly (step, optimizer, data position). An adapter checkpoint (LoRA,
-  Adapter, Adapter v2) resumes with its base found through its metadata; its settings must be the config's.
+- ``finetune: false``: resume ``load`` exactly (step, optimizer, data position), at any layout: its layout-free
+  optimizer state (``optimizer/``) and fp32 masters go into whatever engine this run builds. An adapter checkpoint
+  (LoRA, Adapter, Adapter v2) resumes with its base found through its metadata; its settings must be the config's.
+  A checkpoint saved before the optimizer state was layout-free (2026-12-07) resumes through DeepSpeed's own files
+  at its own layout, and with its weights alone (a fresh optimizer) at another.
 
 The plan also fixes the ZeRO stage the engine is built with (the validated config is never changed): the config's
 ``derived.engine_zero_stage``, except where a resumed checkpoint keeps its own (:func:`resume_zero_stage`).
@@ -22,7 +25,7 @@ from pathlib import Path
 
 from neox_llama.checkpoint.adapter import base_ref, resolve_base
 from neox_llama.checkpoint.metadata import BaseRef, Metadata, read_metadata
-from neox_llama.checkpoint.paths import LATEST, METADATA, CheckpointError, resolve_checkpoint
+from neox_llama.checkpoint.paths import LATEST, METADATA, CheckpointError, has_optimizer_state, resolve_checkpoint
 from neox_llama.config.schema import Config
 from neox_llama.errors import TrainingError
 from neox_llama.peft.methods import PeftSettings, describe, kind, peft_settings, same_shapes, settings_of
@@ -42,8 +45,10 @@ class LoadPlan:
     meta: Metadata | None = None
     """``resume``'s metadata (for a fine-tune from a base: the base's)."""
     same_layout: bool = False
-    """Whether ``resume``'s DeepSpeed state (sharded by layout: model, optimizer, LR schedule) loads as it is. If
-    not, the run continues from the weights alone (``weights``, ``adapters``) with a fresh optimizer."""
+    """Whether ``resume``'s DeepSpeed engine files (an older checkpoint's, sharded by layout) load as they are."""
+    optimizer: Path | None = None
+    """The checkpoint whose layout-free optimizer state (and fp32 masters) go into the engine, at any layout. Neither
+    this nor ``same_layout``: the run continues from the weights alone with a fresh optimizer."""
     weights: Path | None = None
     """A full checkpoint whose weights fill the model before the engine exists (base, or ``resume`` saved at
     another layout)."""
@@ -92,8 +97,10 @@ def same_layout(meta: Metadata, cfg: Config, zero_stage: int) -> bool:
 def _resume_plan(folder: Path, meta: Metadata, cfg: Config, finetune: bool = False,
                  base: Path | None = None) -> LoadPlan:
     peft = peft_settings(cfg)
-    stage = resume_zero_stage(meta, cfg)
-    same = same_layout(meta, cfg, stage)
+    layout_free = has_optimizer_state(folder)
+    stage = cfg.derived.engine_zero_stage if layout_free else resume_zero_stage(meta, cfg)
+    same = not layout_free and same_layout(meta, cfg, stage)
+    optimizer = folder if layout_free else None
     notes = []
     if stage != cfg.derived.engine_zero_stage:
         notes.append(f"{folder} was saved by DeepSpeed at ZeRO stage {stage}: this run keeps that stage, so that its "
@@ -115,7 +122,7 @@ def _resume_plan(folder: Path, meta: Metadata, cfg: Config, finetune: bool = Fal
                            saved.dropout)
         base_folder = resolve_base(folder, meta, base)
         return LoadPlan(resume=folder, meta=meta, same_layout=same, weights=base_folder, adapters=folder,
-                        base=meta.base, peft=peft, zero_stage=stage, notes=notes)
+                        optimizer=optimizer, base=meta.base, peft=peft, zero_stage=stage, notes=notes)
     if peft is not None:
         if finetune:
             raise TrainingError(f"save holds {folder}, a full fine-tune of this base, but the config trains "
@@ -123,8 +130,8 @@ def _resume_plan(folder: Path, meta: Metadata, cfg: Config, finetune: bool = Fal
         keys = f"lora_r {peft.r}" if kind(peft) == "LoRA" else f"peft_method {peft.method}"
         raise TrainingError(f"{keys} with load {folder} (a full checkpoint) and finetune false: set "
                             f"finetune: true to start {kind(peft)} from it")
-    return LoadPlan(resume=folder, meta=meta, same_layout=same, weights=None if same else folder, base=meta.base,
-                    zero_stage=stage, notes=notes)
+    return LoadPlan(resume=folder, meta=meta, same_layout=same, weights=None if same else folder,
+                    optimizer=optimizer, base=meta.base, zero_stage=stage, notes=notes)
 
 
 def plan_load(cfg: Config) -> LoadPlan:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from neox_llama.checkpoint.adapter import adapter_file
+from neox_llama.checkpoint.paths import layer_file
 from neox_llama.config.schema import Config
 from neox_llama.data.instruction import build_instruction_datasets
 from neox_llama.data.loader import build_datasets, split_sample_counts
@@ -20,6 +22,7 @@ from neox_llama.training import checkpointing as ckpt
 from neox_llama.training.engine import TrainingEngine, setup_engine
 from neox_llama.training.load_plan import LoadPlan, plan_load
 from neox_llama.training.metrics import MetricsWriter
+from neox_llama.training.optimizer_state import load_optimizer_state
 
 logger = logging.getLogger("train")
 
@@ -82,7 +85,25 @@ def start_state(cfg: Config, plan: LoadPlan, training_engine: TrainingEngine, ra
         return ckpt.TrainingState()
     folder, layout, engine = plan.resume, plan.meta.layout, training_engine.engine
     train_state = ckpt.TrainingState.from_metadata(plan.meta)
-    if plan.same_layout:
+    here = (cfg.pipe_parallel_size, cfg.model_parallel_size, cfg.derived.data_parallel_size, plan.zero_stage)
+    saved = (layout.pipe_parallel_size, layout.model_parallel_size, layout.data_parallel_size, layout.zero_stage)
+    if plan.optimizer is not None:
+        masters_from = None
+        if cfg.precision != "fp32":  # the engine's fp32 masters were made from rounded weights: set them
+            masters_from = ((lambda i: adapter_file(plan.adapters, i)) if plan.adapters is not None
+                            else (lambda i: layer_file(plan.optimizer, i)))
+        load_optimizer_state(engine, training_engine.state, plan.optimizer, plan.peft, masters_from)
+        engine.lr_scheduler.load_state_dict({"num_steps": train_state.step})
+        engine.global_steps, engine.global_samples = train_state.step, train_state.consumed_samples
+        if saved == here:
+            logger.info("resumed from %s at step %d (%d samples consumed)", folder, train_state.step,
+                        train_state.consumed_samples)
+        else:
+            logger.info("resumed %s, saved at pp %d x tp %d x dp %d (ZeRO %d), under pp %d x tp %d x dp %d (ZeRO %d): "
+                        "fp32 master weights, optimizer state, LR schedule and data position restored (step %d, %d "
+                        "samples consumed)", folder, *saved, *here, train_state.step, train_state.consumed_samples)
+        _say_batch_change(plan.meta.step, train_state.consumed_samples, cfg.derived.train_batch_size)
+    elif plan.same_layout:
         ckpt.restore_engine_state(engine, folder, strict=plan.adapters is None)
         logger.info("resumed from %s at step %d (%d samples consumed)", folder, train_state.step,
                     train_state.consumed_samples)
@@ -97,6 +118,13 @@ def start_state(cfg: Config, plan: LoadPlan, training_engine: TrainingEngine, ra
     if layout.world_size == cfg.derived.world_size:
         ckpt.restore_rng(folder, rank)
     return train_state
+
+
+def _say_batch_change(step: int, consumed: int, batch: int) -> None:
+    """One line when the run's global batch differs from the one the checkpoint was trained with."""
+    if step and consumed != step * batch:
+        logger.info("the checkpoint consumed %d samples in %d steps; this run's global batch is %d samples: it "
+                    "continues from sample %d", consumed, step, batch, consumed)
 
 
 def build_data(cfg: Config, tokenizer: Tokenizer | None, finetune_info: ckpt.FinetuneInfo,
