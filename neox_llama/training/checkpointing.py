@@ -50,6 +50,10 @@ from neox_llama.utils.files import atomic_write_text
 
 logger = logging.getLogger("train")
 
+DEEPSPEED_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+"""What DeepSpeed copies beside its engine files: converters of ZeRO's sharded files, which these checkpoints do not
+hold (an older save directory's copies are removed at the next save)."""
+
 
 def _is_zero3_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
@@ -289,6 +293,8 @@ def save_checkpoint(engine, module_state: ParallelState, cfg: Config, train: Tra
         if tag.startswith("global_step"):
             atomic_write_text(save / LATEST, tag)
             _prune(save, cfg.keep_last_n_checkpoints, keep=tag)
+        for script in DEEPSPEED_SCRIPTS:  # they cannot convert these checkpoints: weights/ already is the fp32 state
+            (save / script).unlink(missing_ok=True)
 
     agree(finish, rank0_only=True)
     logger.info("saved checkpoint %s", save / tag)

@@ -10,7 +10,7 @@ it standing. A case writes its rank's log to ``CASE_DIR/rank{R}.log`` and its ex
 ``CASE_DIR/rank{R}.status``; a case that raises ends the launch (the other ranks may be inside a collective),
 and the cases after it are reported as not run.
 
-Case kinds: ``parallel_step`` and ``lora_steps`` (the worker modules beside this file) and ``train`` (the
+Case kinds: ``parallel_step``, ``lora_steps`` and ``optimizer_state`` (the worker modules beside this file) and ``train`` (the
 per-rank training entry, ``train.py --config FILE``, on a config that deepy.py's checks prepared).
 """
 
@@ -38,6 +38,8 @@ def run_case(kind: str, argv: list[str]) -> int:
         from workers.parallel_step import run
     elif kind == "lora_steps":
         from workers.lora_steps import run
+    elif kind == "optimizer_state":
+        from workers.optimizer_state import run
     else:
         raise ValueError(f"unknown case kind {kind}")
     run(argv)
