@@ -85,8 +85,16 @@ class OptimizerView:
         """Give a fresh engine its optimizer state: one step of the torch optimizer with zero gradients at learning
         rate 0 (Adam's moments and step come into being as zeros and 1; no weight moves), then DeepSpeed links its
         parameters' fragments to it (as it does after its own first step)."""
-        if self.has_state():
-            return
+        if not self.has_state():
+            self._zero_step()
+        if hasattr(self.wrapper, "_lazy_init_hp_params_optimizer_state"):  # ZeRO 1/2, BF16 optimizer: (re)link, as
+            self.wrapper._hp_optimizer_states_linked = False  # a pipeline's ZeRO-1 step does not link them itself
+            self.wrapper._lazy_init_hp_params_optimizer_state()
+        if not self.has_state():
+            raise CheckpointError(f"{type(self.basic).__name__} kept no state after a step: cannot restore its "
+                                  "optimizer state")
+
+    def _zero_step(self) -> None:
         tensors = self._optimized()
         grads = [t.grad for t in tensors]
         rates = [group["lr"] for group in self.basic.param_groups]
@@ -101,12 +109,6 @@ class OptimizerView:
                 t.grad = grad
             for group, rate in zip(self.basic.param_groups, rates, strict=True):
                 group["lr"] = rate
-        if hasattr(self.wrapper, "_lazy_init_hp_params_optimizer_state"):  # ZeRO 1/2, BF16 optimizer
-            self.wrapper._hp_optimizer_states_linked = False
-            self.wrapper._lazy_init_hp_params_optimizer_state()
-        if not self.has_state():
-            raise CheckpointError(f"{type(self.basic).__name__} kept no state after a step: cannot restore its "
-                                  "optimizer state")
 
     # ------------------------------------------------------------------ keys and the step
     def keys(self) -> list[str]:

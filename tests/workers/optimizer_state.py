@@ -55,6 +55,7 @@ def run(argv: list[str]) -> None:
                      CausalLMLoss(training_engine.factory), train=True)
 
     view = OptimizerView.of(engine)
+    view.create_state()  # the state exists after a step; DeepSpeed's fragments are linked to it here
     keys = view.keys()
     expected = torch.zeros(len(keys), dtype=torch.float64)
     wrong: list[str] = []
