@@ -76,6 +76,7 @@ class OptimizerView:
             return self.masters
         return [p for group in self.basic.param_groups for p in group["params"]]
 
+
     # ------------------------------------------------------------------ creating the state of a fresh engine
     def has_state(self) -> bool:
         return all(len(self.basic.state.get(t, {})) > 0 for t in self._optimized())
@@ -95,20 +96,30 @@ class OptimizerView:
                                   "optimizer state")
 
     def _zero_step(self) -> None:
+        """The optimizer's step on zero gradients at learning rate 0. ZeRO-3 hands its torch optimizer one fp32
+        sub-group at a time (its param groups are empty between steps): its own per-sub-group step does that."""
         tensors = self._optimized()
         grads = [t.grad for t in tensors]
-        rates = [group["lr"] for group in self.basic.param_groups]
+        optimizers = [self.basic, *([self.wrapper.backup_optimizer] if getattr(self.wrapper, "backup_optimizer", None)
+                                    is not None else [])]
+        rates = [[group["lr"] for group in o.param_groups] for o in optimizers]
         for t in tensors:
             t.grad = torch.zeros_like(t)
-        for group in self.basic.param_groups:
-            group["lr"] = 0.0
+        for o in optimizers:
+            for group in o.param_groups:
+                group["lr"] = 0.0
         try:
-            self.basic.step()
+            if hasattr(self.wrapper, "fp32_partitioned_groups_flat"):  # ZeRO-3
+                for sub_group in range(len(tensors)):
+                    self.wrapper._optimizer_step(sub_group)
+            else:
+                self.basic.step()
         finally:
             for t, grad in zip(tensors, grads, strict=True):
                 t.grad = grad
-            for group, rate in zip(self.basic.param_groups, rates, strict=True):
-                group["lr"] = rate
+            for o, saved in zip(optimizers, rates, strict=True):
+                for group, rate in zip(o.param_groups, saved, strict=True):
+                    group["lr"] = rate
 
     # ------------------------------------------------------------------ keys and the step
     def keys(self) -> list[str]:
