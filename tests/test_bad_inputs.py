@@ -35,12 +35,34 @@ def case_deepy_resume_with_another_shape(world, tmp_path):
         [(run_dir / "ck", before)]
 
 
-def case_deepy_resume_from_a_truncated_engine_file(world, tmp_path):
+def case_deepy_resume_from_a_truncated_optimizer_file(world, tmp_path):
     run_dir = _copy_run(world, tmp_path)
-    _truncate(run_dir / "ck/global_step2/mp_rank_00_model_states.pt")
+    _truncate(run_dir / "ck/global_step2/optimizer/layer_001.safetensors")
     before = tree_hash(run_dir / "ck")
     proc = _deepy(world, run_dir, "train_iters=4")
-    return proc, "mp_rank_00_model_states.pt: unreadable engine state", [(run_dir / "ck", before)]
+    return proc, "optimizer/layer_001.safetensors: unreadable optimizer state file", [(run_dir / "ck", before)]
+
+
+def case_deepy_resume_from_a_non_finite_moment(world, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    run_dir = _copy_run(world, tmp_path)
+    path = run_dir / "ck/global_step2/optimizer/layer_002.safetensors"
+    tensors = load_file(str(path))
+    tensors["mlp.up.weight.exp_avg_sq"].view(-1)[3] = float("inf")
+    save_file(tensors, str(path))
+    before = tree_hash(run_dir / "ck")
+    proc = _deepy(world, run_dir, "train_iters=4")
+    return proc, "optimizer/layer_002.safetensors: tensor mlp.up.weight.exp_avg_sq holds non-finite values (0 NaN, " \
+        "1 Inf of", [(run_dir / "ck", before)]
+
+
+def case_deepy_resume_without_the_optimizer_record(world, tmp_path):
+    run_dir = _copy_run(world, tmp_path)
+    (run_dir / "ck/global_step2/optimizer/state.json").write_text("{")
+    before = tree_hash(run_dir / "ck")
+    proc = _deepy(world, run_dir, "train_iters=4")
+    return proc, "optimizer/state.json: unreadable optimizer record", [(run_dir / "ck", before)]
 
 
 def case_deepy_resume_from_a_truncated_weight_file(world, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -62,10 +63,16 @@ for _name, _saved in SAVED_LAYOUTS.items():
 
 @pytest.mark.uses_cases(*(f"resume-saved-{name}" for name in SAVED_LAYOUTS))
 @pytest.mark.parametrize("change", list(SAVED_LAYOUTS))
-def test_layout_change_loads_the_weights(tmp_path, corpus, launched, change):
+def test_a_checkpoint_without_optimizer_state_loads_its_weights_at_another_layout(tmp_path, corpus, launched, change):
+    """A checkpoint saved before the optimizer state was layout-free (2026-12-07: no optimizer/) still continues at
+    another layout from its weights, with a fresh optimizer, and says so."""
     first = launched(f"resume-saved-{change}").check().folder
+    old = tmp_path / "old"
+    shutil.copytree(first / "ck", old)
+    for checkpoint in old.glob("global_step*"):
+        shutil.rmtree(checkpoint / "optimizer")
     second = tmp_path / "second"
-    proc = ok(deepy_train(second, corpus, "train_iters=2", "eval_interval=2", f"load={first / 'ck'}"))
+    proc = ok(deepy_train(second, corpus, "train_iters=2", "eval_interval=2", f"load={old}"))
     assert "optimizer state NOT restored" in proc.stderr and "nothing to train" in proc.stderr
     before, after = records(first, "valid_loss")[-1], records(second, "valid_loss")[-1]
     assert before["step"] == after["step"] == 2

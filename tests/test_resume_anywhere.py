@@ -23,30 +23,36 @@ DP1 = ["gradient_accumulation_steps=2"]
 """One data-parallel rank: the global batch of 8 samples in two micro-batches, as dp 2 reads it in one each."""
 DP2 = ["num_gpus=2", "gradient_accumulation_steps=1"]
 
+LORA = ["lora_r=4", "lora_dropout=0"]  # dropout streams cannot follow a layout change
 SAVED = {  # name -> the layout the uninterrupted run trains at
     "tp2": ["model_parallel_size=2", *DP1],
     "zero3-dp2": [*DP2, *ZERO3],
     "pp2": ["pipe_parallel_size=2", *DP1],
+    "lora-pp2": ["pipe_parallel_size=2", *DP1, *LORA, "finetune=true"],  # on a base its prepare trains
 }
 CHANGES = {  # the resumed run's name -> (the run whose global_step2 it loads, its own layout)
     "tp2-to-zero3-dp2": ("tp2", [*DP2, *ZERO3]),
     "zero3-dp2-to-zero1-offload": ("zero3-dp2", [*DP2, "zero_optimization.stage=1",
                                                  "zero_optimization.offload_optimizer=cpu"]),
+    "lora-pp2-to-dp2": ("lora-pp2", [*DP2, *LORA]),  # the adapters' optimizer state moves too
 }
 """Two-rank pairs: the resumed run follows the saved one in the shared 2-rank launch (cases run in order)."""
+LOADS = {name: saved for name, (saved, _) in CHANGES.items()}
 
 
-def _case_args(name: str, layout: list[str], loads: str | None = None):
+def _case_args(name: str, layout: list[str]):
     def prepare(folder):
-        extra = [f"load={folder.parent / loads / 'run' / 'ck' / 'global_step2'}"] if loads else []
+        loads = LOADS.get(name)
+        extra = [f"load={folder.parent / f'anywhere-{loads}' / 'run' / 'ck' / 'global_step2'}"] if loads else []
+        if name.startswith("lora") and not loads:  # a fine-tune's base must exist when deepy.py checks the config
+            ok(deepy_train(folder / "base", shared_corpus(), *COMMON, "train_iters=2"))
+            extra = [f"load={folder / 'base' / 'ck' / 'global_step2'}"]
         return deepy_args(folder / "run", shared_corpus(), *COMMON, *layout, *extra)
     return prepare
 
 
-for _name, _layout in SAVED.items():
+for _name, _layout in [*SAVED.items(), *((n, lay) for n, (_, lay) in CHANGES.items())]:
     register(Case(f"anywhere-{_name}", 2, "train", _case_args(_name, _layout)))
-for _name, (_loads, _layout) in CHANGES.items():
-    register(Case(f"anywhere-{_name}", 2, "train", _case_args(_name, _layout, loads=f"anywhere-{_loads}")))
 
 
 def continued(saved, resumed) -> None:
@@ -60,7 +66,7 @@ def continued(saved, resumed) -> None:
 
 def no_engine_files(checkpoint) -> None:
     names = {p.name for p in checkpoint.iterdir()}
-    assert {"weights", "optimizer", "metadata.json"} <= names, names
+    assert {"optimizer", "metadata.json"} <= names and ({"weights", "adapter"} & names), names
     assert not [n for n in names if n.endswith(".pt") or n == "zero_to_fp32.py"], names
     record = json.loads((checkpoint / "optimizer" / "state.json").read_text())
     assert record["step"] == 2 and record["keys"] == ["exp_avg", "exp_avg_sq"]

@@ -53,15 +53,15 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor.sum(dtype=torch.float32))) or bool(torch.isfinite(tensor).all())
 
 
-def read_layer_file(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of one layer file; a missing, truncated or corrupt file, or a non-finite tensor, is an error
-    naming it."""
+def read_layer_file(path: Path, what: str = "weight") -> dict[str, torch.Tensor]:
+    """All tensors of one layer file (``what``: weight, optimizer state); a missing, truncated or corrupt file, or a
+    non-finite tensor, is an error naming it."""
     if not path.is_file():
-        raise CheckpointError(f"{path}: missing (the checkpoint has no weights for this layer)")
+        raise CheckpointError(f"{path}: missing (the checkpoint has no {what} file for this layer)")
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: unreadable weight file ({err}); the checkpoint is damaged, "
+        raise CheckpointError(f"{path}: unreadable {what} file ({err}); the checkpoint is damaged, "
                               "use another one (e.g. an earlier global_stepN)") from None
     for name, tensor in tensors.items():
         check_finite(tensor, path, name)

@@ -295,7 +295,7 @@ def load_optimizer_state(engine, state: ParallelState, folder: Path, peft: PeftS
     layers = {i: layer for i, layer in rank_layers(engine.module, state).items() if trained(layer, peft)}
 
     def read(index: int) -> tuple[dict, dict]:
-        moments = read_layer_file(optimizer_file(folder, index))
+        moments = read_layer_file(optimizer_file(folder, index), "optimizer state")
         masters = read_layer_file(masters_from(index)) if masters_from is not None else {}
         for name in trained(layers[index], peft):
             missing = [f"{name}.{key}" for key in keys if f"{name}.{key}" not in moments]
