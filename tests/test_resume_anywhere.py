@@ -83,6 +83,28 @@ def test_a_two_rank_run_continues_at_another_two_rank_layout(launched, change):
     continued(saved, resumed)
 
 
+register(Case("anywhere-zero1-dp2", 2, "train", _case_args("zero1-dp2", [*DP2, "zero_optimization.stage=1"])))
+
+
+def _four_ranks(folder):
+    saved = folder.parent / "anywhere-zero1-dp2" / "run" / "ck" / "global_step2"
+    if not saved.is_dir():  # the 2-rank launch (every suite's first, through the adapter tests) must come first
+        raise AssertionError(f"{saved} does not exist yet: the 2-rank launch must run before the 4-rank one")
+    return deepy_args(folder / "run", shared_corpus(), *COMMON, "pipe_parallel_size=2", "model_parallel_size=2",
+                      "num_gpus=4", *DP1, f"load={saved}")
+
+
+register(Case("anywhere-zero1-dp2-to-pp2xtp2", 4, "train", _four_ranks))  # joins the 4-rank launch
+
+
+@pytest.mark.uses_cases("anywhere-zero1-dp2", "anywhere-zero1-dp2-to-pp2xtp2")
+def test_a_data_parallel_run_continues_as_a_pipeline_of_tensor_parallel_stages(launched):
+    saved = launched("anywhere-zero1-dp2").check().folder / "run"  # first: the 4-rank case loads its checkpoint
+    outcome = launched("anywhere-zero1-dp2-to-pp2xtp2").check()
+    assert "under pp 2 x tp 2 x dp 1" in outcome.stderr
+    continued(saved, outcome.folder / "run")
+
+
 @pytest.mark.uses_cases("anywhere-pp2")
 def test_a_pipeline_run_continues_on_one_rank(launched, tmp_path, corpus):
     saved = launched("anywhere-pp2").check().folder / "run"

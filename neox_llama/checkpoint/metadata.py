@@ -14,7 +14,8 @@ FORMAT_VERSION = 1
 
 @dataclass
 class Layout:
-    """The parallel layout that wrote DeepSpeed's (layout-specific) engine state."""
+    """The parallel layout that saved the checkpoint (a resume at another one says so; DeepSpeed's engine files of
+    an older checkpoint load only at this layout)."""
 
     pipe_parallel_size: int = 1
     model_parallel_size: int = 1
