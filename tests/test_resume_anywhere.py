@@ -134,6 +134,12 @@ def test_without_its_optimizer_state_a_resumed_run_drifts(tmp_path, corpus):
         ok(deepy_train(run, corpus, *COMMON, *DP1))
         gap = max(abs(a - b) for a, b in zip(losses(run), losses(straight)[2:], strict=True))
         assert gap > 100 * TOLERANCE if zeroed else gap == 0.0, (name, gap)
+    rebatched = tmp_path / "rebatched"  # another global batch: on from the consumed samples, said in one line
+    proc = ok(deepy_train(rebatched, corpus, *COMMON, "gradient_accumulation_steps=1",
+                          f"load={straight / 'ck' / 'global_step2'}"))
+    assert "the checkpoint consumed 16 samples in 2 steps; this run's global batch is 4 samples: it continues " \
+           "from sample 16" in proc.stderr
+    assert [r["consumed_samples"] for r in records(rebatched)] == [20, 24]
 
 
 def test_a_bf16_runs_weights_are_its_fp32_masters_and_export_as_such(tmp_path, corpus):

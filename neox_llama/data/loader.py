@@ -84,11 +84,14 @@ class BatchMaker:
         return {"input_ids": inputs, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
 
 
-def split_sample_counts(cfg: Config) -> dict[str, int]:
-    """Samples each split must provide for the whole run."""
+def split_sample_counts(cfg: Config, start: tuple[int, int] = (0, 0)) -> dict[str, int]:
+    """Samples each split must provide for the whole run; ``start``: the (step, consumed samples) a resumed run
+    starts at (a checkpoint trained with another global batch consumed more or fewer than step x batch)."""
     batch = cfg.derived.train_batch_size
     evals = cfg.train_iters // cfg.eval_interval + 1
-    return {"train": cfg.train_iters * batch, "valid": evals * cfg.eval_iters * batch, "test": cfg.eval_iters * batch}
+    step, consumed = start
+    train = max(cfg.train_iters * batch, consumed + max(cfg.train_iters - step, 0) * batch)
+    return {"train": train, "valid": evals * cfg.eval_iters * batch, "test": cfg.eval_iters * batch}
 
 
 def _blend(name: str, prefixes: list[str], weights: list[float], size: int, cfg: Config, labels: list[str]):
@@ -133,12 +136,13 @@ def empty_split_warning(cfg: Config, ranges: list[tuple[int, int]], num_document
             "a larger share of split or add documents (eval_iters: 0 turns evaluation off)")
 
 
-def build_datasets(cfg: Config, announce: bool = True) -> dict[str, object]:
-    """train/valid/test datasets from ``data_path`` + ``split``, or from the ``*_data_paths`` lists.
+def build_datasets(cfg: Config, announce: bool = True, start: tuple[int, int] = (0, 0)) -> dict[str, object]:
+    """train/valid/test datasets from ``data_path`` + ``split``, or from the ``*_data_paths`` lists (``start``: a
+    resumed run's step and consumed samples, :func:`split_sample_counts`).
 
     With ``data_path``, a ``split`` that leaves training without a document is an error, and one that leaves a split
     the run reads (validation, test) empty is said once in a warning (where ``announce``: rank 0)."""
-    counts = split_sample_counts(cfg)
+    counts = split_sample_counts(cfg, start)
     out: dict[str, object] = {}
     if cfg.data_path:
         data = IndexedDataset(cfg.data_path)

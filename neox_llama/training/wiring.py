@@ -68,7 +68,8 @@ def build_run(cfg: Config, info: RankInfo, accelerator: str, tokenizer: Tokenize
                                       prompt_style=plan.meta.prompt_style if plan.resume is not None else None)
     train_state = start_state(cfg, plan, training_engine, info.rank)
     metrics = agree(lambda: MetricsWriter(cfg, info.rank, resume_step=train_state.step))
-    datasets = build_data(cfg, tokenizer, finetune_info, announce=info.rank == 0)
+    datasets = build_data(cfg, tokenizer, finetune_info, announce=info.rank == 0,
+                          start=(train_state.step, train_state.consumed_samples))
     return TrainingRun(cfg, info, accelerator, tokenizer, plan, training_engine, train_state, finetune_info, metrics,
                        datasets, CausalLMLoss(training_engine.factory))
 
@@ -128,12 +129,12 @@ def _say_batch_change(step: int, consumed: int, batch: int) -> None:
 
 
 def build_data(cfg: Config, tokenizer: Tokenizer | None, finetune_info: ckpt.FinetuneInfo,
-               announce: bool = True) -> dict:
+               announce: bool = True, start: tuple[int, int] = (0, 0)) -> dict:
     """The run's splits: instruction data (its prompt style checked against a resumed checkpoint's and recorded in
     ``finetune_info``) or token datasets (an empty split the run reads is said once, where ``announce``: rank 0); a
     run without a training split is an error."""
     if cfg.sft_data_path:
-        data = build_instruction_datasets(cfg, tokenizer, split_sample_counts(cfg))
+        data = build_instruction_datasets(cfg, tokenizer, split_sample_counts(cfg, start))
         saved_style = finetune_info.prompt_style
         if saved_style is not None and saved_style != data.style:
             raise TrainingError(f"the checkpoint's records were rendered in prompt style {saved_style}, this run "
@@ -141,7 +142,7 @@ def build_data(cfg: Config, tokenizer: Tokenizer | None, finetune_info: ckpt.Fin
         finetune_info.prompt_style = data.style
         datasets = data.datasets
     else:
-        datasets = build_datasets(cfg, announce)
+        datasets = build_datasets(cfg, announce, start)
     if "train" not in datasets:
         raise TrainingError("no training data: set data_path (split by `split`), train_data_paths or sft_data_path")
     return datasets
