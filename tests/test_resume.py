@@ -177,3 +177,29 @@ def test_one_rank_bf16_resumes_exactly(tmp_path, corpus):
     assert "at step 2" in proc.stderr
     assert [r["step"] for r in records(resumed)] == [3, 4]
     assert losses(resumed) == losses(straight)[2:]  # exactly equal
+
+
+def test_a_checkpoint_saved_before_the_layout_free_optimizer_state_resumes_exactly(tmp_path, corpus, monkeypatch):
+    """A checkpoint in the format written before 2026-12-07 (DeepSpeed's engine files, no optimizer/; saved here by
+    the same code path the trainer still takes when the optimizer has no per-parameter view) resumes exactly at its
+    own layout through DeepSpeed's files; and the save directory keeps no zero_to_fp32.py."""
+    import shutil
+
+    from neox_llama.training import checkpointing
+
+    common = ["train_iters=4", "checkpoint_factor=2"]
+    old = tmp_path / "old"
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpointing.OptimizerView, "of", classmethod(lambda cls, engine: None))
+        ok(deepy_train(old, corpus, *common))
+    saved = old / "ck" / "global_step2"
+    assert not (saved / "optimizer").exists() and list(saved.glob("*model_states.pt"))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(saved, resumed / "ck" / "global_step2")
+    (resumed / "ck" / "latest").write_text("global_step2")
+    (resumed / "ck" / "zero_to_fp32.py").write_text("# as DeepSpeed left it\n")
+    proc = ok(deepy_train(resumed, corpus, *common))
+    assert "resumed from" in proc.stderr and "at step 2" in proc.stderr
+    assert losses(resumed) == losses(old)[2:]  # exactly equal
+    assert (resumed / "ck" / "global_step4" / "optimizer").is_dir()  # saved in today's format
+    assert not (resumed / "ck" / "zero_to_fp32.py").exists() and not (old / "ck" / "zero_to_fp32.py").exists()

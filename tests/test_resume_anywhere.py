@@ -68,6 +68,7 @@ def no_engine_files(checkpoint) -> None:
     names = {p.name for p in checkpoint.iterdir()}
     assert {"optimizer", "metadata.json"} <= names and ({"weights", "adapter"} & names), names
     assert not [n for n in names if n.endswith(".pt") or n == "zero_to_fp32.py"], names
+    assert not list(checkpoint.parent.glob("zero_to_*.py"))  # DeepSpeed's converters could not convert it
     record = json.loads((checkpoint / "optimizer" / "state.json").read_text())
     assert record["step"] == 2 and record["keys"] == ["exp_avg", "exp_avg_sq"]
 
@@ -153,6 +154,7 @@ def test_a_bf16_runs_weights_are_its_fp32_masters_and_export_as_such(tmp_path, c
     run = tmp_path / "bf16"
     ok(deepy_train(run, corpus, "train_iters=2", "precision=bf16"))
     checkpoint = run / "ck" / "global_step2"
+    assert not list((run / "ck").glob("zero_to_*.py")) and not list(checkpoint.glob("*.pt"))
     weights = load_file(str(checkpoint / "weights" / "layer_002.safetensors"))
     query = weights["attention.query.weight"]
     assert query.dtype == torch.float32 and not torch.equal(query, query.bfloat16().float())

@@ -86,14 +86,26 @@ class OptimizerView:
         """Give a fresh engine its optimizer state: one step of the torch optimizer with zero gradients at learning
         rate 0 (Adam's moments and step come into being as zeros and 1; no weight moves), then DeepSpeed links its
         parameters' fragments to it (as it does after its own first step)."""
+        zero3 = hasattr(self.wrapper, "fp32_partitioned_groups_flat")
+        if self.mapped:
+            self._require("_optimizer_step" if zero3 else "_lazy_init_hp_params_optimizer_state")
         if not self.has_state():
             self._zero_step()
-        if hasattr(self.wrapper, "_lazy_init_hp_params_optimizer_state"):  # ZeRO 1/2, BF16 optimizer: (re)link, as
-            self.wrapper._hp_optimizer_states_linked = False  # a pipeline's ZeRO-1 step does not link them itself
+        if self.mapped and not zero3:  # ZeRO 1/2, BF16 optimizer: (re)link, as a pipeline's ZeRO-1 step does not
+            self.wrapper._hp_optimizer_states_linked = False
             self.wrapper._lazy_init_hp_params_optimizer_state()
         if not self.has_state():
             raise CheckpointError(f"{type(self.basic).__name__} kept no state after a step: cannot restore its "
                                   "optimizer state")
+
+    def _require(self, attribute: str) -> None:
+        """The DeepSpeed internal this module calls (written against the pinned DeepSpeed 0.19.8) is there."""
+        if not hasattr(self.wrapper, attribute):
+            import deepspeed
+
+            raise CheckpointError(f"DeepSpeed {deepspeed.__version__}'s {type(self.wrapper).__name__} has no "
+                                  f"{attribute}: the layout-free optimizer state is written for DeepSpeed 0.19.8 "
+                                  "(requirements.txt); install that version")
 
     def _zero_step(self) -> None:
         """The optimizer's step on zero gradients at learning rate 0. ZeRO-3 hands its torch optimizer one fp32
