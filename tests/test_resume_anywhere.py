@@ -106,6 +106,34 @@ def test_a_data_parallel_run_continues_as_a_pipeline_of_tensor_parallel_stages(l
     continued(saved, outcome.folder / "run")
 
 
+BF16 = ["precision=bf16", *COMMON]
+
+
+def _bf16_from_one_rank(folder):
+    """The 1-rank bf16 run (trained here, in this process) and the dp 2 run that resumes its global_step2."""
+    ok(deepy_train(folder / "one", shared_corpus(), *BF16, *DP1))
+    return deepy_args(folder / "run", shared_corpus(), *BF16, *DP2,
+                      f"load={folder / 'one' / 'ck' / 'global_step2'}")
+
+
+register(Case("anywhere-bf16-dp2", 2, "train", lambda folder: deepy_args(folder / "run", shared_corpus(), *BF16,
+                                                                          *DP2)))
+register(Case("anywhere-bf16-one-to-dp2", 2, "train", _bf16_from_one_rank))
+
+
+@pytest.mark.uses_cases("anywhere-bf16-dp2", "anywhere-bf16-one-to-dp2")
+def test_bf16_continues_at_another_layout_within_that_layouts_own_difference(launched):
+    """bf16 (the BF16 optimizer's fp32 masters and moments): one rank's run resumed at dp 2 stays as close to the
+    uninterrupted one-rank run as a dp 2 run from the start is to it (bf16 rounds differently at each layout)."""
+    outcome = launched("anywhere-bf16-one-to-dp2").check()
+    one, resumed = outcome.folder / "one", outcome.folder / "run"
+    from_start = launched("anywhere-bf16-dp2").check().folder / "run"
+    parity = max(abs(a - b) for a, b in zip(losses(one), losses(from_start), strict=True))
+    gap = max(abs(a - b) for a, b in zip(losses(one)[2:], losses(resumed), strict=True))
+    assert [r["step"] for r in records(resumed)] == [3, 4]
+    assert gap <= max(2 * parity, TOLERANCE), (gap, parity)  # measured: both 0.0 on a CPU that emulates bf16
+
+
 @pytest.mark.uses_cases("anywhere-pp2")
 def test_a_pipeline_run_continues_on_one_rank(launched, tmp_path, corpus):
     saved = launched("anywhere-pp2").check().folder / "run"

@@ -115,8 +115,8 @@ class OptimizerView:
         optimizers = [self.basic, *([self.wrapper.backup_optimizer] if getattr(self.wrapper, "backup_optimizer", None)
                                     is not None else [])]
         rates = [[group["lr"] for group in o.param_groups] for o in optimizers]
-        for t in tensors:
-            t.grad = torch.zeros_like(t)
+        for t in tensors:  # a fresh engine's gradient buffers hold nothing yet: zeroed in place, no copy
+            t.grad = t.grad.zero_() if t.grad is not None and t.grad.shape == t.shape else torch.zeros_like(t)
         for o in optimizers:
             for group in o.param_groups:
                 group["lr"] = 0.0
