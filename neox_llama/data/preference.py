@@ -1,0 +1,366 @@
+"""Preference data for DPO and IPO: JSON or JSONL pairs -> a prompt and two responses as ids -> samples of pairs.
+
+A record is one of the common formats:
+
+- ``{"prompt": str, "chosen": str, "rejected": str}``: one user turn and two answers;
+- conversational: ``prompt`` a list of ``{role, content}`` messages, ``chosen`` / ``rejected`` the assistant
+  message(s) that answer it (a list, or one message object);
+- ``chosen`` / ``rejected`` as whole conversations that share their first messages (the prompt) and differ after;
+- LLaMA-Factory's ShareGPT pairs: ``conversations`` (``from``: human / gpt / system, ``value``) and ``chosen`` /
+  ``rejected`` as one ``{from: gpt, value}`` message each.
+
+Each side is rendered in the run's prompt style exactly as instruction data is (:mod:`neox_llama.tokenizers.
+prompts`); only the response after the prompt carries loss. A pair longer than ``seq_length + 1`` tokens is cut by
+one rule for both sides: the prompt from the left (its first id, BOS, kept) as far as the longer side needs, then
+each response from the right; a pair with a response left empty is dropped. Every record is checked before training
+starts; a bad one is one error naming the file, the record and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from neox_llama.data.instruction import (
+    InstructionDataError,
+    _parse_file,
+    _tokenizer_digest,
+    pad_id_of,
+    resolve_style,
+    split_records,
+)
+from neox_llama.distributed import agree
+from neox_llama.tokenizers.base import Tokenizer, TokenizerError
+from neox_llama.tokenizers.prompts import Message, check_conversation, encode_dialog
+from neox_llama.tokenizers.text import unencodable_reason
+
+logger = logging.getLogger(__name__)
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class PreferenceDataError(InstructionDataError):
+    """A preference file or record is malformed; the message names the file, the record and the field."""
+
+
+@dataclass
+class PreferencePair:
+    """One record: the prompt's messages and the two answers that follow it."""
+
+    prompt: list[Message]
+    chosen: list[Message]
+    rejected: list[Message]
+
+
+# --------------------------------------------------------------------------- records
+def _check_text(text: str, where: str) -> None:
+    """Text no tokenizer can encode (a lone surrogate such as JSON's "\\ud800") is a malformed record."""
+    bad = unencodable_reason(text)
+    if bad:
+        raise PreferenceDataError(f"{where} holds {bad}")
+
+
+def _message(value: object, where: str, roles: dict[str, str] | None = None) -> Message:
+    """A ``{role, content}`` (or, with ``roles``, a ShareGPT ``{from, value}``) object as a Message."""
+    role_key, text_key = ("from", "value") if roles else ("role", "content")
+    if not isinstance(value, dict):
+        raise PreferenceDataError(f"{where} must be an object with {role_key} and {text_key}")
+    for key in (role_key, text_key):
+        if not isinstance(value.get(key), str):
+            found = "missing" if key not in value else f"a {type(value[key]).__name__}"
+            raise PreferenceDataError(f"{where}.{key} is {found}; it must be a string")
+    role = (roles or {r: r for r in ("system", "user", "assistant")}).get(value[role_key])
+    if role is None:
+        valid = ", ".join(roles or ("system", "user", "assistant"))
+        raise PreferenceDataError(f"{where}.{role_key} {value[role_key]!r} is unknown; valid: {valid}")
+    _check_text(value[text_key], f"{where}.{text_key}")
+    return Message(role, value[text_key])
+
+
+def _messages(value: object, where: str, roles: dict[str, str] | None = None) -> list[Message]:
+    if isinstance(value, dict):
+        return [_message(value, where, roles)]
+    if not isinstance(value, list) or not value:
+        raise PreferenceDataError(f"{where} must be a non-empty list of messages")
+    return [_message(m, f"{where}[{i}]", roles) for i, m in enumerate(value)]
+
+
+def _answer(value: object, where: str, roles: dict[str, str] | None = None) -> list[Message]:
+    """A response: a string (one assistant message) or assistant message(s)."""
+    if isinstance(value, str):
+        _check_text(value, where)
+        return [Message("assistant", value)]
+    messages = _messages(value, where, roles)
+    if messages[0].role != "assistant":
+        raise PreferenceDataError(f"{where} must start with an assistant message (the answer to the prompt), not a "
+                                  f"{messages[0].role} one")
+    return messages
+
+
+def record_pair(record: object, where: str) -> PreferencePair:
+    """``record`` (any of the module's formats) as a prompt and two answers."""
+    if not isinstance(record, dict):
+        raise PreferenceDataError(f"{where}: a record must be an object, not {type(record).__name__}")
+    for key in ("chosen", "rejected"):
+        if key not in record:
+            raise PreferenceDataError(f"{where}: field {key!r} is missing; a preference record needs chosen and "
+                                      "rejected (and a prompt, conversations, or chosen/rejected conversations "
+                                      "sharing their first messages)")
+    if "conversations" in record:  # LLaMA-Factory's ShareGPT pairs
+        prompt = _messages(record["conversations"], f"{where}: conversations", SHAREGPT_ROLES)
+        pair = PreferencePair(prompt, _answer(record["chosen"], f"{where}: chosen", SHAREGPT_ROLES),
+                              _answer(record["rejected"], f"{where}: rejected", SHAREGPT_ROLES))
+    elif "prompt" in record:
+        raw = record["prompt"]
+        if isinstance(raw, str):
+            _check_text(raw, f"{where}: prompt")
+            prompt = [Message("user", raw)]
+        else:
+            prompt = _messages(raw, f"{where}: prompt")
+        pair = PreferencePair(prompt, _answer(record["chosen"], f"{where}: chosen"),
+                              _answer(record["rejected"], f"{where}: rejected"))
+    else:  # whole conversations sharing a prefix
+        chosen = _messages(record["chosen"], f"{where}: chosen")
+        rejected = _messages(record["rejected"], f"{where}: rejected")
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+            shared += 1
+        if shared == 0 or shared == len(chosen) or shared == len(rejected):
+            raise PreferenceDataError(f"{where}: chosen and rejected must share their first messages (the prompt) "
+                                      "and then differ; give a prompt field otherwise")
+        pair = PreferencePair(chosen[:shared], _answer([_dict(m) for m in chosen[shared:]], f"{where}: chosen"),
+                              _answer([_dict(m) for m in rejected[shared:]], f"{where}: rejected"))
+    for side in ("chosen", "rejected"):
+        problem = check_conversation(pair.prompt + getattr(pair, side), open_turn=False)
+        if problem:
+            raise PreferenceDataError(f"{where}: prompt + {side}: {problem}")
+    if pair.prompt[-1].role == "assistant":
+        raise PreferenceDataError(f"{where}: the prompt ends with an assistant message; it must end with the user "
+                                  "turn the answers reply to")
+    return pair
+
+
+def _dict(message: Message) -> dict:
+    return {"role": message.role, "content": message.content}
+
+
+def load_pairs(path: str | Path, encoding: str = "utf-8") -> tuple[list[PreferencePair], bool]:
+    """Every record of ``path`` as a pair, and whether any was conversational (a chat prompt style then)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PreferenceDataError(f"{path}: preference data file not found")
+    data = _parse_file(path, encoding)
+    if not isinstance(data, list):
+        raise PreferenceDataError(f"{path}: the JSON must be a list of records")
+    if not data:
+        raise PreferenceDataError(f"{path}: holds no records")
+    pairs = [record_pair(r, f"{path}: record {i}") for i, r in enumerate(data)]
+    chat = any(isinstance(r, dict) and ("conversations" in r or not isinstance(r.get("prompt", ""), str)) for r in data)
+    return pairs, chat
+
+
+# --------------------------------------------------------------------------- tokens
+@dataclass
+class PairExample:
+    """A pair as ids: the prompt, shared, then each response (ids after the prompt, all carrying loss)."""
+
+    prompt: np.ndarray
+    chosen: np.ndarray
+    rejected: np.ndarray
+
+
+def _encode_side(tokenizer: Tokenizer, style: str, pair: PreferencePair, side: str, prompt: list[int],
+                 where: str) -> list[int]:
+    ids, _ = encode_dialog(tokenizer, style, pair.prompt + getattr(pair, side), open_turn=False)
+    if ids[:len(prompt)] != prompt:
+        raise PreferenceDataError(f"{where}: prompt style {style} renders the prompt differently before the {side} "
+                                  "answer; the answers cannot be scored after one shared prompt")
+    return ids[len(prompt):]
+
+
+def cut_pair(prompt: list[int], chosen: list[int], rejected: list[int], limit: int,
+             keep_first: bool) -> tuple[list[int], list[int], list[int]] | None:
+    """One rule for both sides of a pair: the prompt from the left (its first id kept when ``keep_first``) as far as
+    the longer side needs, keeping one prompt id; then each response from the right. None: a response is left
+    without ids."""
+    longest = len(prompt) + max(len(chosen), len(rejected))
+    if longest > limit:
+        head = 1 if keep_first else 0
+        removable = max(0, len(prompt) - head - 1)
+        cut = min(longest - limit, removable)
+        prompt = prompt[:head] + prompt[head + cut:]
+        room = limit - len(prompt)
+        chosen, rejected = chosen[:room], rejected[:room]
+    if not chosen or not rejected:
+        return None
+    return prompt, chosen, rejected
+
+
+def tokenize_pairs(pairs: list[PreferencePair], tokenizer: Tokenizer, style: str, seq_length: int, where: str,
+                   allow_empty: bool = False) -> list[PairExample]:
+    """Examples of ``pairs`` cut to ``seq_length + 1`` ids per side; logs how many were truncated and dropped."""
+    examples, truncated, dropped = [], 0, 0
+    for index, pair in enumerate(pairs):
+        at = f"{where}: record {index}"
+        try:
+            prompt, _ = encode_dialog(tokenizer, style, pair.prompt, open_turn=True)
+            chosen = _encode_side(tokenizer, style, pair, "chosen", prompt, at)
+            rejected = _encode_side(tokenizer, style, pair, "rejected", prompt, at)
+        except TokenizerError as err:
+            raise PreferenceDataError(f"{at}: {err}") from None
+        cut = cut_pair(prompt, chosen, rejected, seq_length + 1, keep_first=prompt[0] == tokenizer.bos_id)
+        if cut is None:
+            dropped += 1
+            continue
+        truncated += sum(map(len, cut)) < len(prompt) + len(chosen) + len(rejected)
+        examples.append(PairExample(*(np.asarray(part, dtype=np.int32) for part in cut)))
+    if truncated or dropped:
+        logger.info("%s: %d of %d pairs truncated to seq_length + 1 = %d tokens per side, %d dropped (a response "
+                    "left empty)", where, truncated, len(pairs), seq_length + 1, dropped)
+    if not examples and not allow_empty:
+        raise PreferenceDataError(f"{where}: no pair keeps a token of both responses within seq_length {seq_length}")
+    return examples
+
+
+def cached_pairs(path: Path, pairs: list[PreferencePair], name: str, tokenizer: Tokenizer, style: str,
+                 seq_length: int, seed: int, fraction: float, allow_empty: bool = False) -> list[PairExample]:
+    """Tokenise ``pairs`` once (one builder per node) and keep them beside ``path``, keyed by everything that shapes
+    them (file, tokenizer files, style, length, split)."""
+    stat = path.stat()
+    key = {"tokenizer": _tokenizer_digest(tokenizer), "style": style, "seq": seq_length, "split": name, "seed": seed,
+           "fraction": fraction, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "version": 1, "kind": "pairs"}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    cache = path.with_name(f".{path.name}.{digest}.pairs.npz")
+    parts = ("prompt", "chosen", "rejected")
+
+    def build() -> None:
+        if cache.exists():
+            return
+        examples = tokenize_pairs(pairs, tokenizer, style, seq_length, f"{path} ({name})", allow_empty)
+        arrays = {}
+        for part in parts:
+            arrays[part] = np.concatenate([getattr(e, part) for e in examples] or [np.zeros(0, np.int32)])
+            arrays[f"{part}_lengths"] = np.asarray([len(getattr(e, part)) for e in examples], dtype=np.int64)
+        tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp.npz")
+        try:
+            np.savez(tmp, **arrays)
+            os.replace(tmp, cache)
+        except OSError as err:  # a read-only data folder: every rank tokenises for itself instead
+            tmp.unlink(missing_ok=True)
+            logger.warning("%s: cannot cache the tokenised pairs beside it (%s); tokenising them on every rank", path,
+                           err)
+
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        agree(build)
+    else:
+        agree(lambda: None)
+    if not cache.exists():
+        return tokenize_pairs(pairs, tokenizer, style, seq_length, f"{path} ({name})", allow_empty)
+    with np.load(cache) as data:
+        count = len(data["prompt_lengths"])
+        split = {part: np.split(data[part], np.cumsum(data[f"{part}_lengths"])[:-1]) for part in parts}
+    return [PairExample(split["prompt"][i], split["chosen"][i], split["rejected"][i]) for i in range(count)]
+
+
+# --------------------------------------------------------------------------- samples
+class PreferenceDataset:
+    """``num_samples`` pairs from ``examples``, epoch after epoch, each in a fresh order drawn from the seed.
+
+    A sample is both sides padded to ``seq_length + 1`` ids: ``tokens`` [2, seq + 1] (chosen, rejected),
+    ``trained`` (loss on predicting that id: the response's ids) and ``positions``.
+    """
+
+    def __init__(self, name: str, examples: list[PairExample], seq_length: int, num_samples: int, seed: int,
+                 pad_id: int):
+        self.name, self.examples, self.length, self.pad_id = name, examples, seq_length + 1, pad_id
+        self.order: list[int] = []
+        self.epoch_starts: list[int] = [0]
+        epoch = 0
+        while len(self.order) < num_samples:
+            self.order += np.random.RandomState((seed + 7919 * epoch) % 2**32).permutation(len(examples)).tolist()
+            self.epoch_starts.append(len(self.order))
+            epoch += 1
+        del self.order[num_samples:]
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def epoch_of(self, sample: int) -> int:
+        """The epoch (from 1) that sample index ``sample`` belongs to."""
+        return int(np.searchsorted(self.epoch_starts, sample, side="right"))
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        example = self.examples[self.order[index]]
+        tokens = np.full((2, self.length), self.pad_id, dtype=np.int64)
+        trained = np.zeros((2, self.length), dtype=np.bool_)
+        p = len(example.prompt)
+        for row, response in enumerate((example.chosen, example.rejected)):
+            n = p + len(response)
+            tokens[row, :p], tokens[row, p:n] = example.prompt, response
+            trained[row, p:n] = True
+        positions = np.broadcast_to(np.arange(self.length), (2, self.length)).copy()
+        return {"tokens": tokens, "trained": trained, "positions": positions}
+
+    @staticmethod
+    def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+        """Pairs -> a batch of 2B rows, the B chosen sides first, then the B rejected ones (as TRL orders them)."""
+        tokens = torch.from_numpy(np.concatenate([np.stack([s["tokens"][side] for s in samples]) for side in (0, 1)]))
+        trained = torch.from_numpy(np.concatenate([np.stack([s["trained"][side] for s in samples]) for side in (0, 1)]))
+        positions = torch.from_numpy(np.concatenate([np.stack([s["positions"][side] for s in samples])
+                                                     for side in (0, 1)]))
+        return {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
+                "loss_mask": trained[:, 1:].float().contiguous(), "position_ids": positions[:, :-1].contiguous()}
+
+
+@dataclass
+class PreferenceData:
+    """The datasets of a preference run and the prompt style they were rendered in."""
+
+    datasets: dict[str, PreferenceDataset]
+    style: str
+
+
+def build_preference_datasets(cfg, tokenizer: Tokenizer | None, counts: dict[str, int]) -> PreferenceData:
+    """train (and valid) pairs from ``preference_data_path`` (``preference_valid_data_path`` or a seeded split)."""
+    if tokenizer is None:
+        raise PreferenceDataError("preference_data_path needs a tokenizer (tokenizer_type and vocab_file) to turn "
+                                  "records into ids")
+    path = Path(cfg.preference_data_path)
+    pairs, chat = load_pairs(path)
+    valid_path = Path(cfg.preference_valid_data_path) if cfg.preference_valid_data_path else None
+    if valid_path is not None:
+        valid_pairs, valid_chat = load_pairs(valid_path)
+        chat = chat or valid_chat
+        train_pairs, fraction = pairs, 0.0
+    elif counts.get("valid", 0) > 0:
+        train_pairs, valid_pairs = split_records(pairs, cfg.val_split_fraction, cfg.seed)
+        fraction = cfg.val_split_fraction
+    else:
+        train_pairs, valid_pairs, fraction = pairs, [], 0.0
+    try:
+        style = resolve_style(cfg.prompt_style, chat, tokenizer)
+    except TokenizerError as err:
+        raise PreferenceDataError(f"{path}: {err}") from None
+    pad = pad_id_of(tokenizer)
+    out: dict[str, PreferenceDataset] = {}
+    sources = {"train": (path, train_pairs), "valid": (valid_path or path, valid_pairs)}
+    for name, (source, chosen) in sources.items():
+        if not chosen or counts.get(name, 0) <= 0:
+            continue
+        examples = cached_pairs(source, chosen, name if valid_path is None else "all", tokenizer, style,
+                                cfg.seq_length, cfg.seed, fraction, allow_empty=name == "valid")
+        if not examples:
+            logger.warning("%s: no validation pair keeps both responses within seq_length %d; running without "
+                           "validation", source, cfg.seq_length)
+            continue
+        out[name] = PreferenceDataset(name, examples, cfg.seq_length, counts[name], cfg.seed, pad)
+    logger.info("preference data %s: %d training and %d validation pairs, prompt style %s", path, len(train_pairs),
+                len(valid_pairs), style)
+    return PreferenceData(out, style)

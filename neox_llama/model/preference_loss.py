@@ -1,0 +1,85 @@
+"""Preference losses over pairs of responses: DPO (the sigmoid loss, with conservative DPO's label smoothing), IPO,
+and RPO's SFT term, from the responses' log-probabilities under the policy and the reference model.
+
+With ``delta = (policy(chosen) - ref(chosen)) - (policy(rejected) - ref(rejected))`` (sums of log-probabilities over
+each response's tokens):
+
+- ``dpo``: ``-(1 - eps) log sigmoid(beta delta) - eps log sigmoid(-beta delta)`` (Rafailov et al.; ``eps``, the
+  ``dpo_label_smoothing``, is conservative DPO (Mitchell, 2023); eps 0 is TRL's ``sigmoid`` loss);
+- ``ipo``: ``(delta' - 1 / (2 beta))^2`` where ``delta'`` uses each response's log-probability *averaged* over its
+  tokens, as TRL computes IPO (Azar et al. write sums; TRL's authors confirmed the per-token form with them);
+- ``rpo_alpha`` adds ``alpha x`` the mean negative log-likelihood of the chosen responses' tokens (TRL's ``sft``
+  term, named RPO by Pang et al.).
+
+The rewards TRL logs are ``beta x (policy - ref)`` of each response; ``rewards/accuracies`` is the share of pairs
+whose chosen reward is the larger, ``rewards/margins`` their mean difference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+PREFERENCE_LOSSES = ("dpo", "ipo")
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected")
+"""TRL's names, logged for training and validation."""
+
+
+@dataclass(frozen=True)
+class PreferenceSettings:
+    """How a preference run weighs its pairs (config keys ``preference_loss``, ``dpo_beta``, ...)."""
+
+    loss: str
+    """dpo or ipo."""
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    rpo_alpha: float = 0.0
+
+
+def response_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the sum of the log-probabilities of the tokens ``mask`` selects (a response), and their count."""
+    mask = mask.to(token_logps.dtype)
+    return (token_logps * mask).sum(dim=-1), mask.sum(dim=-1)
+
+
+@dataclass
+class PairOutcome:
+    """Per pair: the loss and what TRL logs about it."""
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+
+    def metric_sums(self) -> dict[str, torch.Tensor]:
+        """Each metric summed over this outcome's pairs (divide by the pairs of the whole step for the means)."""
+        c, r = self.chosen_rewards.detach(), self.rejected_rewards.detach()
+        return {"rewards/chosen": c.sum(), "rewards/rejected": r.sum(), "rewards/accuracies": (c > r).float().sum(),
+                "rewards/margins": (c - r).sum(), "logps/chosen": self.chosen_logps.detach().sum(),
+                "logps/rejected": self.rejected_logps.detach().sum()}
+
+
+def pair_losses(policy: torch.Tensor, reference: torch.Tensor, counts: torch.Tensor,
+                settings: PreferenceSettings) -> PairOutcome:
+    """The loss of each of B pairs from 2B rows (the B chosen responses first, then the B rejected ones, as TRL
+    orders them): ``policy`` and ``reference`` hold each row's summed log-probabilities, ``counts`` its tokens."""
+    chosen, rejected = policy.float().chunk(2)
+    ref_chosen, ref_rejected = reference.float().chunk(2)
+    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+    beta = settings.beta
+    if settings.loss == "dpo":
+        delta = chosen_ratio - rejected_ratio
+        eps = settings.label_smoothing
+        losses = -(1 - eps) * F.logsigmoid(beta * delta) - eps * F.logsigmoid(-beta * delta)
+    elif settings.loss == "ipo":
+        chosen_tokens, rejected_tokens = counts.float().clamp(min=1.0).chunk(2)
+        delta = chosen_ratio / chosen_tokens - rejected_ratio / rejected_tokens
+        losses = (delta - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown preference_loss {settings.loss!r}; valid: {', '.join(PREFERENCE_LOSSES)}")
+    return PairOutcome(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach(), chosen.detach(),
+                       rejected.detach())
