@@ -194,3 +194,89 @@ def test_conservative_dpo_is_the_papers_formula_and_equal_models_give_ln_2(score
     same = pair_losses(policy, policy, counts, PreferenceSettings("dpo", beta))
     assert torch.equal(same.losses, torch.full_like(same.losses, math.log(2)))  # policy = reference
     assert torch.equal(same.chosen_rewards, torch.zeros_like(same.chosen_rewards))
+
+
+# --------------------------------------------------------------------------- training through deepy.py
+def preference_records(n: int = 24) -> list[dict]:
+    """Pairs whose chosen answer repeats the prompt's words and whose rejected one reverses them."""
+    from helpers.finetune import WORDS
+
+    out = []
+    for i in range(n):
+        words = [WORDS[(i * 5 + k * 2) % len(WORDS)] for k in range(3)]
+        out.append({"prompt": f"Repeat the words: {' '.join(words)}", "chosen": " ".join(words),
+                    "rejected": " ".join(reversed(words))})
+    return out
+
+
+DPO = ["finetune=true", "lora_r=8", "lora_alpha=16", "lora_dropout=0", "lora_targets=[query,value,mlp]",
+       "preference_loss=dpo", "prompt_style=alpaca", "optimizer.params.lr=1e-2", "train_iters=4", "eval_interval=2",
+       "checkpoint_factor=2", "val_split_fraction=0.2"]
+
+
+def test_a_lora_dpo_run_starts_at_ln_2_logs_trls_metrics_and_saves_a_self_describing_adapter(finetune_setup,
+                                                                                             tmp_path):
+    from helpers.finetune import deepy, metrics
+    from helpers.runner import ok
+
+    from neox_llama.checkpoint.metadata import read_metadata
+
+    _, _, tokenizer, base = finetune_setup
+    pairs = write(tmp_path / "pairs.json", preference_records())
+    save = tmp_path / "dpo"
+    proc = ok(deepy(save, tokenizer, *DPO, f"load={base}", f"preference_data_path={pairs}", "data_path=null"))
+    assert "preference data" in proc.stderr and "19 training and 5 validation pairs" in proc.stderr
+    steps = metrics(save)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference (B is zero)
+    assert steps[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert {"rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"} <= set(steps[-1])
+    valid = metrics(save, "valid_loss")  # the held-out pairs: preferred more after training
+    assert [r["step"] for r in valid] == [2, 4] and valid[-1]["valid_loss"] < valid[0]["valid_loss"]
+    assert valid[-1]["valid_rewards/accuracies"] > 0.5 and valid[-1]["valid_rewards/margins"] > 0
+    meta = read_metadata(save / "global_step4")
+    assert meta.preference == {"loss": "dpo", "beta": 0.1, "label_smoothing": 0.0, "rpo_alpha": 0.0,
+                               "reference": "base_without_adapters"}
+    assert meta.lora is not None and meta.base.path == str(base.resolve())
+
+
+PREFERENCE_KEYS = ["tokenizer_type=null", "vocab_file=tok.model", "vocab_size=320", "data_path=null",
+                   "load=ck", "preference_loss=dpo", "preference_data_path=pairs.json", "lora_r=8"]
+BAD_CONFIGS = [
+    (["preference_data_path=null"], "preference_loss and preference_data_path go together"),
+    (["pipe_parallel_size=2", "num_gpus=2"], "preference_loss with pipe_parallel_size 2: a pair's two responses"),
+    (["lora_r=0", "zero_optimization.stage=3", "num_gpus=2"], "full-model preference tuning under ZeRO-3"),
+    (["lora_r=0", "model_parallel_size=2", "num_gpus=2"], "full-model preference tuning with tensor parallelism"),
+    (["lora_r=0", "peft_method=adapter_v2"], "peft_method adapter_v2: it trains the base's norms"),
+    (["dpo_beta=0"], "dpo_beta must be above 0, got 0"),
+    (["dpo_label_smoothing=0.5"], "dpo_label_smoothing must be below 0.5"),
+    (["preference_loss=ipo", "dpo_label_smoothing=0.1"], "applies to preference_loss dpo, not ipo"),
+    (["data_path=corpus"], "preference_data_path (pairs) and data_path (set by command line) are both set"),
+    (["load=null"], "preference tuning starts from a trained model, which is also its reference: set load"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_CONFIGS)
+def test_a_preference_config_outside_its_rules_is_one_line(overrides, message):
+    from helpers.runner import ROOT
+
+    from neox_llama.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config([ROOT / "configs/llama3/tiny.yml"], [*PREFERENCE_KEYS, *overrides])
+    assert message in str(err.value), str(err.value)
+
+
+def test_an_instruction_lora_checkpoint_is_refused_as_a_preference_runs_load(finetune_setup, tmp_path):
+    from helpers.finetune import deepy
+    from helpers.lora import SETTINGS as LORA_SETTINGS
+    from helpers.lora import adapter_checkpoint
+
+    _, _, tokenizer, base = finetune_setup
+    sft = adapter_checkpoint(tmp_path / "sft", base, LORA_SETTINGS, seed=2)
+    pairs = write(tmp_path / "pairs.json", preference_records(4))
+    proc = deepy(tmp_path / "run", tokenizer, "lora_r=3", "lora_alpha=7", "lora_targets=[key,output,mlp,head]",
+                 "preference_loss=dpo", f"preference_data_path={pairs}", "data_path=null", f"load={sft}",
+                 "finetune=false")
+    assert proc.returncode != 0 and "is a LoRA checkpoint of instruction tuning" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -61,6 +61,9 @@ class Metadata:
     adapter/, not weights/."""
     merged_from: list[dict] | None = None
     """tools/merge_lora.py: the adapters (path, fingerprint, weight) merged into this checkpoint's weights."""
+    preference: dict | None = None
+    """A preference-tuned checkpoint's method: loss (dpo, ipo), beta, label_smoothing, rpo_alpha and the reference
+    (``base_without_adapters`` or ``frozen_copy``, of ``base``)."""
     format: int = FORMAT_VERSION
 
     @property

@@ -143,6 +143,57 @@ def _sft_and_token_data(cfg: Config, token_key: str) -> str:
     return f"{both}: to fine-tune on the records, clear the inherited {token_key} with {clear}"
 
 
+def _check_preference(cfg: Config, problems: _Problems) -> None:
+    """Preference tuning (DPO, IPO): its data, its settings, and the layouts it runs at (docs/finetuning.md)."""
+    if cfg.preference_valid_data_path and not cfg.preference_data_path:
+        problems.add("preference_valid_data_path", "preference_valid_data_path is set but preference_data_path (the "
+                                                   "training pairs) is not")
+    if bool(cfg.preference_loss) != bool(cfg.preference_data_path):
+        problems.add(("preference_loss", "preference_data_path"),
+                     "preference_loss and preference_data_path go together: set both (dpo or ipo, and the pairs) or "
+                     "neither")
+        return
+    if not cfg.preference_loss:
+        return
+    for other in ("sft_data_path", "data_path", "train_data_paths"):
+        if getattr(cfg, other):
+            problems.add(("preference_data_path", other), f"preference_data_path (pairs) and {other} (set by "
+                                                          f"{cfg.sources.get(other, 'default')}) are both set; train on "
+                                                          f"the pairs alone: {other}=null")
+    if cfg.vocab_file is None:
+        problems.add("preference_data_path", "preference_data_path needs a tokenizer to render records "
+                                             "(tokenizer_type and vocab_file)")
+    if not cfg.load:
+        problems.add(("preference_loss", "load"), "preference tuning starts from a trained model, which is also its "
+                                                  "reference: set load (e.g. the demo's merged SFT checkpoint)")
+    if cfg.dpo_beta <= 0:
+        problems.add("dpo_beta", f"dpo_beta must be above 0, got {cfg.dpo_beta:g}")
+    if cfg.dpo_label_smoothing >= 0.5:
+        problems.add("dpo_label_smoothing", f"dpo_label_smoothing must be below 0.5 (the share of pairs assumed "
+                                            f"mislabelled), got {cfg.dpo_label_smoothing:g}")
+    if cfg.dpo_label_smoothing and cfg.preference_loss != "dpo":
+        problems.add(("dpo_label_smoothing", "preference_loss"), "dpo_label_smoothing (conservative DPO) applies to "
+                                                                 f"preference_loss dpo, not {cfg.preference_loss}")
+    if cfg.pipe_parallel_size > 1:
+        problems.add(("preference_loss", "pipe_parallel_size"),
+                     f"preference_loss with pipe_parallel_size {cfg.pipe_parallel_size}: a pair's two responses and "
+                     "the reference are scored together in one step, which DeepSpeed's pipeline schedule cannot "
+                     "run; use pipe_parallel_size 1 (tensor and data parallel, ZeRO 0-2)")
+    if cfg.peft_method == "adapter_v2":
+        problems.add(("preference_loss", "peft_method"),
+                     "preference tuning with peft_method adapter_v2: it trains the base's norms, so the base with the "
+                     "adapters switched off is not the reference; use lora_r or peft_method adapter")
+    full = not cfg.lora_r and cfg.peft_method not in ("adapter", "adapter_v2")
+    if full and cfg.zero_optimization.stage == 3:
+        problems.add(("preference_loss", "zero_optimization.stage"),
+                     "full-model preference tuning under ZeRO-3 needs its reference copy partitioned like the policy, "
+                     "which is not built yet: use ZeRO 0-2, or LoRA (lora_r), whose reference is the frozen base")
+    if full and cfg.model_parallel_size > 1:
+        problems.add(("preference_loss", "model_parallel_size"),
+                     "full-model preference tuning with tensor parallelism needs its reference copy sliced like the "
+                     "policy, which is not built yet: use model_parallel_size 1, or LoRA (lora_r)")
+
+
 def _check_finetune(cfg: Config, problems: _Problems) -> None:
     from neox_llama.config.freeze import FreezeError, parse_freeze
 
@@ -156,6 +207,7 @@ def _check_finetune(cfg: Config, problems: _Problems) -> None:
                      "val_split_fraction splits sft_data_path only when there is no sft_valid_data_path; set one of them")
     if cfg.sft_data_path and cfg.vocab_file is None:
         problems.add("sft_data_path", "sft_data_path needs a tokenizer to render records (tokenizer_type and vocab_file)")
+    _check_preference(cfg, problems)
     for kind in ("train", "valid", "test"):
         labels, paths = getattr(cfg, f"{kind}_label_data_paths"), getattr(cfg, f"{kind}_data_paths")
         if labels and len(labels) != len(paths):

@@ -31,6 +31,7 @@ from torch import nn
 
 from neox_llama.model.factory import full_shape, shard
 from neox_llama.model.init import is_norm_tensor, seeded_generator
+from neox_llama.peft.switch import adapters_enabled
 
 METHODS = ("adapter", "adapter_v2")
 """The ``peft_method`` values this module implements (``lora`` is neox_llama/peft/lora.py)."""
@@ -76,6 +77,8 @@ class PrefixAdapter(nn.Module):
 
     def forward(self, q: torch.Tensor, key: nn.Module, value: nn.Module, kv_heads: int) -> torch.Tensor:
         """``q`` [batch, heads, seq, head_dim] (rotary applied) -> the gated attention over the prompt, same shape."""
+        if not adapters_enabled():  # a preference run's reference: the base alone (peft/switch.py)
+            return torch.zeros_like(q)
         batch, heads, _, head_dim = q.shape
         prompt = self.prompt[None].to(q.dtype)  # [1, prompt, hidden]; keys without rotary positions
         k = key(prompt).view(1, -1, kv_heads, head_dim).transpose(1, 2).expand(batch, -1, -1, -1)
@@ -100,6 +103,8 @@ class ScaleBias(nn.Module):
 
 
 def _scale_and_shift(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    if not adapters_enabled():
+        return output
     return module.adapter(output)
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from neox_llama.model.factory import LayerFactory, full_shape, shard
 from neox_llama.model.init import seeded_generator
+from neox_llama.peft.switch import adapters_enabled
 
 TARGETS: dict[str, tuple[str, ...]] = {
     "query": ("attention.query",), "key": ("attention.key",), "value": ("attention.value",),
@@ -84,6 +85,8 @@ class LoRA(nn.Module):
 
 
 def _add_update(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    if not adapters_enabled():  # a preference run's reference: the base alone (peft/switch.py)
+        return output
     return output + module.lora(inputs[0])
 
 

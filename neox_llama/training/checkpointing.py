@@ -234,6 +234,8 @@ class FinetuneInfo:
     peft: PeftSettings | None = None
     """LoRA / Adapter settings: the checkpoint then holds only what they train."""
     prompt_style: str | None = None
+    preference: dict | None = None
+    """A preference run's method (checkpoint/metadata.py: Metadata.preference)."""
 
 
 def save_checkpoint(engine, module_state: ParallelState, cfg: Config, train: TrainingState,
@@ -286,7 +288,8 @@ def save_checkpoint(engine, module_state: ParallelState, cfg: Config, train: Tra
                         layout=layout_of(cfg, zero_stage), tokenizer_files=[f.name for f in tokenizer_files],
                         precision=cfg.precision, prompt_style=info.prompt_style, base=info.base,
                         lora=peft.to_dict() if isinstance(peft, LoraSettings) else None,
-                        adapter=peft.to_dict() if peft is not None and not isinstance(peft, LoraSettings) else None)
+                        adapter=peft.to_dict() if peft is not None and not isinstance(peft, LoraSettings) else None,
+                        preference=info.preference)
         write_metadata(folder, meta)
         if replaces:
             _swap_in(folder, save / tag)

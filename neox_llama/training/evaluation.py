@@ -13,6 +13,7 @@ import torch.distributed as dist
 from neox_llama.data.loader import build_loader
 from neox_llama.distributed import agree
 from neox_llama.errors import TrainingError
+from neox_llama.training.preference import PreferenceObjective, make_preference_batch, run_preference_batch
 from neox_llama.training.step import make_global_batch, next_samples, run_global_batch
 from neox_llama.training.wiring import TrainingRun
 
@@ -27,6 +28,8 @@ class Evaluator:
         cfg = run.cfg
         self.streams: dict = {}
         """Each split's stream of this rank's micro-batches, where evaluation goes on reading."""
+        self.preference_sums: dict[str, float] = {}
+        """A preference run's TRL metrics summed over an evaluation's pairs (and the pairs)."""
         self.tasks = None
         if cfg.eval_tasks:
             from neox_llama.training.eval_tasks import TaskEvaluator
@@ -47,15 +50,19 @@ class Evaluator:
     def validate(self, step: int) -> dict:
         """Validation loss (and ppl, bits per byte, the lm-eval tasks' metrics) at ``step``: logged, returned as the
         metrics record."""
+        self.preference_sums = {}
         valid_loss, bits_per_byte = self.loss("valid")
         record = {"step": step, "valid_loss": valid_loss, "valid_ppl": math.exp(min(valid_loss, 50.0))}
+        pairs = self.preference_sums.pop("pairs", 0.0)
+        record.update({f"valid_{name}": value / pairs for name, value in self.preference_sums.items() if pairs})
         if bits_per_byte is not None:  # known whenever there is a tokenizer to decode the scored tokens
             record["valid_bpb"] = bits_per_byte
         tasks = self.tasks.run() if self.tasks is not None else {}
         record.update(tasks)
+        preference = {k: v for k, v in record.items() if k.startswith(("valid_rewards/", "valid_logps/"))}
         logger.info("step %6d | valid_loss %.4f | valid_ppl %.2f%s%s", step, valid_loss, record["valid_ppl"],
                     f" | valid_bpb {record['valid_bpb']:.4f}" if "valid_bpb" in record else "",
-                    "".join(f" | {k} {v:.4f}" for k, v in tasks.items()))
+                    "".join(f" | {k} {v:.4f}" for k, v in {**preference, **tasks}.items()))
         return record
 
     def rewind_validation(self) -> None:
@@ -99,11 +106,20 @@ class Evaluator:
                                         "give it more data")
                 if split == "valid":
                     ts.consumed_valid_samples = 0
-            batch = make_global_batch(samples, run.training_engine, run.info.device)
-            mean = float(run_global_batch(run.training_engine, batch, run.loss_fn, train=False))
-            loss_sum += mean * batch.valid_tokens
-            tokens += batch.valid_tokens
-            nbytes += self._scored_bytes(samples)
+            if isinstance(run.loss_fn, PreferenceObjective):  # the mean over pairs, and TRL's metrics
+                batch = make_preference_batch(samples, run.training_engine, run.info.device)
+                mean, metrics = run_preference_batch(run.training_engine, batch, run.loss_fn, train=False)
+                loss_sum += float(mean) * batch.pairs
+                tokens += batch.pairs
+                for name, value in metrics.items():
+                    self.preference_sums[name] = self.preference_sums.get(name, 0.0) + float(value) * batch.pairs
+                self.preference_sums["pairs"] = self.preference_sums.get("pairs", 0.0) + batch.pairs
+            else:
+                batch = make_global_batch(samples, run.training_engine, run.info.device)
+                mean = float(run_global_batch(run.training_engine, batch, run.loss_fn, train=False))
+                loss_sum += mean * batch.valid_tokens
+                tokens += batch.valid_tokens
+                nbytes += self._scored_bytes(samples)
             if split == "valid":
                 ts.consumed_valid_samples += cfg.derived.train_batch_size
         run.engine.train()

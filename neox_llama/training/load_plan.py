@@ -109,6 +109,13 @@ def _resume_plan(folder: Path, meta: Metadata, cfg: Config, finetune: bool = Fal
         saved = settings_of(meta)
     except ValueError as err:
         raise TrainingError(f"{folder}: {err}") from None
+    if cfg.preference_loss and meta.preference is None:
+        if saved is not None:
+            raise TrainingError(f"load {folder} is a {kind(saved)} checkpoint of instruction tuning: a preference run's "
+                                "reference would be its adapters switched off, the base, not the tuned model; merge "
+                                "it (tools/merge_lora.py) and start from the merged checkpoint with finetune: true")
+        raise TrainingError(f"load {folder} is not a preference run to resume: start preference tuning from it with "
+                            "finetune: true (its weights become the policy's start and the reference)")
     if saved is not None:
         if peft is None:
             keys = "lora_* keys" if kind(saved) == "LoRA" else "peft_method and adapter_* keys"

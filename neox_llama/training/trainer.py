@@ -24,6 +24,7 @@ from neox_llama.tokenizers import Tokenizer
 from neox_llama.training import checkpointing as ckpt
 from neox_llama.training.evaluation import Evaluator
 from neox_llama.training.metrics import format_train, peak_tflops
+from neox_llama.training.preference import PreferenceObjective, make_preference_batch, run_preference_batch
 from neox_llama.training.step import make_global_batch, next_samples, run_global_batch
 from neox_llama.training.wiring import build_run
 
@@ -41,6 +42,8 @@ class Trainer:
         self.training_engine, self.engine = run.training_engine, run.engine  # self.engine: DeepSpeed's
         self.train_state, self.metrics, self.datasets = run.train_state, run.metrics, run.datasets
         self.stop_requested = False
+        self.step_metrics: dict[str, torch.Tensor] = {}
+        """A preference run's TRL metrics of its last step (rewards/chosen, ...)."""
         self.last_saved: Path | None = None
         self.flops_per_token = flops_per_token(cfg)
         self.recompute_flops_per_token = recompute_flops_per_token(cfg)
@@ -51,7 +54,16 @@ class Trainer:
         samples = next_samples(iterator, self.cfg.derived.gradient_accumulation_steps)
         if samples is None:
             raise TrainingError("the training data ran out before train_iters; add data or lower train_iters")
+        if isinstance(self.run.loss_fn, PreferenceObjective):
+            return make_preference_batch(samples, self.training_engine, self.info.device)
         return make_global_batch(samples, self.training_engine, self.info.device)
+
+    def _run_batch(self, batch) -> torch.Tensor:
+        """One training step: its mean loss (a preference run's TRL metrics kept for the next log)."""
+        if isinstance(self.run.loss_fn, PreferenceObjective):
+            loss, self.step_metrics = run_preference_batch(self.training_engine, batch, self.run.loss_fn, train=True)
+            return loss
+        return run_global_batch(self.training_engine, batch, self.run.loss_fn, train=True)
 
     def _install_signal_handlers(self) -> None:
         def request_stop(signum, frame):
@@ -106,7 +118,7 @@ class Trainer:
             batch = self._next_batch(train_iter)
             window_data += time.perf_counter() - start
             window_steps += 1
-            step_loss = run_global_batch(self.training_engine, batch, self.run.loss_fn, train=True)  # no wait yet
+            step_loss = self._run_batch(batch)  # no wait yet
             bad = ~torch.isfinite(step_loss)
             nonfinite = bad if nonfinite is None else nonfinite | bad
             self._log_epoch(ts.consumed_samples, d.train_batch_size)
@@ -196,6 +208,7 @@ class Trainer:
             "step_time": step_time, "time_data": data_time, "time_compute": step_time - data_time,
             "peak_memory_mb": peak_mem, "consumed_samples": self.train_state.consumed_samples,
         }
+        record.update({name: float(value) for name, value in self.step_metrics.items()})  # TRL's, preference runs
         epoch_of = getattr(self.datasets["train"], "epoch_of", None)
         if epoch_of is not None:  # instruction data: which pass over the records this step read
             record["epoch"] = epoch_of(self.train_state.consumed_samples - 1)

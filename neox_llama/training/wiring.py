@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from neox_llama.checkpoint.adapter import adapter_file
 from neox_llama.checkpoint.paths import layer_file
 from neox_llama.config.schema import Config
 from neox_llama.data.instruction import build_instruction_datasets
 from neox_llama.data.loader import build_datasets, split_sample_counts
+from neox_llama.data.preference import build_preference_datasets
 from neox_llama.distributed import RankInfo, agree
 from neox_llama.errors import TrainingError
 from neox_llama.model.args import LlamaArgs
@@ -23,6 +25,7 @@ from neox_llama.training.engine import TrainingEngine, setup_engine
 from neox_llama.training.load_plan import LoadPlan, plan_load
 from neox_llama.training.metrics import MetricsWriter
 from neox_llama.training.optimizer_state import load_optimizer_state
+from neox_llama.training.preference import PreferenceObjective, build_reference
 
 logger = logging.getLogger("train")
 
@@ -43,7 +46,8 @@ class TrainingRun:
     metrics: MetricsWriter
     datasets: dict
     """The splits (``train``, and ``valid`` / ``test`` where the config gives them)."""
-    loss_fn: CausalLMLoss
+    loss_fn: CausalLMLoss | PreferenceObjective
+    """The token loss, or a preference run's objective (its settings and reference)."""
 
     @property
     def engine(self):
@@ -66,12 +70,17 @@ def build_run(cfg: Config, info: RankInfo, accelerator: str, tokenizer: Tokenize
     training_engine = setup_engine(cfg, args, state, accelerator, plan=plan, with_schedule=True)
     finetune_info = ckpt.FinetuneInfo(base=plan.base, peft=plan.peft,
                                       prompt_style=plan.meta.prompt_style if plan.resume is not None else None)
+    loss_fn: CausalLMLoss | PreferenceObjective = CausalLMLoss(training_engine.factory)
+    if cfg.preference_loss:  # the reference: the starting checkpoint (a resumed run's base), or its adapters off
+        start = Path(plan.base.path) if plan.resume is not None and plan.base is not None else plan.weights
+        loss_fn = agree(lambda: build_reference(cfg, args, training_engine, start, tokenizer.vocab_size))
+        finetune_info.preference = loss_fn.describe()
     train_state = start_state(cfg, plan, training_engine, info.rank)
     metrics = agree(lambda: MetricsWriter(cfg, info.rank, resume_step=train_state.step))
     datasets = build_data(cfg, tokenizer, finetune_info, announce=info.rank == 0,
                           start=(train_state.step, train_state.consumed_samples))
     return TrainingRun(cfg, info, accelerator, tokenizer, plan, training_engine, train_state, finetune_info, metrics,
-                       datasets, CausalLMLoss(training_engine.factory))
+                       datasets, loss_fn)
 
 
 def start_state(cfg: Config, plan: LoadPlan, training_engine: TrainingEngine, rank: int) -> ckpt.TrainingState:
@@ -121,6 +130,15 @@ def start_state(cfg: Config, plan: LoadPlan, training_engine: TrainingEngine, ra
     return train_state
 
 
+def _same_style(finetune_info: ckpt.FinetuneInfo, style: str) -> None:
+    """A resumed checkpoint's records were rendered in the style this run renders them in; recorded for its saves."""
+    saved = finetune_info.prompt_style
+    if saved is not None and saved != style:
+        raise TrainingError(f"the checkpoint's records were rendered in prompt style {saved}, this run renders them "
+                            f"in {style}; set prompt_style: {saved}")
+    finetune_info.prompt_style = style
+
+
 def _say_batch_change(step: int, consumed: int, batch: int) -> None:
     """One line when the run's global batch differs from the one the checkpoint was trained with."""
     if step and consumed != step * batch:
@@ -133,13 +151,13 @@ def build_data(cfg: Config, tokenizer: Tokenizer | None, finetune_info: ckpt.Fin
     """The run's splits: instruction data (its prompt style checked against a resumed checkpoint's and recorded in
     ``finetune_info``) or token datasets (an empty split the run reads is said once, where ``announce``: rank 0); a
     run without a training split is an error."""
-    if cfg.sft_data_path:
+    if cfg.preference_data_path:
+        data = build_preference_datasets(cfg, tokenizer, split_sample_counts(cfg, start))
+        _same_style(finetune_info, data.style)
+        datasets = data.datasets
+    elif cfg.sft_data_path:
         data = build_instruction_datasets(cfg, tokenizer, split_sample_counts(cfg, start))
-        saved_style = finetune_info.prompt_style
-        if saved_style is not None and saved_style != data.style:
-            raise TrainingError(f"the checkpoint's records were rendered in prompt style {saved_style}, this run "
-                                f"renders them in {data.style}; set prompt_style: {saved_style}")
-        finetune_info.prompt_style = data.style
+        _same_style(finetune_info, data.style)
         datasets = data.datasets
     else:
         datasets = build_datasets(cfg, announce, start)
