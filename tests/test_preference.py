@@ -280,3 +280,24 @@ def test_an_instruction_lora_checkpoint_is_refused_as_a_preference_runs_load(fin
                  "finetune=false")
     assert proc.returncode != 0 and "is a LoRA checkpoint of instruction tuning" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_full_dpo_run_has_a_frozen_copy_as_reference(finetune_setup, tmp_path):
+    """Full fine-tuning: the reference is a frozen copy of the start (policy = reference at step 1: ln 2), the
+    policy moves away from it, and the checkpoint says which reference it was trained against."""
+    from helpers.finetune import deepy, metrics
+    from helpers.runner import ok
+
+    from neox_llama.checkpoint.metadata import read_metadata
+
+    _, _, tokenizer, base = finetune_setup
+    pairs = write(tmp_path / "pairs.json", preference_records())
+    save = tmp_path / "full"
+    full = [a for a in DPO if not a.startswith("lora")] + ["optimizer.params.lr=1e-3", "preference_loss=ipo",
+                                                          "dpo_beta=0.5"]
+    ok(deepy(save, tokenizer, *full, f"load={base}", f"preference_data_path={pairs}", "data_path=null"))
+    steps = metrics(save)
+    assert steps[0]["loss"] == pytest.approx(1.0, abs=1e-6)  # IPO at policy = reference: (0 - 1 / (2 x 0.5))^2
+    assert steps[1]["rewards/chosen"] != 0.0
+    meta = read_metadata(save / "global_step4")
+    assert meta.preference["reference"] == "frozen_copy" and meta.preference["loss"] == "ipo" and meta.lora is None
