@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from helpers.checkpoints import save_random_checkpoint
 from helpers.evaluation import SETTINGS, TEXT
+from helpers.launches import Case, register
 
 from neox_llama.data.preference import (
     PreferenceDataError,
@@ -214,17 +216,46 @@ DPO = ["finetune=true", "lora_r=8", "lora_alpha=16", "lora_dropout=0", "lora_tar
        "checkpoint_factor=2", "val_split_fraction=0.2"]
 
 
-def test_a_lora_dpo_run_starts_at_ln_2_logs_trls_metrics_and_saves_a_self_describing_adapter(finetune_setup,
-                                                                                             tmp_path):
-    from helpers.finetune import deepy, metrics
+def pairs_file() -> Path:
+    """The session's preference pairs, written once beside the shared fine-tuning base."""
+    from helpers.finetune import shared_setup
+
+    folder = shared_setup()[0]
+    path = folder / "pairs.json"
+    if not path.exists():
+        write(path, preference_records())
+    return path
+
+
+def dpo_args(save: Path, *layout: str) -> list[str]:
+    from helpers.finetune import deepy_args, shared_setup
+
+    _, _, tokenizer, base = shared_setup()
+    return deepy_args(save, tokenizer, *DPO, f"load={base}", f"preference_data_path={pairs_file()}", "data_path=null",
+                      *layout)
+
+
+register(Case("preference-lora-dp2", 2, "train", lambda folder: dpo_args(
+    folder / "run", "num_gpus=2", "train_micro_batch_size_per_gpu=1", "zero_optimization.stage=1")))
+
+
+@pytest.fixture(scope="module")
+def dpo_run(finetune_setup, tmp_path_factory):
     from helpers.runner import ok
+    from helpers.training import start_deepy
+
+    save = tmp_path_factory.mktemp("dpo") / "run"
+    return save, ok(start_deepy(dpo_args(save)))
+
+
+def test_a_lora_dpo_run_starts_at_ln_2_logs_trls_metrics_and_saves_a_self_describing_adapter(finetune_setup,
+                                                                                             dpo_run):
+    from helpers.finetune import metrics
 
     from neox_llama.checkpoint.metadata import read_metadata
 
-    _, _, tokenizer, base = finetune_setup
-    pairs = write(tmp_path / "pairs.json", preference_records())
-    save = tmp_path / "dpo"
-    proc = ok(deepy(save, tokenizer, *DPO, f"load={base}", f"preference_data_path={pairs}", "data_path=null"))
+    base = finetune_setup[3]
+    save, proc = dpo_run
     assert "preference data" in proc.stderr and "19 training and 5 validation pairs" in proc.stderr
     steps = metrics(save)
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
@@ -301,3 +332,38 @@ def test_a_full_dpo_run_has_a_frozen_copy_as_reference(finetune_setup, tmp_path)
     assert steps[1]["rewards/chosen"] != 0.0
     meta = read_metadata(save / "global_step4")
     assert meta.preference["reference"] == "frozen_copy" and meta.preference["loss"] == "ipo" and meta.lora is None
+
+
+@pytest.mark.uses_cases("preference-lora-dp2")
+def test_dp2_zero1_follows_one_rank_and_a_resume_is_exact(launched, dpo_run, tmp_path):
+    """The LoRA DPO run on two data-parallel ranks (ZeRO-1) gives the one-rank losses; resumed from its step-2
+    checkpoint, the one-rank run continues exactly."""
+    import shutil
+
+    from helpers.finetune import metrics
+    from helpers.runner import ok
+    from helpers.training import start_deepy
+
+    save, _ = dpo_run
+    dp2 = launched("preference-lora-dp2").check().folder / "run"
+    ones, twos = [r["loss"] for r in metrics(save)], [r["loss"] for r in metrics(dp2)]
+    assert max(abs(a - b) for a, b in zip(ones, twos, strict=True)) <= 1e-5, (ones, twos)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(save / "global_step2", resumed / "global_step2")
+    (resumed / "latest").write_text("global_step2")
+    ok(start_deepy(dpo_args(resumed, f"load={resumed}", "finetune=false")))
+    assert [r["loss"] for r in metrics(resumed)] == ones[2:]  # exactly
+
+
+def test_a_dpo_lora_checkpoint_merges_and_generates_like_any_lora(dpo_run, tmp_path):
+    from helpers import inprocess
+    from helpers.runner import ROOT
+
+    save, _ = dpo_run
+    merged = tmp_path / "merged"
+    proc = inprocess.tool("merge_lora.py", "--checkpoint", str(save / "global_step4"), "--output", str(merged), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    args = ("--prompt", "Repeat the words: apple river", "--max-new-tokens", "4", "--prompt-style", "alpaca")
+    as_adapter = inprocess.tool("generate.py", "--checkpoint", str(save / "global_step4"), *args, cwd=ROOT)
+    from_merged = inprocess.tool("generate.py", "--checkpoint", str(merged), *args, cwd=ROOT)
+    assert as_adapter.returncode == 0 and as_adapter.stdout == from_merged.stdout
