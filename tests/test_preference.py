@@ -367,3 +367,28 @@ def test_a_dpo_lora_checkpoint_merges_and_generates_like_any_lora(dpo_run, tmp_p
     as_adapter = inprocess.tool("generate.py", "--checkpoint", str(save / "global_step4"), *args, cwd=ROOT)
     from_merged = inprocess.tool("generate.py", "--checkpoint", str(merged), *args, cwd=ROOT)
     assert as_adapter.returncode == 0 and as_adapter.stdout == from_merged.stdout
+
+
+def test_evaluate_py_reports_the_preference_metrics_against_the_reference(finetune_setup, dpo_run, tmp_path):
+    from helpers import inprocess
+    from helpers.runner import ROOT
+
+    save, _ = dpo_run
+    base = finetune_setup[3]
+    out = tmp_path / "pref.json"
+    proc = inprocess.tool("evaluate.py", "--checkpoint", str(save / "global_step4"), "--preference-data",
+                          str(pairs_file()), "--output", str(out), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+            "logps/rejected"} <= set(result) and result["pairs"] == 24
+    assert result["rewards/margins"] > 0 and result["loss"] < math.log(2)  # trained on these pairs: preferred more
+    assert "rewards/accuracies" in proc.stdout
+    same = tmp_path / "same.json"  # the base against itself: policy = reference
+    proc = inprocess.tool("evaluate.py", "--checkpoint", str(base), "--preference-data", str(pairs_file()),
+                          "--reference", str(base), "--output", str(same), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    values = json.loads(same.read_text())
+    assert values["loss"] == pytest.approx(math.log(2), abs=1e-6) and values["rewards/margins"] == 0.0
+    bad = inprocess.tool("evaluate.py", "--checkpoint", str(base), "--preference-data", str(pairs_file()), cwd=ROOT)
+    assert bad.returncode == 2 and "records no starting checkpoint to compare with; pass --reference" in bad.stderr

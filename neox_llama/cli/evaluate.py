@@ -7,6 +7,7 @@
     python tools/evaluate.py --checkpoint DIR --data-path data/shakespeare_text_document
     python tools/evaluate.py --checkpoint BASE --adapter runs/lora/checkpoints/best --jsonl data/x.jsonl
     python tools/evaluate.py --checkpoint DIR --tasks hellaswag,my_task [--include-path DIR] [--num-fewshot N] [--limit N]
+    python tools/evaluate.py --checkpoint runs/dpo/checkpoints --preference-data pairs.json [--reference CKPT]
 
 Sliding window as Hugging Face's perplexity recipe (default stride: half the window, so every token after the
 first is scored with context). A checkpoint trained at any pipeline/tensor layout is scored on one process.
@@ -37,6 +38,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     source.add_argument("--text", help="a UTF-8 text file, scored as one document")
     source.add_argument("--jsonl", help="a JSONL file; each --jsonl-keys field is one document")
     parser.add_argument("--jsonl-keys", nargs="+", default=["text"])
+    source.add_argument("--preference-data", metavar="FILE",
+                        help="preference pairs (JSON/JSONL, the formats of preference_data_path): the checkpoint's "
+                             "DPO/IPO loss and TRL's reward metrics against --reference")
+    parser.add_argument("--reference", help="the reference model of --preference-data (default: an adapter's base, "
+                                            "or the checkpoint's recorded starting checkpoint)")
     parser.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks (instead of perplexity)")
     parser.add_argument("--include-path", help="folder of local lm-eval task YAMLs")
     parser.add_argument("--num-fewshot", type=int)
@@ -69,6 +75,8 @@ def main(argv: list[str]) -> int:
         raise NeoxLlamaError("the checkpoint has no tokenizer to turn text into ids (and bytes)")
     if args.tasks:
         return _tasks(lm, args)
+    if args.preference_data:
+        return _preference(lm, args)
     seq_length = args.seq_length or lm.run.cfg.seq_length
     stride = args.stride or max(1, seq_length // 2)
     if stride > seq_length:
@@ -84,6 +92,34 @@ def main(argv: list[str]) -> int:
         documents = (doc for prefix, first, last in sources for doc in ppl.dataset_documents(lm, prefix, first, last))
     result = ppl.evaluate_documents(lm, documents, seq_length, stride, args.batch_size,
                                     progress=not args.no_progress, total=total)
+    if args.output:
+        atomic_write_text(args.output, result.to_json() + "\n")
+    print(result.summary())
+    return 0
+
+
+def _preference(lm, args: argparse.Namespace) -> int:
+    """--preference-data: the loss and TRL's metrics against the reference, with the checkpoint's own settings."""
+    from neox_llama.evaluation.preference import evaluate_pairs
+    from neox_llama.generation.language_model import LanguageModel
+    from neox_llama.model.preference_loss import PreferenceSettings
+
+    run = lm.run
+    recorded = next((a.metadata.preference for a in reversed(run.adapters) if a.metadata.preference), None) \
+        or run.metadata.preference or {}
+    reference = args.reference
+    if reference is None and run.adapters:
+        reference = str(run.folder)  # the base with the adapters switched off
+    elif reference is None and run.metadata.base is not None:
+        reference = run.metadata.base.path
+    if reference is None:
+        raise NeoxLlamaError(f"--preference-data: {args.checkpoint} records no starting checkpoint to compare with; "
+                             "pass --reference CHECKPOINT")
+    settings = PreferenceSettings(recorded.get("loss", "dpo"), recorded.get("beta", 0.1),
+                                  recorded.get("label_smoothing", 0.0))
+    ref_lm = LanguageModel.from_checkpoint(reference, device=args.device)
+    result = evaluate_pairs(lm, ref_lm, args.preference_data, settings, lm.run.prompt_style, args.seq_length,
+                            args.batch_size)
     if args.output:
         atomic_write_text(args.output, result.to_json() + "\n")
     print(result.summary())

@@ -1,0 +1,58 @@
+"""A checkpoint's preference metrics on pairs (``tools/evaluate.py --preference-data``): the loss and TRL's metrics
+(``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``,
+``logps/rejected``) of its responses against a reference model, as a preference run computes them in training."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from neox_llama.data.instruction import resolve_style
+from neox_llama.data.preference import PairExample, load_pairs, tokenize_pairs
+from neox_llama.generation.language_model import LanguageModel
+from neox_llama.model.preference_loss import METRICS, PreferenceSettings, pair_losses
+
+
+@dataclass
+class PreferenceResult:
+    """What ``--preference-data`` reports (and writes as JSON, TRL's names as keys)."""
+
+    values: dict[str, float]
+
+    def summary(self) -> str:
+        return " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in self.values.items())
+
+    def to_json(self) -> str:
+        return json.dumps(self.values, indent=2)
+
+
+def _sums(lm: LanguageModel, examples: list[PairExample]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each response's summed log-probability and token count, the chosen rows first (2B)."""
+    rows = [(e.prompt.tolist(), getattr(e, side).tolist()) for side in ("chosen", "rejected") for e in examples]
+    scored = lm.token_logprobs([p + r for p, r in rows])  # token k + 1 given those before it
+    sums = torch.stack([logps[len(p) - 1:].double().sum() for (p, _), logps in zip(rows, scored, strict=True)])
+    return sums, torch.tensor([float(len(r)) for _, r in rows])
+
+
+def evaluate_pairs(policy: LanguageModel, reference: LanguageModel, path: str | Path, settings: PreferenceSettings,
+                   style: str | None = None, seq_length: int | None = None, batch_size: int = 8) -> PreferenceResult:
+    """The mean loss and TRL's metrics over the pairs of ``path`` (rendered in ``style``, default: the checkpoint's)."""
+    tokenizer = policy.tokenizer
+    pairs, chat = load_pairs(path)
+    style = resolve_style(style, chat, tokenizer)
+    examples = tokenize_pairs(pairs, tokenizer, style, seq_length or policy.run.cfg.seq_length, str(path))
+    totals = dict.fromkeys(("loss", *METRICS), 0.0)
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        mine, counts = _sums(policy, chunk)
+        theirs, _ = _sums(reference, chunk)
+        outcome = pair_losses(mine, theirs, counts, settings)
+        totals["loss"] += float(outcome.losses.double().sum())
+        for name, value in outcome.metric_sums().items():
+            totals[name] += float(value)
+    values = {name: value / len(examples) for name, value in totals.items()}
+    return PreferenceResult({**values, "pairs": len(examples), "prompt_style": style, "loss_type": settings.loss,
+                             "beta": settings.beta})
