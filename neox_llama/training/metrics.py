@@ -122,7 +122,9 @@ def peak_tflops(cfg: Config, accelerator: str) -> float:
 def format_train(record: dict) -> str:
     """The console line of a training record."""
     parts = [f"step {record['step']:>6}"] + ([f"epoch {record['epoch']}"] if "epoch" in record else [])
-    parts += [f"loss {record['loss']:.4f}", f"lr {record['lr']:.3e}",
+    parts += [f"loss {record['loss']:.4f}"]
+    parts += [f"{k} {record[k]:.4f}" for k in ("rewards/accuracies", "rewards/margins") if k in record]  # preference
+    parts += [f"lr {record['lr']:.3e}",
              f"grad_norm {record['grad_norm']:.3f}" if record.get("grad_norm") is not None else "grad_norm n/a",
              f"{record['tokens_per_sec']:,.0f} tok/s", f"{record['tflops_per_rank']:.2f} TFLOP/s/rank",
              f"MFU {record['mfu']:.1%}"]

@@ -97,7 +97,7 @@ class Trainer:
         train_iter = iter(build_loader(self.datasets["train"], cfg, dp_rank, dp, ts.consumed_samples, eod))
         evaluating = self.evaluator.validates
         self._install_signal_handlers()
-        tokens_per_step = d.train_batch_size * cfg.seq_length
+        tokens_per_step = d.train_batch_size * cfg.seq_length * (2 if cfg.preference_loss else 1)  # pairs: 2 rows
         if ts.step >= cfg.train_iters:
             logger.info("the checkpoint is at step %d >= train_iters %d: nothing to train", ts.step, cfg.train_iters)
             if evaluating:  # report the last evaluation again: the same validation batches, with these weights
@@ -105,8 +105,9 @@ class Trainer:
                 self._evaluate_and_track(track=False)
             self.metrics.close()
             return 0
-        logger.info("training %d steps from step %d: %d sequences x %d tokens per step (%s, pp %d x tp %d x dp %d)",
-                    cfg.train_iters, ts.step, d.train_batch_size, cfg.seq_length, cfg.precision,
+        logger.info("training %d steps from step %d: %s x %d tokens per step (%s, pp %d x tp %d x dp %d)",
+                    cfg.train_iters, ts.step, f"{d.train_batch_size} pairs ({2 * d.train_batch_size} sequences)"
+                    if cfg.preference_loss else f"{d.train_batch_size} sequences", cfg.seq_length, cfg.precision,
                     cfg.pipe_parallel_size, cfg.model_parallel_size, dp)
         # Step time is measured over the steps since the last log (evaluations and saves left out), so the device
         # need not be waited for at every step.
@@ -165,8 +166,8 @@ class Trainer:
     def _log_epoch(self, consumed: int, batch: int) -> None:
         epoch_of = getattr(self.datasets["train"], "epoch_of", None)
         if epoch_of is not None and (consumed == 0 or epoch_of(consumed + batch - 1) != epoch_of(consumed - 1)):
-            logger.info("step %d reads epoch %d of the instruction data", self.train_state.step + 1,
-                        epoch_of(consumed + batch - 1))
+            logger.info("step %d reads epoch %d of the %s data", self.train_state.step + 1,
+                        epoch_of(consumed + batch - 1), "preference" if self.cfg.preference_loss else "instruction")
 
     def _evaluate_and_track(self, track: bool = True) -> bool:
         """Evaluate, log, keep the best; True when early stopping should end the run."""
