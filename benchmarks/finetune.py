@@ -48,8 +48,21 @@ def deepy(*args: str) -> str:
 
 
 def optimizer_bytes(folder: Path) -> int:
-    """Bytes of the optimizer state DeepSpeed saved in ``folder``: ZeRO's ``*optim_states.pt`` files, or at
-    stage 0 (one rank) the ``optimizer`` entry of its model-states file."""
+    """Bytes of the optimizer state saved in ``folder``: the layout-free moments of ``optimizer/`` (checkpoints
+    since 2026-12-07), else DeepSpeed's ``*optim_states.pt`` files, or at stage 0 (one rank) the ``optimizer`` entry
+    of its model-states file."""
+    moments = sorted((folder / "optimizer").glob("layer_*.safetensors"))
+    if moments:
+        from safetensors import safe_open
+
+        total = 0
+        for path in moments:
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():
+                    tensor = handle.get_slice(name)
+                    size = {"F32": 4, "BF16": 2, "F16": 2}.get(tensor.get_dtype(), 4)
+                    total += size * int(torch.tensor(tensor.get_shape()).prod().item())
+        return total
 
     def tensor_bytes(value) -> int:
         if isinstance(value, torch.Tensor):
