@@ -392,3 +392,23 @@ def test_evaluate_py_reports_the_preference_metrics_against_the_reference(finetu
     assert values["loss"] == pytest.approx(math.log(2), abs=1e-6) and values["rewards/margins"] == 0.0
     bad = inprocess.tool("evaluate.py", "--checkpoint", str(base), "--preference-data", str(pairs_file()), cwd=ROOT)
     assert bad.returncode == 2 and "records no starting checkpoint to compare with; pass --reference" in bad.stderr
+
+
+def test_the_dry_run_estimate_counts_the_reference_copy_and_both_answers():
+    from helpers.runner import ROOT
+
+    from neox_llama.config import load_config
+    from neox_llama.planning.memory import estimate_memory
+
+    keys = ["tokenizer_type=SPMTokenizer", "vocab_file=tok.model", "vocab_size=null", "data_path=null", "load=ck",
+            "precision=fp32"]
+    pairs = ["preference_loss=dpo", "preference_data_path=pairs.json"]
+
+    def estimate(*extra: str):
+        return estimate_memory(load_config([ROOT / "configs/llama3/tiny.yml"], [*keys, *extra], tokenizer_vocab=320))
+
+    plain, full, lora = estimate("sft_data_path=records.json"), estimate(*pairs), estimate(*pairs, "lora_r=8")
+    assert full.reference == full.parameters * 4 and lora.reference == 0.0  # fp32 weights; LoRA: the base itself
+    assert "preference reference copy" in full.text() and "preference reference copy" not in lora.text()
+    assert full.activations > plain.activations  # two answers per pair
+    assert full.total - plain.total >= full.reference

@@ -90,12 +90,15 @@ class MemoryEstimate:
     not hold it."""
     workers: float = 0.0
     """On CPU, the rank's data-loader workers (``num_workers`` per loader, DATA_WORKER each), in host RAM."""
+    reference: float = 0.0
+    """A preference run's frozen reference copy of the weights (full fine-tuning; LoRA and Adapter runs use their
+    base with the adapters switched off, no copy)."""
 
     @property
     def total(self) -> float:
         """Bytes per rank on its device (on CPU: host RAM, where everything lives)."""
         acts = self.activations_checkpointed if self.checkpointing else self.activations
-        states = self.weights + self.gradients + self.optimizer + self.workspace
+        states = self.weights + self.gradients + self.optimizer + self.workspace + self.reference
         return states + acts + self.buffers + self.runtime + self.workers - self.offloaded_host - self.offloaded_nvme
 
     def text(self) -> str:
@@ -108,6 +111,7 @@ class MemoryEstimate:
         return (f"per-rank memory estimate ({self.parameters:,} parameters on the largest stage): "
                 f"weights {self.weights / GIB:.2f} GiB, gradients {self.gradients / GIB:.2f} GiB, "
                 f"optimizer {self.optimizer / GIB:.2f} GiB, optimizer step workspace {self.workspace / GIB:.2f} GiB, "
+                f"{f'preference reference copy {self.reference / GIB:.2f} GiB, ' if self.reference else ''}"
                 f"communication buffers {self.buffers / GIB:.2f} GiB, "
                 f"{f'process runtime {self.runtime / GIB:.2f} GiB, ' if self.runtime else ''}"
                 f"{f'data-loader workers {self.workers / GIB:.2f} GiB ({self.workers / DATA_WORKER:.0f} x {DATA_WORKER / 2**20:.0f} MiB), ' if self.workers else ''}"
@@ -145,6 +149,8 @@ def estimate_memory(cfg: Config, accelerator: str = "cpu") -> MemoryEstimate:
     optimizer = params * fraction * optim_bytes / (dp if stage >= 1 else 1)
 
     s, b, h = cfg.seq_length, d.train_micro_batch_size_per_gpu, cfg.hidden_size
+    if cfg.preference_loss:  # a micro-batch of pairs runs both answers: twice its rows
+        b *= 2
     kv = d.num_kv_heads * d.head_dim
     act_bytes = 2 if mixed else 4
     per_block = s * b * (4 * h + (3 * h + 3 * kv + 4 * d.intermediate_size) / tp) * act_bytes
@@ -212,5 +218,8 @@ def estimate_memory(cfg: Config, accelerator: str = "cpu") -> MemoryEstimate:
     runtime = CPU_RUNTIME if accelerator != "cuda" else 0.0
     loaders = 1 + (EVALUATION_LOADERS if cfg.eval_iters else 0)
     workers = cfg.num_workers * loaders * DATA_WORKER if accelerator != "cuda" else 0.0
+    full_reference = cfg.preference_loss and not cfg.lora_r and cfg.peft_method not in ("adapter", "adapter_v2")
+    reference = params * weight_bytes if full_reference else 0.0  # placed like the policy: whole on ZeRO 0-2
     return MemoryEstimate(params, weights, gradients, optimizer, full, checkpointed, cfg.checkpoint_activations,
-                          startup, workspace, buffers, host, nvme, cfg.checkpoint_granularity, runtime, workers)
+                          startup, workspace, buffers, host, nvme, cfg.checkpoint_granularity, runtime, workers,
+                          reference)
