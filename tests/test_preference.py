@@ -235,8 +235,10 @@ def dpo_args(save: Path, *layout: str) -> list[str]:
                       *layout)
 
 
-register(Case("preference-lora-dp2", 2, "train", lambda folder: dpo_args(
-    folder / "run", "num_gpus=2", "train_micro_batch_size_per_gpu=1", "zero_optimization.stage=1")))
+DP2_STAGES = (0, 1, 2)
+for _stage in DP2_STAGES:  # cases of the shared 2-rank launch
+    register(Case(f"preference-lora-dp2-zero{_stage}", 2, "train", lambda folder, stage=_stage: dpo_args(
+        folder / "run", "num_gpus=2", "train_micro_batch_size_per_gpu=1", f"zero_optimization.stage={stage}")))
 
 
 @pytest.fixture(scope="module")
@@ -334,10 +336,11 @@ def test_a_full_dpo_run_has_a_frozen_copy_as_reference(finetune_setup, tmp_path)
     assert meta.preference["reference"] == "frozen_copy" and meta.preference["loss"] == "ipo" and meta.lora is None
 
 
-@pytest.mark.uses_cases("preference-lora-dp2")
-def test_dp2_zero1_follows_one_rank_and_a_resume_is_exact(launched, dpo_run, tmp_path):
-    """The LoRA DPO run on two data-parallel ranks (ZeRO-1) gives the one-rank losses; resumed from its step-2
-    checkpoint, the one-rank run continues exactly."""
+@pytest.mark.uses_cases(*(f"preference-lora-dp2-zero{stage}" for stage in DP2_STAGES))
+def test_dp2_at_zero_0_1_2_and_activation_checkpointing_follow_one_rank_and_a_resume_is_exact(launched, dpo_run,
+                                                                                             tmp_path):
+    """The LoRA DPO run on two data-parallel ranks (ZeRO 0, 1, 2) and with activation checkpointing gives the
+    one-rank losses; resumed from its step-2 checkpoint, the one-rank run continues exactly."""
     import shutil
 
     from helpers.finetune import metrics
@@ -345,9 +348,13 @@ def test_dp2_zero1_follows_one_rank_and_a_resume_is_exact(launched, dpo_run, tmp
     from helpers.training import start_deepy
 
     save, _ = dpo_run
-    dp2 = launched("preference-lora-dp2").check().folder / "run"
-    ones, twos = [r["loss"] for r in metrics(save)], [r["loss"] for r in metrics(dp2)]
-    assert max(abs(a - b) for a, b in zip(ones, twos, strict=True)) <= 1e-5, (ones, twos)
+    ones = [r["loss"] for r in metrics(save)]
+    checkpointed = tmp_path / "checkpointed"
+    ok(start_deepy(dpo_args(checkpointed, "checkpoint_activations=true")))
+    runs = {f"dp2 ZeRO {s}": launched(f"preference-lora-dp2-zero{s}").check().folder / "run" for s in DP2_STAGES}
+    for name, run in {**runs, "checkpointed": checkpointed}.items():
+        others = [r["loss"] for r in metrics(run)]
+        assert max(abs(a - b) for a, b in zip(ones, others, strict=True)) <= 1e-5, (name, ones, others)
     resumed = tmp_path / "resumed"
     shutil.copytree(save / "global_step2", resumed / "global_step2")
     (resumed / "latest").write_text("global_step2")
@@ -367,6 +374,12 @@ def test_a_dpo_lora_checkpoint_merges_and_generates_like_any_lora(dpo_run, tmp_p
     as_adapter = inprocess.tool("generate.py", "--checkpoint", str(save / "global_step4"), *args, cwd=ROOT)
     from_merged = inprocess.tool("generate.py", "--checkpoint", str(merged), *args, cwd=ROOT)
     assert as_adapter.returncode == 0 and as_adapter.stdout == from_merged.stdout
+    for flags in ([], ["--peft"]):  # exported merged, and as a PEFT adapter
+        out = tmp_path / f"hf{len(flags)}"
+        proc = inprocess.tool("convert_to_hf.py", "--checkpoint", str(save / "global_step4"), "--output", str(out),
+                              *flags, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "hf0" / "config.json").is_file() and (tmp_path / "hf1" / "adapter_config.json").is_file()
 
 
 def test_evaluate_py_reports_the_preference_metrics_against_the_reference(finetune_setup, dpo_run, tmp_path):
