@@ -430,13 +430,10 @@ def test_the_dry_run_estimate_counts_the_reference_copy_and_both_answers():
 def test_a_dpo_lora_checkpoint_serves_with_its_merged_models_log_probabilities(finetune_setup, dpo_run, tmp_path):
     """serve.py --adapter takes the DPO checkpoint as any LoRA one: a prompt scored through it (echo, logprobs)
     equals the merged checkpoint's log-probabilities."""
-    import subprocess
-    import sys
-    import time
-
     import httpx
     from helpers import inprocess
-    from helpers.runner import ROOT, free_port
+    from helpers.runner import ROOT
+    from helpers.serving import running_server
 
     save, _ = dpo_run
     merged = tmp_path / "merged"
@@ -445,23 +442,7 @@ def test_a_dpo_lora_checkpoint_serves_with_its_merged_models_log_probabilities(f
     lm = LanguageModel.from_checkpoint(str(merged), device="cpu")
     ids = lm.tokenizer.encode_document("Repeat the words: apple river stone")
     want = lm.token_logprobs([ids])[0].tolist()
-    port = free_port()
-    with open(tmp_path / "serve.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "serve.py"), "--checkpoint",
-                                 str(finetune_setup[3]), "--adapter", f"dpo={save / 'global_step4'}", "--port",
-                                 str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            for _ in range(120):
-                try:
-                    if httpx.get(f"{url}/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.5)
-                assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            body = {"model": "dpo", "prompt": ids, "echo": True, "logprobs": 0, "max_tokens": 0}
-            got = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["logprobs"]
-        finally:
-            proc.kill()
-            proc.wait()
+    with running_server(tmp_path, base=finetune_setup[3], adapters={"dpo": save / "global_step4"}) as (url, _):
+        body = {"model": "dpo", "prompt": ids, "echo": True, "logprobs": 0, "max_tokens": 0}
+        got = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["logprobs"]
     assert max(abs(a - b) for a, b in zip(got["token_logprobs"][1:], want, strict=True)) <= 1e-5

@@ -39,17 +39,17 @@ def served_checkpoints(root: Path) -> Path:
 
 
 @contextmanager
-def running_server(folders: Path, *extra: str, log_name: str = "serve.log",
-                   adapters: dict[str, Path] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
-    """tools/serve.py on ``folders``' base with ``adapters`` (name -> checkpoint; default: a and b) and ``extra``
-    flags; yields (url, process)."""
+def running_server(folders: Path, *extra: str, log_name: str = "serve.log", adapters: dict[str, Path] | None = None,
+                   base: Path | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """tools/serve.py on ``base`` (default: ``folders``' base) with ``adapters`` (name -> checkpoint; default: a and b)
+    and ``extra`` flags, its log in ``folders``; yields (url, process)."""
     port = free_port()
     log_path = folders / log_name
     adapters = adapters if adapters is not None else {"a": folders / "a", "b": folders / "b"}
     named = [arg for name, path in adapters.items() for arg in ("--adapter", f"{name}={path}")]
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "serve.py"), "--checkpoint",
-                                 str(folders / "base"), *named, "--port", str(port), *extra],
+                                 str(base or folders / "base"), *named, "--port", str(port), *extra],
                                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         url = f"http://127.0.0.1:{port}"
         try:
