@@ -315,25 +315,74 @@ def test_an_instruction_lora_checkpoint_is_refused_as_a_preference_runs_load(fin
     assert "Traceback" not in proc.stderr
 
 
-def test_a_full_dpo_run_has_a_frozen_copy_as_reference(finetune_setup, tmp_path):
-    """Full fine-tuning: the reference is a frozen copy of the start (policy = reference at step 1: ln 2), the
-    policy moves away from it, and the checkpoint says which reference it was trained against."""
+def hf_response_logps(model_dir: Path, tokenizer_dir: Path, prompt: str, response: str) -> float:
+    """A response's summed log-probability as ``transformers`` computes it on an export, the prompt and response
+    rendered by the exported chat template (``apply_chat_template``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    user = [{"role": "user", "content": prompt}]
+    prompt_ids = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": response}], tokenize=True,
+                                        return_dict=False)
+    assert ids[: len(prompt_ids)] == prompt_ids and len(ids) > len(prompt_ids)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].float()
+    logps = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+    return float(logps[len(prompt_ids) - 1:].double().sum())
+
+
+def test_a_full_dpo_run_has_a_frozen_copy_as_reference_and_its_logps_are_transformers(finetune_setup, tmp_path,
+                                                                                     monkeypatch):
+    """Full fine-tuning: the reference is a frozen copy of the start (policy = reference at step 1: the IPO value),
+    the policy moves away from it, and the checkpoint says which reference it was trained against. Step 1 holds
+    both training pairs, so its logged logps/* are those of the starting weights: equal to what transformers
+    computes on the base's export with the run's exported chat template. TensorBoard and W&B get TRL's names."""
     from helpers.finetune import deepy, metrics
     from helpers.runner import ok
+    from helpers.wandb_log import history
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from neox_llama.checkpoint.metadata import read_metadata
+    from neox_llama.convert.hf_export import export_to_hf
 
+    monkeypatch.setenv("WANDB_MODE", "offline")
     _, _, tokenizer, base = finetune_setup
-    pairs = write(tmp_path / "pairs.json", preference_records())
+    train = preference_records(6)[:2]  # one step's pairs (2 per micro-batch, 1 rank)
+    pairs, valid = write(tmp_path / "pairs.json", train), write(tmp_path / "valid.json", preference_records(6)[2:])
     save = tmp_path / "full"
-    full = [a for a in DPO if not a.startswith("lora")] + ["optimizer.params.lr=1e-3", "preference_loss=ipo",
-                                                          "dpo_beta=0.5"]
+    full = [a for a in DPO if not a.startswith(("lora", "val_split"))] + [
+        "optimizer.params.lr=1e-3", "preference_loss=ipo", "dpo_beta=0.5", f"preference_valid_data_path={valid}",
+        "seq_length=128",  # the Alpaca prompts whole (at 64 they are cut from the left; transformers renders them whole)
+        f"tensorboard_dir={tmp_path / 'tb'}", "use_wandb=true", "wandb_project=neox-llama-test"]
     ok(deepy(save, tokenizer, *full, f"load={base}", f"preference_data_path={pairs}", "data_path=null"))
     steps = metrics(save)
     assert steps[0]["loss"] == pytest.approx(1.0, abs=1e-6)  # IPO at policy = reference: (0 - 1 / (2 x 0.5))^2
     assert steps[1]["rewards/chosen"] != 0.0
     meta = read_metadata(save / "global_step4")
     assert meta.preference["reference"] == "frozen_copy" and meta.preference["loss"] == "ipo" and meta.lora is None
+
+    export_to_hf(base, tmp_path / "base-hf", dtype="fp32")  # the starting weights
+    export_to_hf(save / "global_step4", tmp_path / "run-hf", dtype="fp32")  # its tokenizer carries the template
+    assert (tmp_path / "run-hf" / "chat_template.jinja").is_file()
+    for side in ("chosen", "rejected"):
+        theirs = [hf_response_logps(tmp_path / "base-hf", tmp_path / "run-hf", r["prompt"], r[side]) for r in train]
+        assert steps[0][f"logps/{side}"] == pytest.approx(sum(theirs) / len(theirs), abs=1e-4), side
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    (run_file,) = (save / "logs" / "wandb").glob("offline-run-*/run-*.wandb")
+    wandb_rows = {r["_step"]: r for r in history(run_file)}
+    for key in ("loss", *(f"{p}{m}" for p in ("", "valid_") for m in ("rewards/chosen", "rewards/rejected",
+                                                                       "rewards/accuracies", "rewards/margins",
+                                                                       "logps/chosen", "logps/rejected"))):
+        logged = {r["step"]: r[key] for r in metrics(save, key)}
+        assert logged, key
+        tb = {e.step: e.value for e in events.Scalars(key)}
+        assert tb.keys() == logged.keys() and all(abs(tb[s] - v) <= 1e-5 * max(1.0, abs(v)) for s, v in
+                                                  logged.items()), key  # TensorBoard stores float32
+        assert {s: wandb_rows[s][key] for s in logged} == logged, key
 
 
 @pytest.mark.uses_cases(*(f"preference-lora-dp2-zero{stage}" for stage in DP2_STAGES))
@@ -446,3 +495,40 @@ def test_a_dpo_lora_checkpoint_serves_with_its_merged_models_log_probabilities(f
         body = {"model": "dpo", "prompt": ids, "echo": True, "logprobs": 0, "max_tokens": 0}
         got = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["logprobs"]
     assert max(abs(a - b) for a, b in zip(got["token_logprobs"][1:], want, strict=True)) <= 1e-5
+
+
+def test_the_reference_runs_without_dropout_and_adapters_and_leaves_the_policy_training():
+    """reference_mode: the LoRA reference (the policy with its adapters off) is evaluated without dropout, as TRL
+    evaluates its reference; the policy's own train/eval flags come back afterwards."""
+    from neox_llama.model.args import LlamaArgs
+    from neox_llama.model.llama import SINGLE_DEVICE, build_model
+    from neox_llama.peft.lora import LoraSettings, apply_lora
+    from neox_llama.training.preference import reference_mode
+
+    args = LlamaArgs(num_layers=2, hidden_size=32, num_attention_heads=4, num_kv_heads=2, head_dim=8,
+                     intermediate_size=48, vocab_size=64, max_position_embeddings=64, hidden_dropout=0.5)
+    torch.manual_seed(0)
+    model = build_model(args)
+    layers = dict(enumerate(model.children()))
+    apply_lora(layers, LoraSettings(4, 8.0, 0.5, ("query", "value", "mlp")), SINGLE_DEVICE, seed=3)
+    for name, param in model.named_parameters():
+        if name.endswith("lora.b"):
+            param.data.normal_()  # an adapter that changes the output
+    frozen = next(m for m in model.modules() if type(m).__name__ == "LoRA").eval()  # a flag to keep as it was
+    model.train()
+    frozen.eval()
+    ids = torch.randint(0, 64, (2, 16))
+    with reference_mode(model, adapters_off=True):
+        first, second = model(ids), model(ids)
+    assert torch.equal(first, second) and not first.requires_grad  # no dropout, no graph
+    from neox_llama.peft.switch import adapters_disabled
+
+    with adapters_disabled(), torch.no_grad():
+        base = model.eval()(ids)
+    model.train()
+    frozen.eval()
+    with reference_mode(model, adapters_off=False):
+        adapted = model(ids)
+    assert not torch.allclose(adapted, base) and torch.equal(first, base)  # adapters off: the base alone
+    assert model.training and not frozen.training  # the flags are back as they were
+    assert not torch.equal(model(ids), model(ids))  # outside: the policy's dropout is on

@@ -4,7 +4,10 @@ same step, the pair losses of :mod:`neox_llama.model.preference_loss`, and TRL's
 The reference is the policy's frozen base with the adapters switched off (:func:`neox_llama.peft.switch.
 adapters_disabled`: LoRA, Adapter) or, for full fine-tuning, a frozen copy of the starting weights placed like the
 policy (1 rank, data parallel under ZeRO 0-2). Log-probabilities are taken over the true vocabulary (the padded
-rows' logits left out), as the Hugging Face export and TRL compute them. The step's loss is the mean over every pair
+rows' logits left out), as the Hugging Face export and TRL compute them. The reference is always evaluated without
+dropout (:func:`reference_mode`), as TRL evaluates it: it is a fixed target. The policy keeps the run's
+``hidden_dropout``/``attention_dropout`` (0 in every LLaMA config; TRL's ``disable_dropout`` also switches the
+policy's off). The step's loss is the mean over every pair
 of the step (over micro-batches and data-parallel ranks, whatever DeepSpeed averages), plus ``rpo_alpha`` x the mean
 negative log-likelihood of every chosen response token of the step.
 """
@@ -12,6 +15,7 @@ negative log-likelihood of every chosen response token of the step.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +76,20 @@ def build_reference(cfg: Config, args: LlamaArgs, training_engine: TrainingEngin
     return PreferenceObjective(settings, true_vocab, module)
 
 
+@contextlib.contextmanager
+def reference_mode(module: nn.Module, adapters_off: bool) -> Iterator[None]:
+    """Inside: ``module`` without gradients and in eval mode (no dropout; each submodule's train/eval flag restored
+    after), with ``adapters_off`` its adapters switched off too (the LoRA/Adapter reference)."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad(), adapters_disabled() if adapters_off else contextlib.nullcontext():
+            yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
 @dataclass
 class PreferenceBatch:
     """This rank's micro-batches of one step (2B rows each: the chosen responses, then the rejected ones)."""
@@ -117,12 +135,9 @@ def run_preference_batch(training_engine: TrainingEngine, batch: PreferenceBatch
     totals = None
     for (ids, positions), (labels, mask) in batch.micro_batches:
         labels = torch.where(mask > 0, labels, torch.zeros_like(labels))
-        with torch.no_grad():
-            if objective.reference is not None:
-                ref_logits = objective.reference(ids, positions)
-            else:
-                with adapters_disabled():
-                    ref_logits = engine.module(ids, positions)
+        reference_module = engine.module if objective.reference is None else objective.reference
+        with reference_mode(reference_module, adapters_off=objective.reference is None):
+            ref_logits = reference_module(ids, positions)
             reference, _ = response_logps(_token_logps(ref_logits, labels, objective, training_engine), mask)
         with contextlib.nullcontext() if train else torch.no_grad():
             token_logps = _token_logps(engine(ids, positions), labels, objective, training_engine)
