@@ -24,7 +24,7 @@ LRDecayStyle = Literal["cosine", "linear", "constant", "inverse_sqrt"]
 PromptStyle = Literal["alpaca", "llama2-chat", "llama3-chat", "plain"]
 LoraTarget = Literal["query", "key", "value", "output", "mlp", "gate", "up", "down", "head"]
 PeftMethod = Literal["lora", "adapter", "adapter_v2"]
-PreferenceLoss = Literal["dpo", "ipo"]
+PreferenceLoss = Literal["dpo", "ipo", "kto"]
 AdapterGate = Literal["per_layer", "per_head"]
 LauncherType = Literal["pdsh", "openmpi", "mvapich", "slurm", "impi"]
 OffloadDevice = Literal["none", "cpu", "nvme"]
@@ -216,12 +216,14 @@ class FinetuneArgs:
     prompt_style: PromptStyle | None = doc_field(None, "Template that renders records: alpaca, llama2-chat, llama3-chat or plain; unset = alpaca for Alpaca records, the model family's chat style for chat records. Saved with the checkpoint.")
     mask_prompt: bool = doc_field(True, "Loss on response tokens only (every assistant turn of a chat); LitGPT defaults to false (loss on the prompt too).")
     sft_packing: bool = doc_field(False, "Pack whole records into each seq_length sample (positions restart, attention stays within a record); false = one record per sample, padded.")
-    preference_loss: PreferenceLoss | None = doc_field(None, "Preference tuning on preference_data_path: dpo (the sigmoid loss; Rafailov et al.) or ipo (TRL's form: log-probabilities averaged per response token); unset = no preference tuning. The reference model is the frozen base with the adapters switched off (LoRA, Adapter) or a frozen copy of the starting weights (full fine-tuning).")
-    preference_data_path: str | None = doc_field(None, "Preference pairs: a JSON list or JSONL of {prompt, chosen, rejected} records (strings, or messages), chosen/rejected conversations sharing a prefix, or LLaMA-Factory's ShareGPT pairs (conversations + chosen/rejected); replaces data_path.")
-    preference_valid_data_path: str | None = doc_field(None, "Validation pairs; unset = val_split_fraction of preference_data_path is held out.")
-    dpo_beta: float = doc_field(0.1, "Beta of DPO and IPO: how far the policy may move from the reference (larger = closer).", minimum=0.0)
+    preference_loss: PreferenceLoss | None = doc_field(None, "Preference tuning on preference_data_path: dpo (the sigmoid loss; Rafailov et al.), ipo (TRL's form: log-probabilities averaged per response token) on pairs, or kto (Ethayarajh et al.; TRL's form) on unpaired completions with a boolean label; unset = no preference tuning. The reference model is the frozen base with the adapters switched off (LoRA, Adapter) or a frozen copy of the starting weights (full fine-tuning).")
+    preference_data_path: str | None = doc_field(None, "Preference pairs: a JSON list or JSONL of {prompt, chosen, rejected} records (strings, or messages), chosen/rejected conversations sharing a prefix, or LLaMA-Factory's ShareGPT pairs (conversations + chosen/rejected); for kto, labelled completions: {messages, label} (LLaMA-Factory's KTO format) or {prompt, completion, label}; replaces data_path.")
+    preference_valid_data_path: str | None = doc_field(None, "Validation pairs (kto: labelled completions); unset = val_split_fraction of preference_data_path is held out.")
+    dpo_beta: float = doc_field(0.1, "Beta of DPO, IPO and KTO: how far the policy may move from the reference (larger = closer).", minimum=0.0)
     dpo_label_smoothing: float = doc_field(0.0, "Conservative DPO's label smoothing: the share of pairs assumed mislabelled, in [0, 0.5) (dpo only).", minimum=0.0, maximum=0.5)
     rpo_alpha: float = doc_field(0.0, "Weight of an SFT term (mean negative log-likelihood of the chosen responses' tokens) added to the preference loss (TRL's rpo_alpha).", minimum=0.0)
+    kto_desirable_weight: float = doc_field(1.0, "KTO: the weight of a desirable completion's loss (TRL's desirable_weight).", minimum=0.0)
+    kto_undesirable_weight: float = doc_field(1.0, "KTO: the weight of an undesirable completion's loss (TRL's undesirable_weight).", minimum=0.0)
 
 
 @dataclass

@@ -150,8 +150,8 @@ def _check_preference(cfg: Config, problems: _Problems) -> None:
                                                    "training pairs) is not")
     if bool(cfg.preference_loss) != bool(cfg.preference_data_path):
         problems.add(("preference_loss", "preference_data_path"),
-                     "preference_loss and preference_data_path go together: set both (dpo or ipo, and the pairs) or "
-                     "neither")
+                     "preference_loss and preference_data_path go together: set both (dpo or ipo and the pairs, or kto "
+                     "and labelled completions) or neither")
         return
     if not cfg.preference_loss:
         return
@@ -174,6 +174,18 @@ def _check_preference(cfg: Config, problems: _Problems) -> None:
     if cfg.dpo_label_smoothing and cfg.preference_loss != "dpo":
         problems.add(("dpo_label_smoothing", "preference_loss"), "dpo_label_smoothing (conservative DPO) applies to "
                                                                  f"preference_loss dpo, not {cfg.preference_loss}")
+    if cfg.rpo_alpha and cfg.preference_loss == "kto":
+        problems.add(("rpo_alpha", "preference_loss"), "rpo_alpha (an SFT term on the chosen answers of pairs) applies "
+                                                       "to preference_loss dpo or ipo, not kto")
+    kto_weights = ("kto_desirable_weight", "kto_undesirable_weight")
+    if cfg.preference_loss != "kto" and any(getattr(cfg, k) != 1.0 for k in kto_weights):
+        key = next(k for k in kto_weights if getattr(cfg, k) != 1.0)
+        problems.add((key, "preference_loss"), f"{key} applies to preference_loss kto, not {cfg.preference_loss}")
+    if cfg.preference_loss == "kto" and cfg.train_micro_batch_size_per_gpu < 2:
+        problems.add(("preference_loss", "train_micro_batch_size_per_gpu"),
+                     f"preference_loss kto with train_micro_batch_size_per_gpu {cfg.train_micro_batch_size_per_gpu}: "
+                     "KTO's reference point is estimated from each micro-batch's completions paired with other "
+                     "prompts, which needs 2 or more; set train_micro_batch_size_per_gpu 2 or more")
     if cfg.pipe_parallel_size > 1:
         problems.add(("preference_loss", "pipe_parallel_size"),
                      f"preference_loss with pipe_parallel_size {cfg.pipe_parallel_size}: a pair's two responses and "

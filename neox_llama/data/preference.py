@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,44 +230,54 @@ def tokenize_pairs(pairs: list[PreferencePair], tokenizer: Tokenizer, style: str
     return examples
 
 
-def cached_pairs(path: Path, pairs: list[PreferencePair], name: str, tokenizer: Tokenizer, style: str,
-                 seq_length: int, seed: int, fraction: float, allow_empty: bool = False) -> list[PairExample]:
-    """Tokenise ``pairs`` once (one builder per node) and keep them beside ``path``, keyed by everything that shapes
-    them (file, tokenizer files, style, length, split)."""
+def cached_examples(path: Path, name: str, tokenizer: Tokenizer, style: str, seq_length: int, seed: int,
+                    fraction: float, kind: str, parts: tuple[str, ...], tokenize: Callable[[], list]) -> list:
+    """``tokenize()``'s examples (dataclasses whose ``parts`` are int arrays), built once (one builder per node) and
+    kept beside ``path``, keyed by everything that shapes them (file, tokenizer files, style, length, split)."""
     stat = path.stat()
     key = {"tokenizer": _tokenizer_digest(tokenizer), "style": style, "seq": seq_length, "split": name, "seed": seed,
-           "fraction": fraction, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "version": 1, "kind": "pairs"}
+           "fraction": fraction, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "version": 1, "kind": kind}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    cache = path.with_name(f".{path.name}.{digest}.pairs.npz")
-    parts = ("prompt", "chosen", "rejected")
+    cache = path.with_name(f".{path.name}.{digest}.{kind}.npz")
+    made: list = []
 
     def build() -> None:
         if cache.exists():
             return
-        examples = tokenize_pairs(pairs, tokenizer, style, seq_length, f"{path} ({name})", allow_empty)
+        made.extend(tokenize())
         arrays = {}
         for part in parts:
-            arrays[part] = np.concatenate([getattr(e, part) for e in examples] or [np.zeros(0, np.int32)])
-            arrays[f"{part}_lengths"] = np.asarray([len(getattr(e, part)) for e in examples], dtype=np.int64)
+            arrays[part] = np.concatenate([getattr(e, part) for e in made] or [np.zeros(0, np.int32)])
+            arrays[f"{part}_lengths"] = np.asarray([len(getattr(e, part)) for e in made], dtype=np.int64)
         tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp.npz")
         try:
             np.savez(tmp, **arrays)
             os.replace(tmp, cache)
         except OSError as err:  # a read-only data folder: every rank tokenises for itself instead
             tmp.unlink(missing_ok=True)
-            logger.warning("%s: cannot cache the tokenised pairs beside it (%s); tokenising them on every rank", path,
-                           err)
+            logger.warning("%s: cannot cache the tokenised records beside it (%s); tokenising them on every rank",
+                           path, err)
 
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         agree(build)
     else:
         agree(lambda: None)
     if not cache.exists():
-        return tokenize_pairs(pairs, tokenizer, style, seq_length, f"{path} ({name})", allow_empty)
+        return made or tokenize()
     with np.load(cache) as data:
-        count = len(data["prompt_lengths"])
+        count = len(data[f"{parts[0]}_lengths"])
         split = {part: np.split(data[part], np.cumsum(data[f"{part}_lengths"])[:-1]) for part in parts}
-    return [PairExample(split["prompt"][i], split["chosen"][i], split["rejected"][i]) for i in range(count)]
+    return [dict(zip(parts, (split[part][i] for part in parts), strict=True)) for i in range(count)]
+
+
+def cached_pairs(path: Path, pairs: list[PreferencePair], name: str, tokenizer: Tokenizer, style: str,
+                 seq_length: int, seed: int, fraction: float, allow_empty: bool = False) -> list[PairExample]:
+    """Tokenise ``pairs`` once (:func:`cached_examples`)."""
+    parts = ("prompt", "chosen", "rejected")
+    examples = cached_examples(path, name, tokenizer, style, seq_length, seed, fraction, "pairs", parts,
+                               lambda: tokenize_pairs(pairs, tokenizer, style, seq_length, f"{path} ({name})",
+                                                      allow_empty))
+    return [e if isinstance(e, PairExample) else PairExample(**e) for e in examples]
 
 
 # --------------------------------------------------------------------------- samples

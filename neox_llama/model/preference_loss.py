@@ -11,6 +11,11 @@ each response's tokens):
 - ``rpo_alpha`` adds ``alpha x`` the mean negative log-likelihood of the chosen responses' tokens (TRL's ``sft``
   term, named RPO by Pang et al.).
 
+KTO (Ethayarajh et al.) scores single completions marked desirable or not, against a reference point ``z``: the
+policy/reference KL estimated from mismatched prompt/completion rows of the micro-batch (``max(0, mean(policy(y'|x)
+- ref(y'|x)))``, detached, as TRL estimates it): desirable ``w_d (1 - sigmoid(beta (ratio - z)))``, undesirable
+``w_u (1 - sigmoid(beta (z - ratio)))``, ``ratio = policy(y|x) - ref(y|x)`` summed over the completion's tokens.
+
 The rewards TRL logs are ``beta x (policy - ref)`` of each response; ``rewards/accuracies`` is the share of pairs
 whose chosen reward is the larger, ``rewards/margins`` their mean difference.
 """
@@ -22,10 +27,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-PREFERENCE_LOSSES = ("dpo", "ipo")
+PREFERENCE_LOSSES = ("dpo", "ipo", "kto")
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
 """TRL's names, logged for training and validation."""
+KTO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "kl")
+"""TRL's KTOTrainer names (chosen: desirable completions, rejected: undesirable ones)."""
 
 
 @dataclass(frozen=True)
@@ -33,10 +40,14 @@ class PreferenceSettings:
     """How a preference run weighs its pairs (config keys ``preference_loss``, ``dpo_beta``, ...)."""
 
     loss: str
-    """dpo or ipo."""
+    """dpo, ipo or kto."""
     beta: float = 0.1
     label_smoothing: float = 0.0
     rpo_alpha: float = 0.0
+    desirable_weight: float = 1.0
+    """KTO: the weight of a desirable completion's loss."""
+    undesirable_weight: float = 1.0
+    """KTO: the weight of an undesirable completion's loss."""
 
 
 def response_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,3 +94,39 @@ def pair_losses(policy: torch.Tensor, reference: torch.Tensor, counts: torch.Ten
         raise ValueError(f"unknown preference_loss {settings.loss!r}; valid: {', '.join(PREFERENCE_LOSSES)}")
     return PairOutcome(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach(), chosen.detach(),
                        rejected.detach())
+
+
+@dataclass
+class FeedbackOutcome:
+    """Per KTO completion: the weighted loss and what TRL logs about it (its metrics split by label)."""
+
+    losses: torch.Tensor
+    rewards: torch.Tensor
+    logps: torch.Tensor
+    desirable: torch.Tensor
+
+    def metric_sums(self) -> dict[str, torch.Tensor]:
+        """Sums by label (divide by :meth:`counts` of the whole step), and the completions of each label."""
+        good = self.desirable.float()
+        bad = 1.0 - good
+        return {"rewards/chosen": (self.rewards * good).sum(), "rewards/rejected": (self.rewards * bad).sum(),
+                "logps/chosen": (self.logps * good).sum(), "logps/rejected": (self.logps * bad).sum(),
+                "count/chosen": good.sum(), "count/rejected": bad.sum()}
+
+
+def kl_estimate(policy_mismatched: torch.Tensor, reference_mismatched: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point from the mismatched rows' summed log-probabilities: their mean log-ratio (not yet
+    clamped: a data-parallel run averages it over ranks first, as TRL gathers it, then clamps at 0)."""
+    return (policy_mismatched.float() - reference_mismatched.float()).mean().detach()
+
+
+def feedback_losses(policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor,
+                    settings: PreferenceSettings) -> FeedbackOutcome:
+    """The KTO loss of each completion from its summed log-probabilities under the policy and the reference, its
+    label (True: desirable) and the (clamped) reference point ``kl``."""
+    ratio = policy.float() - reference.float()
+    beta, good = settings.beta, desirable.bool()
+    kl = kl.clamp(min=0).detach()
+    losses = torch.where(good, settings.desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl))),
+                         settings.undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio))))
+    return FeedbackOutcome(losses, beta * ratio.detach(), policy.detach().float(), good)

@@ -13,7 +13,12 @@ import torch.distributed as dist
 from neox_llama.data.loader import build_loader
 from neox_llama.distributed import agree
 from neox_llama.errors import TrainingError
-from neox_llama.training.preference import PreferenceObjective, make_preference_batch, run_preference_batch
+from neox_llama.training.preference import (
+    PreferenceObjective,
+    PreferenceTotals,
+    make_preference_batch,
+    run_preference_batch,
+)
 from neox_llama.training.step import make_global_batch, next_samples, run_global_batch
 from neox_llama.training.wiring import TrainingRun
 
@@ -28,8 +33,8 @@ class Evaluator:
         cfg = run.cfg
         self.streams: dict = {}
         """Each split's stream of this rank's micro-batches, where evaluation goes on reading."""
-        self.preference_sums: dict[str, float] = {}
-        """A preference run's TRL metrics summed over an evaluation's pairs (and the pairs)."""
+        self.preference_totals = PreferenceTotals()
+        """A preference run's TRL metrics summed over an evaluation's steps."""
         self.tasks = None
         if cfg.eval_tasks:
             from neox_llama.training.eval_tasks import TaskEvaluator
@@ -50,16 +55,15 @@ class Evaluator:
     def validate(self, step: int) -> dict:
         """Validation loss (and ppl, bits per byte, the lm-eval tasks' metrics) at ``step``: logged, returned as the
         metrics record."""
-        self.preference_sums = {}
+        self.preference_totals = PreferenceTotals()
         valid_loss, bits_per_byte = self.loss("valid")
         record = {"step": step, "valid_loss": valid_loss, "valid_ppl": math.exp(min(valid_loss, 50.0))}
-        pairs = self.preference_sums.pop("pairs", 0.0)
-        record.update({f"valid_{name}": value / pairs for name, value in self.preference_sums.items() if pairs})
+        record.update({f"valid_{name}": value for name, value in self.preference_totals.means().items()})
         if bits_per_byte is not None:  # known whenever there is a tokenizer to decode the scored tokens
             record["valid_bpb"] = bits_per_byte
         tasks = self.tasks.run() if self.tasks is not None else {}
         record.update(tasks)
-        preference = {k: v for k, v in record.items() if k.startswith(("valid_rewards/", "valid_logps/"))}
+        preference = {k: v for k, v in record.items() if k.startswith(("valid_rewards/", "valid_logps/", "valid_kl"))}
         logger.info("step %6d | valid_loss %.4f | valid_ppl %.2f%s%s", step, valid_loss, record["valid_ppl"],
                     f" | valid_bpb {record['valid_bpb']:.4f}" if "valid_bpb" in record else "",
                     "".join(f" | {k} {v:.4f}" for k, v in {**preference, **tasks}.items()))
@@ -106,14 +110,12 @@ class Evaluator:
                                         "give it more data")
                 if split == "valid":
                     ts.consumed_valid_samples = 0
-            if isinstance(run.loss_fn, PreferenceObjective):  # the mean over pairs, and TRL's metrics
+            if isinstance(run.loss_fn, PreferenceObjective):  # the mean over pairs (completions), TRL's metrics
                 batch = make_preference_batch(samples, run.training_engine, run.info.device)
-                mean, metrics = run_preference_batch(run.training_engine, batch, run.loss_fn, train=False)
-                loss_sum += float(mean) * batch.pairs
-                tokens += batch.pairs
-                for name, value in metrics.items():
-                    self.preference_sums[name] = self.preference_sums.get(name, 0.0) + float(value) * batch.pairs
-                self.preference_sums["pairs"] = self.preference_sums.get("pairs", 0.0) + batch.pairs
+                mean, totals = run_preference_batch(run.training_engine, batch, run.loss_fn, train=False)
+                loss_sum += float(mean) * batch.examples
+                tokens += batch.examples
+                self.preference_totals.add(totals)
             else:
                 batch = make_global_batch(samples, run.training_engine, run.info.device)
                 mean = float(run_global_batch(run.training_engine, batch, run.loss_fn, train=False))

@@ -1,5 +1,6 @@
-"""A preference step (DPO, IPO): both responses of each pair scored by the policy and by the reference model in the
-same step, the pair losses of :mod:`neox_llama.model.preference_loss`, and TRL's metrics.
+"""A preference step (DPO, IPO, KTO): both responses of each pair (KTO: each completion and its mismatched row)
+scored by the policy and by the reference model in the same step, the losses of
+:mod:`neox_llama.model.preference_loss`, and TRL's metrics.
 
 The reference is the policy's frozen base with the adapters switched off (:func:`neox_llama.peft.switch.
 adapters_disabled`: LoRA, Adapter) or, for full fine-tuning, a frozen copy of the starting weights placed like the
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,7 +26,15 @@ from torch import nn
 
 from neox_llama.config.schema import Config
 from neox_llama.model.args import LlamaArgs
-from neox_llama.model.preference_loss import METRICS, PreferenceSettings, pair_losses, response_logps
+from neox_llama.model.preference_loss import (
+    KTO_METRICS,
+    METRICS,
+    PreferenceSettings,
+    feedback_losses,
+    kl_estimate,
+    pair_losses,
+    response_logps,
+)
 from neox_llama.parallel.pipeline import build_module
 from neox_llama.peft.methods import peft_settings
 from neox_llama.peft.switch import adapters_disabled
@@ -38,7 +47,8 @@ FROZEN_COPY, BASE_WITHOUT_ADAPTERS = "frozen_copy", "base_without_adapters"
 def settings_of(cfg: Config) -> PreferenceSettings | None:
     if not cfg.preference_loss:
         return None
-    return PreferenceSettings(cfg.preference_loss, cfg.dpo_beta, cfg.dpo_label_smoothing, cfg.rpo_alpha)
+    return PreferenceSettings(cfg.preference_loss, cfg.dpo_beta, cfg.dpo_label_smoothing, cfg.rpo_alpha,
+                              cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
 
 
 @dataclass
@@ -57,6 +67,9 @@ class PreferenceObjective:
     def describe(self) -> dict:
         """What a checkpoint records of the method (metadata.json: ``preference``)."""
         s = self.settings
+        if s.loss == "kto":
+            return {"loss": s.loss, "beta": s.beta, "desirable_weight": s.desirable_weight,
+                    "undesirable_weight": s.undesirable_weight, "reference": self.reference_kind}
         return {"loss": s.loss, "beta": s.beta, "label_smoothing": s.label_smoothing, "rpo_alpha": s.rpo_alpha,
                 "reference": self.reference_kind}
 
@@ -92,24 +105,47 @@ def reference_mode(module: nn.Module, adapters_off: bool) -> Iterator[None]:
 
 @dataclass
 class PreferenceBatch:
-    """This rank's micro-batches of one step (2B rows each: the chosen responses, then the rejected ones)."""
+    """This rank's micro-batches of one step (2B rows each: the chosen responses, then the rejected ones; KTO: the
+    B completions, then their B mismatched rows, and ``desirable``)."""
 
-    micro_batches: list[tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]
-    pairs: float
-    """Pairs of the whole step, over every data-parallel rank."""
+    micro_batches: list[dict[str, torch.Tensor]]
+    examples: float
+    """Pairs (KTO: completions) of the whole step, over every data-parallel rank."""
     chosen_tokens: float
     """Chosen-response tokens of the whole step (the RPO term's mean)."""
 
 
+@dataclass
+class PreferenceTotals:
+    """TRL's metrics of one or more steps as sums and the counts they are means over."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, float] = field(default_factory=dict)
+
+    def add(self, other: PreferenceTotals) -> None:
+        for name, value in other.sums.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+            self.counts[name] = self.counts.get(name, 0.0) + other.counts[name]
+
+    def means(self) -> dict[str, float]:
+        """Each metric's mean (KTO's ``rewards/margins``: the difference of the two labels' mean rewards, as TRL
+        logs it; a label absent from the steps: its metrics left out)."""
+        out = {name: value / self.counts[name] for name, value in self.sums.items() if self.counts[name] > 0}
+        if "rewards/margins" not in self.sums and {"rewards/chosen", "rewards/rejected"} <= out.keys():
+            out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+        order = [m for m in (*METRICS, *KTO_METRICS) if m in out]
+        return {name: out[name] for name in dict.fromkeys(order)}
+
+
 def make_preference_batch(samples: list[dict[str, torch.Tensor]], training_engine: TrainingEngine,
                           device: torch.device) -> PreferenceBatch:
-    """``samples`` (this rank's micro-batches from :class:`~neox_llama.data.preference.PreferenceDataset`) with the
-    step's pair and chosen-token counts (host tensors reduced over the data-parallel group)."""
+    """``samples`` (this rank's micro-batches from :class:`~neox_llama.data.preference.PreferenceDataset` or
+    :class:`~neox_llama.data.feedback.FeedbackDataset`) with the step's example and chosen-token counts (host
+    tensors reduced over the data-parallel group)."""
     counts = torch.tensor([float(sum(len(m["input_ids"]) // 2 for m in samples)),
                            float(sum(m["loss_mask"].chunk(2)[0].sum() for m in samples))])
     dist.all_reduce(counts, group=training_engine.state.dp_group)
-    micro = [((m["input_ids"].to(device), m["position_ids"].to(device)),
-              (m["labels"].to(device), m["loss_mask"].to(device))) for m in samples]
+    micro = [{k: v.to(device) for k, v in m.items()} for m in samples]
     return PreferenceBatch(micro, float(counts[0]), float(counts[1]))
 
 
@@ -126,33 +162,83 @@ def _token_logps(logits: torch.Tensor, labels: torch.Tensor, objective: Preferen
     return -factory.token_cross_entropy(logits, labels)
 
 
+def _reference_logps(micro: dict[str, torch.Tensor], objective: PreferenceObjective,
+                     training_engine: TrainingEngine) -> torch.Tensor:
+    """Each row's summed response log-probability under the reference."""
+    module = training_engine.engine.module if objective.reference is None else objective.reference
+    with reference_mode(module, adapters_off=objective.reference is None):
+        logits = module(micro["input_ids"], micro["position_ids"])
+        return response_logps(_token_logps(logits, micro["labels"], objective, training_engine), micro["loss_mask"])[0]
+
+
+def _pair_step(micro: dict[str, torch.Tensor], batch: PreferenceBatch, objective: PreferenceObjective,
+               training_engine: TrainingEngine, train: bool) -> tuple[torch.Tensor, PreferenceTotals]:
+    """DPO / IPO on one micro-batch of pairs: its share of the step's loss and its metric sums."""
+    settings, engine = objective.settings, training_engine.engine
+    reference = _reference_logps(micro, objective, training_engine)
+    with contextlib.nullcontext() if train else torch.no_grad():
+        token_logps = _token_logps(engine(micro["input_ids"], micro["position_ids"]), micro["labels"], objective,
+                                   training_engine)
+    policy, counts = response_logps(token_logps, micro["loss_mask"])
+    outcome = pair_losses(policy, reference, counts, settings)
+    loss = outcome.losses.sum() / batch.examples
+    if settings.rpo_alpha:
+        chosen_mask = micro["loss_mask"].chunk(2)[0]
+        nll = -(token_logps.chunk(2)[0] * chosen_mask).sum() / max(batch.chosen_tokens, 1.0)
+        loss = loss + settings.rpo_alpha * nll
+    pairs = float(len(policy) // 2)
+    sums = {name: float(value) for name, value in outcome.metric_sums().items()}
+    return loss, PreferenceTotals(sums, dict.fromkeys(sums, pairs))
+
+
+def _feedback_step(micro: dict[str, torch.Tensor], batch: PreferenceBatch, objective: PreferenceObjective,
+                   training_engine: TrainingEngine, train: bool) -> tuple[torch.Tensor, PreferenceTotals]:
+    """KTO on one micro-batch: the reference point from its mismatched rows (averaged over the data-parallel ranks'
+    micro-batches, as TRL gathers it), then each completion's loss; its share of the step's loss and metric sums."""
+    engine, half = training_engine.engine, len(micro["input_ids"]) // 2
+    reference = _reference_logps(micro, objective, training_engine)
+    main = {k: v[:half] for k, v in micro.items() if k != "desirable"}
+    mismatched = {k: v[half:] for k, v in micro.items() if k != "desirable"}
+    with torch.no_grad():
+        logits = engine(mismatched["input_ids"], mismatched["position_ids"])
+        policy_kl, _ = response_logps(_token_logps(logits, mismatched["labels"], objective, training_engine),
+                                      mismatched["loss_mask"])
+    kl = kl_estimate(policy_kl, reference[half:])
+    dist.all_reduce(kl, group=training_engine.state.dp_group)
+    kl = kl / training_engine.state.dp_size
+    with contextlib.nullcontext() if train else torch.no_grad():
+        logits = engine(main["input_ids"], main["position_ids"])
+        policy, _ = response_logps(_token_logps(logits, main["labels"], objective, training_engine),
+                                   main["loss_mask"])
+    outcome = feedback_losses(policy, reference[:half], micro["desirable"], kl, objective.settings)
+    sums = {name: float(value) for name, value in outcome.metric_sums().items()}
+    good, bad = sums.pop("count/chosen"), sums.pop("count/rejected")
+    counts = {"rewards/chosen": good, "logps/chosen": good, "rewards/rejected": bad, "logps/rejected": bad}
+    sums["kl"], counts["kl"] = float(kl.clamp(min=0)), 1.0
+    return outcome.losses.sum() / batch.examples, PreferenceTotals(sums, counts)
+
+
 def run_preference_batch(training_engine: TrainingEngine, batch: PreferenceBatch, objective: PreferenceObjective,
-                         *, train: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                         *, train: bool) -> tuple[torch.Tensor, PreferenceTotals]:
     """Forward (and with ``train`` backward + optimizer step) over the step's micro-batches; the step's mean loss
-    and TRL's metrics (means over the step's pairs), equal on every rank, on the model's device."""
-    engine, settings = training_engine.engine, objective.settings
+    (equal on every rank, on the model's device) and TRL's metrics over the whole step (every rank's)."""
+    engine = training_engine.engine
     scale = len(batch.micro_batches) * training_engine.state.dp_size  # DeepSpeed averages over these
-    totals = None
-    for (ids, positions), (labels, mask) in batch.micro_batches:
-        labels = torch.where(mask > 0, labels, torch.zeros_like(labels))
-        reference_module = engine.module if objective.reference is None else objective.reference
-        with reference_mode(reference_module, adapters_off=objective.reference is None):
-            ref_logits = reference_module(ids, positions)
-            reference, _ = response_logps(_token_logps(ref_logits, labels, objective, training_engine), mask)
-        with contextlib.nullcontext() if train else torch.no_grad():
-            token_logps = _token_logps(engine(ids, positions), labels, objective, training_engine)
-        policy, counts = response_logps(token_logps, mask)
-        outcome = pair_losses(policy, reference, counts, settings)
-        loss = outcome.losses.sum() / batch.pairs * scale
-        if settings.rpo_alpha:
-            chosen_mask = mask.chunk(2)[0]
-            nll = -(token_logps.chunk(2)[0] * chosen_mask).sum() / max(batch.chosen_tokens, 1.0)
-            loss = loss + settings.rpo_alpha * nll * scale
+    step = _feedback_step if objective.settings.loss == "kto" else _pair_step
+    total_loss = torch.zeros((), device=batch.micro_batches[0]["input_ids"].device)
+    totals = PreferenceTotals()
+    for micro in batch.micro_batches:
+        loss, metrics = step(micro, batch, objective, training_engine, train)
         if train:
-            engine.backward(loss)
+            engine.backward(loss * scale)
             engine.step()
-        sums = outcome.metric_sums()
-        step = torch.stack([loss.detach().float() / scale, *(sums[m].float() / batch.pairs for m in METRICS)])
-        totals = step if totals is None else totals + step
-    dist.all_reduce(totals, group=training_engine.state.dp_group)
-    return totals[0], {name: totals[i + 1] for i, name in enumerate(METRICS)}
+        total_loss += loss.detach().float()
+        totals.add(metrics)
+    names = sorted(totals.sums)
+    packed = torch.tensor([float(total_loss)] + [totals.sums[n] for n in names] + [totals.counts[n] for n in names],
+                          dtype=torch.float64, device=total_loss.device)
+    dist.all_reduce(packed, group=training_engine.state.dp_group)
+    values = packed.tolist()
+    reduced = PreferenceTotals(dict(zip(names, values[1:1 + len(names)], strict=True)),
+                               dict(zip(names, values[1 + len(names):], strict=True)))
+    return torch.tensor(values[0], device=total_loss.device), reduced

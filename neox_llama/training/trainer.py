@@ -42,7 +42,7 @@ class Trainer:
         self.training_engine, self.engine = run.training_engine, run.engine  # self.engine: DeepSpeed's
         self.train_state, self.metrics, self.datasets = run.train_state, run.metrics, run.datasets
         self.stop_requested = False
-        self.step_metrics: dict[str, torch.Tensor] = {}
+        self.step_metrics: dict[str, float] = {}
         """A preference run's TRL metrics of its last step (rewards/chosen, ...)."""
         self.last_saved: Path | None = None
         self.flops_per_token = flops_per_token(cfg)
@@ -61,7 +61,8 @@ class Trainer:
     def _run_batch(self, batch) -> torch.Tensor:
         """One training step: its mean loss (a preference run's TRL metrics kept for the next log)."""
         if isinstance(self.run.loss_fn, PreferenceObjective):
-            loss, self.step_metrics = run_preference_batch(self.training_engine, batch, self.run.loss_fn, train=True)
+            loss, totals = run_preference_batch(self.training_engine, batch, self.run.loss_fn, train=True)
+            self.step_metrics = totals.means()
             return loss
         return run_global_batch(self.training_engine, batch, self.run.loss_fn, train=True)
 
@@ -106,8 +107,8 @@ class Trainer:
             self.metrics.close()
             return 0
         logger.info("training %d steps from step %d: %s x %d tokens per step (%s, pp %d x tp %d x dp %d)",
-                    cfg.train_iters, ts.step, f"{d.train_batch_size} pairs ({2 * d.train_batch_size} sequences)"
-                    if cfg.preference_loss else f"{d.train_batch_size} sequences", cfg.seq_length, cfg.precision,
+                    cfg.train_iters, ts.step, f"{d.train_batch_size} {'completions' if cfg.preference_loss == 'kto' else 'pairs'}"
+                    f" ({2 * d.train_batch_size} sequences)" if cfg.preference_loss else f"{d.train_batch_size} sequences", cfg.seq_length, cfg.precision,
                     cfg.pipe_parallel_size, cfg.model_parallel_size, dp)
         # Step time is measured over the steps since the last log (evaluations and saves left out), so the device
         # need not be waited for at every step.

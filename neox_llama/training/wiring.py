@@ -10,6 +10,7 @@ from pathlib import Path
 from neox_llama.checkpoint.adapter import adapter_file
 from neox_llama.checkpoint.paths import layer_file
 from neox_llama.config.schema import Config
+from neox_llama.data.feedback import build_feedback_datasets
 from neox_llama.data.instruction import build_instruction_datasets
 from neox_llama.data.loader import build_datasets, split_sample_counts
 from neox_llama.data.preference import build_preference_datasets
@@ -152,7 +153,8 @@ def build_data(cfg: Config, tokenizer: Tokenizer | None, finetune_info: ckpt.Fin
     ``finetune_info``) or token datasets (an empty split the run reads is said once, where ``announce``: rank 0); a
     run without a training split is an error."""
     if cfg.preference_data_path:
-        data = build_preference_datasets(cfg, tokenizer, split_sample_counts(cfg, start))
+        build = build_feedback_datasets if cfg.preference_loss == "kto" else build_preference_datasets
+        data = build(cfg, tokenizer, split_sample_counts(cfg, start))
         _same_style(finetune_info, data.style)
         datasets = data.datasets
     elif cfg.sft_data_path:
