@@ -240,6 +240,15 @@ for _stage in DP2_STAGES:  # cases of the shared 2-rank launch
     register(Case(f"preference-lora-dp2-zero{_stage}", 2, "train", lambda folder, stage=_stage: dpo_args(
         folder / "run", "num_gpus=2", "train_micro_batch_size_per_gpu=1", f"zero_optimization.stage={stage}")))
 
+FULL = ["lora_r=0", "optimizer.params.lr=1e-3", "train_iters=3", "eval_interval=3", "checkpoint_factor=3"]
+"""Full-model DPO (a frozen reference copy) over dpo_args' LoRA settings."""
+FULL_LAYOUTS = {"tp2": ["model_parallel_size=2"],
+                "zero3-dp2": ["zero_optimization.stage=3", "zero_optimization.stage3_param_persistence_threshold=0",
+                              "train_micro_batch_size_per_gpu=1"]}
+for _name, _layout in FULL_LAYOUTS.items():  # cases of the shared 2-rank launch
+    register(Case(f"preference-full-{_name}", 2, "train", lambda folder, layout=tuple(_layout): dpo_args(
+        folder / "run", *FULL, "num_gpus=2", *layout)))
+
 
 @pytest.fixture(scope="module")
 def dpo_run(finetune_setup, tmp_path_factory):
@@ -278,8 +287,6 @@ PREFERENCE_KEYS = ["tokenizer_type=null", "vocab_file=tok.model", "vocab_size=32
 BAD_CONFIGS = [
     (["preference_data_path=null"], "preference_loss and preference_data_path go together"),
     (["pipe_parallel_size=2", "num_gpus=2"], "preference_loss with pipe_parallel_size 2: a pair's two responses"),
-    (["lora_r=0", "zero_optimization.stage=3", "num_gpus=2"], "full-model preference tuning under ZeRO-3"),
-    (["lora_r=0", "model_parallel_size=2", "num_gpus=2"], "full-model preference tuning with tensor parallelism"),
     (["lora_r=0", "peft_method=adapter_v2"], "peft_method adapter_v2: it trains the base's norms"),
     (["dpo_beta=0"], "dpo_beta must be above 0, got 0"),
     (["dpo_label_smoothing=0.5"], "dpo_label_smoothing must be below 0.5"),
@@ -411,6 +418,26 @@ def test_dp2_at_zero_0_1_2_and_activation_checkpointing_follow_one_rank_and_a_re
     assert [r["loss"] for r in metrics(resumed)] == ones[2:]  # exactly
 
 
+@pytest.mark.uses_cases(*(f"preference-full-{name}" for name in FULL_LAYOUTS))
+def test_a_full_dpo_reference_sliced_by_tp2_or_partitioned_by_zero3_follows_one_rank(launched, tmp_path):
+    """Full-model DPO with its frozen reference copy sliced like the policy (tp2) or partitioned like it (ZeRO-3
+    over 2 data-parallel ranks, built under zero.Init) gives the one-rank losses and metrics."""
+    from helpers.finetune import metrics
+    from helpers.runner import ok
+    from helpers.training import start_deepy
+
+    one = tmp_path / "one"
+    proc = ok(start_deepy(dpo_args(one, *FULL)))
+    assert "fine-tuning from the weights of" in proc.stderr
+    ones = metrics(one)
+    assert ones[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and ones[-1]["loss"] != ones[0]["loss"]
+    for name in FULL_LAYOUTS:
+        others = metrics(launched(f"preference-full-{name}").check().folder / "run")
+        for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
+            a, b = [r[key] for r in ones], [r[key] for r in others]
+            assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 1e-5 * max(1.0, *map(abs, a)), (name, key, a, b)
+
+
 def test_a_dpo_lora_checkpoint_merges_and_generates_like_any_lora(dpo_run, tmp_path):
     from helpers import inprocess
     from helpers.runner import ROOT
@@ -471,6 +498,10 @@ def test_the_dry_run_estimate_counts_the_reference_copy_and_both_answers():
 
     plain, full, lora = estimate("sft_data_path=records.json"), estimate(*pairs), estimate(*pairs, "lora_r=8")
     assert full.reference == full.parameters * 4 and lora.reference == 0.0  # fp32 weights; LoRA: the base itself
+    zero3 = estimate(*pairs, "num_gpus=4", "zero_optimization.stage=3")  # partitioned like the policy's weights
+    assert zero3.reference == zero3.weights == pytest.approx(full.parameters * 4 / 4)
+    tp2 = estimate(*pairs, "num_gpus=2", "model_parallel_size=2")  # this rank's slice
+    assert tp2.reference == tp2.parameters * 4 < full.reference
     assert "preference reference copy" in full.text() and "preference reference copy" not in lora.text()
     assert full.activations > plain.activations  # two answers per pair
     assert full.total - plain.total >= full.reference

@@ -190,20 +190,11 @@ def _check_preference(cfg: Config, problems: _Problems) -> None:
         problems.add(("preference_loss", "pipe_parallel_size"),
                      f"preference_loss with pipe_parallel_size {cfg.pipe_parallel_size}: a pair's two responses and "
                      "the reference are scored together in one step, which DeepSpeed's pipeline schedule cannot "
-                     "run; use pipe_parallel_size 1 (tensor and data parallel, ZeRO 0-2)")
+                     "run; use pipe_parallel_size 1 (tensor and data parallel, ZeRO 0-3)")
     if cfg.peft_method == "adapter_v2":
         problems.add(("preference_loss", "peft_method"),
                      "preference tuning with peft_method adapter_v2: it trains the base's norms, so the base with the "
                      "adapters switched off is not the reference; use lora_r or peft_method adapter")
-    full = not cfg.lora_r and cfg.peft_method not in ("adapter", "adapter_v2")
-    if full and cfg.zero_optimization.stage == 3:
-        problems.add(("preference_loss", "zero_optimization.stage"),
-                     "full-model preference tuning under ZeRO-3 needs its reference copy partitioned like the policy, "
-                     "which is not built yet: use ZeRO 0-2, or LoRA (lora_r), whose reference is the frozen base")
-    if full and cfg.model_parallel_size > 1:
-        problems.add(("preference_loss", "model_parallel_size"),
-                     "full-model preference tuning with tensor parallelism needs its reference copy sliced like the "
-                     "policy, which is not built yet: use model_parallel_size 1, or LoRA (lora_r)")
 
 
 def _check_finetune(cfg: Config, problems: _Problems) -> None:

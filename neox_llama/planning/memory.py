@@ -91,8 +91,9 @@ class MemoryEstimate:
     workers: float = 0.0
     """On CPU, the rank's data-loader workers (``num_workers`` per loader, DATA_WORKER each), in host RAM."""
     reference: float = 0.0
-    """A preference run's frozen reference copy of the weights (full fine-tuning; LoRA and Adapter runs use their
-    base with the adapters switched off, no copy)."""
+    """A preference run's frozen reference copy of the weights (full fine-tuning), placed like the policy's: this
+    rank's tensor-parallel slice, its partition under ZeRO-3 (LoRA and Adapter runs use their base with the adapters
+    switched off, no copy)."""
 
     @property
     def total(self) -> float:
@@ -219,7 +220,7 @@ def estimate_memory(cfg: Config, accelerator: str = "cpu") -> MemoryEstimate:
     loaders = 1 + (EVALUATION_LOADERS if cfg.eval_iters else 0)
     workers = cfg.num_workers * loaders * DATA_WORKER if accelerator != "cuda" else 0.0
     full_reference = cfg.preference_loss and not cfg.lora_r and cfg.peft_method not in ("adapter", "adapter_v2")
-    reference = params * weight_bytes if full_reference else 0.0  # placed like the policy: whole on ZeRO 0-2
+    reference = weights if full_reference else 0.0  # placed like the policy: sliced by tp, partitioned by ZeRO-3
     return MemoryEstimate(params, weights, gradients, optimizer, full, checkpointed, cfg.checkpoint_activations,
                           startup, workspace, buffers, host, nvme, cfg.checkpoint_granularity, runtime, workers,
                           reference)

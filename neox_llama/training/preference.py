@@ -16,6 +16,8 @@ negative log-likelihood of every chosen response token of the step.
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,8 @@ from neox_llama.peft.switch import adapters_disabled
 from neox_llama.training import checkpointing as ckpt
 from neox_llama.training.engine import TrainingEngine
 
+logger = logging.getLogger("train")
+
 FROZEN_COPY, BASE_WITHOUT_ADAPTERS = "frozen_copy", "base_without_adapters"
 
 
@@ -59,6 +63,8 @@ class PreferenceObjective:
     true_vocab: int
     reference: nn.Module | None = None
     """The frozen copy (full fine-tuning); None: the policy with its adapters switched off."""
+    reference_engine: object | None = None
+    """Under ZeRO-3: the DeepSpeed engine (no optimizer) whose hooks gather the frozen copy's partitions."""
 
     @property
     def reference_kind(self) -> str:
@@ -75,18 +81,49 @@ class PreferenceObjective:
 
 
 def build_reference(cfg: Config, args: LlamaArgs, training_engine: TrainingEngine, weights: Path | None,
-                    true_vocab: int) -> PreferenceObjective:
-    """The objective; for full fine-tuning, the frozen copy of ``weights`` (the run's starting checkpoint), built and
-    filled like the policy, in the engine's dtype and on its device."""
+                    true_vocab: int, accelerator: str = "cpu") -> PreferenceObjective:
+    """The objective; for full fine-tuning, the frozen copy of ``weights`` (the run's starting checkpoint), placed
+    like the policy: whole on 1 rank and under ZeRO 0-2, sliced like it under tensor parallelism (the same layer
+    factory), partitioned like it under ZeRO-3 (built under ``deepspeed.zero.Init``, filled one gathered layer at a
+    time, run by a DeepSpeed engine without an optimizer that gathers each layer for its forward, as TRL places
+    its reference under ZeRO-3); in the engine's dtype and on its device."""
     settings = settings_of(cfg)
     if peft_settings(cfg) is not None:
         return PreferenceObjective(settings, true_vocab)
     state = training_engine.state
+    placement = ("partitioned over the data-parallel ranks (ZeRO-3)" if training_engine.zero_stage == 3 else
+                 "whole on each data-parallel rank") + (f", sliced by tensor parallel {state.tp_size}"
+                                                        if state.tp_size > 1 else "")
+    logger.info("preference reference: a frozen copy of %s, %s", weights, placement)
+    if training_engine.zero_stage == 3:
+        engine = _partitioned_copy(cfg, args, state, weights, accelerator)
+        return PreferenceObjective(settings, true_vocab, engine.module, engine)
     module = build_module(args, state, initialize=False)
     ckpt.load_layer_weights(module, state, weights, args)
     policy = next(training_engine.engine.module.parameters())
     module.to(device=policy.device, dtype=policy.dtype).eval().requires_grad_(False)
     return PreferenceObjective(settings, true_vocab, module)
+
+
+def _partitioned_copy(cfg: Config, args: LlamaArgs, state, weights: Path | None, accelerator: str):
+    """The frozen copy under ZeRO-3, partitioned over the data-parallel group from construction, in a DeepSpeed
+    engine without an optimizer that gathers it layer by layer for each forward."""
+    import deepspeed
+
+    from neox_llama.config.deepspeed_json import deepspeed_config
+
+    config = deepspeed_config(cfg, accelerator, zero_stage=3)
+    with torch.device("cpu"):
+        torch.empty(0)  # see training.engine.build_partitioned: torch's constructor cache, filled outside zero.Init
+    with deepspeed.zero.Init(config_dict_or_path=config, mpu=state, data_parallel_group=state.dp_group):
+        module = build_module(args, state, initialize=False)
+    ckpt.load_layer_weights(module, state, weights, args)
+    module.requires_grad_(False)
+    inference = {k: v for k, v in config.items() if k not in ("optimizer", "scheduler")}
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints memory reports on rank 0
+        engine, *_ = deepspeed.initialize(model=module, config=inference, mpu=state)
+    engine.eval()
+    return engine
 
 
 @contextlib.contextmanager

@@ -74,7 +74,7 @@ def build_run(cfg: Config, info: RankInfo, accelerator: str, tokenizer: Tokenize
     loss_fn: CausalLMLoss | PreferenceObjective = CausalLMLoss(training_engine.factory)
     if cfg.preference_loss:  # the reference: the starting checkpoint (a resumed run's base), or its adapters off
         start = Path(plan.base.path) if plan.resume is not None and plan.base is not None else plan.weights
-        loss_fn = agree(lambda: build_reference(cfg, args, training_engine, start, tokenizer.vocab_size))
+        loss_fn = agree(lambda: build_reference(cfg, args, training_engine, start, tokenizer.vocab_size, accelerator))
         finetune_info.preference = loss_fn.describe()
     train_state = start_state(cfg, plan, training_engine, info.rank)
     metrics = agree(lambda: MetricsWriter(cfg, info.rank, resume_step=train_state.step))
