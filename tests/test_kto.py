@@ -183,6 +183,7 @@ BAD_CONFIGS = [
     (["train_micro_batch_size_per_gpu=1"], "preference_loss kto with train_micro_batch_size_per_gpu 1"),
     (["rpo_alpha=0.5"], "rpo_alpha (an SFT term on the chosen answers of pairs) applies to preference_loss dpo or"),
     (["preference_loss=dpo", "kto_desirable_weight=2"], "kto_desirable_weight applies to preference_loss kto, not"),
+    (["preference_reference=precomputed"], "preference_reference precomputed with preference_loss kto: KTO's "),
 ]
 
 

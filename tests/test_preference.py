@@ -250,6 +250,19 @@ for _name, _layout in FULL_LAYOUTS.items():  # cases of the shared 2-rank launch
         folder / "run", *FULL, "num_gpus=2", *layout)))
 
 
+def own_pairs(folder: Path) -> str:
+    """A copy of the session's pairs in ``folder``: its precomputed reference file is this run's own."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"preference_data_path={shutil.copy(pairs_file(), folder / 'pairs.json')}"
+
+
+register(Case("preference-full-zero3-dp2-precomputed", 2, "train", lambda folder: dpo_args(
+    folder / "run", *FULL, "num_gpus=2", *FULL_LAYOUTS["zero3-dp2"], "preference_reference=precomputed",
+    own_pairs(folder))))
+
+
 @pytest.fixture(scope="module")
 def dpo_run(finetune_setup, tmp_path_factory):
     from helpers.runner import ok
@@ -418,10 +431,14 @@ def test_dp2_at_zero_0_1_2_and_activation_checkpointing_follow_one_rank_and_a_re
     assert [r["loss"] for r in metrics(resumed)] == ones[2:]  # exactly
 
 
-@pytest.mark.uses_cases(*(f"preference-full-{name}" for name in FULL_LAYOUTS))
-def test_a_full_dpo_reference_sliced_by_tp2_or_partitioned_by_zero3_follows_one_rank(launched, tmp_path):
+@pytest.mark.uses_cases(*(f"preference-full-{name}" for name in FULL_LAYOUTS), "preference-full-zero3-dp2-precomputed")
+def test_a_full_dpo_reference_sliced_by_tp2_partitioned_by_zero3_or_precomputed_follows_one_rank(launched, tmp_path):
     """Full-model DPO with its frozen reference copy sliced like the policy (tp2) or partitioned like it (ZeRO-3
-    over 2 data-parallel ranks, built under zero.Init) gives the one-rank losses and metrics."""
+    over 2 data-parallel ranks, built under zero.Init), or with the reference log-probabilities precomputed (on
+    1 rank, and on 2 ZeRO-3 ranks each scoring its share), gives the one-rank losses and metrics; a precomputed run
+    resumed without its reference file computes it again from the starting weights, not the moved policy."""
+    import shutil
+
     from helpers.finetune import metrics
     from helpers.runner import ok
     from helpers.training import start_deepy
@@ -431,11 +448,54 @@ def test_a_full_dpo_reference_sliced_by_tp2_or_partitioned_by_zero3_follows_one_
     assert "fine-tuning from the weights of" in proc.stderr
     ones = metrics(one)
     assert ones[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and ones[-1]["loss"] != ones[0]["loss"]
-    for name in FULL_LAYOUTS:
-        others = metrics(launched(f"preference-full-{name}").check().folder / "run")
+    pre = tmp_path / "precomputed"
+    data = own_pairs(tmp_path / "data")
+    proc = ok(start_deepy(dpo_args(pre, *FULL, "preference_reference=precomputed", "checkpoint_factor=1", data)))
+    assert "computed by the starting weights" in proc.stderr and "preference reference: a frozen copy" not in proc.stderr
+    files = sorted((tmp_path / "data").glob(".pairs.json.*.reference.npy"))
+    assert len(files) == 2  # the training and validation splits
+    resumed = tmp_path / "resumed"
+    shutil.copytree(pre / "global_step1", resumed / "global_step1")
+    (resumed / "latest").write_text("global_step1")
+    for file in files:
+        file.unlink()
+    proc = ok(start_deepy(dpo_args(resumed, *FULL, "preference_reference=precomputed", data, f"load={resumed}",
+                                   "finetune=false")))
+    assert "preference reference: a frozen copy" in proc.stderr  # the temporary copy of the starting weights
+    runs = {name: launched(f"preference-full-{name}").check().folder / "run" for name in FULL_LAYOUTS}
+    runs["zero3-dp2-precomputed"] = launched("preference-full-zero3-dp2-precomputed").check().folder / "run"
+    runs["precomputed"] = pre
+    for name, run in runs.items():
+        others = metrics(run)
         for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
             a, b = [r[key] for r in ones], [r[key] for r in others]
             assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 1e-5 * max(1.0, *map(abs, a)), (name, key, a, b)
+    exact = [r["loss"] for r in metrics(pre)]
+    assert max(abs(a - b) for a, b in zip(exact, [r["loss"] for r in ones], strict=True)) <= 1e-6
+    assert [r["loss"] for r in metrics(resumed)] == exact[1:]  # reference values computed again, equal
+
+
+def test_precomputed_reference_logps_give_the_model_reference_losses_and_are_read_back(dpo_run, tmp_path):
+    """LoRA DPO with preference_reference precomputed (the base with its adapters off, scored once before training)
+    equals the model-reference run (<= 1e-6, training and validation); the next run reads the file back."""
+    from helpers.finetune import metrics
+    from helpers.runner import ok
+    from helpers.training import start_deepy
+
+    save, _ = dpo_run
+    data = own_pairs(tmp_path / "data")
+    pre = tmp_path / "pre"
+    proc = ok(start_deepy(dpo_args(pre, "preference_reference=precomputed", data)))
+    assert "computed by the base with its adapters off" in proc.stderr
+    for key in ("loss", "valid_loss", "valid_rewards/margins", "valid_logps/chosen"):
+        want, got = [r[key] for r in metrics(save, key)], [r[key] for r in metrics(pre, key)]
+        assert max(abs(a - b) for a, b in zip(want, got, strict=True)) <= 1e-6, (key, want, got)
+    again = tmp_path / "again"
+    proc = ok(start_deepy(dpo_args(again, "preference_reference=precomputed", data, "train_iters=1")))
+    assert proc.stderr.count("read from") == 2 and "computed by" not in proc.stderr
+    assert metrics(again)[0]["loss"] == metrics(pre)[0]["loss"]
+    meta = json.loads((pre / "global_step4" / "metadata.json").read_text())
+    assert meta["preference"]["reference_logps"] == "precomputed"
 
 
 def test_a_dpo_lora_checkpoint_merges_and_generates_like_any_lora(dpo_run, tmp_path):
@@ -493,15 +553,17 @@ def test_the_dry_run_estimate_counts_the_reference_copy_and_both_answers():
             "precision=fp32"]
     pairs = ["preference_loss=dpo", "preference_data_path=pairs.json"]
 
-    def estimate(*extra: str):
-        return estimate_memory(load_config([ROOT / "configs/llama3/tiny.yml"], [*keys, *extra], tokenizer_vocab=320))
+    def estimate(*extra: str, world_size: int = 1):
+        return estimate_memory(load_config([ROOT / "configs/llama3/tiny.yml"], [*keys, *extra], tokenizer_vocab=320,
+                                           world_size=world_size))
 
     plain, full, lora = estimate("sft_data_path=records.json"), estimate(*pairs), estimate(*pairs, "lora_r=8")
     assert full.reference == full.parameters * 4 and lora.reference == 0.0  # fp32 weights; LoRA: the base itself
-    zero3 = estimate(*pairs, "num_gpus=4", "zero_optimization.stage=3")  # partitioned like the policy's weights
+    zero3 = estimate(*pairs, "zero_optimization.stage=3", world_size=4)  # partitioned like the policy's weights
     assert zero3.reference == zero3.weights == pytest.approx(full.parameters * 4 / 4)
-    tp2 = estimate(*pairs, "num_gpus=2", "model_parallel_size=2")  # this rank's slice
+    tp2 = estimate(*pairs, "model_parallel_size=2", world_size=2)  # this rank's slice
     assert tp2.reference == tp2.parameters * 4 < full.reference
+    assert estimate(*pairs, "preference_reference=precomputed").reference == 0.0  # no copy while training
     assert "preference reference copy" in full.text() and "preference reference copy" not in lora.text()
     assert full.activations > plain.activations  # two answers per pair
     assert full.total - plain.total >= full.reference

@@ -222,6 +222,7 @@ class FinetuneArgs:
     dpo_beta: float = doc_field(0.1, "Beta of DPO, IPO and KTO: how far the policy may move from the reference (larger = closer).", minimum=0.0)
     dpo_label_smoothing: float = doc_field(0.0, "Conservative DPO's label smoothing: the share of pairs assumed mislabelled, in [0, 0.5) (dpo only).", minimum=0.0, maximum=0.5)
     rpo_alpha: float = doc_field(0.0, "Weight of an SFT term (mean negative log-likelihood of the chosen responses' tokens) added to the preference loss (TRL's rpo_alpha).", minimum=0.0)
+    preference_reference: Literal["model", "precomputed"] = doc_field("model", "Where DPO/IPO's reference log-probabilities come from: model = the reference model in every step; precomputed = computed once before training (each data-parallel rank its share of the pairs, training and validation), written beside the data keyed by the base's fingerprint and the tokenised pairs, read back by later runs; training then holds no reference copy and runs no reference forward. Not for kto (its mismatched rows depend on the micro-batch).")
     kto_desirable_weight: float = doc_field(1.0, "KTO: the weight of a desirable completion's loss (TRL's desirable_weight).", minimum=0.0)
     kto_undesirable_weight: float = doc_field(1.0, "KTO: the weight of an undesirable completion's loss (TRL's undesirable_weight).", minimum=0.0)
 

@@ -186,6 +186,11 @@ def _check_preference(cfg: Config, problems: _Problems) -> None:
                      f"preference_loss kto with train_micro_batch_size_per_gpu {cfg.train_micro_batch_size_per_gpu}: "
                      "KTO's reference point is estimated from each micro-batch's completions paired with other "
                      "prompts, which needs 2 or more; set train_micro_batch_size_per_gpu 2 or more")
+    if cfg.preference_reference == "precomputed" and cfg.preference_loss == "kto":
+        problems.add(("preference_reference", "preference_loss"),
+                     "preference_reference precomputed with preference_loss kto: KTO's mismatched rows pair each "
+                     "prompt with another completion of its micro-batch, known only when the batch is drawn; use "
+                     "preference_reference model")
     if cfg.pipe_parallel_size > 1:
         problems.add(("preference_loss", "pipe_parallel_size"),
                      f"preference_loss with pipe_parallel_size {cfg.pipe_parallel_size}: a pair's two responses and "

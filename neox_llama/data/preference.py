@@ -285,12 +285,15 @@ class PreferenceDataset:
     """``num_samples`` pairs from ``examples``, epoch after epoch, each in a fresh order drawn from the seed.
 
     A sample is both sides padded to ``seq_length + 1`` ids: ``tokens`` [2, seq + 1] (chosen, rejected),
-    ``trained`` (loss on predicting that id: the response's ids) and ``positions``.
+    ``trained`` (loss on predicting that id: the response's ids) and ``positions``; with precomputed reference
+    log-probabilities, ``reference`` [2] too (TRL's ``ref_chosen_logps`` / ``ref_rejected_logps`` columns).
     """
 
     def __init__(self, name: str, examples: list[PairExample], seq_length: int, num_samples: int, seed: int,
                  pad_id: int):
         self.name, self.examples, self.length, self.pad_id = name, examples, seq_length + 1, pad_id
+        self.reference: np.ndarray | None = None
+        """``preference_reference: precomputed``: [examples, 2] reference log-probabilities (chosen, rejected)."""
         self.order: list[int] = []
         self.epoch_starts: list[int] = [0]
         epoch = 0
@@ -308,7 +311,11 @@ class PreferenceDataset:
         return int(np.searchsorted(self.epoch_starts, sample, side="right"))
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        example = self.examples[self.order[index]]
+        return self.sample(self.order[index])
+
+    def sample(self, example_index: int) -> dict[str, np.ndarray]:
+        """Example ``example_index`` as a sample (with its precomputed reference log-probabilities, if any)."""
+        example = self.examples[example_index]
         tokens = np.full((2, self.length), self.pad_id, dtype=np.int64)
         trained = np.zeros((2, self.length), dtype=np.bool_)
         p = len(example.prompt)
@@ -317,7 +324,10 @@ class PreferenceDataset:
             tokens[row, :p], tokens[row, p:n] = example.prompt, response
             trained[row, p:n] = True
         positions = np.broadcast_to(np.arange(self.length), (2, self.length)).copy()
-        return {"tokens": tokens, "trained": trained, "positions": positions}
+        out = {"tokens": tokens, "trained": trained, "positions": positions}
+        if self.reference is not None:
+            out["reference"] = self.reference[example_index]
+        return out
 
     @staticmethod
     def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
@@ -326,8 +336,12 @@ class PreferenceDataset:
         trained = torch.from_numpy(np.concatenate([np.stack([s["trained"][side] for s in samples]) for side in (0, 1)]))
         positions = torch.from_numpy(np.concatenate([np.stack([s["positions"][side] for s in samples])
                                                      for side in (0, 1)]))
-        return {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
-                "loss_mask": trained[:, 1:].float().contiguous(), "position_ids": positions[:, :-1].contiguous()}
+        out = {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
+               "loss_mask": trained[:, 1:].float().contiguous(), "position_ids": positions[:, :-1].contiguous()}
+        if "reference" in samples[0]:  # precomputed: each row's reference log-probability, chosen rows first
+            out["reference_logps"] = torch.from_numpy(np.concatenate([np.stack([s["reference"][side] for s in samples])
+                                                                      for side in (0, 1)]))
+        return out
 
 
 @dataclass

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from neox_llama.config.schema import Config
+from neox_llama.errors import TrainingError
 from neox_llama.model.args import LlamaArgs
 from neox_llama.model.preference_loss import (
     KTO_METRICS,
@@ -65,10 +66,14 @@ class PreferenceObjective:
     """The frozen copy (full fine-tuning); None: the policy with its adapters switched off."""
     reference_engine: object | None = None
     """Under ZeRO-3: the DeepSpeed engine (no optimizer) whose hooks gather the frozen copy's partitions."""
+    full: bool = False
+    """Full fine-tuning: the reference is the starting weights (a frozen copy), not the base without adapters."""
+    precomputed: bool = False
+    """``preference_reference: precomputed``: the reference log-probabilities come with the data; no model."""
 
     @property
     def reference_kind(self) -> str:
-        return FROZEN_COPY if self.reference is not None else BASE_WITHOUT_ADAPTERS
+        return FROZEN_COPY if self.full else BASE_WITHOUT_ADAPTERS
 
     def describe(self) -> dict:
         """What a checkpoint records of the method (metadata.json: ``preference``)."""
@@ -76,20 +81,26 @@ class PreferenceObjective:
         if s.loss == "kto":
             return {"loss": s.loss, "beta": s.beta, "desirable_weight": s.desirable_weight,
                     "undesirable_weight": s.undesirable_weight, "reference": self.reference_kind}
-        return {"loss": s.loss, "beta": s.beta, "label_smoothing": s.label_smoothing, "rpo_alpha": s.rpo_alpha,
-                "reference": self.reference_kind}
+        out = {"loss": s.loss, "beta": s.beta, "label_smoothing": s.label_smoothing, "rpo_alpha": s.rpo_alpha,
+               "reference": self.reference_kind}
+        if self.precomputed:
+            out["reference_logps"] = "precomputed"
+        return out
 
 
 def build_reference(cfg: Config, args: LlamaArgs, training_engine: TrainingEngine, weights: Path | None,
-                    true_vocab: int, accelerator: str = "cpu") -> PreferenceObjective:
+                    true_vocab: int, accelerator: str = "cpu", copy: bool = False) -> PreferenceObjective:
     """The objective; for full fine-tuning, the frozen copy of ``weights`` (the run's starting checkpoint), placed
     like the policy: whole on 1 rank and under ZeRO 0-2, sliced like it under tensor parallelism (the same layer
     factory), partitioned like it under ZeRO-3 (built under ``deepspeed.zero.Init``, filled one gathered layer at a
     time, run by a DeepSpeed engine without an optimizer that gathers each layer for its forward, as TRL places
-    its reference under ZeRO-3); in the engine's dtype and on its device."""
+    its reference under ZeRO-3); in the engine's dtype and on its device. With ``preference_reference:
+    precomputed`` no copy is built unless ``copy`` (to precompute with, then released)."""
     settings = settings_of(cfg)
     if peft_settings(cfg) is not None:
-        return PreferenceObjective(settings, true_vocab)
+        return PreferenceObjective(settings, true_vocab, precomputed=cfg.preference_reference == "precomputed")
+    if cfg.preference_reference == "precomputed" and not copy:  # computed before training (training/reference_logps.py)
+        return PreferenceObjective(settings, true_vocab, full=True, precomputed=True)
     state = training_engine.state
     placement = ("partitioned over the data-parallel ranks (ZeRO-3)" if training_engine.zero_stage == 3 else
                  "whole on each data-parallel rank") + (f", sliced by tensor parallel {state.tp_size}"
@@ -97,12 +108,12 @@ def build_reference(cfg: Config, args: LlamaArgs, training_engine: TrainingEngin
     logger.info("preference reference: a frozen copy of %s, %s", weights, placement)
     if training_engine.zero_stage == 3:
         engine = _partitioned_copy(cfg, args, state, weights, accelerator)
-        return PreferenceObjective(settings, true_vocab, engine.module, engine)
+        return PreferenceObjective(settings, true_vocab, engine.module, engine, full=True)
     module = build_module(args, state, initialize=False)
     ckpt.load_layer_weights(module, state, weights, args)
     policy = next(training_engine.engine.module.parameters())
     module.to(device=policy.device, dtype=policy.dtype).eval().requires_grad_(False)
-    return PreferenceObjective(settings, true_vocab, module)
+    return PreferenceObjective(settings, true_vocab, module, full=True)
 
 
 def _partitioned_copy(cfg: Config, args: LlamaArgs, state, weights: Path | None, accelerator: str):
@@ -199,7 +210,7 @@ def _token_logps(logits: torch.Tensor, labels: torch.Tensor, objective: Preferen
     return -factory.token_cross_entropy(logits, labels)
 
 
-def _reference_logps(micro: dict[str, torch.Tensor], objective: PreferenceObjective,
+def reference_logps(micro: dict[str, torch.Tensor], objective: PreferenceObjective,
                      training_engine: TrainingEngine) -> torch.Tensor:
     """Each row's summed response log-probability under the reference."""
     module = training_engine.engine.module if objective.reference is None else objective.reference
@@ -212,7 +223,13 @@ def _pair_step(micro: dict[str, torch.Tensor], batch: PreferenceBatch, objective
                training_engine: TrainingEngine, train: bool) -> tuple[torch.Tensor, PreferenceTotals]:
     """DPO / IPO on one micro-batch of pairs: its share of the step's loss and its metric sums."""
     settings, engine = objective.settings, training_engine.engine
-    reference = _reference_logps(micro, objective, training_engine)
+    if "reference_logps" in micro:  # precomputed before training
+        reference = micro["reference_logps"]
+    elif objective.precomputed:
+        raise TrainingError("preference_reference precomputed: a micro-batch came without its reference "
+                            "log-probabilities")
+    else:
+        reference = reference_logps(micro, objective, training_engine)
     with contextlib.nullcontext() if train else torch.no_grad():
         token_logps = _token_logps(engine(micro["input_ids"], micro["position_ids"]), micro["labels"], objective,
                                    training_engine)
@@ -233,7 +250,7 @@ def _feedback_step(micro: dict[str, torch.Tensor], batch: PreferenceBatch, objec
     """KTO on one micro-batch: the reference point from its mismatched rows (averaged over the data-parallel ranks'
     micro-batches, as TRL gathers it), then each completion's loss; its share of the step's loss and metric sums."""
     engine, half = training_engine.engine, len(micro["input_ids"]) // 2
-    reference = _reference_logps(micro, objective, training_engine)
+    reference = reference_logps(micro, objective, training_engine)
     main = {k: v[:half] for k, v in micro.items() if k != "desirable"}
     mismatched = {k: v[half:] for k, v in micro.items() if k != "desirable"}
     with torch.no_grad():

@@ -27,6 +27,7 @@ from neox_llama.training.load_plan import LoadPlan, plan_load
 from neox_llama.training.metrics import MetricsWriter
 from neox_llama.training.optimizer_state import load_optimizer_state
 from neox_llama.training.preference import PreferenceObjective, build_reference
+from neox_llama.training.reference_logps import attach_reference_logps
 
 logger = logging.getLogger("train")
 
@@ -80,8 +81,30 @@ def build_run(cfg: Config, info: RankInfo, accelerator: str, tokenizer: Tokenize
     metrics = agree(lambda: MetricsWriter(cfg, info.rank, resume_step=train_state.step))
     datasets = build_data(cfg, tokenizer, finetune_info, announce=info.rank == 0,
                           start=(train_state.step, train_state.consumed_samples))
+    if cfg.preference_loss and cfg.preference_reference == "precomputed":
+        _precompute_reference(cfg, plan, training_engine, loss_fn, datasets, info, accelerator, args)
     return TrainingRun(cfg, info, accelerator, tokenizer, plan, training_engine, train_state, finetune_info, metrics,
                        datasets, loss_fn)
+
+
+def _precompute_reference(cfg: Config, plan: LoadPlan, training_engine: TrainingEngine,
+                          objective: PreferenceObjective, datasets: dict, info: RankInfo, accelerator: str,
+                          args: LlamaArgs) -> None:
+    """The splits' reference log-probabilities, read or computed before the first step: by the base with its
+    adapters off (LoRA, Adapter), by the policy itself before it has moved (a fresh full fine-tune), else by a
+    temporary frozen copy of the starting weights."""
+    start = Path(plan.base.path) if plan.resume is not None and plan.base is not None else plan.weights
+
+    def scorer() -> PreferenceObjective:
+        if not objective.full:
+            return objective
+        if plan.resume is None:
+            module = training_engine.engine.module
+            return PreferenceObjective(objective.settings, objective.true_vocab, module, full=True)
+        return build_reference(cfg, args, training_engine, start, objective.true_vocab, accelerator, copy=True)
+
+    fingerprint = plan.base.fingerprint if plan.base is not None else str(start)
+    attach_reference_logps(cfg, datasets, objective, training_engine, fingerprint, info.device, info.rank, scorer)
 
 
 def start_state(cfg: Config, plan: LoadPlan, training_engine: TrainingEngine, rank: int) -> ckpt.TrainingState:
