@@ -112,6 +112,21 @@ def _check_names(params: dict, names: set[str], path: Path) -> None:
                               "different model (biases, tying or layer kinds differ)")
 
 
+def starts_fresh(layer: nn.Module, path: Path) -> bool:
+    """Whether ``layer`` is a reward model's score head whose file is a language model's (a vocabulary head, or none
+    for a tied one): a reward model fine-tuned from a language model keeps its freshly initialised score head, as
+    ``AutoModelForSequenceClassification`` does from a causal LM."""
+    if not hasattr(layer, "score"):
+        return False
+    if not path.is_file():
+        return True
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return "score.weight" not in set(handle.keys())
+    except (SafetensorError, OSError):
+        return False  # unreadable: the reader says so
+
+
 @torch.no_grad()
 def fill_layer_from_file(layer: nn.Module, path: Path) -> None:
     """Fill ``layer`` from its layout-free file reading only this rank's tensor-parallel slice of each tensor
@@ -172,6 +187,8 @@ def check_shapes(folder: Path, args: LlamaArgs, only: set[int] | None = None) ->
                               "different model")
     for index, layer in expected.items():
         path = layer_file(folder, index)
+        if starts_fresh(layer, path):
+            continue
         if not path.is_file():
             raise CheckpointError(f"{path}: missing (the checkpoint has no weights for layer {index})")
         try:
@@ -211,4 +228,6 @@ def fill_layers(layers: dict[int, nn.Module], folder: Path, expected: set[int] |
     for index, layer in layers.items():
         if next(layer.parameters(), None) is None:
             continue  # e.g. a tied head, which reuses the embedding's weight
+        if starts_fresh(layer, layer_file(folder, index)):
+            continue  # a reward model's score head over a language model's checkpoint: as initialised
         fill_layer_from_file(layer, layer_file(folder, index))

@@ -107,6 +107,15 @@ def _preference(lm, args: argparse.Namespace) -> int:
     run = lm.run
     recorded = next((a.metadata.preference for a in reversed(run.adapters) if a.metadata.preference), None) \
         or run.metadata.preference or {}
+    if run.args.num_labels:  # a reward model: pairwise accuracy, no reference
+        from neox_llama.evaluation.preference import evaluate_reward_pairs
+
+        result = evaluate_reward_pairs(lm, args.preference_data, lm.run.prompt_style, args.seq_length,
+                                       args.batch_size, recorded.get("margin_key"))
+        if args.output:
+            atomic_write_text(args.output, result.to_json() + "\n")
+        print(result.summary())
+        return 0
     reference = args.reference
     if reference is None and run.adapters:
         reference = str(run.folder)  # the base with the adapters switched off

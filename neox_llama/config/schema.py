@@ -24,7 +24,7 @@ LRDecayStyle = Literal["cosine", "linear", "constant", "inverse_sqrt"]
 PromptStyle = Literal["alpaca", "llama2-chat", "llama3-chat", "plain"]
 LoraTarget = Literal["query", "key", "value", "output", "mlp", "gate", "up", "down", "head"]
 PeftMethod = Literal["lora", "adapter", "adapter_v2"]
-PreferenceLoss = Literal["dpo", "ipo", "kto"]
+PreferenceLoss = Literal["dpo", "ipo", "kto", "rm"]
 AdapterGate = Literal["per_layer", "per_head"]
 LauncherType = Literal["pdsh", "openmpi", "mvapich", "slurm", "impi"]
 OffloadDevice = Literal["none", "cpu", "nvme"]
@@ -116,6 +116,7 @@ class ModelArgs:
     use_bias_in_attn_linear: bool = doc_field(False, "Biases on the query/key/value/output projections.")
     use_bias_in_mlp: bool = doc_field(False, "Biases on the MLP projections.")
     no_weight_tying: bool = doc_field(True, "True: separate output head (Llama-2/3); false: head shares the embedding matrix (Llama-3.2).")
+    reward_head: bool = doc_field(False, "The model ends in a reward model's scalar score head (transformers' LlamaForSequenceClassification with num_labels 1) instead of the vocabulary head: set by convert_from_hf.py for such a model; preference_loss rm implies it.")
     init_method_std: float = doc_field(0.02, "Standard deviation of the normal initialisation.", minimum=0.0)
     attention_dropout: float = doc_field(0.0, "Dropout on attention probabilities.", minimum=0.0, maximum=1.0)
     hidden_dropout: float = doc_field(0.0, "Dropout on each block's residual branches.", minimum=0.0, maximum=1.0)
@@ -216,13 +217,14 @@ class FinetuneArgs:
     prompt_style: PromptStyle | None = doc_field(None, "Template that renders records: alpaca, llama2-chat, llama3-chat or plain; unset = alpaca for Alpaca records, the model family's chat style for chat records. Saved with the checkpoint.")
     mask_prompt: bool = doc_field(True, "Loss on response tokens only (every assistant turn of a chat); LitGPT defaults to false (loss on the prompt too).")
     sft_packing: bool = doc_field(False, "Pack whole records into each seq_length sample (positions restart, attention stays within a record); false = one record per sample, padded.")
-    preference_loss: PreferenceLoss | None = doc_field(None, "Preference tuning on preference_data_path: dpo (the sigmoid loss; Rafailov et al.), ipo (TRL's form: log-probabilities averaged per response token) on pairs, or kto (Ethayarajh et al.; TRL's form) on unpaired completions with a boolean label; unset = no preference tuning. The reference model is the frozen base with the adapters switched off (LoRA, Adapter) or a frozen copy of the starting weights (full fine-tuning).")
+    preference_loss: PreferenceLoss | None = doc_field(None, "Preference tuning on preference_data_path: dpo (the sigmoid loss; Rafailov et al.), ipo (TRL's form: log-probabilities averaged per response token) on pairs, kto (Ethayarajh et al.; TRL's form) on unpaired completions with a boolean label, or rm (a reward model: a scalar score head on the last token, the Bradley-Terry loss on pairs, TRL's RewardTrainer); unset = no preference tuning. The reference model is the frozen base with the adapters switched off (LoRA, Adapter) or a frozen copy of the starting weights (full fine-tuning).")
     preference_data_path: str | None = doc_field(None, "Preference pairs: a JSON list or JSONL of {prompt, chosen, rejected} records (strings, or messages), chosen/rejected conversations sharing a prefix, or LLaMA-Factory's ShareGPT pairs (conversations + chosen/rejected); for kto, labelled completions: {messages, label} (LLaMA-Factory's KTO format) or {prompt, completion, label}; replaces data_path.")
     preference_valid_data_path: str | None = doc_field(None, "Validation pairs (kto: labelled completions); unset = val_split_fraction of preference_data_path is held out.")
     dpo_beta: float = doc_field(0.1, "Beta of DPO, IPO and KTO: how far the policy may move from the reference (larger = closer).", minimum=0.0)
     dpo_label_smoothing: float = doc_field(0.0, "Conservative DPO's label smoothing: the share of pairs assumed mislabelled, in [0, 0.5) (dpo only).", minimum=0.0, maximum=0.5)
     rpo_alpha: float = doc_field(0.0, "Weight of an SFT term (mean negative log-likelihood of the chosen responses' tokens) added to the preference loss (TRL's rpo_alpha).", minimum=0.0)
     preference_reference: Literal["model", "precomputed"] = doc_field("model", "Where DPO/IPO's reference log-probabilities come from: model = the reference model in every step; precomputed = computed once before training (each data-parallel rank its share of the pairs, training and validation), written beside the data keyed by the base's fingerprint and the tokenised pairs, read back by later runs; training then holds no reference copy and runs no reference forward. Not for kto (its mismatched rows depend on the micro-batch).")
+    rm_margin_key: str | None = doc_field(None, "rm: the record field holding a margin the chosen score must beat the rejected one by (loss -log sigmoid(r_chosen - r_rejected - margin), TRL's margin column); unset = no margin.")
     kto_desirable_weight: float = doc_field(1.0, "KTO: the weight of a desirable completion's loss (TRL's desirable_weight).", minimum=0.0)
     kto_undesirable_weight: float = doc_field(1.0, "KTO: the weight of an undesirable completion's loss (TRL's undesirable_weight).", minimum=0.0)
 

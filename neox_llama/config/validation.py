@@ -144,7 +144,14 @@ def _sft_and_token_data(cfg: Config, token_key: str) -> str:
 
 
 def _check_preference(cfg: Config, problems: _Problems) -> None:
-    """Preference tuning (DPO, IPO): its data, its settings, and the layouts it runs at (docs/finetuning.md)."""
+    """Preference tuning (DPO, IPO, KTO, reward models): its data, its settings, and the layouts it runs at
+    (docs/finetuning.md)."""
+    trains_tokens = [k for k in ("data_path", "train_data_paths", "sft_data_path") if getattr(cfg, k)]
+    if cfg.reward_head and ((cfg.preference_loss and cfg.preference_loss != "rm") or trains_tokens):
+        what = f"preference_loss {cfg.preference_loss}" if cfg.preference_loss else trains_tokens[0]
+        problems.add(("reward_head", "preference_loss" if cfg.preference_loss else trains_tokens[0]),
+                     f"reward_head with {what}: a reward model scores sequences instead of predicting tokens, so it "
+                     "trains only as one: set preference_loss rm and preference_data_path (pairs)")
     if cfg.preference_valid_data_path and not cfg.preference_data_path:
         problems.add("preference_valid_data_path", "preference_valid_data_path is set but preference_data_path (the "
                                                    "training pairs) is not")
@@ -174,9 +181,16 @@ def _check_preference(cfg: Config, problems: _Problems) -> None:
     if cfg.dpo_label_smoothing and cfg.preference_loss != "dpo":
         problems.add(("dpo_label_smoothing", "preference_loss"), "dpo_label_smoothing (conservative DPO) applies to "
                                                                  f"preference_loss dpo, not {cfg.preference_loss}")
-    if cfg.rpo_alpha and cfg.preference_loss == "kto":
+    if cfg.rpo_alpha and cfg.preference_loss in ("kto", "rm"):
         problems.add(("rpo_alpha", "preference_loss"), "rpo_alpha (an SFT term on the chosen answers of pairs) applies "
-                                                       "to preference_loss dpo or ipo, not kto")
+                                                       f"to preference_loss dpo or ipo, not {cfg.preference_loss}")
+    if cfg.rm_margin_key and cfg.preference_loss != "rm":
+        problems.add(("rm_margin_key", "preference_loss"), f"rm_margin_key applies to preference_loss rm (a reward "
+                                                           f"model), not {cfg.preference_loss}")
+    if cfg.preference_loss == "rm" and cfg.preference_reference == "precomputed":
+        problems.add(("preference_reference", "preference_loss"), "preference_reference precomputed with "
+                                                                  "preference_loss rm: a reward model has no reference "
+                                                                  "model; leave preference_reference unset")
     kto_weights = ("kto_desirable_weight", "kto_undesirable_weight")
     if cfg.preference_loss != "kto" and any(getattr(cfg, k) != 1.0 for k in kto_weights):
         key = next(k for k in kto_weights if getattr(cfg, k) != 1.0)

@@ -17,7 +17,7 @@ from neox_llama.checkpoint.paths import CheckpointError, layer_file
 from neox_llama.checkpoint.run import Run, load_run
 from neox_llama.checkpoint.weights import check_finite, layer_indices, read_layer_file
 from neox_llama.convert.hf_names import expected_shape, hf_config_dict, hf_to_ours
-from neox_llama.convert.hf_tokenizer_export import write_tokenizer_files
+from neox_llama.convert.hf_tokenizer_export import reward_pad_id, write_tokenizer_files
 from neox_llama.utils.files import building_dir, default_file_mode, output_dir_problem
 
 logger = logging.getLogger(__name__)
@@ -150,13 +150,21 @@ def export_to_hf(checkpoint: str | Path, output: str | Path, dtype: str = "bf16"
         config_kwargs = hf_config_dict(ckpt.args, ckpt.true_vocab)
     except ValueError as err:
         raise CheckpointError(f"{ckpt.folder}: {err}") from None
+    reward = bool(ckpt.args.num_labels)
+    pad = reward_pad_id(ckpt.tokenizer) if reward and ckpt.tokenizer else None
+    if reward and pad is None:
+        raise CheckpointError(f"{ckpt.folder}: a reward model's export needs a pad token that is never a real token "
+                              "(transformers scores the last token that is not padding), and its tokenizer has none "
+                              "(no pad, no unknown token besides BOS/EOS)")
+    architecture = "LlamaForSequenceClassification" if reward else "LlamaForCausalLM"
     with building_dir(output) as tmp:
-        ids = write_tokenizer_files(ckpt.tokenizer, tmp, ckpt.prompt_style) if ckpt.tokenizer else {}
-        config = LlamaConfig(**config_kwargs, **ids, dtype=dtype_name(dtype), architectures=["LlamaForCausalLM"])
+        ids = write_tokenizer_files(ckpt.tokenizer, tmp, ckpt.prompt_style, pad) if ckpt.tokenizer else {}
+        config = LlamaConfig(**config_kwargs, **ids, dtype=dtype_name(dtype), architectures=[architecture])
         config.save_pretrained(tmp)
         _add_legacy_rope_keys(tmp / "config.json", config_kwargs["rope_parameters"])
         stops = [i for i in (ids.get("eos_token_id"), getattr(ckpt.tokenizer, "eot_id", None)) if i is not None]
-        GenerationConfig(bos_token_id=ids.get("bos_token_id"), eos_token_id=stops or None).save_pretrained(tmp)
+        if not reward:  # a reward model scores, it does not generate
+            GenerationConfig(bos_token_id=ids.get("bos_token_id"), eos_token_id=stops or None).save_pretrained(tmp)
         write_safetensors(hf_tensors(ckpt, DTYPES[dtype]), tmp, shard_bytes)
     logger.info("exported %s to %s (%s)", ckpt.folder, output, dtype)
     if ckpt.tokenizer and ckpt.prompt_style and (output / "chat_template.jinja").is_file():

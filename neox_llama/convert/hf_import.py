@@ -37,7 +37,13 @@ logger = logging.getLogger(__name__)
 def _model_settings(hf: dict, path: Path, pp: int, tp: int) -> dict:
     if hf.get("model_type") != "llama":
         raise CheckpointError(f"{path}: model_type {hf.get('model_type')!r} is not a Llama model "
-                              "(only LlamaForCausalLM directories can be imported)")
+                              "(only LlamaForCausalLM and LlamaForSequenceClassification directories can be imported)")
+    architectures = hf.get("architectures") or ["LlamaForCausalLM"]
+    reward = any(a.endswith("ForSequenceClassification") for a in architectures)
+    labels = len(hf.get("id2label") or {}) or hf.get("num_labels", 2)
+    if reward and labels != 1:
+        raise CheckpointError(f"{path}: a sequence classifier with {labels} labels; only reward models (num_labels 1) "
+                              "can be imported")
     rope = hf.get("rope_parameters") or {}
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type") not in (None, "default") else None)
@@ -60,6 +66,7 @@ def _model_settings(hf: dict, path: Path, pp: int, tp: int) -> dict:
         "no_weight_tying": not hf.get("tie_word_embeddings", False),
         "use_bias_in_attn_linear": bool(hf.get("attention_bias", False)), "use_bias_in_mlp": bool(hf.get("mlp_bias", False)),
         "pipe_parallel_size": pp, "model_parallel_size": tp,
+        **({"reward_head": True, "no_weight_tying": True} if reward else {}),
         "precision": "fp32" if str(hf.get("dtype", hf.get("torch_dtype"))) == "float32" else "bf16",
     }
     if kind in ROPE_KEYS:

@@ -34,7 +34,9 @@ def hf_to_ours(args: LlamaArgs) -> dict[str, str]:
     """Every Hugging Face tensor name of a model with ``args`` -> our parameter name."""
     n = args.num_layers
     table = {"model.embed_tokens.weight": "0.word_embeddings.weight", "model.norm.weight": f"{n + 1}.norm.weight"}
-    if not args.tie_embeddings:
+    if args.num_labels:  # a reward model: LlamaForSequenceClassification's score head
+        table["score.weight"] = f"{n + 2}.score.weight"
+    elif not args.tie_embeddings:
         table["lm_head.weight"] = f"{n + 2}.head.weight"
     for i in range(n):
         for hf, ours in BLOCK_TABLE:
@@ -61,10 +63,11 @@ def hf_config_dict(args: LlamaArgs, true_vocab_size: int | None = None) -> dict:
         "max_position_embeddings": args.max_position_embeddings,
         "rms_norm_eps": args.norm_epsilon,
         "rope_parameters": rope,
-        "tie_word_embeddings": args.tie_embeddings,
+        "tie_word_embeddings": args.tie_embeddings and not args.num_labels,
         "attention_bias": args.use_bias_in_attn_linear,
         "mlp_bias": args.use_bias_in_mlp,
         "hidden_act": "silu",
+        **({"num_labels": args.num_labels} if args.num_labels else {}),
     }
 
 
@@ -74,6 +77,7 @@ def expected_shape(args: LlamaArgs, name: str) -> tuple[int, ...]:
     q, kv = args.num_attention_heads * hd, args.num_kv_heads * hd
     shapes = {
         "word_embeddings.weight": (args.vocab_size, h), "head.weight": (args.vocab_size, h), "norm.weight": (h,),
+        "score.weight": (args.num_labels, h),
         "input_norm.weight": (h,), "post_attention_norm.weight": (h,),
         "attention.query.weight": (q, h), "attention.key.weight": (kv, h), "attention.value.weight": (kv, h),
         "attention.dense.weight": (h, q), "mlp.gate.weight": (inter, h), "mlp.up.weight": (inter, h),

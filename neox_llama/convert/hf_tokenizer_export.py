@@ -80,10 +80,23 @@ def _template(tokenizer: Tokenizer, prompt_style: str | None) -> str | None:
         return None
 
 
-def write_tokenizer_files(tokenizer: Tokenizer, output: Path, prompt_style: str | None = None) -> dict:
+def reward_pad_id(tokenizer: Tokenizer) -> int | None:
+    """A pad id for a reward model's export: transformers scores the rightmost token that is not padding, so the pad
+    must never be a real token of a scored sequence (not BOS, EOS or end-of-turn): the tokenizer's own pad, else its
+    unknown token (sentencepiece with byte fallback never produces it), else None."""
+    taken = {tokenizer.bos_id, tokenizer.eos_id, getattr(tokenizer, "eot_id", None)}
+    if tokenizer.pad_id is not None and tokenizer.pad_id not in taken:
+        return tokenizer.pad_id
+    candidates = [i for t, i in sorted(tokenizer.special_tokens.items(), key=lambda kv: kv[1])
+                  if i not in taken and "unk" in t.lower()]
+    return candidates[0] if candidates else None
+
+
+def write_tokenizer_files(tokenizer: Tokenizer, output: Path, prompt_style: str | None = None,
+                          pad_id: int | None = None) -> dict:
     """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json (+ tokenizer.model, + the chat template
-    of ``prompt_style`` in tokenizer_config.json and chat_template.jinja); returns the bos/eos ids for the model
-    config."""
+    of ``prompt_style`` in tokenizer_config.json and chat_template.jinja, + ``pad_id`` as the pad token); returns the
+    bos/eos (and pad) ids for the model config."""
     source = tokenizer.files[0]
     if tokenizer.name == "SPMTokenizer":
         _spm_tokenizer_json(source, tokenizer).save(str(output / "tokenizer.json"))
@@ -108,6 +121,11 @@ def write_tokenizer_files(tokenizer: Tokenizer, output: Path, prompt_style: str 
     if template is not None:
         config["chat_template"] = template
         (output / "chat_template.jinja").write_text(template, encoding="utf-8")
+    specials = {"bos_token": bos, "eos_token": eos}
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+    if pad_id is not None:
+        config["pad_token"] = specials["pad_token"] = id_to_token[pad_id]
+        ids["pad_token_id"] = pad_id
     (output / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    (output / "special_tokens_map.json").write_text(json.dumps({"bos_token": bos, "eos_token": eos}, indent=2))
-    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+    (output / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
+    return ids

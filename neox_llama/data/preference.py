@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ class PreferencePair:
     prompt: list[Message]
     chosen: list[Message]
     rejected: list[Message]
+    margin: float | None = None
+    """A reward model's margin (``rm_margin_key``), else None."""
 
 
 # --------------------------------------------------------------------------- records
@@ -105,8 +108,8 @@ def _answer(value: object, where: str, roles: dict[str, str] | None = None) -> l
     return messages
 
 
-def record_pair(record: object, where: str) -> PreferencePair:
-    """``record`` (any of the module's formats) as a prompt and two answers."""
+def record_pair(record: object, where: str, margin_key: str | None = None) -> PreferencePair:
+    """``record`` (any of the module's formats) as a prompt and two answers (and ``margin_key``'s number)."""
     if not isinstance(record, dict):
         raise PreferenceDataError(f"{where}: a record must be an object, not {type(record).__name__}")
     for key in ("chosen", "rejected"):
@@ -145,6 +148,13 @@ def record_pair(record: object, where: str) -> PreferencePair:
     if pair.prompt[-1].role == "assistant":
         raise PreferenceDataError(f"{where}: the prompt ends with an assistant message; it must end with the user "
                                   "turn the answers reply to")
+    if margin_key is not None:
+        value = record.get(margin_key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            found = "missing" if margin_key not in record else repr(value)
+            raise PreferenceDataError(f"{where}: {margin_key} (rm_margin_key) is {found}; it must be a finite number, "
+                                      "the margin the chosen answer's score must beat the rejected one's by")
+        pair.margin = float(value)
     return pair
 
 
@@ -152,8 +162,10 @@ def _dict(message: Message) -> dict:
     return {"role": message.role, "content": message.content}
 
 
-def load_pairs(path: str | Path, encoding: str = "utf-8") -> tuple[list[PreferencePair], bool]:
-    """Every record of ``path`` as a pair, and whether any was conversational (a chat prompt style then)."""
+def load_pairs(path: str | Path, encoding: str = "utf-8",
+               margin_key: str | None = None) -> tuple[list[PreferencePair], bool]:
+    """Every record of ``path`` as a pair (with ``margin_key``'s margin), and whether any was conversational (a chat
+    prompt style then)."""
     path = Path(path)
     if not path.is_file():
         raise PreferenceDataError(f"{path}: preference data file not found")
@@ -162,7 +174,7 @@ def load_pairs(path: str | Path, encoding: str = "utf-8") -> tuple[list[Preferen
         raise PreferenceDataError(f"{path}: the JSON must be a list of records")
     if not data:
         raise PreferenceDataError(f"{path}: holds no records")
-    pairs = [record_pair(r, f"{path}: record {i}") for i, r in enumerate(data)]
+    pairs = [record_pair(r, f"{path}: record {i}", margin_key) for i, r in enumerate(data)]
     chat = any(isinstance(r, dict) and ("conversations" in r or not isinstance(r.get("prompt", ""), str)) for r in data)
     return pairs, chat
 
@@ -175,6 +187,8 @@ class PairExample:
     prompt: np.ndarray
     chosen: np.ndarray
     rejected: np.ndarray
+    margin: np.ndarray | None = None
+    """[1] float64: the record's margin (reward models with ``rm_margin_key``)."""
 
 
 def _encode_side(tokenizer: Tokenizer, style: str, pair: PreferencePair, side: str, prompt: list[int],
@@ -221,9 +235,10 @@ def tokenize_pairs(pairs: list[PreferencePair], tokenizer: Tokenizer, style: str
             dropped += 1
             continue
         truncated += sum(map(len, cut)) < len(prompt) + len(chosen) + len(rejected)
-        examples.append(PairExample(*(np.asarray(part, dtype=np.int32) for part in cut)))
+        margin = None if pair.margin is None else np.asarray([pair.margin], dtype=np.float64)
+        examples.append(PairExample(*(np.asarray(part, dtype=np.int32) for part in cut), margin))
     if truncated or dropped:
-        logger.info("%s: %d of %d pairs truncated to seq_length + 1 = %d tokens per side, %d dropped (a response "
+        logger.info("%s: %d of %d pairs truncated to %d tokens per side, %d dropped (a response "
                     "left empty)", where, truncated, len(pairs), seq_length + 1, dropped)
     if not examples and not allow_empty:
         raise PreferenceDataError(f"{where}: no pair keeps a token of both responses within seq_length {seq_length}")
@@ -273,8 +288,10 @@ def cached_examples(path: Path, name: str, tokenizer: Tokenizer, style: str, seq
 def cached_pairs(path: Path, pairs: list[PreferencePair], name: str, tokenizer: Tokenizer, style: str,
                  seq_length: int, seed: int, fraction: float, allow_empty: bool = False) -> list[PairExample]:
     """Tokenise ``pairs`` once (:func:`cached_examples`)."""
-    parts = ("prompt", "chosen", "rejected")
-    examples = cached_examples(path, name, tokenizer, style, seq_length, seed, fraction, "pairs", parts,
+    margins = bool(pairs) and pairs[0].margin is not None
+    parts = ("prompt", "chosen", "rejected", "margin") if margins else ("prompt", "chosen", "rejected")
+    examples = cached_examples(path, name, tokenizer, style, seq_length, seed, fraction,
+                               "pairs-margin" if margins else "pairs", parts,
                                lambda: tokenize_pairs(pairs, tokenizer, style, seq_length, f"{path} ({name})",
                                                       allow_empty))
     return [e if isinstance(e, PairExample) else PairExample(**e) for e in examples]
@@ -325,6 +342,8 @@ class PreferenceDataset:
             trained[row, p:n] = True
         positions = np.broadcast_to(np.arange(self.length), (2, self.length)).copy()
         out = {"tokens": tokens, "trained": trained, "positions": positions}
+        if example.margin is not None:
+            out["margin"] = example.margin
         if self.reference is not None:
             out["reference"] = self.reference[example_index]
         return out
@@ -338,6 +357,8 @@ class PreferenceDataset:
                                                      for side in (0, 1)]))
         out = {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
                "loss_mask": trained[:, 1:].float().contiguous(), "position_ids": positions[:, :-1].contiguous()}
+        if "margin" in samples[0]:  # a reward model's margins, one per pair
+            out["margin"] = torch.from_numpy(np.concatenate([s["margin"] for s in samples]))
         if "reference" in samples[0]:  # precomputed: each row's reference log-probability, chosen rows first
             out["reference_logps"] = torch.from_numpy(np.concatenate([np.stack([s["reference"][side] for s in samples])
                                                                       for side in (0, 1)]))
@@ -358,10 +379,11 @@ def build_preference_datasets(cfg, tokenizer: Tokenizer | None, counts: dict[str
         raise PreferenceDataError("preference_data_path needs a tokenizer (tokenizer_type and vocab_file) to turn "
                                   "records into ids")
     path = Path(cfg.preference_data_path)
-    pairs, chat = load_pairs(path)
+    margin_key = cfg.rm_margin_key if cfg.preference_loss == "rm" else None
+    pairs, chat = load_pairs(path, margin_key=margin_key)
     valid_path = Path(cfg.preference_valid_data_path) if cfg.preference_valid_data_path else None
     if valid_path is not None:
-        valid_pairs, valid_chat = load_pairs(valid_path)
+        valid_pairs, valid_chat = load_pairs(valid_path, margin_key=margin_key)
         chat = chat or valid_chat
         train_pairs, fraction = pairs, 0.0
     elif counts.get("valid", 0) > 0:
@@ -379,8 +401,10 @@ def build_preference_datasets(cfg, tokenizer: Tokenizer | None, counts: dict[str
     for name, (source, chosen) in sources.items():
         if not chosen or counts.get(name, 0) <= 0:
             continue
-        examples = cached_pairs(source, chosen, name if valid_path is None else "all", tokenizer, style,
-                                cfg.seq_length, cfg.seed, fraction, allow_empty=name == "valid")
+        # a reward model scores each side's last token, so a side must fit the seq_length inputs (not + 1)
+        seq = cfg.seq_length - 1 if cfg.preference_loss == "rm" else cfg.seq_length
+        examples = cached_pairs(source, chosen, name if valid_path is None else "all", tokenizer, style, seq,
+                                cfg.seed, fraction, allow_empty=name == "valid")
         if not examples:
             logger.warning("%s: no validation pair keeps both responses within seq_length %d; running without "
                            "validation", source, cfg.seq_length)

@@ -1,6 +1,7 @@
 """A checkpoint's preference metrics on pairs (``tools/evaluate.py --preference-data``): the loss and TRL's metrics
 (``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``,
-``logps/rejected``) of its responses against a reference model, as a preference run computes them in training."""
+``logps/rejected``) of its responses against a reference model, as a preference run computes them in training; a
+reward model's pairwise accuracy, mean scores and margin, and Bradley-Terry loss."""
 
 from __future__ import annotations
 
@@ -13,7 +14,13 @@ import torch
 from neox_llama.data.instruction import resolve_style
 from neox_llama.data.preference import PairExample, load_pairs, tokenize_pairs
 from neox_llama.generation.language_model import LanguageModel
-from neox_llama.model.preference_loss import METRICS, PreferenceSettings, pair_losses
+from neox_llama.model.preference_loss import (
+    METRICS,
+    REWARD_METRICS,
+    PreferenceSettings,
+    pair_losses,
+    reward_losses,
+)
 
 
 @dataclass
@@ -56,3 +63,37 @@ def evaluate_pairs(policy: LanguageModel, reference: LanguageModel, path: str | 
     values = {name: value / len(examples) for name, value in totals.items()}
     return PreferenceResult({**values, "pairs": len(examples), "prompt_style": style, "loss_type": settings.loss,
                              "beta": settings.beta})
+
+
+@torch.no_grad()
+def _scores(lm: LanguageModel, rows: list[list[int]]) -> torch.Tensor:
+    """A reward model's score of each sequence: its head's output at the sequence's last token."""
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+    scores = lm.model(ids.to(lm.device))[..., 0].float().cpu()
+    return scores[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])]
+
+
+def evaluate_reward_pairs(lm: LanguageModel, path: str | Path, style: str | None = None,
+                          seq_length: int | None = None, batch_size: int = 8,
+                          margin_key: str | None = None) -> PreferenceResult:
+    """A reward model on the pairs of ``path``: the share scored the right way round (``rewards/accuracies``), the
+    mean scores and margin, and the Bradley-Terry loss (with ``margin_key``'s margins, as in training)."""
+    pairs, chat = load_pairs(path, margin_key=margin_key)
+    style = resolve_style(style, chat, lm.tokenizer)
+    examples = tokenize_pairs(pairs, lm.tokenizer, style, (seq_length or lm.run.cfg.seq_length) - 1, str(path))
+    totals = dict.fromkeys(("loss", *REWARD_METRICS), 0.0)
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        chosen = _scores(lm, [e.prompt.tolist() + e.chosen.tolist() for e in chunk])
+        rejected = _scores(lm, [e.prompt.tolist() + e.rejected.tolist() for e in chunk])
+        margin = torch.tensor([float(e.margin[0]) for e in chunk]) if margin_key else None
+        outcome = reward_losses(chosen, rejected, margin)
+        totals["loss"] += float(outcome.losses.double().sum())
+        for name, value in outcome.metric_sums().items():
+            if name in REWARD_METRICS:
+                totals[name] += float(value)
+    values = {name: value / len(examples) for name, value in totals.items()}
+    return PreferenceResult({**values, "pairs": len(examples), "prompt_style": style, "loss_type": "rm"})

@@ -50,6 +50,8 @@ class LlamaArgs:
     """Attend only within the document: documents start where position_ids restart at 0."""
     recompute_attention: bool = False
     """Selective activation checkpointing: recompute each attention core (mask, scores, softmax) in backward."""
+    num_labels: int = 0
+    """0: the head gives logits over the vocabulary; 1: a reward model's scalar score head (``score``)."""
 
     @classmethod
     def from_config(cls, cfg: Config, vocab_size: int | None = None) -> LlamaArgs:
@@ -76,4 +78,5 @@ class LlamaArgs:
             # packed instruction records restart their positions: attention stays within each record
             document_attention=cfg.reset_attention_mask or bool(cfg.sft_data_path and cfg.sft_packing),
             recompute_attention=cfg.checkpoint_activations and cfg.checkpoint_granularity == "selective",
+            num_labels=1 if cfg.reward_head or cfg.preference_loss == "rm" else 0,
         )

@@ -364,6 +364,18 @@ class HeadLayer(nn.Module):
         return self.head(hidden)
 
 
+class ScoreLayer(nn.Module):
+    """A reward model's head: hidden states -> one score per position (``LlamaForSequenceClassification``'s
+    ``score``, ``num_labels`` 1), replicated on tensor-parallel ranks; the score of a sequence is its last token's."""
+
+    def __init__(self, args: LlamaArgs, factory: LayerFactory):
+        super().__init__()
+        self.score = nn.Linear(args.hidden_size, args.num_labels, bias=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.score(hidden)
+
+
 # ------------------------------------------------------------------------------------------------- the model
 class _TiedForward(nn.Module):
     """Runs another layer's method (the tied head) without owning, or naming, its parameters."""
@@ -387,7 +399,10 @@ class Llama(nn.Module):
         super().__init__()
         embedding = EmbeddingLayer(args, factory)
         blocks = [TransformerBlock(args, factory) for _ in range(args.num_layers)]
-        head = _TiedForward(embedding, "as_head") if args.tie_embeddings else HeadLayer(args, factory)
+        if args.num_labels:
+            head = ScoreLayer(args, factory)
+        else:
+            head = _TiedForward(embedding, "as_head") if args.tie_embeddings else HeadLayer(args, factory)
         layers = [embedding, *blocks, FinalNorm(args, factory), head]
         for index, layer in enumerate(layers):
             self.add_module(str(index), layer)
@@ -398,7 +413,8 @@ class Llama(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cache: Sequence[KVCache] | None = None, *, last_only: bool = False) -> torch.Tensor:
-        """Logits [batch, seq, vocab] for ``input_ids`` [batch, seq] at ``position_ids`` (default 0, 1, ...).
+        """Logits [batch, seq, vocab] (a reward model: scores [batch, seq, 1]) for ``input_ids`` [batch, seq] at
+        ``position_ids`` (default 0, 1, ...).
 
         ``cache``: one KV cache per block (generation: the blocks read and extend it); ``last_only``: the logits of
         the last position only ([batch, 1, vocab]; the final norm and head run on that position alone).

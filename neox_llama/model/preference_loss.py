@@ -11,6 +11,9 @@ each response's tokens):
 - ``rpo_alpha`` adds ``alpha x`` the mean negative log-likelihood of the chosen responses' tokens (TRL's ``sft``
   term, named RPO by Pang et al.).
 
+A reward model (``rm``) scores each sequence with the scalar head at its last token and is trained with the
+Bradley-Terry loss ``-log sigmoid(r_chosen - r_rejected - margin)`` (TRL's RewardTrainer).
+
 KTO (Ethayarajh et al.) scores single completions marked desirable or not, against a reference point ``z``: the
 policy/reference KL estimated from mismatched prompt/completion rows of the micro-batch (``max(0, mean(policy(y'|x)
 - ref(y'|x)))``, detached, as TRL estimates it): desirable ``w_d (1 - sigmoid(beta (ratio - z)))``, undesirable
@@ -27,12 +30,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-PREFERENCE_LOSSES = ("dpo", "ipo", "kto")
+PREFERENCE_LOSSES = ("dpo", "ipo", "kto", "rm")
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
 """TRL's names, logged for training and validation."""
 KTO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "kl")
 """TRL's KTOTrainer names (chosen: desirable completions, rejected: undesirable ones)."""
+REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
+"""A reward model's: its mean scores, the share of pairs scored the right way round (TRL's ``accuracy``) and the
+mean score difference (TRL's ``margin``)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,8 @@ class PreferenceSettings:
     """KTO: the weight of a desirable completion's loss."""
     undesirable_weight: float = 1.0
     """KTO: the weight of an undesirable completion's loss."""
+    margin_key: str | None = None
+    """rm: the record field holding each pair's margin."""
 
 
 def response_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,3 +138,19 @@ def feedback_losses(policy: torch.Tensor, reference: torch.Tensor, desirable: to
     losses = torch.where(good, settings.desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl))),
                          settings.undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio))))
     return FeedbackOutcome(losses, beta * ratio.detach(), policy.detach().float(), good)
+
+
+def reward_losses(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | None = None) -> PairOutcome:
+    """A reward model's Bradley-Terry loss per pair, ``-log sigmoid(r_chosen - r_rejected - margin)`` (TRL's
+    RewardTrainer), from the scores of the chosen and rejected sequences (their last tokens')."""
+    chosen, rejected = chosen.float(), rejected.float()
+    delta = chosen - rejected - (margin.float() if margin is not None else 0.0)
+    return PairOutcome(-F.logsigmoid(delta), chosen.detach(), rejected.detach(), chosen.detach(), rejected.detach())
+
+
+def last_token_scores(scores: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's score at its last real token: the input position after the last one ``loss_mask`` marks (the mask
+    marks predicted labels; the sequence's last token is the input one position later)."""
+    positions = torch.arange(loss_mask.shape[-1], device=loss_mask.device)
+    last = (positions * (loss_mask > 0)).argmax(dim=-1) + 1
+    return scores.gather(-1, last[:, None])[:, 0]

@@ -42,7 +42,10 @@ def apply_peft(layers: dict[int, nn.Module], settings: PeftSettings, factory, ar
 
 
 def is_trained(name: str, settings: PeftSettings) -> bool:
-    """Whether parameter ``name`` (within a layer) is trained by ``settings`` (and kept in its checkpoints)."""
+    """Whether parameter ``name`` (within a layer) is trained by ``settings`` (and kept in its checkpoints); a reward
+    model's score head always is."""
+    if name == "score.weight":
+        return True
     if isinstance(settings, LoraSettings):
         return ".lora." in f".{name}"
     return is_adapter_tensor(name, settings)

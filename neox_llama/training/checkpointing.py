@@ -35,6 +35,7 @@ from neox_llama.checkpoint.weights import (
     fill_layer_from_file,
     fill_layers,
     layers_with_weights,
+    starts_fresh,
     write_layer_file,
 )
 from neox_llama.config.loading import dump_raw
@@ -170,8 +171,8 @@ def load_layer_weights(module: torch.nn.Module, state: ParallelState, folder: Pa
     agree(lambda: check_shapes(folder, args))
     for index, layer in rank_layers(module, state).items():
         params = list(layer.parameters())
-        if not params:
-            continue  # a tied head
+        if not params or starts_fresh(layer, layer_file(folder, index)):
+            continue  # a tied head; a reward model's score head over a language model's checkpoint
         failure: CheckpointError | None = None
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
             if state.dp_rank == 0:

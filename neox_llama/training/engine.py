@@ -70,6 +70,10 @@ def make_trainable(module: nn.Module, cfg: Config, state: ParallelState, args: L
     settings = peft_settings(cfg)
     if settings is not None:
         apply_peft(layers, settings, layer_factory(state), args, cfg.seed)
+        if args.num_labels:  # a reward model's score head trains with the adapters (kept in their checkpoints)
+            for layer in layers.values():
+                if hasattr(layer, "score"):
+                    layer.score.requires_grad_(True)
     elif cfg.freeze:
         apply_freeze(layers, cfg.freeze, cfg.num_layers, tied=not cfg.no_weight_tying)
     params = {id(p): p for p in module.parameters()}.values()

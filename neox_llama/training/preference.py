@@ -32,11 +32,14 @@ from neox_llama.model.args import LlamaArgs
 from neox_llama.model.preference_loss import (
     KTO_METRICS,
     METRICS,
+    REWARD_METRICS,
     PreferenceSettings,
     feedback_losses,
     kl_estimate,
+    last_token_scores,
     pair_losses,
     response_logps,
+    reward_losses,
 )
 from neox_llama.parallel.pipeline import build_module
 from neox_llama.peft.methods import peft_settings
@@ -53,7 +56,7 @@ def settings_of(cfg: Config) -> PreferenceSettings | None:
     if not cfg.preference_loss:
         return None
     return PreferenceSettings(cfg.preference_loss, cfg.dpo_beta, cfg.dpo_label_smoothing, cfg.rpo_alpha,
-                              cfg.kto_desirable_weight, cfg.kto_undesirable_weight)
+                              cfg.kto_desirable_weight, cfg.kto_undesirable_weight, cfg.rm_margin_key)
 
 
 @dataclass
@@ -78,6 +81,8 @@ class PreferenceObjective:
     def describe(self) -> dict:
         """What a checkpoint records of the method (metadata.json: ``preference``)."""
         s = self.settings
+        if s.loss == "rm":
+            return {"loss": s.loss, "margin_key": s.margin_key}
         if s.loss == "kto":
             return {"loss": s.loss, "beta": s.beta, "desirable_weight": s.desirable_weight,
                     "undesirable_weight": s.undesirable_weight, "reference": self.reference_kind}
@@ -97,6 +102,8 @@ def build_reference(cfg: Config, args: LlamaArgs, training_engine: TrainingEngin
     its reference under ZeRO-3); in the engine's dtype and on its device. With ``preference_reference:
     precomputed`` no copy is built unless ``copy`` (to precompute with, then released)."""
     settings = settings_of(cfg)
+    if settings.loss == "rm":  # a reward model has no reference
+        return PreferenceObjective(settings, true_vocab)
     if peft_settings(cfg) is not None:
         return PreferenceObjective(settings, true_vocab, precomputed=cfg.preference_reference == "precomputed")
     if cfg.preference_reference == "precomputed" and not copy:  # computed before training (training/reference_logps.py)
@@ -181,7 +188,7 @@ class PreferenceTotals:
         out = {name: value / self.counts[name] for name, value in self.sums.items() if self.counts[name] > 0}
         if "rewards/margins" not in self.sums and {"rewards/chosen", "rewards/rejected"} <= out.keys():
             out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
-        order = [m for m in (*METRICS, *KTO_METRICS) if m in out]
+        order = [m for m in (*METRICS, *KTO_METRICS, *REWARD_METRICS) if m in out]
         return {name: out[name] for name in dict.fromkeys(order)}
 
 
@@ -272,13 +279,25 @@ def _feedback_step(micro: dict[str, torch.Tensor], batch: PreferenceBatch, objec
     return outcome.losses.sum() / batch.examples, PreferenceTotals(sums, counts)
 
 
+def _reward_step(micro: dict[str, torch.Tensor], batch: PreferenceBatch, objective: PreferenceObjective,
+                 training_engine: TrainingEngine, train: bool) -> tuple[torch.Tensor, PreferenceTotals]:
+    """A reward model on one micro-batch of pairs: each sequence's score at its last token, the Bradley-Terry loss;
+    its share of the step's loss and its metric sums."""
+    with contextlib.nullcontext() if train else torch.no_grad():
+        scores = training_engine.engine(micro["input_ids"], micro["position_ids"])[..., 0]
+        chosen, rejected = last_token_scores(scores, micro["loss_mask"]).chunk(2)
+        outcome = reward_losses(chosen, rejected, micro.get("margin"))
+    sums = {name: float(value) for name, value in outcome.metric_sums().items() if name in REWARD_METRICS}
+    return outcome.losses.sum() / batch.examples, PreferenceTotals(sums, dict.fromkeys(sums, float(len(chosen))))
+
+
 def run_preference_batch(training_engine: TrainingEngine, batch: PreferenceBatch, objective: PreferenceObjective,
                          *, train: bool) -> tuple[torch.Tensor, PreferenceTotals]:
     """Forward (and with ``train`` backward + optimizer step) over the step's micro-batches; the step's mean loss
     (equal on every rank, on the model's device) and TRL's metrics over the whole step (every rank's)."""
     engine = training_engine.engine
     scale = len(batch.micro_batches) * training_engine.state.dp_size  # DeepSpeed averages over these
-    step = _feedback_step if objective.settings.loss == "kto" else _pair_step
+    step = {"kto": _feedback_step, "rm": _reward_step}.get(objective.settings.loss, _pair_step)
     total_loss = torch.zeros((), device=batch.micro_batches[0]["input_ids"].device)
     totals = PreferenceTotals()
     for micro in batch.micro_batches:
