@@ -115,10 +115,19 @@ def merged_layers(base: Path, adapters: list[Adapter],
         yield from _partially_merged_layers(base, adapters, partial)
         return
     layers = [adapter_layers(a.folder) for a in adapters]
-    indices = layer_indices(base)
+    # a LoRA reward model trains its score head whole: it replaces the base's vocabulary head (or adds one beside a
+    # tied embedding)
+    scores = {i: t["score.weight"] for per_layer in layers for i, t in per_layer.items() if "score.weight" in t}
+    if scores and (len(adapters) > 1 or adapters[0].weight != 1.0):
+        raise CheckpointError(f"{adapters[0].folder}: a reward model's adapter (it carries a score head) merges alone "
+                              "and unweighted")
+    indices = sorted(set(layer_indices(base)) | set(scores))
     for adapter, per_layer in zip(adapters, layers, strict=True):
         _check_layers(adapter, per_layer, indices, base)
     for index in indices:
+        if index in scores:
+            yield index, {"score.weight": scores[index]}
+            continue
         path = layer_file(base, index)
         yield index, merged_layer(index, read_layer_file(path), adapters, layers, path)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,8 @@ def load_run(path: str | Path, adapters: list[str | Path] | None = None, base: s
         base_folder = find_base(chain, base if base is not None else (None if meta.is_adapter else folder), force)
         run = load_run(base_folder)
         run.adapters = chain
+        if any((a.metadata.preference or {}).get("loss") == "rm" for a in chain):  # a LoRA reward model
+            run.args = dataclasses.replace(run.args, num_labels=1)
         return run
     config_file = folder / "config.yml"
     tokenizer = None

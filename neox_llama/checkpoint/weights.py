@@ -172,10 +172,11 @@ def fill_layer(layer: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -
         param.copy_(shard(full, param).to(param.dtype))
 
 
-def check_shapes(folder: Path, args: LlamaArgs, only: set[int] | None = None) -> None:
+def check_shapes(folder: Path, args: LlamaArgs, only: set[int] | None = None, fresh_score: bool = False) -> None:
     """Every tensor of ``folder``'s weight files has the full shape a model with ``args`` expects, and no tensor
     or file is missing or left over. Reads only the safetensors headers (fast, whatever the model size).
-    ``only``: check just these global layer indices (one rank's pipeline stage)."""
+    ``only``: check just these global layer indices (one rank's pipeline stage); ``fresh_score``: a reward model's
+    score head may start fresh over a language model's head (:func:`starts_fresh`)."""
     model = build_model(args, device="meta", initialize=False)
     expected = {int(i): layer for i, layer in model.named_children() if next(layer.parameters(), None) is not None}
     extra = sorted(set(layer_indices(folder)) - set(expected)) if only is None else []
@@ -187,7 +188,7 @@ def check_shapes(folder: Path, args: LlamaArgs, only: set[int] | None = None) ->
                               "different model")
     for index, layer in expected.items():
         path = layer_file(folder, index)
-        if starts_fresh(layer, path):
+        if fresh_score and starts_fresh(layer, path):
             continue
         if not path.is_file():
             raise CheckpointError(f"{path}: missing (the checkpoint has no weights for layer {index})")
@@ -213,11 +214,14 @@ def layers_with_weights(args: LlamaArgs) -> set[int]:
     return {int(i) for i, layer in model.named_children() if next(layer.parameters(), None) is not None}
 
 
-def fill_layers(layers: dict[int, nn.Module], folder: Path, expected: set[int] | None = None) -> None:
+def fill_layers(layers: dict[int, nn.Module], folder: Path, expected: set[int] | None = None,
+                fresh_score: bool = False) -> None:
     """Fill every layer (global index -> module) that has parameters from ``folder``'s weight files.
 
     ``expected`` (the indices of the whole model's layers with weights) also refuses weight files the model
     has no layer for, e.g. an untied head loaded into a tied model, which would otherwise be dropped silently.
+    ``fresh_score`` (a reward model fine-tuned from a language model): its score head keeps its initial values where
+    the file holds a vocabulary head (:func:`starts_fresh`); elsewhere a missing score head is an error.
     """
     if expected is not None:
         extra = sorted(set(layer_indices(folder)) - expected)
@@ -228,6 +232,6 @@ def fill_layers(layers: dict[int, nn.Module], folder: Path, expected: set[int] |
     for index, layer in layers.items():
         if next(layer.parameters(), None) is None:
             continue  # e.g. a tied head, which reuses the embedding's weight
-        if starts_fresh(layer, layer_file(folder, index)):
+        if fresh_score and starts_fresh(layer, layer_file(folder, index)):
             continue  # a reward model's score head over a language model's checkpoint: as initialised
         fill_layer_from_file(layer, layer_file(folder, index))

@@ -54,8 +54,13 @@ def export_peft(checkpoint: str | Path, output: str | Path, dtype: str = "fp32",
         return _write(output, tensors, config, f"the Adapter {adapter.folder} (base {run.folder})")
     ours_to_hf = {ours: hf for hf, ours in hf_to_ours(run.args).items()}
     tensors, modules = {}, set()
+    saved = []
     for index, layer in adapter_layers(adapter.folder).items():
         for name, tensor in layer.items():
+            if name == "score.weight":  # a LoRA reward model's head: trained whole, PEFT's modules_to_save
+                tensors[f"{PEFT_PREFIX}score.weight"] = tensor.to(DTYPES[dtype]).contiguous()
+                saved.append("score")
+                continue
             path, kind = name.rsplit(".lora.", 1)
             hf_weight = ours_to_hf.get(f"{index}.{path}.weight")
             if hf_weight is None:
@@ -68,10 +73,11 @@ def export_peft(checkpoint: str | Path, output: str | Path, dtype: str = "fp32",
             modules.add(module.rsplit(".", 1)[-1])
     settings = adapter.settings
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(run.folder),
+        "peft_type": "LORA", "task_type": "SEQ_CLS" if saved else "CAUSAL_LM",
+        "base_model_name_or_path": str(run.folder),
         "r": settings.r, "lora_alpha": settings.alpha, "lora_dropout": settings.dropout,
         "target_modules": sorted(modules), "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-        "use_rslora": False, "use_dora": False, "modules_to_save": None, "init_lora_weights": True,
+        "use_rslora": False, "use_dora": False, "modules_to_save": saved or None, "init_lora_weights": True,
     }
     return _write(output, tensors, config, f"the LoRA adapter {adapter.folder} (base {run.folder})")
 

@@ -155,7 +155,8 @@ def load_adapter_weights(module: torch.nn.Module, state: ParallelState, folder: 
         agree(lambda failure=failure: _raise(failure))
 
 
-def load_layer_weights(module: torch.nn.Module, state: ParallelState, folder: Path, args: LlamaArgs) -> None:
+def load_layer_weights(module: torch.nn.Module, state: ParallelState, folder: Path, args: LlamaArgs,
+                       fresh_score: bool = False) -> None:
     """Fill this rank's layers from ``weights/`` (cut to its tensor-parallel shard), whatever layout wrote them.
 
     Runs before the engine exists. Every rank reads only its own stage's files; the outcome is shared, so a bad
@@ -164,14 +165,15 @@ def load_layer_weights(module: torch.nn.Module, state: ParallelState, folder: Pa
     by the first data-parallel rank from its file and partitioned again: at most one layer is whole at a time.
     """
     if not any(hasattr(p, "ds_id") for p in module.parameters()):
-        agree(lambda: fill_layers(rank_layers(module, state), folder, expected=layers_with_weights(args)))
+        agree(lambda: fill_layers(rank_layers(module, state), folder, expected=layers_with_weights(args),
+                                  fresh_score=fresh_score))
         return
     import deepspeed
 
-    agree(lambda: check_shapes(folder, args))
+    agree(lambda: check_shapes(folder, args, fresh_score=fresh_score))
     for index, layer in rank_layers(module, state).items():
         params = list(layer.parameters())
-        if not params or starts_fresh(layer, layer_file(folder, index)):
+        if not params or (fresh_score and starts_fresh(layer, layer_file(folder, index))):
             continue  # a tied head; a reward model's score head over a language model's checkpoint
         failure: CheckpointError | None = None
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):

@@ -151,8 +151,8 @@ def fill_weights(module: nn.Module, plan: LoadPlan, state: ParallelState, args: 
     """Before the engine exists (so that the optimizer's master copies start from them): the weights of
     ``plan.weights``; or, resuming at the same layout (DeepSpeed loads the weights later), one clear error naming
     the file for a damaged checkpoint, before DeepSpeed reads its state."""
-    if plan.weights is not None:
-        ckpt.load_layer_weights(module, state, plan.weights, args)
+    if plan.weights is not None:  # a reward model over a language model starts its score head fresh
+        ckpt.load_layer_weights(module, state, plan.weights, args, fresh_score=bool(args.num_labels))
     elif plan.resume is not None:
         ckpt.check_resume_files(module, state, plan.resume, args)
 
