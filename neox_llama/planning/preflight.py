@@ -155,7 +155,8 @@ def check_resume_target(cfg: Config) -> list[str]:
         meta = read_metadata(folder)
         if meta.is_adapter:  # a LoRA checkpoint: its base holds the weights
             folder = resolve_base(folder, meta)
-        check_shapes(folder, LlamaArgs.from_config(cfg))
+        args = LlamaArgs.from_config(cfg)  # a reward model may start its score head over a language model's head
+        check_shapes(folder, args, fresh_score=bool(args.num_labels) and bool(cfg.finetune or meta.is_adapter))
         if cfg.finetune and cfg.rope_scaling is None:
             trained = _trained_context(folder)
             if trained and cfg.seq_length > trained:
