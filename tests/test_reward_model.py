@@ -208,3 +208,18 @@ def test_a_bad_margin_is_one_line_naming_the_record(tmp_path, margin, found):
     with pytest.raises(PreferenceDataError) as err:
         load_pairs(path, margin_key="margin")
     assert f"{path}: record 0: margin (rm_margin_key) is {found}; it must be a finite number" in str(err.value)
+
+
+@pytest.mark.parametrize(("tool", "args", "what"), [
+    ("generate.py", ["--prompt", "hi"], "it cannot generate text"),
+    ("serve.py", ["--port", "8999"], "it cannot serve completions"),
+    ("evaluate.py", ["--text", "README.md"], "it cannot score text or run lm-eval tasks"),
+])
+def test_a_reward_model_given_to_a_language_model_tool_is_one_line(reward_runs, tool, args, what):
+    from helpers import inprocess
+    from helpers.runner import ROOT
+
+    root, _ = reward_runs
+    proc = inprocess.tool(tool, "--checkpoint", str(root / "full" / "global_step4"), *args, cwd=ROOT)
+    assert proc.returncode == 2 and f"is a reward model (a score head, no vocabulary head): {what}" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -73,10 +73,11 @@ def main(argv: list[str]) -> int:
     lm = LanguageModel.from_checkpoint(args.checkpoint, adapters=args.adapter, base=args.base, device=args.device)
     if lm.tokenizer is None:
         raise NeoxLlamaError("the checkpoint has no tokenizer to turn text into ids (and bytes)")
-    if args.tasks:
-        return _tasks(lm, args)
     if args.preference_data:
         return _preference(lm, args)
+    lm.require_language_model("score text or run lm-eval tasks (token log-probabilities)")
+    if args.tasks:
+        return _tasks(lm, args)
     seq_length = args.seq_length or lm.run.cfg.seq_length
     stride = args.stride or max(1, seq_length // 2)
     if stride > seq_length:

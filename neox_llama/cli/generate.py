@@ -96,6 +96,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     setup_logging("warning")
     generator = LanguageModel.from_checkpoint(args.checkpoint, adapters=args.adapter, base=args.base, device=args.device)
+    generator.require_language_model("generate text")
     if generator.tokenizer is None:
         raise NeoxLlamaError("the checkpoint has no tokenizer to turn text into ids")
     settings = GenerationSettings(args.max_new_tokens or DEFAULT_NEW_TOKENS, args.temperature, args.top_k,

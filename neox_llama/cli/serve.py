@@ -98,6 +98,7 @@ def load_service(args: argparse.Namespace):
     dtype = DTYPES[args.dtype] if args.dtype else (
         torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else None)
     lm = LanguageModel.from_checkpoint(args.checkpoint, base=args.base, device=device, dtype=dtype)
+    lm.require_language_model("serve completions")
     if lm.tokenizer is None:
         raise NeoxLlamaError(f"{args.checkpoint}: the checkpoint has no tokenizer to turn text into ids")
     if args.max_context is not None and args.max_context > lm.max_length:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from neox_llama.checkpoint.run import Run, load_model, load_run
+from neox_llama.errors import NeoxLlamaError
 from neox_llama.generation.settings import GenerationSettings
 from neox_llama.model.llama import Llama
 
@@ -67,6 +68,17 @@ class LanguageModel:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model, run = load_model(load_run(path, adapters, base=base), device, dtype)
         return cls(model, run, device)
+
+    @property
+    def is_reward_model(self) -> bool:
+        """A score head instead of the vocabulary head: it scores sequences, it does not predict tokens."""
+        return bool(self.run.args.num_labels)
+
+    def require_language_model(self, what: str) -> None:
+        """One clear error where a reward model is asked for what only a language model does."""
+        if self.is_reward_model:
+            raise NeoxLlamaError(f"{self.run.folder} is a reward model (a score head, no vocabulary head): it cannot "
+                                 f"{what}; score pairs with it (tools/evaluate.py --preference-data)")
 
     @property
     def max_length(self) -> int:
