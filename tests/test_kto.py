@@ -4,8 +4,11 @@ run through deepy.py that starts at the value of policy = reference and logs TRL
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from helpers.launches import Case, register
 from test_preference import PROMPT, write
 from test_preference import world as world  # the module-scoped fixture, found here by pytest
 
@@ -146,6 +149,26 @@ def feedback_records(n: int = 24) -> list[dict]:
             for i, r in enumerate(preference_records(n))]
 
 
+def kto_full_args(save, data, *layout: str) -> list[str]:
+    """Full-model KTO (a frozen reference copy) on ``data`` over the shared base."""
+    from helpers.finetune import deepy_args, shared_setup
+
+    _, _, tokenizer, base = shared_setup()
+    full = [a for a in KTO if not a.startswith(("lora", "val_split"))] + ["optimizer.params.lr=1e-3",
+                                                                         "eval_interval=4", "checkpoint_factor=4"]
+    return deepy_args(save, tokenizer, *full, f"load={base}", f"preference_data_path={data}", "data_path=null",
+                      *layout)
+
+
+def _tp2_case(folder: Path) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return kto_full_args(folder / "run", write(folder / "feedback.json", feedback_records(16)), "num_gpus=2",
+                         "model_parallel_size=2")
+
+
+register(Case("kto-full-tp2", 2, "train", _tp2_case))  # a case of the shared 2-rank launch
+
+
 KTO = ["finetune=true", "lora_r=8", "lora_alpha=16", "lora_dropout=0", "lora_targets=[query,value,mlp]",
        "preference_loss=kto", "prompt_style=alpaca", "optimizer.params.lr=1e-2", "train_iters=4", "eval_interval=2",
        "checkpoint_factor=4", "val_split_fraction=0.25", "kto_undesirable_weight=1.25"]
@@ -177,6 +200,24 @@ def test_a_lora_kto_run_starts_at_policy_equals_reference_and_logs_trls_kto_metr
     meta = read_metadata(save / "global_step4")
     assert meta.preference == {"loss": "kto", "beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.25,
                                "reference": "base_without_adapters"}
+
+
+@pytest.mark.uses_cases("kto-full-tp2")
+def test_full_model_kto_with_its_reference_sliced_by_tp2_follows_one_rank(launched, tmp_path):
+    """The frozen reference copy sliced like the policy (tp2: the same micro-batches as one rank, so the same
+    reference points) gives the one-rank losses and KTO metrics."""
+    from helpers.finetune import metrics
+    from helpers.runner import ok
+    from helpers.training import start_deepy
+
+    one = tmp_path / "one"
+    proc = ok(start_deepy(kto_full_args(one, write(tmp_path / "feedback.json", feedback_records(16)))))
+    assert "preference reference: a frozen copy" in proc.stderr
+    ones, tp2 = metrics(one), metrics(launched("kto-full-tp2").check().folder / "run")
+    assert ones[0]["kl"] == 0.0 and any(r["kl"] > 0 for r in ones)
+    for key in ("loss", "kl"):
+        a, b = [r[key] for r in ones], [r[key] for r in tp2]
+        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 1e-5, (key, a, b)
 
 
 BAD_CONFIGS = [
