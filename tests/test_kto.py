@@ -166,7 +166,14 @@ def _tp2_case(folder: Path) -> list[str]:
                          "model_parallel_size=2")
 
 
-register(Case("kto-full-tp2", 2, "train", _tp2_case))  # a case of the shared 2-rank launch
+def _zero3_case(folder: Path) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return kto_full_args(folder / "run", write(folder / "feedback.json", feedback_records(16)), "num_gpus=2",
+                         "zero_optimization.stage=3", "zero_optimization.stage3_param_persistence_threshold=0")
+
+
+register(Case("kto-full-tp2", 2, "train", _tp2_case))  # cases of the shared 2-rank launch
+register(Case("kto-full-zero3-dp2", 2, "train", _zero3_case))
 
 
 KTO = ["finetune=true", "lora_r=8", "lora_alpha=16", "lora_dropout=0", "lora_targets=[query,value,mlp]",
@@ -202,10 +209,12 @@ def test_a_lora_kto_run_starts_at_policy_equals_reference_and_logs_trls_kto_metr
                                "reference": "base_without_adapters"}
 
 
-@pytest.mark.uses_cases("kto-full-tp2")
+@pytest.mark.uses_cases("kto-full-tp2", "kto-full-zero3-dp2")
 def test_full_model_kto_with_its_reference_sliced_by_tp2_follows_one_rank(launched, tmp_path):
     """The frozen reference copy sliced like the policy (tp2: the same micro-batches as one rank, so the same
-    reference points) gives the one-rank losses and KTO metrics."""
+    reference points) gives the one-rank losses and KTO metrics. Partitioned under ZeRO-3 on 2 data-parallel ranks
+    the reference equals the policy at step 1 (every ratio and the reference point 0); later steps differ from one
+    rank by KTO's definition (each micro-batch's reference point is averaged over the ranks' micro-batches)."""
     from helpers.finetune import metrics
     from helpers.runner import ok
     from helpers.training import start_deepy
@@ -218,6 +227,10 @@ def test_full_model_kto_with_its_reference_sliced_by_tp2_follows_one_rank(launch
     for key in ("loss", "kl"):
         a, b = [r[key] for r in ones], [r[key] for r in tp2]
         assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 1e-5, (key, a, b)
+    zero3 = metrics(launched("kto-full-zero3-dp2").check().folder / "run")
+    assert [r["step"] for r in zero3] == [1, 2, 3, 4]
+    assert zero3[0]["kl"] == 0.0 and zero3[0].get("rewards/chosen", 0.0) == 0.0 == zero3[0].get("rewards/rejected", 0.0)
+    assert any(r["kl"] > 0 for r in zero3[1:])  # the policy moved away from the partitioned reference
 
 
 BAD_CONFIGS = [

@@ -1,10 +1,11 @@
-"""A preference step (DPO, IPO, KTO): both responses of each pair (KTO: each completion and its mismatched row)
-scored by the policy and by the reference model in the same step, the losses of
-:mod:`neox_llama.model.preference_loss`, and TRL's metrics.
+"""A preference step (DPO, IPO, KTO, reward models): both responses of each pair (KTO: each completion and its
+mismatched row) scored by the policy and by the reference model in the same step (a reward model: each sequence's
+last-token score, no reference), the losses of :mod:`neox_llama.model.preference_loss`, and TRL's metrics.
 
 The reference is the policy's frozen base with the adapters switched off (:func:`neox_llama.peft.switch.
 adapters_disabled`: LoRA, Adapter) or, for full fine-tuning, a frozen copy of the starting weights placed like the
-policy (1 rank, data parallel under ZeRO 0-2). Log-probabilities are taken over the true vocabulary (the padded
+policy (whole under ZeRO 0-2, sliced by tensor parallelism, partitioned under ZeRO-3), or the values precomputed
+before training (:mod:`neox_llama.training.reference_logps`). Log-probabilities are taken over the true vocabulary (the padded
 rows' logits left out), as the Hugging Face export and TRL compute them. The reference is always evaluated without
 dropout (:func:`reference_mode`), as TRL evaluates it: it is a fixed target. The policy keeps the run's
 ``hidden_dropout``/``attention_dropout`` (0 in every LLaMA config; TRL's ``disable_dropout`` also switches the
