@@ -204,6 +204,12 @@ def test_a_lora_kto_run_starts_at_policy_equals_reference_and_logs_trls_kto_metr
     assert [r["step"] for r in valid] == [2, 4]
     assert {"valid_rewards/chosen", "valid_rewards/rejected", "valid_rewards/margins", "valid_kl"} <= set(valid[-1])
     assert valid[-1]["valid_rewards/margins"] > valid[0]["valid_rewards/margins"]  # held-out completions told apart
+    from helpers import inprocess
+    from helpers.runner import ROOT
+
+    proc = inprocess.tool("evaluate.py", "--checkpoint", str(save / "global_step4"), "--preference-data", str(data),
+                          cwd=ROOT)
+    assert proc.returncode == 2 and "was trained with KTO on labelled completions" in proc.stderr
     meta = read_metadata(save / "global_step4")
     assert meta.preference == {"loss": "kto", "beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.25,
                                "reference": "base_without_adapters"}

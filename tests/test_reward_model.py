@@ -31,10 +31,27 @@ def reward_runs(finetune_setup, tmp_path_factory):
     root = tmp_path_factory.mktemp("rm")
     train, valid = write(root / "train.json", rm_records(12)), write(root / "valid.json", rm_records(2, 12))
     data = [f"load={base}", f"preference_data_path={train}", f"preference_valid_data_path={valid}"]
+    lora = ["lora_r=8", "lora_alpha=16", "lora_targets=[query,value]", "optimizer.params.lr=1e-2"]
     procs = {"full": ok(deepy(root / "full", tokenizer, *RM, *data)),
-             "lora": ok(deepy(root / "lora", tokenizer, *RM, *data, "lora_r=8", "lora_alpha=16",
-                              "lora_targets=[query,value]", "optimizer.params.lr=1e-2"))}
+             "lora": ok(deepy(root / "lora", tokenizer, *RM, *data, *lora))}
+    tied = tied_base(root / "tied-base", tokenizer)  # a base whose head is its embedding (no head file)
+    procs["tied"] = ok(deepy(root / "tied", tokenizer, *RM, *data, *lora, f"load={tied}", "no_weight_tying=false"))
     return root, procs
+
+
+def tied_base(folder: Path, tokenizer: Path) -> Path:
+    from helpers.checkpoints import save_random_checkpoint
+    from helpers.finetune import PRESET
+    from helpers.runner import ROOT
+
+    from neox_llama.config.loading import load_raw
+
+    raw, _ = load_raw([ROOT / PRESET], apply_presets=False)
+    keys = ("num_layers", "hidden_size", "num_attention_heads", "num_kv_heads", "intermediate_size",
+            "rotary_emb_base", "make_vocab_size_divisible_by")
+    settings = {k: raw[k] for k in keys} | {"seq_length": 128, "precision": "fp32", "no_weight_tying": False}
+    save_random_checkpoint(folder, settings, tokenizer_type="SPMTokenizer", tokenizer_file=tokenizer, seed=7)
+    return folder
 
 
 def test_a_reward_run_logs_its_metrics_and_saves_a_score_head(reward_runs):
@@ -143,6 +160,64 @@ def test_an_exported_reward_model_comes_back_with_equal_scores(reward_runs, tmp_
     assert first["rewards/accuracies"] == second["rewards/accuracies"]
 
 
+def test_a_lora_reward_model_over_a_tied_base_exports_with_its_score_head(reward_runs, tmp_path):
+    from helpers import inprocess
+    from helpers.runner import ROOT
+    from transformers import AutoModelForSequenceClassification
+
+    from neox_llama.generation.language_model import LanguageModel
+
+    root, _ = reward_runs
+    adapter, hf_dir = root / "tied" / "global_step4", tmp_path / "hf"
+    proc = inprocess.tool("convert_to_hf.py", "--checkpoint", str(adapter), "--output", str(hf_dir), "--dtype", "fp32",
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    ids = torch.tensor([[1, 50, 60, 70, 80, 2]])
+    with torch.no_grad():
+        ours = LanguageModel.from_checkpoint(str(adapter), device="cpu").model(ids)[0, -1, 0]
+        theirs = AutoModelForSequenceClassification.from_pretrained(hf_dir, dtype=torch.float32)(ids).logits[0, 0]
+    assert abs(float(ours - theirs)) <= 1e-5
+
+
+def test_a_reward_model_trained_further_keeps_its_score_head(reward_runs, finetune_setup, tmp_path):
+    """A reward model as the start of another reward run: its score head is read, never started fresh (a missing
+    head file is an error naming it)."""
+    from helpers.finetune import deepy
+    from helpers.runner import ok
+
+    from neox_llama.checkpoint.weights import read_layer_file
+
+    root, _ = reward_runs
+    source = root / "full" / "global_step4"
+    ok(deepy(tmp_path / "again", finetune_setup[2], *RM, f"load={source}", "optimizer.params.lr=0", "min_lr=0", "train_iters=1",
+             "checkpoint_factor=1", f"preference_data_path={root / 'train.json'}", "val_split_fraction=0"))
+    head = "weights/layer_004.safetensors"
+    assert torch.equal(read_layer_file(tmp_path / "again" / "global_step1" / head)["score.weight"],
+                       read_layer_file(source / head)["score.weight"])
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(source, damaged)
+    (damaged / head).unlink()  # a reward model without its head file: an error, never a fresh head
+    proc = deepy(tmp_path / "from-damaged", finetune_setup[2], *RM, f"load={damaged}", "train_iters=1",
+                 f"preference_data_path={root / 'train.json'}", "val_split_fraction=0")
+    assert proc.returncode != 0 and "layer_004.safetensors: missing" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_margins_are_cached_per_margin_key(finetune_setup, tmp_path):
+    from neox_llama.data.preference import cached_pairs, load_pairs
+    from neox_llama.tokenizers import build_tokenizer
+
+    tok = build_tokenizer("SPMTokenizer", finetune_setup[2])
+    path = write(tmp_path / "p.json", [{**r, "m2": 2.0} for r in rm_records(3)])
+    margins = {}
+    for key in ("margin", "m2"):
+        pairs, _ = load_pairs(path, margin_key=key)
+        examples = cached_pairs(path, pairs, "all", tok, "alpaca", 127, 1, 0.0, margin_key=key)
+        margins[key] = [float(e.margin[0]) for e in examples]
+    assert margins == {"margin": [0.5, 0.0, 0.0], "m2": [2.0, 2.0, 2.0]}
+
+
 def test_a_lora_reward_model_merges_and_exports_to_peft_with_equal_scores(reward_runs, tmp_path):
     from helpers import inprocess
     from helpers.runner import ROOT
@@ -178,6 +253,7 @@ def test_a_lora_reward_model_merges_and_exports_to_peft_with_equal_scores(reward
 BAD_CONFIGS = [
     (["rm_margin_key=margin", "preference_loss=dpo"], "rm_margin_key applies to preference_loss rm"),
     (["preference_reference=precomputed"], "preference_reference precomputed with preference_loss rm"),
+    (["peft_method=adapter"], "preference_loss rm with peft_method adapter: a reward model trains its score head"),
     (["rpo_alpha=0.5"], "rpo_alpha (an SFT term on the chosen answers of pairs) applies to preference_loss dpo or"),
     (["preference_loss=null", "preference_data_path=null", "reward_head=true", "sft_data_path=r.json"],
      "reward_head with sft_data_path: a reward model scores sequences"),
@@ -214,6 +290,7 @@ def test_a_bad_margin_is_one_line_naming_the_record(tmp_path, margin, found):
     ("generate.py", ["--prompt", "hi"], "it cannot generate text"),
     ("serve.py", ["--port", "8999"], "it cannot serve completions"),
     ("evaluate.py", ["--text", "README.md"], "it cannot score text or run lm-eval tasks"),
+    ("evaluate.py", ["--preference-data", "README.md", "--reference", "x"], "--reference: "),
 ])
 def test_a_reward_model_given_to_a_language_model_tool_is_one_line(reward_runs, tool, args, what):
     from helpers import inprocess
@@ -221,5 +298,7 @@ def test_a_reward_model_given_to_a_language_model_tool_is_one_line(reward_runs, 
 
     root, _ = reward_runs
     proc = inprocess.tool(tool, "--checkpoint", str(root / "full" / "global_step4"), *args, cwd=ROOT)
-    assert proc.returncode == 2 and f"is a reward model (a score head, no vocabulary head): {what}" in proc.stderr
+    said = "is a reward model, which scores pairs without a reference model; drop --reference" if what == "--reference: " \
+        else f"is a reward model (a score head, no vocabulary head): {what}"
+    assert proc.returncode == 2 and said in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr

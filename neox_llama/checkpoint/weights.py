@@ -112,6 +112,18 @@ def _check_names(params: dict, names: set[str], path: Path) -> None:
                               "different model (biases, tying or layer kinds differ)")
 
 
+def is_reward_checkpoint(folder: Path) -> bool:
+    """Whether the checkpoint in ``folder`` is a reward model (its config.yml: ``reward_head`` or
+    ``preference_loss: rm``): its score head must then be read, never started fresh."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load((Path(folder) / "config.yml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return False  # no readable config: the loader's own checks report it
+    return bool(raw.get("reward_head")) or raw.get("preference_loss") == "rm"
+
+
 def starts_fresh(layer: nn.Module, path: Path) -> bool:
     """Whether ``layer`` is a reward model's score head whose file is a language model's (a vocabulary head, or none
     for a tied one): a reward model fine-tuned from a language model keeps its freshly initialised score head, as

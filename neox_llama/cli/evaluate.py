@@ -60,6 +60,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--stride must be at least 1")
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    if args.tasks and args.preference_data:
+        parser.error("--tasks and --preference-data are two evaluations; give one")
+    if args.reference and not args.preference_data:
+        parser.error("--reference is the reference model of --preference-data; give that too")
     return args
 
 
@@ -111,12 +115,20 @@ def _preference(lm, args: argparse.Namespace) -> int:
     if run.args.num_labels:  # a reward model: pairwise accuracy, no reference
         from neox_llama.evaluation.preference import evaluate_reward_pairs
 
+        if args.reference:
+            raise NeoxLlamaError(f"--reference: {args.checkpoint} is a reward model, which scores pairs without a "
+                                 "reference model; drop --reference")
+        margin_key = recorded.get("margin_key") or (run.cfg.rm_margin_key if run.cfg.preference_loss == "rm" else None)
         result = evaluate_reward_pairs(lm, args.preference_data, lm.run.prompt_style, args.seq_length,
-                                       args.batch_size, recorded.get("margin_key"))
+                                       args.batch_size, margin_key)
         if args.output:
             atomic_write_text(args.output, result.to_json() + "\n")
         print(result.summary())
         return 0
+    if recorded.get("loss") == "kto":
+        raise NeoxLlamaError(f"--preference-data: {args.checkpoint} was trained with KTO on labelled completions; "
+                             "--preference-data scores pairs for DPO/IPO checkpoints and reward models (a KTO "
+                             "checkpoint's metrics are its run's valid_* metrics)")
     reference = args.reference
     if reference is None and run.adapters:
         reference = str(run.folder)  # the base with the adapters switched off

@@ -173,7 +173,7 @@ def _check_preference(cfg: Config, problems: _Problems) -> None:
     if not cfg.load:
         problems.add(("preference_loss", "load"), "preference tuning starts from a trained model, which is also its "
                                                   "reference: set load (e.g. the demo's merged SFT checkpoint)")
-    if cfg.dpo_beta <= 0:
+    if cfg.dpo_beta <= 0 and cfg.preference_loss != "rm":
         problems.add("dpo_beta", f"dpo_beta must be above 0, got {cfg.dpo_beta:g}")
     if cfg.dpo_label_smoothing >= 0.5:
         problems.add("dpo_label_smoothing", f"dpo_label_smoothing must be below 0.5 (the share of pairs assumed "
@@ -210,7 +210,11 @@ def _check_preference(cfg: Config, problems: _Problems) -> None:
                      f"preference_loss with pipe_parallel_size {cfg.pipe_parallel_size}: a pair's two responses and "
                      "the reference are scored together in one step, which DeepSpeed's pipeline schedule cannot "
                      "run; use pipe_parallel_size 1 (tensor and data parallel, ZeRO 0-3)")
-    if cfg.peft_method == "adapter_v2":
+    if cfg.preference_loss == "rm" and cfg.peft_method in ("adapter", "adapter_v2"):
+        problems.add(("preference_loss", "peft_method"),
+                     f"preference_loss rm with peft_method {cfg.peft_method}: a reward model trains its score head "
+                     "with LoRA (lora_r) or fully; use one of those")
+    elif cfg.peft_method == "adapter_v2":
         problems.add(("preference_loss", "peft_method"),
                      "preference tuning with peft_method adapter_v2: it trains the base's norms, so the base with the "
                      "adapters switched off is not the reference; use lora_r or peft_method adapter")

@@ -42,6 +42,8 @@ def hf_tensors(ckpt: Run, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tenso
     is read (and again after a cast to fp16, which overflows beyond 65504)."""
     table = _layer_table(ckpt.args)
     indices = layer_indices(ckpt.folder)
+    if ckpt.adapters and ckpt.args.num_labels:  # a LoRA reward model's score head comes from its adapter
+        indices = sorted(set(indices) | {ckpt.args.num_layers + 2})
     extra = sorted(set(indices) - set(table))
     if extra:
         raise CheckpointError(f"{layer_file(ckpt.folder, extra[0])}: the model in its config.yml has no layer "

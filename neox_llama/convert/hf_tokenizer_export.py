@@ -124,7 +124,8 @@ def write_tokenizer_files(tokenizer: Tokenizer, output: Path, prompt_style: str 
     specials = {"bos_token": bos, "eos_token": eos}
     ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
     if pad_id is not None:
-        config["pad_token"] = specials["pad_token"] = id_to_token[pad_id]
+        if pad_id in id_to_token:
+            config["pad_token"] = specials["pad_token"] = id_to_token[pad_id]
         ids["pad_token_id"] = pad_id
     (output / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (output / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))

@@ -99,13 +99,6 @@ def json_name(value: object) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
-def is_feedback_file(path: str | Path, encoding: str = "utf-8") -> bool:
-    """Whether ``path``'s first record is unpaired feedback (has ``label``, no ``chosen``)."""
-    data = _parse_file(Path(path), encoding)
-    return isinstance(data, list) and bool(data) and isinstance(data[0], dict) and "label" in data[0] \
-        and "chosen" not in data[0]
-
-
 def load_feedback(path: str | Path, encoding: str = "utf-8") -> tuple[list[FeedbackRecord], bool]:
     """Every record of ``path``, and whether any was conversational (a chat prompt style then)."""
     path = Path(path)

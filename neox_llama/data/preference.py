@@ -286,12 +286,12 @@ def cached_examples(path: Path, name: str, tokenizer: Tokenizer, style: str, seq
 
 
 def cached_pairs(path: Path, pairs: list[PreferencePair], name: str, tokenizer: Tokenizer, style: str,
-                 seq_length: int, seed: int, fraction: float, allow_empty: bool = False) -> list[PairExample]:
-    """Tokenise ``pairs`` once (:func:`cached_examples`)."""
-    margins = bool(pairs) and pairs[0].margin is not None
-    parts = ("prompt", "chosen", "rejected", "margin") if margins else ("prompt", "chosen", "rejected")
-    examples = cached_examples(path, name, tokenizer, style, seq_length, seed, fraction,
-                               "pairs-margin" if margins else "pairs", parts,
+                 seq_length: int, seed: int, fraction: float, allow_empty: bool = False,
+                 margin_key: str | None = None) -> list[PairExample]:
+    """Tokenise ``pairs`` once (:func:`cached_examples`; with their ``margin_key`` margins)."""
+    parts = ("prompt", "chosen", "rejected", "margin") if margin_key else ("prompt", "chosen", "rejected")
+    kind = f"pairs-margin-{hashlib.sha1(margin_key.encode()).hexdigest()[:8]}" if margin_key else "pairs"
+    examples = cached_examples(path, name, tokenizer, style, seq_length, seed, fraction, kind, parts,
                                lambda: tokenize_pairs(pairs, tokenizer, style, seq_length, f"{path} ({name})",
                                                       allow_empty))
     return [e if isinstance(e, PairExample) else PairExample(**e) for e in examples]
@@ -404,7 +404,7 @@ def build_preference_datasets(cfg, tokenizer: Tokenizer | None, counts: dict[str
         # a reward model scores each side's last token, so a side must fit the seq_length inputs (not + 1)
         seq = cfg.seq_length - 1 if cfg.preference_loss == "rm" else cfg.seq_length
         examples = cached_pairs(source, chosen, name if valid_path is None else "all", tokenizer, style, seq,
-                                cfg.seed, fraction, allow_empty=name == "valid")
+                                cfg.seed, fraction, allow_empty=name == "valid", margin_key=margin_key)
         if not examples:
             logger.warning("%s: no validation pair keeps both responses within seq_length %d; running without "
                            "validation", source, cfg.seq_length)

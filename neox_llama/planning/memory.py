@@ -220,7 +220,7 @@ def estimate_memory(cfg: Config, accelerator: str = "cpu") -> MemoryEstimate:
     loaders = 1 + (EVALUATION_LOADERS if cfg.eval_iters else 0)
     workers = cfg.num_workers * loaders * DATA_WORKER if accelerator != "cuda" else 0.0
     full_reference = cfg.preference_loss and not cfg.lora_r and cfg.peft_method not in ("adapter", "adapter_v2") \
-        and cfg.preference_reference == "model"  # precomputed: no copy while training
+        and cfg.preference_reference == "model" and cfg.preference_loss != "rm"  # precomputed, rm: no copy
     reference = weights if full_reference else 0.0  # placed like the policy: sliced by tp, partitioned by ZeRO-3
     return MemoryEstimate(params, weights, gradients, optimizer, full, checkpointed, cfg.checkpoint_activations,
                           startup, workspace, buffers, host, nvme, cfg.checkpoint_granularity, runtime, workers,

@@ -139,7 +139,7 @@ def check_resume_target(cfg: Config) -> list[str]:
     from pathlib import Path
 
     from neox_llama.checkpoint.paths import LATEST, METADATA, CheckpointError, resolve_checkpoint
-    from neox_llama.checkpoint.weights import check_shapes
+    from neox_llama.checkpoint.weights import check_shapes, is_reward_checkpoint
     from neox_llama.model.args import LlamaArgs
 
     try:
@@ -156,7 +156,8 @@ def check_resume_target(cfg: Config) -> list[str]:
         if meta.is_adapter:  # a LoRA checkpoint: its base holds the weights
             folder = resolve_base(folder, meta)
         args = LlamaArgs.from_config(cfg)  # a reward model may start its score head over a language model's head
-        check_shapes(folder, args, fresh_score=bool(args.num_labels) and bool(cfg.finetune or meta.is_adapter))
+        fresh = bool(args.num_labels) and bool(cfg.finetune or meta.is_adapter) and not is_reward_checkpoint(folder)
+        check_shapes(folder, args, fresh_score=fresh)
         if cfg.finetune and cfg.rope_scaling is None:
             trained = _trained_context(folder)
             if trained and cfg.seq_length > trained:

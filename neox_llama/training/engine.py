@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from neox_llama.checkpoint.weights import is_reward_checkpoint
 from neox_llama.config import Config, deepspeed_config, zero_text
 from neox_llama.distributed import agree
 from neox_llama.errors import TrainingError
@@ -152,7 +153,8 @@ def fill_weights(module: nn.Module, plan: LoadPlan, state: ParallelState, args: 
     ``plan.weights``; or, resuming at the same layout (DeepSpeed loads the weights later), one clear error naming
     the file for a damaged checkpoint, before DeepSpeed reads its state."""
     if plan.weights is not None:  # a reward model over a language model starts its score head fresh
-        ckpt.load_layer_weights(module, state, plan.weights, args, fresh_score=bool(args.num_labels))
+        fresh = bool(args.num_labels) and not is_reward_checkpoint(plan.weights)
+        ckpt.load_layer_weights(module, state, plan.weights, args, fresh_score=fresh)
     elif plan.resume is not None:
         ckpt.check_resume_files(module, state, plan.resume, args)
 

@@ -5,7 +5,7 @@ the adapters switched off (LoRA, Adapter) or the starting weights (full fine-tun
 first step, else a temporary frozen copy placed like the policy, released after) — in micro-batches of the run's
 size, in the same forward (:func:`~neox_llama.training.preference.reference_logps`) a ``model`` reference runs in
 each step. The ranks' shares are summed over the data-parallel group, and the first rank writes them beside the
-data, ``.<file>.<key>.reference.npy``, keyed by the base's fingerprint, the tokenised pairs (so the file, the
+data, ``.<file>.<key>-<split>.reference.npy``, keyed by the base's fingerprint, the tokenised pairs (so the file, the
 template, the tokenizer and the truncation), the true vocabulary and the precision; a later run (a resume, another
 layout) reads them back. The datasets then carry them as TRL's ``ref_chosen_logps`` / ``ref_rejected_logps``
 columns are carried, and training holds no reference model.
@@ -13,6 +13,7 @@ columns are carried, and training holds no reference model.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -35,9 +36,11 @@ from neox_llama.training.preference import PreferenceObjective, reference_logps
 logger = logging.getLogger("train")
 
 
-def reference_key(dataset: PreferenceDataset, fingerprint: str, true_vocab: int, precision: str) -> str:
-    """What the values depend on: the base, the pairs' ids, the vocabulary scored over and the precision."""
-    digest = hashlib.sha1(f"{fingerprint}|{true_vocab}|{precision}|v1".encode())
+def reference_key(dataset: PreferenceDataset, fingerprint: str, true_vocab: int, precision: str,
+                  model: str = "") -> str:
+    """What the values depend on: the base, the model's arguments (``model``: e.g. a fine-tune's rope scaling), the
+    pairs' ids, the vocabulary scored over and the precision."""
+    digest = hashlib.sha1(f"{fingerprint}|{true_vocab}|{precision}|{model}|v1".encode())
     for example in dataset.examples:
         for part in (example.prompt, example.chosen, example.rejected):
             digest.update(np.asarray(part, dtype=np.int64).tobytes())
@@ -48,6 +51,14 @@ def reference_key(dataset: PreferenceDataset, fingerprint: str, true_vocab: int,
 def reference_file(data_path: str | Path, key: str) -> Path:
     path = Path(data_path)
     return path.with_name(f".{path.name}.{key}.reference.npy")
+
+
+def _read(path: Path) -> np.ndarray:
+    try:
+        return np.load(path)
+    except (OSError, ValueError) as err:
+        raise TrainingError(f"{path}: unreadable reference log-probabilities ({err}); delete it to compute them "
+                            "again") from None
 
 
 def compute(dataset: PreferenceDataset, objective: PreferenceObjective, training_engine: TrainingEngine,
@@ -83,11 +94,12 @@ def attach_reference_logps(cfg: Config, datasets: dict, objective: PreferenceObj
     sources = {"train": cfg.preference_data_path, "valid": cfg.preference_valid_data_path or cfg.preference_data_path}
     computing: PreferenceObjective | None = None
     for name, dataset in datasets.items():
+        model = repr(sorted(dataclasses.asdict(training_engine.args).items()))
         path = reference_file(sources[name], reference_key(dataset, fingerprint, objective.true_vocab,
-                                                           cfg.precision) + f"-{name}")
+                                                           cfg.precision, model) + f"-{name}")
         present = agree(lambda p=path: p.is_file(), same_result=f"whether {path} exists")
         if present:
-            values = agree(lambda p=path: np.load(p))
+            values = agree(lambda p=path: _read(p))
             if values.shape != (len(dataset.examples), 2):
                 raise TrainingError(f"{path}: holds {values.shape[0]} pairs' reference log-probabilities, the "
                                  f"{name} split has {len(dataset.examples)}; delete it to compute them again")
