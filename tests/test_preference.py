@@ -289,6 +289,7 @@ def test_a_lora_dpo_run_starts_at_ln_2_logs_trls_metrics_and_saves_a_self_descri
     valid = metrics(save, "valid_loss")  # the held-out pairs: preferred more after training
     assert [r["step"] for r in valid] == [2, 4] and valid[-1]["valid_loss"] < valid[0]["valid_loss"]
     assert valid[-1]["valid_rewards/accuracies"] > 0.5 and valid[-1]["valid_rewards/margins"] > 0
+    assert "valid_ppl" not in valid[-1]  # a preference loss has no perplexity
     meta = read_metadata(save / "global_step4")
     assert meta.preference == {"loss": "dpo", "beta": 0.1, "label_smoothing": 0.0, "rpo_alpha": 0.0,
                                "reference": "base_without_adapters"}

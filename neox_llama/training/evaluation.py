@@ -57,14 +57,17 @@ class Evaluator:
         metrics record."""
         self.preference_totals = PreferenceTotals()
         valid_loss, bits_per_byte = self.loss("valid")
-        record = {"step": step, "valid_loss": valid_loss, "valid_ppl": math.exp(min(valid_loss, 50.0))}
+        record = {"step": step, "valid_loss": valid_loss}
+        if not isinstance(self.run.loss_fn, PreferenceObjective):  # a preference loss has no perplexity
+            record["valid_ppl"] = math.exp(min(valid_loss, 50.0))
         record.update({f"valid_{name}": value for name, value in self.preference_totals.means().items()})
         if bits_per_byte is not None:  # known whenever there is a tokenizer to decode the scored tokens
             record["valid_bpb"] = bits_per_byte
         tasks = self.tasks.run() if self.tasks is not None else {}
         record.update(tasks)
         preference = {k: v for k, v in record.items() if k.startswith(("valid_rewards/", "valid_logps/", "valid_kl"))}
-        logger.info("step %6d | valid_loss %.4f | valid_ppl %.2f%s%s", step, valid_loss, record["valid_ppl"],
+        logger.info("step %6d | valid_loss %.4f%s%s%s", step, valid_loss,
+                    f" | valid_ppl {record['valid_ppl']:.2f}" if "valid_ppl" in record else "",
                     f" | valid_bpb {record['valid_bpb']:.4f}" if "valid_bpb" in record else "",
                     "".join(f" | {k} {v:.4f}" for k, v in {**preference, **tasks}.items()))
         return record

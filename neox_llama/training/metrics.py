@@ -1,7 +1,7 @@
 """Training metrics to the console, ``{log_dir}/metrics.jsonl``, TensorBoard and Weights & Biases (rank 0 only).
 
 metrics.jsonl keys are a contract (README, docs/architecture.md): training records carry ``step, loss, lr, grad_norm,
-tokens_per_sec, mfu`` (and ``hfu``: MFU plus activation checkpointing's recomputation); evaluation records ``step, valid_loss, valid_ppl`` (and ``valid_bpb``, bits per byte, with a tokenizer); the end-of-run test evaluation ``step, test_loss, test_ppl`` (``test_bpb``).
+tokens_per_sec, mfu`` (and ``hfu``: MFU plus activation checkpointing's recomputation); evaluation records ``step, valid_loss, valid_ppl`` (and ``valid_bpb``, bits per byte, with a tokenizer; a preference run: ``valid_loss`` and TRL's metrics prefixed ``valid_``, no perplexity); the end-of-run test evaluation ``step, test_loss, test_ppl`` (``test_bpb``).
 """
 
 from __future__ import annotations
