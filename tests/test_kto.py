@@ -4,6 +4,7 @@ run through deepy.py that starts at the value of policy = reference and logs TRL
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -207,9 +208,21 @@ def test_a_lora_kto_run_starts_at_policy_equals_reference_and_logs_trls_kto_metr
     from helpers import inprocess
     from helpers.runner import ROOT
 
+    out = tmp_path / "kto.json"
     proc = inprocess.tool("evaluate.py", "--checkpoint", str(save / "global_step4"), "--preference-data", str(data),
-                          cwd=ROOT)
-    assert proc.returncode == 2 and "was trained with KTO on labelled completions" in proc.stderr
+                          "--output", str(out), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["completions"] == 24 and result["loss_type"] == "kto" and result["kl"] >= 0
+    assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"} <= set(
+        result)
+    from neox_llama.evaluation.preference import evaluate_feedback
+    from neox_llama.generation.language_model import LanguageModel
+
+    lm = LanguageModel.from_checkpoint(str(finetune_setup[3]), device="cpu")  # the base against itself
+    same = evaluate_feedback(lm, lm, data, PreferenceSettings("kto", 0.1, undesirable_weight=1.25), "alpaca").values
+    assert same["kl"] == 0.0 and same["rewards/margins"] == 0.0
+    assert same["loss"] == pytest.approx((12 * 0.5 + 12 * 0.625) / 24, abs=1e-12)  # each completion w / 2
     meta = read_metadata(save / "global_step4")
     assert meta.preference == {"loss": "kto", "beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.25,
                                "reference": "base_without_adapters"}

@@ -40,7 +40,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--jsonl-keys", nargs="+", default=["text"])
     source.add_argument("--preference-data", metavar="FILE",
                         help="preference pairs (JSON/JSONL, the formats of preference_data_path): the checkpoint's "
-                             "DPO/IPO loss and TRL's reward metrics against --reference")
+                             "DPO/IPO loss and TRL's reward metrics against --reference (a KTO checkpoint: labelled "
+                             "completions, TRL's KTO metrics; a reward model: its pairwise accuracy)")
     parser.add_argument("--reference", help="the reference model of --preference-data (default: an adapter's base, "
                                             "or the checkpoint's recorded starting checkpoint)")
     parser.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks (instead of perplexity)")
@@ -125,10 +126,6 @@ def _preference(lm, args: argparse.Namespace) -> int:
             atomic_write_text(args.output, result.to_json() + "\n")
         print(result.summary())
         return 0
-    if recorded.get("loss") == "kto":
-        raise NeoxLlamaError(f"--preference-data: {args.checkpoint} was trained with KTO on labelled completions; "
-                             "--preference-data scores pairs for DPO/IPO checkpoints and reward models (a KTO "
-                             "checkpoint's metrics are its run's valid_* metrics)")
     reference = args.reference
     if reference is None and run.adapters:
         reference = str(run.folder)  # the base with the adapters switched off
@@ -138,10 +135,18 @@ def _preference(lm, args: argparse.Namespace) -> int:
         raise NeoxLlamaError(f"--preference-data: {args.checkpoint} records no starting checkpoint to compare with; "
                              "pass --reference CHECKPOINT")
     settings = PreferenceSettings(recorded.get("loss", "dpo"), recorded.get("beta", 0.1),
-                                  recorded.get("label_smoothing", 0.0))
+                                  recorded.get("label_smoothing", 0.0),
+                                  desirable_weight=recorded.get("desirable_weight", 1.0),
+                                  undesirable_weight=recorded.get("undesirable_weight", 1.0))
     ref_lm = LanguageModel.from_checkpoint(reference, device=args.device)
-    result = evaluate_pairs(lm, ref_lm, args.preference_data, settings, lm.run.prompt_style, args.seq_length,
-                            args.batch_size)
+    if settings.loss == "kto":  # labelled completions, the reference point per batch
+        from neox_llama.evaluation.preference import evaluate_feedback
+
+        result = evaluate_feedback(lm, ref_lm, args.preference_data, settings, lm.run.prompt_style, args.seq_length,
+                                   args.batch_size)
+    else:
+        result = evaluate_pairs(lm, ref_lm, args.preference_data, settings, lm.run.prompt_style, args.seq_length,
+                                args.batch_size)
     if args.output:
         atomic_write_text(args.output, result.to_json() + "\n")
     print(result.summary())

@@ -15,9 +15,12 @@ from neox_llama.data.instruction import resolve_style
 from neox_llama.data.preference import PairExample, load_pairs, tokenize_pairs
 from neox_llama.generation.language_model import LanguageModel
 from neox_llama.model.preference_loss import (
+    KTO_METRICS,
     METRICS,
     REWARD_METRICS,
     PreferenceSettings,
+    feedback_losses,
+    kl_estimate,
     pair_losses,
     reward_losses,
 )
@@ -97,3 +100,57 @@ def evaluate_reward_pairs(lm: LanguageModel, path: str | Path, style: str | None
                 totals[name] += float(value)
     values = {name: value / len(examples) for name, value in totals.items()}
     return PreferenceResult({**values, "pairs": len(examples), "prompt_style": style, "loss_type": "rm"})
+
+
+def evaluate_feedback(policy: LanguageModel, reference: LanguageModel, path: str | Path, settings: PreferenceSettings,
+                      style: str | None = None, seq_length: int | None = None,
+                      batch_size: int = 8) -> PreferenceResult:
+    """A KTO checkpoint on labelled completions: the loss and TRL's KTO metrics against ``reference``, in batches of
+    ``batch_size`` records in file order, each batch's reference point from its own mismatched rows (prompt i with
+    completion i - 1), as a micro-batch of training estimates it."""
+    from neox_llama.data.feedback import load_feedback, tokenize_feedback
+
+    records, chat = load_feedback(path)
+    style = resolve_style(style, chat, policy.tokenizer)
+    examples = tokenize_feedback(records, policy.tokenizer, style, seq_length or policy.run.cfg.seq_length, str(path))
+    limit = (seq_length or policy.run.cfg.seq_length) + 1
+    sums = dict.fromkeys(("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "kl"), 0.0)
+    counts = {"chosen": 0.0, "rejected": 0.0, "batches": 0.0}
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        rows = [(e.prompt.tolist(), e.completion.tolist()) for e in chunk]
+        rows += [(e.prompt.tolist(), chunk[i - 1].completion.tolist()[: max(0, limit - len(e.prompt))])
+                 for i, e in enumerate(chunk)]
+        mine, theirs = _row_sums(policy, rows), _row_sums(reference, rows)
+        half = len(chunk)
+        kl = kl_estimate(mine[half:], theirs[half:])
+        outcome = feedback_losses(mine[:half], theirs[:half], torch.tensor([e.desirable for e in chunk]), kl, settings)
+        metric = outcome.metric_sums()
+        sums["loss"] += float(outcome.losses.double().sum())
+        for name in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+            sums[name] += float(metric[name])
+        sums["kl"] += float(kl.clamp(min=0))
+        counts["chosen"] += float(metric["count/chosen"])
+        counts["rejected"] += float(metric["count/rejected"])
+        counts["batches"] += 1
+    values = {"loss": sums["loss"] / len(examples)}
+    for label in ("chosen", "rejected"):
+        if counts[label]:
+            values[f"rewards/{label}"] = sums[f"rewards/{label}"] / counts[label]
+            values[f"logps/{label}"] = sums[f"logps/{label}"] / counts[label]
+    if counts["chosen"] and counts["rejected"]:
+        values["rewards/margins"] = values["rewards/chosen"] - values["rewards/rejected"]
+    values["kl"] = sums["kl"] / counts["batches"]
+    ordered = {k: values[k] for k in ("loss", *KTO_METRICS) if k in values}
+    return PreferenceResult({**ordered, "completions": len(examples), "prompt_style": style, "loss_type": "kto",
+                             "beta": settings.beta})
+
+
+def _row_sums(lm: LanguageModel, rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """Each (prompt, completion) row's summed completion log-probability (0 for an empty completion)."""
+    sums = []
+    scored = lm.token_logprobs([p + c for p, c in rows if c])
+    it = iter(scored)
+    for prompt, completion in rows:
+        sums.append(next(it)[len(prompt) - 1:].double().sum() if completion else torch.zeros((), dtype=torch.float64))
+    return torch.stack(sums)
