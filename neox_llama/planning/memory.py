@@ -222,6 +222,9 @@ def estimate_memory(cfg: Config, accelerator: str = "cpu") -> MemoryEstimate:
     full_reference = cfg.preference_loss and not cfg.lora_r and cfg.peft_method not in ("adapter", "adapter_v2") \
         and cfg.preference_reference == "model" and cfg.preference_loss != "rm"  # precomputed, rm: no copy
     reference = weights if full_reference else 0.0  # placed like the policy: sliced by tp, partitioned by ZeRO-3
+    if full_reference and stage == 3:  # its own engine gathers ahead of its forward: the prefetch bucket (measured)
+        reference += min(5e7 if zero.stage3_prefetch_bucket_size is None else zero.stage3_prefetch_bucket_size,
+                         params) * weight_bytes
     return MemoryEstimate(params, weights, gradients, optimizer, full, checkpointed, cfg.checkpoint_activations,
                           startup, workspace, buffers, host, nvme, cfg.checkpoint_granularity, runtime, workers,
                           reference)
