@@ -133,7 +133,7 @@ def trl_reward_loss(model, tokenizer, batch, margins, folder: Path) -> float:
         return float(trainer.compute_loss(model, {**batch, "margin": margins}))
 
 
-def test_an_exported_reward_model_comes_back_with_equal_scores(reward_runs, tmp_path):
+def test_an_exported_reward_model_comes_back_with_equal_scores(reward_runs, finetune_setup, tmp_path):
     from helpers import inprocess
     from helpers.runner import ROOT
 
@@ -158,6 +158,17 @@ def test_an_exported_reward_model_comes_back_with_equal_scores(reward_runs, tmp_
     first, second = (json.loads((tmp_path / f"{c}.json").read_text()) for c in ("global_step4", "back"))
     assert first["rewards/chosen"] == pytest.approx(second["rewards/chosen"], abs=1e-6)
     assert first["rewards/accuracies"] == second["rewards/accuracies"]
+    from helpers.finetune import deepy
+    from helpers.runner import ok
+
+    from neox_llama.checkpoint.weights import read_layer_file
+
+    ok(deepy(tmp_path / "more", finetune_setup[2], *RM, f"load={back}", "optimizer.params.lr=0", "min_lr=0",
+             "train_iters=1", "checkpoint_factor=1", f"preference_data_path={root / 'train.json'}",
+             "val_split_fraction=0"))  # the import keeps training as a reward model, its head read
+    head = "weights/layer_004.safetensors"
+    assert torch.equal(read_layer_file(tmp_path / "more" / "global_step1" / head)["score.weight"],
+                       read_layer_file(back / "global_step0" / head)["score.weight"])
 
 
 def test_a_lora_reward_model_over_a_tied_base_exports_with_its_score_head(reward_runs, tmp_path):
