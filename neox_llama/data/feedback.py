@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from neox_llama.data.instruction import _parse_file, pad_id_of, resolve_style, split_records
+from neox_llama.data.instruction import _parse_file, pad_id_of, split_datasets, split_file
 from neox_llama.data.preference import (
     SHAREGPT_ROLES,
     PreferenceData,
@@ -202,34 +202,18 @@ def build_feedback_datasets(cfg, tokenizer: Tokenizer | None, counts: dict[str, 
     if tokenizer is None:
         raise PreferenceDataError("preference_data_path needs a tokenizer (tokenizer_type and vocab_file) to turn "
                                   "records into ids")
-    path = Path(cfg.preference_data_path)
-    records, chat = load_feedback(path)
     valid_path = Path(cfg.preference_valid_data_path) if cfg.preference_valid_data_path else None
-    if valid_path is not None:
-        valid, valid_chat = load_feedback(valid_path)
-        chat = chat or valid_chat
-        train, fraction = records, 0.0
-    elif counts.get("valid", 0) > 0:
-        train, valid = split_records(records, cfg.val_split_fraction, cfg.seed)
-        fraction = cfg.val_split_fraction
-    else:
-        train, valid, fraction = records, [], 0.0
-    try:
-        style = resolve_style(cfg.prompt_style, chat, tokenizer)
-    except TokenizerError as err:
-        raise PreferenceDataError(f"{path}: {err}") from None
-    out: dict[str, PreferenceDataset] = {}
-    for name, (source, chosen) in {"train": (path, train), "valid": (valid_path or path, valid)}.items():
-        if not chosen or counts.get(name, 0) <= 0:
-            continue
-        examples = cached_feedback(source, chosen, name if valid_path is None else "all", tokenizer, style,
-                                   cfg.seq_length, cfg.seed, fraction, allow_empty=name == "valid")
-        if not examples:
-            logger.warning("%s: no validation record keeps a completion within seq_length %d; running without "
-                           "validation", source, cfg.seq_length)
-            continue
-        out[name] = FeedbackDataset(name, examples, cfg.seq_length, counts[name], cfg.seed, pad_id_of(tokenizer))
-    desirable = sum(r.desirable for r in train)
+    splits = split_file(cfg, Path(cfg.preference_data_path), valid_path, load_feedback, counts, tokenizer,
+                        PreferenceDataError)
+    pad = pad_id_of(tokenizer)
+    out = split_datasets(
+        splits, counts,
+        lambda source, records, key, empty: cached_feedback(source, records, key, tokenizer, splits.style,
+                                                            cfg.seq_length, cfg.seed, splits.fraction, empty),
+        lambda name, examples: FeedbackDataset(name, examples, cfg.seq_length, counts[name], cfg.seed, pad),
+        f"record keeps a completion within seq_length {cfg.seq_length}")
+    desirable = sum(r.desirable for r in splits.train)
     logger.info("feedback data %s: %d training records (%d desirable, %d undesirable) and %d validation records, "
-                "prompt style %s", path, len(train), desirable, len(train) - desirable, len(valid), style)
-    return PreferenceData(out, style)
+                "prompt style %s", splits.path, len(splits.train), desirable, len(splits.train) - desirable,
+                len(splits.valid), splits.style)
+    return PreferenceData(out, splits.style)

@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -331,43 +332,83 @@ class InstructionData:
     style: str
 
 
+@dataclass
+class RecordSplits:
+    """A fine-tuning file's records split into training and validation, and the prompt style they render in."""
+
+    path: Path
+    valid_path: Path | None
+    train: list
+    valid: list
+    fraction: float
+    """The held-out share (0 with a separate validation file or no validation)."""
+    style: str
+
+    def sources(self) -> dict[str, tuple[Path, list, str]]:
+        """Split name -> (its file, its records, the cache's name for that split)."""
+        key = "all" if self.valid_path is not None else None
+        return {"train": (self.path, self.train, key or "train"),
+                "valid": (self.valid_path or self.path, self.valid, key or "valid")}
+
+
+def split_file(cfg, path: Path, valid_path: Path | None, load: Callable[[Path], tuple[list, bool]],
+               counts: dict[str, int], tokenizer: Tokenizer, error: type[Exception]) -> RecordSplits:
+    """``load`` the records of ``path`` (and ``valid_path``; else hold out ``val_split_fraction`` with the seed when
+    the run validates) and resolve the prompt style (``error`` names the file when the style cannot apply)."""
+    records, chat = load(path)
+    if valid_path is not None:
+        valid, valid_chat = load(valid_path)
+        chat = chat or valid_chat
+        train, fraction = records, 0.0
+    elif counts.get("valid", 0) > 0:
+        train, valid = split_records(records, cfg.val_split_fraction, cfg.seed)
+        fraction = cfg.val_split_fraction
+    else:  # no evaluation in this run (eval_iters 0): every record trains
+        train, valid, fraction = records, [], 0.0
+    try:
+        style = resolve_style(cfg.prompt_style, chat, tokenizer)
+    except TokenizerError as err:
+        raise error(f"{path}: {err}") from None
+    return RecordSplits(path, valid_path, train, valid, fraction, style)
+
+
+def split_datasets(splits: RecordSplits, counts: dict[str, int],
+                   tokenize: Callable[[Path, list, str, bool], list], make: Callable[[str, list], object],
+                   what: str) -> dict:
+    """The datasets of the splits the run reads: ``tokenize(file, records, cache split name, allow_empty)`` (empty
+    allowed for validation only), then ``make(split, examples)``; a validation split left empty is said and
+    skipped."""
+    out = {}
+    for name, (source, records, key) in splits.sources().items():
+        if not records or counts.get(name, 0) <= 0:
+            continue
+        examples = tokenize(source, records, key, name == "valid")
+        if not examples:
+            logger.warning("%s: no validation %s; running without validation", source, what)
+            continue
+        out[name] = make(name, examples)
+    return out
+
+
 def build_instruction_datasets(cfg, tokenizer: Tokenizer | None, counts: dict[str, int]) -> InstructionData:
     """train (and valid) datasets from ``sft_data_path`` (``sft_valid_data_path`` or a seeded split)."""
     if tokenizer is None:
         raise InstructionDataError("sft_data_path needs a tokenizer (tokenizer_type and vocab_file) to turn records "
                                    "into ids")
-    path = Path(cfg.sft_data_path)
-    records, chat = load_records(path)
     valid_path = Path(cfg.sft_valid_data_path) if cfg.sft_valid_data_path else None
-    if valid_path is not None:
-        valid_records, valid_chat = load_records(valid_path)
-        chat = chat or valid_chat
-        train_records, fraction = records, 0.0
-    elif counts.get("valid", 0) > 0:
-        train_records, valid_records = split_records(records, cfg.val_split_fraction, cfg.seed)
-        fraction = cfg.val_split_fraction
-    else:  # no evaluation in this run (eval_iters 0): every record trains
-        train_records, valid_records, fraction = records, [], 0.0
-    try:
-        style = resolve_style(cfg.prompt_style, chat, tokenizer)
-    except TokenizerError as err:
-        raise InstructionDataError(f"{path}: {err}") from None
+    splits = split_file(cfg, Path(cfg.sft_data_path), valid_path, load_records, counts, tokenizer,
+                        InstructionDataError)
     pad = pad_id_of(tokenizer)
-    out: dict[str, InstructionDataset] = {}
-    sources = {"train": (path, train_records), "valid": (valid_path or path, valid_records)}
-    for name, (source, recs) in sources.items():
-        if not recs or counts.get(name, 0) <= 0:
-            continue
-        examples = cached_examples(source, recs, name if valid_path is None else "all", tokenizer, style,
-                                   cfg.seq_length, cfg.mask_prompt, cfg.seed, fraction, allow_empty=name == "valid")
-        if not examples:
-            logger.warning("%s: no validation record has a response token within seq_length %d; running without "
-                           "validation", source, cfg.seq_length)
-            continue
-        out[name] = InstructionDataset(name, examples, cfg.seq_length, counts[name], cfg.seed, cfg.sft_packing, pad)
-    logger.info("instruction data %s: %d training and %d validation records, prompt style %s, %s", path,
-                len(train_records), len(valid_records), style, "packed" if cfg.sft_packing else "padded")
-    return InstructionData(out, style)
+    out = split_datasets(
+        splits, counts,
+        lambda source, recs, key, empty: cached_examples(source, recs, key, tokenizer, splits.style, cfg.seq_length,
+                                                         cfg.mask_prompt, cfg.seed, splits.fraction, empty),
+        lambda name, examples: InstructionDataset(name, examples, cfg.seq_length, counts[name], cfg.seed,
+                                                  cfg.sft_packing, pad),
+        f"record has a response token within seq_length {cfg.seq_length}")
+    logger.info("instruction data %s: %d training and %d validation records, prompt style %s, %s", splits.path,
+                len(splits.train), len(splits.valid), splits.style, "packed" if cfg.sft_packing else "padded")
+    return InstructionData(out, splits.style)
 
 
 def write_label_datasets(inputs: list[Path], output_prefix: str, tokenizer: Tokenizer, style: str | None,

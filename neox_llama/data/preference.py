@@ -35,8 +35,8 @@ from neox_llama.data.instruction import (
     _parse_file,
     _tokenizer_digest,
     pad_id_of,
-    resolve_style,
-    split_records,
+    split_datasets,
+    split_file,
 )
 from neox_llama.distributed import agree
 from neox_llama.tokenizers.base import Tokenizer, TokenizerError
@@ -378,38 +378,19 @@ def build_preference_datasets(cfg, tokenizer: Tokenizer | None, counts: dict[str
     if tokenizer is None:
         raise PreferenceDataError("preference_data_path needs a tokenizer (tokenizer_type and vocab_file) to turn "
                                   "records into ids")
-    path = Path(cfg.preference_data_path)
     margin_key = cfg.rm_margin_key if cfg.preference_loss == "rm" else None
-    pairs, chat = load_pairs(path, margin_key=margin_key)
     valid_path = Path(cfg.preference_valid_data_path) if cfg.preference_valid_data_path else None
-    if valid_path is not None:
-        valid_pairs, valid_chat = load_pairs(valid_path, margin_key=margin_key)
-        chat = chat or valid_chat
-        train_pairs, fraction = pairs, 0.0
-    elif counts.get("valid", 0) > 0:
-        train_pairs, valid_pairs = split_records(pairs, cfg.val_split_fraction, cfg.seed)
-        fraction = cfg.val_split_fraction
-    else:
-        train_pairs, valid_pairs, fraction = pairs, [], 0.0
-    try:
-        style = resolve_style(cfg.prompt_style, chat, tokenizer)
-    except TokenizerError as err:
-        raise PreferenceDataError(f"{path}: {err}") from None
+    splits = split_file(cfg, Path(cfg.preference_data_path), valid_path,
+                        lambda p: load_pairs(p, margin_key=margin_key), counts, tokenizer, PreferenceDataError)
+    # a reward model scores each side's last token, so a side must fit the seq_length inputs (not + 1)
+    seq = cfg.seq_length - 1 if cfg.preference_loss == "rm" else cfg.seq_length
     pad = pad_id_of(tokenizer)
-    out: dict[str, PreferenceDataset] = {}
-    sources = {"train": (path, train_pairs), "valid": (valid_path or path, valid_pairs)}
-    for name, (source, chosen) in sources.items():
-        if not chosen or counts.get(name, 0) <= 0:
-            continue
-        # a reward model scores each side's last token, so a side must fit the seq_length inputs (not + 1)
-        seq = cfg.seq_length - 1 if cfg.preference_loss == "rm" else cfg.seq_length
-        examples = cached_pairs(source, chosen, name if valid_path is None else "all", tokenizer, style, seq,
-                                cfg.seed, fraction, allow_empty=name == "valid", margin_key=margin_key)
-        if not examples:
-            logger.warning("%s: no validation pair keeps both responses within seq_length %d; running without "
-                           "validation", source, cfg.seq_length)
-            continue
-        out[name] = PreferenceDataset(name, examples, cfg.seq_length, counts[name], cfg.seed, pad)
-    logger.info("preference data %s: %d training and %d validation pairs, prompt style %s", path, len(train_pairs),
-                len(valid_pairs), style)
-    return PreferenceData(out, style)
+    out = split_datasets(
+        splits, counts,
+        lambda source, pairs, key, empty: cached_pairs(source, pairs, key, tokenizer, splits.style, seq, cfg.seed,
+                                                       splits.fraction, empty, margin_key),
+        lambda name, examples: PreferenceDataset(name, examples, cfg.seq_length, counts[name], cfg.seed, pad),
+        f"pair keeps both responses within seq_length {cfg.seq_length}")
+    logger.info("preference data %s: %d training and %d validation pairs, prompt style %s", splits.path,
+                len(splits.train), len(splits.valid), splits.style)
+    return PreferenceData(out, splits.style)
